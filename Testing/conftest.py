@@ -28,3 +28,34 @@ def hippocampus_dir() -> Path:
     if not (SHARED_HIPPOCAMPUS / "dataset.json").is_file():
         pytest.skip(f"shared MSD hippocampus data not found at {SHARED_HIPPOCAMPUS}")
     return SHARED_HIPPOCAMPUS
+
+
+TINY_LABELS = (
+    {"value": 1, "name": "Anterior", "color": [0.9, 0.6, 0.2]},
+    {"value": 2, "name": "Posterior", "color": [0.2, 0.6, 0.9]},
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A random-weight bundle (channels (4, 8, 16), 3 classes, patch (32, 32, 32) xyz, 1 mm RAS, z-score),
+    saved with ``save_bundle``: fast enough for any test that needs a real model. Returns the ``ModelBundle``;
+    its directory is ``tiny_bundle.path``."""
+    import torch
+
+    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.network import AttentionUNet
+
+    torch.manual_seed(0)
+    model = AttentionUNet(in_channels=1, out_channels=3, channels=(4, 8, 16), norm="instance")
+    metadata = create_metadata(
+        name="tiny",
+        version="0.0.1",
+        labels=TINY_LABELS,
+        patch_size=(32, 32, 32),
+        preprocessing={"orientation": "RAS", "target_spacing": [1.0, 1.0, 1.0],
+                       "normalization": {"scheme": "zscore"}},
+        description="random weights for tests",
+        license="Apache-2.0",
+    )
+    return save_bundle(model, metadata, tmp_path_factory.mktemp("models") / "tiny")

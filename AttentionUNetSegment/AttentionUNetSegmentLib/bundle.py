@@ -1,0 +1,511 @@
+"""Model bundles (a directory with ``model.json`` + ``model.safetensors``) and the registry of installed models.
+
+A bundle is self-describing: architecture, labels (values, names, colours), preprocessing, patch size, provenance
+and the sha256 of its weights (format in ``DESIGN.md``). Loading never executes code from a model file: weights are
+read with safetensors only, after their sha256 has been checked, and pickle-based checkpoints are refused.
+
+This module imports neither torch nor safetensors at module scope, so the Slicer panel (and ``attention-unet
+models``) can list installed models without paying for, or needing, torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import __version__
+from .errors import ModelBundleError
+
+if TYPE_CHECKING:  # imported for annotations only; torch stays out of module scope
+    import torch
+
+    from .network import AttentionUNet
+    from .preprocessing import PreprocessingSpec
+
+FORMAT = "attention-unet-bundle"
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+DEFAULT_MODEL = "hippocampus"
+MODELS_ENV = "ATTENTION_UNET_MODELS"
+#: Models shipped with the extension: ``AttentionUNetSegment/Resources/Models/<name>/``.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+#: File types that hold pickled Python objects; loading one could run arbitrary code.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
+_REQUIRED_KEYS = ("format", "format_version", "name", "version", "architecture", "labels", "preprocessing",
+                  "inference", "weights")
+NORMALIZATION_SCHEMES = ("zscore", "ct")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """One segment the model predicts: label value in the output label map, display name, RGB colour in 0..1."""
+
+    value: int
+    name: str
+    color: Tuple[float, float, float]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"value": self.value, "name": self.name, "color": list(self.color)}
+
+
+def _fail(directory: Path, problem: str, fix: str) -> ModelBundleError:
+    return ModelBundleError(f"model bundle {directory}: {problem}; {fix}")
+
+
+def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
+    if not isinstance(labels, list) or not labels:
+        raise _fail(directory, "'labels' must be a non-empty list", "list one {value, name, color} per foreground class")
+    values, names = set(), set()
+    for index, label in enumerate(labels):
+        where = f"labels[{index}]"
+        if not isinstance(label, dict) or not {"value", "name", "color"} <= set(label):
+            raise _fail(directory, f"{where} must be an object with 'value', 'name' and 'color'",
+                        "add the missing keys to model.json")
+        value, name, color = label["value"], label["name"], label["color"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise _fail(directory, f"{where}.value must be an integer in 1..65535, got {value!r}",
+                        "background (0) is implicit; number the segments from 1")
+        if not isinstance(name, str) or not name.strip():
+            raise _fail(directory, f"{where}.name must be a non-empty string", "give every segment a name")
+        if (not isinstance(color, list) or len(color) != 3
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and 0.0 <= c <= 1.0
+                           for c in color)):
+            raise _fail(directory, f"{where}.color must be three RGB numbers in 0..1, got {color!r}",
+                        "write colours as floats, e.g. [0.9, 0.6, 0.2]")
+        if value in values or name in names:
+            raise _fail(directory, f"{where} repeats value {value} or name {name!r}",
+                        "label values and names must be unique")
+        values.add(value)
+        names.add(name)
+    if len(labels) != out_channels - 1:
+        raise _fail(directory, f"{len(labels)} labels listed but the architecture has out_channels={out_channels} "
+                    f"(background + {out_channels - 1} classes)", "list exactly one label per foreground channel")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_preprocessing(directory: Path, preprocessing: Dict[str, Any]) -> None:
+    orientation = preprocessing.get("orientation", "RAS")
+    if (not isinstance(orientation, str) or len(orientation) != 3
+            or sorted(orientation.upper().translate(str.maketrans("LPI", "RAS"))) != ["A", "R", "S"]):
+        raise _fail(directory, f"preprocessing.orientation must be a 3-letter code such as 'RAS', got {orientation!r}",
+                    "use the orientation the model was trained in")
+    spacing = preprocessing.get("target_spacing")
+    if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
+        raise _fail(directory, f"preprocessing.target_spacing must be three positive millimetre values (x, y, z), "
+                    f"got {spacing!r}", "use the spacing the model was trained at")
+    normalization = preprocessing.get("normalization")
+    scheme = normalization.get("scheme") if isinstance(normalization, dict) else None
+    if scheme not in NORMALIZATION_SCHEMES:
+        raise _fail(directory, f"preprocessing.normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, "
+                    f"got {scheme!r}", "see the bundle format in DESIGN.md")
+    if scheme == "ct":
+        clip, mean, std = (normalization.get(key) for key in ("clip", "mean", "std"))
+        if (not isinstance(clip, list) or len(clip) != 2 or not all(_is_number(c) for c in clip) or clip[0] >= clip[1]
+                or not _is_number(mean) or not _is_number(std) or std <= 0):
+            raise _fail(directory, "ct normalization needs 'clip': [lo, hi] (lo < hi), 'mean' and a positive 'std'",
+                        "use the training set's intensity statistics")
+
+
+def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
+    """Check ``model.json`` content against the bundle schema (no torch needed); returns it unchanged.
+
+    Raises ``ModelBundleError`` naming the offending key and how to fix it.
+    """
+    if not isinstance(metadata, dict):
+        raise _fail(directory, f"{METADATA_FILE} must hold a JSON object", "re-export the bundle with save_bundle")
+    if metadata.get("format") != FORMAT:
+        raise _fail(directory, f"'format' is {metadata.get('format')!r}, not {FORMAT!r}",
+                    "this is not an AttentionUNet model bundle")
+    version = metadata.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(directory, f"'format_version' must be a positive integer, got {version!r}",
+                    f"set it to {FORMAT_VERSION}")
+    if version > FORMAT_VERSION:
+        raise _fail(directory, f"format_version {version} is newer than this engine supports ({FORMAT_VERSION})",
+                    f"upgrade the AttentionUNet engine (this is {__version__})")
+    missing = [key for key in _REQUIRED_KEYS if key not in metadata]
+    if missing:
+        raise _fail(directory, f"{METADATA_FILE} lacks required keys {missing}", "re-export the bundle with save_bundle")
+    for key in ("name", "version"):
+        if not isinstance(metadata[key], str) or not metadata[key].strip():
+            raise _fail(directory, f"'{key}' must be a non-empty string", f"set '{key}' in {METADATA_FILE}")
+    if not _BUNDLE_NAME.match(metadata["name"]):
+        raise _fail(directory, f"'name' {metadata['name']!r} has characters other than letters, digits, '.', '_', '-'",
+                    "rename the model")
+    for key in ("architecture", "preprocessing", "inference", "weights"):
+        if not isinstance(metadata[key], dict):
+            raise _fail(directory, f"'{key}' must be a JSON object", "re-export the bundle with save_bundle")
+    architecture = metadata["architecture"]
+    for key in ("in_channels", "out_channels"):
+        value = architecture.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _fail(directory, f"architecture.{key} must be a positive integer, got {value!r}",
+                        "copy the architecture the weights were trained with")
+    if architecture["out_channels"] < 2:
+        raise _fail(directory, "architecture.out_channels must be at least 2 (background + one class)",
+                    "copy the architecture the weights were trained with")
+    _validate_labels(directory, metadata["labels"], architecture["out_channels"])
+    _validate_preprocessing(directory, metadata["preprocessing"])
+    patch = metadata["inference"].get("patch_size")
+    if (not isinstance(patch, list) or len(patch) != 3
+            or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch)):
+        raise _fail(directory, f"inference.patch_size must be three positive integers (x, y, z), got {patch!r}",
+                    "set the patch size the model was trained with")
+    overlap = metadata["inference"].get("overlap", 0.5)
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
+        raise _fail(directory, f"inference.overlap must be a number in [0, 1), got {overlap!r}", "use e.g. 0.5")
+    weights = metadata["weights"]
+    file_name, digest = weights.get("file"), weights.get("sha256")
+    if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
+        raise _fail(directory, f"weights.file must be a plain file name inside the bundle, got {file_name!r}",
+                    f"use {WEIGHTS_FILE!r}")
+    if not file_name.endswith(".safetensors"):
+        raise _fail(directory, f"weights.file {file_name!r} is not a .safetensors file; pickle-based weights are "
+                    "never loaded because they can execute code",
+                    "convert the state_dict with safetensors.torch.save_file and re-export with save_bundle")
+    if not isinstance(digest, str) or not _SHA256.match(digest):
+        raise _fail(directory, "weights.sha256 must be 64 lower-case hex digits",
+                    "re-export the bundle with save_bundle")
+    return metadata
+
+
+def _bundle_directory(path: PathLike) -> Path:
+    """The bundle directory for ``path`` (the directory itself or its ``model.json``)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.name == METADATA_FILE:
+        return path.parent
+    if path.is_dir():
+        return path
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelBundleError(f"{path} is a pickle-based checkpoint, which is never loaded because it can execute "
+                               "code; export the model as a bundle directory with save_bundle")
+    if path.is_file():
+        raise ModelBundleError(f"{path} is not a model bundle: a bundle is a directory holding {METADATA_FILE} and "
+                               f"{WEIGHTS_FILE}; pass that directory")
+    raise ModelBundleError(f"model bundle {path} does not exist; pass an existing bundle directory or the name of "
+                           "an installed model (see `attention-unet models`)")
+
+
+def read_metadata(path: PathLike) -> Dict[str, Any]:
+    """Read and validate a bundle's ``model.json`` without touching its weights (and without torch)."""
+    directory = _bundle_directory(path)
+    metadata_path = directory / METADATA_FILE
+    if not metadata_path.is_file():
+        raise _fail(directory, f"{METADATA_FILE} is missing", f"a bundle directory holds {METADATA_FILE} and "
+                    f"{WEIGHTS_FILE}; re-export it with save_bundle")
+    try:
+        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _fail(directory, f"{METADATA_FILE} is not readable JSON ({error})",
+                    "restore the file or re-export the bundle") from None
+    return validate_metadata(metadata, directory)
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelBundle:
+    """A model bundle: validated metadata plus (lazily loaded, sha256-verified) weights.
+
+    Construct through ``load_bundle`` (verifies everything now) or ``ModelRegistry.list`` (metadata only; the
+    weights are verified the first time ``state_dict`` is used).
+    """
+
+    def __init__(self, metadata: Dict[str, Any], path: PathLike,
+                 state_dict: Optional[Dict[str, "torch.Tensor"]] = None) -> None:
+        self.path = Path(path)
+        self.metadata = validate_metadata(metadata, self.path)
+        self._state_dict = state_dict
+
+    def __repr__(self) -> str:
+        return f"ModelBundle(name={self.name!r}, version={self.version!r}, path={str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def version(self) -> str:
+        return self.metadata["version"]
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", "")
+
+    @property
+    def labels(self) -> List[LabelInfo]:
+        """Foreground segments; ``labels[c - 1]`` is what output channel ``c`` predicts."""
+        return [LabelInfo(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]))
+                for item in self.metadata["labels"]]
+
+    @property
+    def architecture(self) -> Dict[str, Any]:
+        """Keyword arguments of ``network.build_network``."""
+        return dict(self.metadata["architecture"])
+
+    @property
+    def preprocessing(self) -> "PreprocessingSpec":
+        from .preprocessing import PreprocessingSpec
+
+        return PreprocessingSpec.from_dict(self.metadata["preprocessing"])
+
+    @property
+    def patch_size(self) -> Tuple[int, int, int]:
+        """Sliding-window patch in voxels, ITK ``(x, y, z)`` order."""
+        x, y, z = self.metadata["inference"]["patch_size"]
+        return int(x), int(y), int(z)
+
+    @property
+    def overlap(self) -> float:
+        """Default sliding-window overlap (fraction of the patch)."""
+        return float(self.metadata["inference"].get("overlap", 0.5))
+
+    @property
+    def sha256(self) -> str:
+        return self.metadata["weights"]["sha256"]
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / self.metadata["weights"]["file"]
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the weights file (0 when it is missing)."""
+        return self.weights_path.stat().st_size if self.weights_path.is_file() else 0
+
+    @property
+    def state_dict(self) -> Dict[str, "torch.Tensor"]:
+        """The network's weights (CPU tensors), read on first use after checking their sha256."""
+        if self._state_dict is None:
+            self._state_dict = _read_weights(self)
+        return self._state_dict
+
+    def build_model(self, device: Union[str, "torch.device"] = "cpu") -> "AttentionUNet":
+        """An ``AttentionUNet`` with this bundle's architecture and weights (strict load), in eval mode."""
+        from .network import build_network
+
+        model = build_network(self.architecture)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.to(device).eval()
+
+
+def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
+    """Read the weights with safetensors after verifying their sha256 (no pickle is ever involved)."""
+    from safetensors.torch import load as load_safetensors
+
+    weights_path = bundle.weights_path
+    if not weights_path.is_file():
+        raise _fail(bundle.path, f"weights file {weights_path.name} is missing", "restore it or re-export the bundle")
+    data = weights_path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != bundle.sha256:
+        raise _fail(bundle.path, f"sha256 of {weights_path.name} is {actual[:12]}..., but model.json expects "
+                    f"{bundle.sha256[:12]}... (the weights were modified or corrupted)",
+                    "reinstall the bundle from its original source")
+    try:
+        return load_safetensors(data)
+    except Exception as error:  # safetensors raises its own error types for malformed headers
+        raise _fail(bundle.path, f"{weights_path.name} is not a valid safetensors file ({error})",
+                    "reinstall the bundle from its original source") from None
+
+
+def _check_architecture(bundle: ModelBundle) -> None:
+    """Refuse a bundle whose ``architecture`` does not produce exactly the tensors stored in its weights."""
+    import torch
+
+    from .network import build_network
+
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            expected = {key: tuple(value.shape) for key, value in build_network(bundle.architecture).state_dict().items()}
+    except (TypeError, ValueError) as error:
+        raise _fail(bundle.path, f"architecture {bundle.architecture} is invalid ({error})",
+                    "copy the architecture the weights were trained with") from None
+    stored = {key: tuple(value.shape) for key, value in bundle.state_dict.items()}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    mismatched = sorted(key for key in set(expected) & set(stored) if expected[key] != stored[key])
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} tensors missing from the weights (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected tensors in the weights (e.g. {unexpected[0]})")
+        if mismatched:
+            key = mismatched[0]
+            problems.append(f"{len(mismatched)} shape mismatches (e.g. {key}: weights {stored[key]}, "
+                            f"architecture {expected[key]})")
+        raise _fail(bundle.path, "the architecture in model.json does not fit the weights: " + "; ".join(problems),
+                    "set architecture (channels, out_channels, norm, inter_channels_ratio, deep_supervision) to the "
+                    "values the weights were trained with, or re-export the bundle with save_bundle")
+
+
+def load_bundle(path: PathLike) -> ModelBundle:
+    """Load and fully verify a bundle: schema, format version, weights sha256, architecture vs weights.
+
+    Args:
+        path: the bundle directory (or its ``model.json``).
+
+    Raises ``ModelBundleError`` with what is wrong and how to fix it.
+    """
+    directory = _bundle_directory(path)
+    bundle = ModelBundle(read_metadata(directory), directory)
+    bundle.state_dict  # noqa: B018 - reads and verifies the weights now, not at first inference
+    _check_architecture(bundle)
+    return bundle
+
+
+def create_metadata(
+    name: str,
+    labels: Sequence[Union[LabelInfo, Mapping[str, Any]]],
+    patch_size: Sequence[int],
+    preprocessing: Mapping[str, Any],
+    version: str = "1.0.0",
+    overlap: float = 0.5,
+    description: str = "",
+    license: str = "",
+    citation: str = "",
+    training_data: str = "",
+    metrics: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Metadata for ``save_bundle`` (which adds ``architecture``, ``engine_version`` and ``weights``).
+
+    Args:
+        labels: foreground segments in output-channel order (``LabelInfo`` or ``{value, name, color}`` dicts).
+        patch_size: sliding-window patch in voxels, ITK ``(x, y, z)`` order.
+        preprocessing: ``{"orientation", "target_spacing" (x, y, z mm), "normalization": {...}}``.
+    """
+    metadata: Dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "description": description,
+        "license": license,
+        "citation": citation,
+        "training_data": training_data,
+        "labels": [label.to_dict() if isinstance(label, LabelInfo) else dict(label) for label in labels],
+        "preprocessing": json.loads(json.dumps(dict(preprocessing))),
+        "inference": {"patch_size": [int(p) for p in patch_size], "overlap": float(overlap)},
+    }
+    if metrics is not None:
+        metadata["metrics"] = json.loads(json.dumps(dict(metrics)))
+    return metadata
+
+
+def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: PathLike,
+                force: bool = False) -> ModelBundle:
+    """Write ``model`` and ``metadata`` as a bundle directory, atomically; returns the verified bundle.
+
+    ``architecture`` comes from ``model.config()``, so it always fits the weights. Everything is written into a
+    temporary directory next to ``directory`` and renamed into place at the end, so a failure leaves nothing
+    behind. An existing ``directory`` is replaced only with ``force=True``.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory).expanduser()
+    if directory.exists() and not force:
+        raise _fail(directory, "the directory already exists", "choose another directory or pass force=True")
+    full = dict(metadata)
+    full.update(format=FORMAT, format_version=FORMAT_VERSION, engine_version=__version__,
+                architecture=model.config())
+    full["weights"] = {"file": WEIGHTS_FILE, "sha256": "0" * 64}  # placeholder so the schema check can run
+    validate_metadata(full, directory)
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=directory.parent))
+    try:
+        tensors = {key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().contiguous()
+                   for key, value in model.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
+        full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
+        (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        if directory.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, retired / directory.name)
+            os.replace(staging, directory)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return load_bundle(directory)
+
+
+class ModelRegistry:
+    """Installed models, found on a search path: ``$ATTENTION_UNET_MODELS`` (``os.pathsep``-separated folders of
+    bundle directories) first, then the models bundled with the extension. The first bundle of a name wins, so a
+    user folder can override a bundled model.
+    """
+
+    def __init__(self, search_path: Optional[Iterable[PathLike]] = None) -> None:
+        if search_path is None:
+            from_env = [p for p in os.environ.get(MODELS_ENV, "").split(os.pathsep) if p.strip()]
+            search_path = [*from_env, BUNDLED_MODELS_DIR]
+        self.search_path: List[Path] = [Path(p).expanduser() for p in search_path]
+
+    def scan(self) -> Tuple[List[ModelBundle], List[Tuple[Path, str]]]:
+        """``(bundles, problems)``: valid bundles (metadata checked, weights not yet read) and, for every
+        directory that has a ``model.json`` but is not a valid bundle, its path and the reason."""
+        bundles: Dict[str, ModelBundle] = {}
+        problems: List[Tuple[Path, str]] = []
+        for folder in self.search_path:
+            if not folder.is_dir():
+                continue
+            for candidate in sorted(folder.iterdir()):
+                if candidate.name.startswith(".") or not (candidate / METADATA_FILE).is_file():
+                    continue
+                try:
+                    bundle = ModelBundle(read_metadata(candidate), candidate)
+                except ModelBundleError as error:
+                    problems.append((candidate, str(error)))
+                    continue
+                bundles.setdefault(bundle.name, bundle)
+        return sorted(bundles.values(), key=lambda b: b.name), problems
+
+    def list(self) -> List[ModelBundle]:
+        """Valid installed bundles sorted by name (weights are verified only when a bundle is used)."""
+        return self.scan()[0]
+
+    def resolve(self, name_or_path: Optional[PathLike] = None) -> ModelBundle:
+        """Load (fully verified) the bundle at a path, or the installed model of that name (default
+        ``hippocampus``)."""
+        target = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+        looks_like_path = os.sep in target or (os.altsep or os.sep) in target or target.endswith(".json")
+        if looks_like_path:
+            return load_bundle(target)
+        installed = self.list()
+        for bundle in installed:
+            if bundle.name == target:
+                return load_bundle(bundle.path)
+        if Path(target).expanduser().exists():
+            return load_bundle(target)
+        available = ", ".join(f"{b.name} ({b.version})" for b in installed) or "none"
+        searched = os.pathsep.join(str(p) for p in self.search_path)
+        raise ModelBundleError(
+            f"no installed model named {target!r} (available: {available}; searched {searched}); pass a bundle "
+            f"directory with --model PATH or add its parent folder to {MODELS_ENV}")
