@@ -1,0 +1,331 @@
+"""Run the engine's command line in a child process and follow its ``--progress json`` output.
+
+The 3D Slicer module segments out of process (as MONAIAuto3DSeg does): the GUI stays responsive, a crash or an
+out-of-memory kill cannot take Slicer down, and Cancel is a prompt, clean process termination. This module is the
+pure-Python part of that: it builds the ``segment`` command, starts it, parses its JSON progress lines, estimates
+the remaining time, cancels, and turns a failure into a message the user can act on. It never imports ``slicer``;
+callbacks run only inside ``poll``/``wait``, i.e. on the caller's thread (Slicer's main thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+#: Seconds a cancelled engine gets to exit after SIGTERM before it is killed.
+CANCEL_GRACE_SECONDS = 3.0
+#: Lines of engine output kept for error messages.
+ERROR_CONTEXT_LINES = 8
+#: The ETA is not shown before this fraction/elapsed time (early estimates are noise: imports, model loading).
+ETA_MIN_FRACTION = 0.03
+ETA_MIN_SECONDS = 2.0
+
+_STDOUT = "stdout"
+_STDERR = "stderr"
+_EOF = object()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress update of the engine: ``fraction`` in 0..1 and the seconds it still needs (``None``: unknown)."""
+
+    stage: str
+    fraction: float
+    message: str
+    eta_seconds: Optional[float]
+
+
+@dataclass
+class RunResult:
+    """How an engine run ended. ``error`` is a user-facing sentence when it failed (``None`` on success)."""
+
+    returncode: Optional[int]
+    cancelled: bool
+    outputs: Dict[str, Any] = field(default_factory=dict)
+    error: Optional[str] = None
+    log: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.cancelled and self.error is None
+
+
+def build_segment_command(
+    inputs: Sequence[str],
+    output_dir: str,
+    *,
+    python: Optional[str] = None,
+    model: Optional[str] = None,
+    device: str = "auto",
+    overlap: Optional[float] = None,
+    tta: bool = False,
+    roi: Optional[Sequence[float]] = None,
+    attention: bool = True,
+    probabilities: bool = False,
+    largest_component: bool = False,
+    output_format: str = "nrrd",
+    force: bool = False,
+) -> List[str]:
+    """The ``python -m AttentionUNetSegmentLib segment ... --progress json`` command (CLI contract in DESIGN.md).
+
+    ``roi`` is a RAS box ``(R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX)`` in millimetres.
+    """
+    if not inputs:
+        raise ValueError("build_segment_command needs at least one input image")
+    command = [python or sys.executable, "-m", "AttentionUNetSegmentLib", "segment", *map(str, inputs),
+               "--output-dir", str(output_dir), "--device", device, "--format", output_format,
+               "--progress", "json"]
+    if model:
+        command += ["--model", str(model)]
+    if overlap is not None:
+        command += ["--overlap", f"{float(overlap):g}"]
+    if tta:
+        command.append("--tta")
+    if roi is not None:
+        if len(roi) != 6:
+            raise ValueError(f"roi needs six numbers (R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX), got {len(roi)}")
+        command += ["--roi", *(f"{float(v):.6g}" for v in roi)]
+    if not attention:
+        command.append("--no-attention")
+    if probabilities:
+        command.append("--probabilities")
+    if largest_component:
+        command.append("--largest-component")
+    if force:
+        command.append("--force")
+    return command
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``; empty for ``None``."""
+    if seconds is None:
+        return ""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+class EtaEstimator:
+    """Remaining time from the progress rate since the first update (linear extrapolation)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._start: Optional[float] = None
+        self._start_fraction = 0.0
+
+    def update(self, fraction: float) -> Optional[float]:
+        now = self._clock()
+        if self._start is None:
+            self._start, self._start_fraction = now, fraction
+            return None
+        done = fraction - self._start_fraction
+        elapsed = now - self._start
+        if fraction >= 1.0:
+            return 0.0
+        if done < ETA_MIN_FRACTION or elapsed < ETA_MIN_SECONDS:
+            return None
+        return elapsed * (1.0 - fraction) / done
+
+
+def describe_failure(returncode: Optional[int], log: Sequence[str]) -> str:
+    """A sentence for the user about why the engine exited with ``returncode`` (its output lines in ``log``)."""
+    for line in reversed(log):
+        if line.startswith("error: "):  # the engine's own actionable message (exit status 2)
+            return line[len("error: "):].strip()
+    text = "\n".join(log)
+    tail = "\n".join(log[-ERROR_CONTEXT_LINES:])
+    if "out of memory" in text.lower():
+        return ("The computer ran out of memory while segmenting, even after the engine retried with smaller "
+                "batches. Choose the CPU device under Advanced, restrict the region with an ROI, or close other "
+                f"programs, then run again.\nLast engine messages:\n{tail}")
+    missing = [line for line in log if "No module named" in line]
+    if missing:
+        return (f"A Python package the engine needs is not installed ({missing[-1].strip()}). Click Apply again "
+                "to install it (internet access is needed once), or install it from the Python console with "
+                f"slicer.util.pip_install, then restart 3D Slicer.\nLast engine messages:\n{tail}")
+    if returncode is not None and returncode < 0:
+        return (f"The segmentation engine was stopped by the operating system (signal {-returncode}), usually "
+                "because memory ran out. Restrict the region with an ROI or choose the CPU device and run again."
+                f"\nLast engine messages:\n{tail}")
+    return (f"The segmentation engine stopped unexpectedly (exit status {returncode}). The full log is shown "
+            f"in the panel; please report it if the problem persists.\nLast engine messages:\n{tail}")
+
+
+class EngineProcess:
+    """One engine run in a child process.
+
+    ``start()`` launches it; ``poll()`` (non-blocking) handles what it printed since the last call, calling
+    ``on_progress(Progress)`` and ``on_log(str)``, and returns whether it still runs; ``wait()`` polls until it ends;
+    ``cancel()`` terminates it (and its children). ``result`` is set once it has ended.
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        env: Optional[Mapping[str, str]] = None,
+        cwd: Optional[str] = None,
+        on_progress: Optional[Callable[[Progress], None]] = None,
+        on_log: Optional[Callable[[str], None]] = None,
+    ) -> None:
+        self.command = [str(part) for part in command]
+        self.env = dict(os.environ if env is None else env)
+        self.env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they are printed
+        self.cwd = cwd
+        self.on_progress = on_progress
+        self.on_log = on_log
+        self.progress = Progress(stage="starting", fraction=0.0, message="Starting the engine", eta_seconds=None)
+        self.result: Optional[RunResult] = None
+        self._log: List[str] = []
+        self._outputs: Dict[str, Any] = {}
+        self._lines: "queue.Queue[Any]" = queue.Queue()
+        self._open_streams = 0
+        self._process: Optional[subprocess.Popen] = None
+        self._cancelled = False
+        self._eta = EtaEstimator()
+        self._started_at = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self.result is None
+
+    def start(self) -> "EngineProcess":
+        if self._process is not None:
+            raise RuntimeError("this engine run was already started")
+        options: Dict[str, Any] = {}
+        if sys.platform == "win32":
+            options["creationflags"] = subprocess.CREATE_NO_WINDOW  # no console window flashing up
+        else:
+            options["start_new_session"] = True  # own process group, so cancel reaches any child process
+        self._started_at = time.monotonic()
+        self._process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+            cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **options)
+        for name, stream in ((_STDOUT, self._process.stdout), (_STDERR, self._process.stderr)):
+            self._open_streams += 1
+            threading.Thread(target=self._pump, args=(name, stream), daemon=True).start()
+        return self
+
+    def _pump(self, name: str, stream: Any) -> None:
+        """Reader thread: forward each line to the queue (no parsing, no callbacks here)."""
+        try:
+            for line in iter(stream.readline, ""):
+                self._lines.put((name, line.rstrip("\r\n")))
+        finally:
+            stream.close()
+            self._lines.put((name, _EOF))
+
+    def poll(self) -> bool:
+        """Handle the engine's new output; ``True`` while it still runs."""
+        if self._process is None:
+            raise RuntimeError("start() the engine run before polling it")
+        if self.result is not None:
+            return False
+        while True:
+            try:
+                name, line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is _EOF:
+                self._open_streams -= 1
+            elif name == _STDOUT:
+                self._handle_stdout(line)
+            else:
+                self._add_log(line)
+        if self._open_streams == 0 and self._process.poll() is not None:
+            self._finish()
+            return False
+        return True
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunResult:
+        """Poll until the run ends (``TimeoutError`` after ``timeout`` seconds, the run keeps going)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the engine did not finish within {timeout} s")
+            time.sleep(interval)
+        assert self.result is not None
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop the engine now (SIGTERM to its process group, SIGKILL after a short grace period)."""
+        if self._process is None or self._process.poll() is not None:
+            self._cancelled = self._process is not None and self.result is None
+            return
+        self._cancelled = True
+        self._signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout=CANCEL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._signal(getattr(signal, "SIGKILL", signal.SIGTERM))
+            self._process.wait()
+
+    def _signal(self, signum: int) -> None:
+        assert self._process is not None
+        try:
+            if sys.platform == "win32":
+                self._process.kill()
+            else:
+                os.killpg(self._process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+    def _handle_stdout(self, line: str) -> None:
+        event = _parse_progress(line)
+        if event is None:
+            self._add_log(line)
+            return
+        stage = str(event.get("stage", ""))
+        fraction = min(max(float(event.get("fraction", self.progress.fraction)), 0.0), 1.0)
+        message = str(event.get("message", ""))
+        if stage == "done":
+            self._outputs = dict(event.get("outputs") or {})
+            message = message or "Done"
+        if message and (stage != self.progress.stage or message != self.progress.message):
+            self._add_log(f"[{stage}] {message}" if stage else message)
+        self.progress = Progress(stage, fraction, message, self._eta.update(fraction))
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
+
+    def _add_log(self, line: str) -> None:
+        if not line.strip():
+            return
+        self._log.append(line)
+        if self.on_log is not None:
+            self.on_log(line)
+
+    def _finish(self) -> None:
+        assert self._process is not None
+        returncode = self._process.returncode
+        error = None
+        if not self._cancelled and returncode != 0:
+            error = describe_failure(returncode, self._log)
+        elif not self._cancelled and self.progress.stage != "done":
+            error = describe_failure(returncode, self._log + ["the engine exited without reporting its outputs"])
+        self.result = RunResult(returncode=returncode, cancelled=self._cancelled, outputs=self._outputs,
+                                error=error, log=list(self._log), seconds=time.monotonic() - self._started_at)
+
+
+def _parse_progress(line: str) -> Optional[Dict[str, Any]]:
+    """The JSON object of a progress line, or ``None`` for any other output line."""
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) and "stage" in event else None

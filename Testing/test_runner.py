@@ -1,0 +1,166 @@
+"""The out-of-process engine runner (``runner.py``) driven against real child processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+
+import pytest
+
+from AttentionUNetSegmentLib.runner import (
+    EngineProcess,
+    EtaEstimator,
+    build_segment_command,
+    describe_failure,
+    format_duration,
+)
+
+
+def _script(tmp_path, body: str) -> list:
+    """A command running ``body`` as a Python script (a stand-in engine with a scripted behaviour)."""
+    path = tmp_path / "fake_engine.py"
+    path.write_text("import json, sys, time\n" + textwrap.dedent(body))
+    return [sys.executable, str(path)]
+
+
+def test_progress_lines_are_parsed_and_outputs_collected(tmp_path):
+    command = _script(tmp_path, """
+        for i in range(5):
+            print(json.dumps({"stage": "inference", "fraction": i / 5, "message": f"window {i}"}))
+        print("a plain log line")
+        print("warning on stderr", file=sys.stderr)
+        print(json.dumps({"stage": "done", "fraction": 1.0, "outputs": {"case": {"labels": "x_seg.nrrd"}}}))
+    """)
+    progress, log = [], []
+    run = EngineProcess(command, on_progress=progress.append, on_log=log.append).start()
+    result = run.wait(timeout=30)
+    assert result.ok and result.returncode == 0 and not result.cancelled
+    assert result.outputs == {"case": {"labels": "x_seg.nrrd"}}
+    assert [p.fraction for p in progress] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert progress[-1].stage == "done" and progress[-1].eta_seconds == 0.0
+    assert "a plain log line" in log and "warning on stderr" in log
+    assert "[inference] window 3" in log
+
+
+def test_engine_error_line_becomes_the_message(tmp_path):
+    command = _script(tmp_path, """
+        print(json.dumps({"stage": "loading", "fraction": 0.0, "message": "reading"}))
+        print("error: input.nii.gz is 2D (1 slice); segment a 3D volume", file=sys.stderr)
+        sys.exit(2)
+    """)
+    result = EngineProcess(command).start().wait(timeout=30)
+    assert not result.ok and result.returncode == 2
+    assert result.error == "input.nii.gz is 2D (1 slice); segment a 3D volume"
+
+
+def test_crash_without_done_is_reported_with_context(tmp_path):
+    command = _script(tmp_path, """
+        print("Traceback (most recent call last):", file=sys.stderr)
+        print("RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", file=sys.stderr)
+        sys.exit(1)
+    """)
+    result = EngineProcess(command).start().wait(timeout=30)
+    assert not result.ok
+    assert "ran out of memory" in result.error and "CPU device" in result.error
+    assert "Tried to allocate" in result.error  # the engine's last lines are quoted
+
+
+def test_exit_zero_without_done_is_a_failure(tmp_path):
+    result = EngineProcess(_script(tmp_path, "print('bye')\n")).start().wait(timeout=30)
+    assert not result.ok and "without reporting its outputs" in result.error
+
+
+def test_missing_package_is_actionable():
+    message = describe_failure(1, ["ModuleNotFoundError: No module named 'safetensors'"])
+    assert "safetensors" in message and "pip_install" in message
+
+
+def test_cancel_stops_a_busy_engine_promptly(tmp_path):
+    marker = tmp_path / "finished.txt"
+    command = _script(tmp_path, f"""
+        print(json.dumps({{"stage": "inference", "fraction": 0.1, "message": "busy"}}), flush=True)
+        time.sleep(60)
+        open({str(marker)!r}, "w").write("should never happen")
+    """)
+    run = EngineProcess(command).start()
+    deadline = time.monotonic() + 30
+    while run.progress.stage != "inference" and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.02)
+    started = time.monotonic()
+    run.cancel()
+    result = run.wait(timeout=10)
+    assert time.monotonic() - started < 5
+    assert result.cancelled and not result.ok and result.error is None
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM handling is POSIX-specific")
+def test_cancel_kills_an_engine_that_ignores_sigterm(tmp_path, monkeypatch):
+    import AttentionUNetSegmentLib.runner as runner
+
+    monkeypatch.setattr(runner, "CANCEL_GRACE_SECONDS", 0.5)
+    command = _script(tmp_path, """
+        import signal
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(json.dumps({"stage": "inference", "fraction": 0.1, "message": "stubborn"}), flush=True)
+        time.sleep(60)
+    """)
+    run = EngineProcess(command).start()
+    while run.progress.stage != "inference":
+        run.poll()
+        time.sleep(0.02)
+    run.cancel()
+    result = run.wait(timeout=10)
+    assert result.cancelled and result.returncode is not None and result.returncode < 0
+
+
+def test_eta_extrapolates_the_progress_rate():
+    now = [0.0]
+    eta = EtaEstimator(clock=lambda: now[0])
+    assert eta.update(0.0) is None
+    now[0] = 1.0
+    assert eta.update(0.5) is None  # too early to trust
+    now[0] = 10.0
+    assert eta.update(0.5) == pytest.approx(10.0)
+    now[0] = 15.0
+    assert eta.update(0.75) == pytest.approx(5.0)
+    assert eta.update(1.0) == 0.0
+
+
+def test_format_duration():
+    assert format_duration(None) == ""
+    assert format_duration(4.4) == "4 s"
+    assert format_duration(185) == "3 min 05 s"
+    assert format_duration(3720) == "1 h 02 min"
+
+
+def test_build_segment_command_follows_the_cli_contract():
+    command = build_segment_command(["a.nrrd"], "/out", python="PythonSlicer", model="tiny", device="cpu",
+                                    overlap=0.25, tta=True, roi=(1, 2, 3, 4, 5, 6), attention=False,
+                                    probabilities=True, largest_component=True)
+    assert command[:5] == ["PythonSlicer", "-m", "AttentionUNetSegmentLib", "segment", "a.nrrd"]
+    text = " ".join(command)
+    for part in ("--output-dir /out", "--device cpu", "--format nrrd", "--progress json", "--model tiny",
+                 "--overlap 0.25", "--tta", "--roi 1 2 3 4 5 6", "--no-attention", "--probabilities",
+                 "--largest-component"):
+        assert part in text
+    assert "--force" not in command
+    with pytest.raises(ValueError):
+        build_segment_command(["a.nrrd"], "/out", roi=(1, 2, 3))
+    with pytest.raises(ValueError):
+        build_segment_command([], "/out")
+
+
+def test_progress_json_line_parsing_ignores_other_json(tmp_path):
+    command = _script(tmp_path, """
+        print(json.dumps({"not": "progress"}))
+        print("{broken json")
+        print(json.dumps({"stage": "done", "fraction": 1.0, "outputs": {}}))
+    """)
+    log = []
+    result = EngineProcess(command, on_log=log.append).start().wait(timeout=30)
+    assert result.ok
+    assert json.dumps({"not": "progress"}) in log and "{broken json" in log
