@@ -47,7 +47,8 @@ def test_round_trip_reproduces_outputs_and_metadata(tiny_bundle):
     assert bundle.labels == [LabelInfo(1, "Anterior", (0.9, 0.6, 0.2)), LabelInfo(2, "Posterior", (0.2, 0.6, 0.9))]
     assert bundle.architecture["channels"] == [4, 8, 16]
     assert bundle.sha256 == tiny_bundle.sha256 and len(bundle.sha256) == 64
-    assert bundle.metadata["preprocessing"]["orientation"] == "RAS" and bundle.overlap == 0.5
+    assert bundle.preprocessing.orientation == "RAS" and bundle.preprocessing.target_spacing == (1.0, 1.0, 1.0)
+    assert bundle.overlap == 0.5
     model = bundle.build_model()
     assert not model.training
     x = torch.randn(1, 1, 12, 16, 20)
@@ -107,7 +108,7 @@ def test_missing_weights_are_refused(bundle_copy):
         (lambda m: m["architecture"].update(out_channels=4), "labels listed"),
         (lambda m: m["architecture"].update(bogus=1), "architecture"),
         (lambda m: m["preprocessing"].update(target_spacing=[1, 0, 1]), "target_spacing"),
-        (lambda m: m["preprocessing"]["normalization"].update(scheme="minmax"), "scheme"),
+        (lambda m: m["preprocessing"]["normalization"].update(scheme="minmax"), "normalization"),
         (lambda m: m["preprocessing"].update(orientation="RAR"), "orientation"),
     ],
 )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -23,12 +22,12 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 from . import __version__
 from .errors import ModelBundleError
+from .preprocessing import PreprocessingSpec
 
 if TYPE_CHECKING:  # imported for annotations only; torch stays out of module scope
     import torch
 
     from .network import AttentionUNet
-    from .preprocessing import PreprocessingSpec
 
 FORMAT = "attention-unet-bundle"
 FORMAT_VERSION = 1
@@ -43,7 +42,6 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")
 _REQUIRED_KEYS = ("format", "format_version", "name", "version", "architecture", "labels", "preprocessing",
                   "inference", "weights")
-NORMALIZATION_SCHEMES = ("zscore", "ct")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -96,33 +94,6 @@ def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
                     f"(background + {out_channels - 1} classes)", "list exactly one label per foreground channel")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _validate_preprocessing(directory: Path, preprocessing: Dict[str, Any]) -> None:
-    orientation = preprocessing.get("orientation", "RAS")
-    if (not isinstance(orientation, str) or len(orientation) != 3
-            or sorted(orientation.upper().translate(str.maketrans("LPI", "RAS"))) != ["A", "R", "S"]):
-        raise _fail(directory, f"preprocessing.orientation must be a 3-letter code such as 'RAS', got {orientation!r}",
-                    "use the orientation the model was trained in")
-    spacing = preprocessing.get("target_spacing")
-    if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
-        raise _fail(directory, f"preprocessing.target_spacing must be three positive millimetre values (x, y, z), "
-                    f"got {spacing!r}", "use the spacing the model was trained at")
-    normalization = preprocessing.get("normalization")
-    scheme = normalization.get("scheme") if isinstance(normalization, dict) else None
-    if scheme not in NORMALIZATION_SCHEMES:
-        raise _fail(directory, f"preprocessing.normalization.scheme must be one of {list(NORMALIZATION_SCHEMES)}, "
-                    f"got {scheme!r}", "see the bundle format in DESIGN.md")
-    if scheme == "ct":
-        clip, mean, std = (normalization.get(key) for key in ("clip", "mean", "std"))
-        if (not isinstance(clip, list) or len(clip) != 2 or not all(_is_number(c) for c in clip) or clip[0] >= clip[1]
-                or not _is_number(mean) or not _is_number(std) or std <= 0):
-            raise _fail(directory, "ct normalization needs 'clip': [lo, hi] (lo < hi), 'mean' and a positive 'std'",
-                        "use the training set's intensity statistics")
-
-
 def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     """Check ``model.json`` content against the bundle schema (no torch needed); returns it unchanged.
 
@@ -162,7 +133,10 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
         raise _fail(directory, "architecture.out_channels must be at least 2 (background + one class)",
                     "copy the architecture the weights were trained with")
     _validate_labels(directory, metadata["labels"], architecture["out_channels"])
-    _validate_preprocessing(directory, metadata["preprocessing"])
+    try:
+        PreprocessingSpec.from_dict(metadata["preprocessing"])
+    except ModelBundleError as error:
+        raise _fail(directory, str(error), "use the preprocessing the model was trained with") from None
     patch = metadata["inference"].get("patch_size")
     if (not isinstance(patch, list) or len(patch) != 3
             or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch)):
@@ -267,9 +241,7 @@ class ModelBundle:
         return dict(self.metadata["architecture"])
 
     @property
-    def preprocessing(self) -> "PreprocessingSpec":
-        from .preprocessing import PreprocessingSpec
-
+    def preprocessing(self) -> PreprocessingSpec:
         return PreprocessingSpec.from_dict(self.metadata["preprocessing"])
 
     @property
