@@ -1,0 +1,427 @@
+"""The ``attention-unet`` command line (also ``python -m AttentionUNetSegmentLib``).
+
+Subcommands: ``segment`` (contract in ``DESIGN.md``), ``models``, ``summary``, ``gradcheck``, ``demo`` and, when the
+training modules are installed, ``train`` and ``evaluate``.
+
+Every user-facing error (an ``AttentionUNetError``, or a misused option) ends the program with exit status 2 and a
+single ``error: ...`` line on stderr, with no traceback. Heavy modules (torch, the network, inference) are imported
+only by the subcommands that need them, so ``models`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
+
+from . import __version__
+from .bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry
+from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
+from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
+from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
+
+#: Where the repository keeps the demo's sample volume.
+SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(AttentionUNetError):
+    """A command-line option is missing or malformed."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose misuse errors follow the engine's rule: one ``error:`` line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ----------------------------------------------------------------------------------------------------------- ROI
+def _ras_box_from_markups(path: Path) -> Tuple[float, ...]:
+    """The RAS bounding box ``(r_min, r_max, a_min, a_max, s_min, s_max)`` of the first ROI in a Slicer
+    ``.mrk.json`` file (rotated ROIs give the box that encloses them)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        roi = next(m for m in document["markups"] if m.get("type") == "ROI")
+        center = [float(c) for c in roi["center"]]
+        size = [float(s) for s in roi["size"]]
+        rows = roi.get("orientation", [1, 0, 0, 0, 1, 0, 0, 0, 1])
+        rotation = [[float(rows[3 * i + j]) for j in range(3)] for i in range(3)]
+        if len(center) != 3 or len(size) != 3:
+            raise ValueError("center and size need three values")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError,
+            IndexError) as error:
+        raise UsageError(f"--roi {path} is not a readable Slicer Markups ROI file ({error}); save the ROI from "
+                         "Slicer as .mrk.json or give six numbers R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX") from None
+    # Half-extent along each world axis of a box whose axes are the rotation's columns.
+    half = [sum(abs(rotation[i][j]) * size[j] / 2.0 for j in range(3)) for i in range(3)]
+    if roi.get("coordinateSystem", "LPS").upper() == "LPS":
+        center = [-center[0], -center[1], center[2]]
+    return tuple(v for i in range(3) for v in (center[i] - half[i], center[i] + half[i]))
+
+
+def parse_roi(values: Optional[Sequence[str]]) -> Optional[Tuple[float, ...]]:
+    """``--roi`` as ``(r_min, r_max, a_min, a_max, s_min, s_max)`` in RAS mm: six numbers, or one markups file."""
+    if not values:
+        return None
+    if len(values) == 1:
+        path = Path(values[0])
+        if not path.is_file():
+            raise UsageError(f"--roi file {path} does not exist; give a Slicer .mrk.json ROI file or six numbers "
+                             "R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm)")
+        return _ras_box_from_markups(path)
+    try:
+        box = tuple(float(v) for v in values)
+    except ValueError:
+        box = ()
+    if len(box) != 6 or not all(math.isfinite(v) for v in box) or any(box[2 * i] >= box[2 * i + 1] for i in range(3)):
+        raise UsageError(f"--roi {' '.join(values)} is not a box: give six numbers R_MIN R_MAX A_MIN A_MAX S_MIN "
+                         "S_MAX in RAS millimetres with each minimum below its maximum")
+    return box
+
+
+# ------------------------------------------------------------------------------------------------------- segment
+def _overlap(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="NAME|PATH",
+                        help=f"installed model name or bundle directory (default: {DEFAULT_MODEL})")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the network runs; auto = CUDA when available (default: auto)")
+    parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None,
+                        help="bar (terminal, with ETA), json (one object per line on stdout), none "
+                             "(default: bar on a terminal, else none)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def _configure_segment(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="3D volumes (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd)")
+    parser.add_argument("--output-dir", required=True, type=Path, help="folder for the outputs (created if needed)")
+    _add_model_options(parser)
+    _add_run_options(parser)
+    parser.add_argument("--overlap", type=_overlap, default=None,
+                        help="sliding-window overlap as a fraction of the patch (default: the model's, usually 0.5)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower, smoother)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    parser.add_argument("--roi", nargs="+", metavar="V",
+                        help="process only this box: R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm) or a Slicer "
+                             ".mrk.json ROI file")
+    parser.add_argument("--no-attention", action="store_true", help="do not write attention maps")
+    parser.add_argument("--probabilities", action="store_true", help="also write per-class probability maps")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="keep only the largest connected component of every label")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="image format (default: nii.gz)")
+
+
+def _input_stems(inputs: Sequence[str]) -> List[str]:
+    from .imageio import image_stem
+
+    stems = [image_stem(path) for path in inputs]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise InputImageError(f"several inputs share the file name stem {repeated[0]!r}, so their outputs would "
+                              "collide; rename them or segment them into different --output-dir folders")
+    return stems
+
+
+def segment_files(inputs: Sequence[str], output_dir: Path, bundle: ModelBundle, *, device: str = "auto",
+                  overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
+                  roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
+                  largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
+                  progress=None) -> Dict[str, OutputPaths]:
+    """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
+
+    Every input is validated and every output name checked before the first inference, so a bad input or an
+    existing output fails fast with nothing written.
+    """
+    from .imageio import read_image
+    from .inference import Predictor
+
+    progress = progress or (lambda *_: None)
+    stems = _input_stems(inputs)
+    num_gates = len(bundle.architecture["channels"]) - 1
+    plans = [plan_outputs(output_dir, stem, bundle.labels, fmt, num_gates if attention else 0, probabilities)
+             for stem in stems]
+    for plan in plans:
+        plan.check_writable(force)
+    for index, path in enumerate(inputs):
+        progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
+        read_image(path)
+
+    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size)
+    parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
+                  "tta": tta, "batch_size": batch_size, "roi": list(roi) if roi is not None else None,
+                  "attention": attention, "probabilities": probabilities, "largest_component": largest_component,
+                  "format": fmt}
+    written: Dict[str, OutputPaths] = {}
+    for index, (path, stem) in enumerate(zip(inputs, stems)):
+        report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
+        started = time.perf_counter()
+        report("read", 0.0, f"Reading {Path(path).name}")
+        image = read_image(path)
+        read_seconds = time.perf_counter() - started
+        prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
+                                       largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
+        prediction.timings = {"read": read_seconds, **prediction.timings}
+        report("write", 0.95, f"Writing outputs of {stem}")
+        written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
+                                         parameters=parameters, force=force)
+        report("write", 1.0, f"Wrote outputs of {stem}")
+    return written
+
+
+def _volumes_line(stem: str, paths: OutputPaths) -> str:
+    report = json.loads(paths.report.read_text(encoding="utf-8"))
+    volumes = ", ".join(f"{s['name']} {s['volume_ml']:.3f} mL" for s in report["segments"])
+    return f"{stem}: {volumes} -> {paths.segmentation.parent}"
+
+
+def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output_dir: Path) -> Dict[str, OutputPaths]:
+    """Shared by ``segment`` and ``demo``: progress reporting, model resolution, the run and the final record."""
+    kind = args.progress or default_progress_kind()
+    reporter = make_progress(kind)
+    try:
+        reporter("load", 0.0, "Loading the model")
+        bundle = ModelRegistry().resolve(args.model)
+        written = segment_files(
+            inputs, output_dir, bundle, device=args.device, overlap=getattr(args, "overlap", None),
+            tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", None),
+            roi=parse_roi(getattr(args, "roi", None)), attention=not getattr(args, "no_attention", False),
+            probabilities=getattr(args, "probabilities", False),
+            largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
+            force=args.force, progress=reporter)
+    finally:
+        reporter.close()
+    if kind == "json":
+        reporter.emit({"stage": "done", "fraction": 1.0, "message": "Done",
+                       "outputs": {stem: paths.to_dict() for stem, paths in written.items()}})
+    else:
+        for stem, paths in written.items():
+            print(_volumes_line(stem, paths))
+    return written
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    _run_segment_command(args, args.inputs, args.output_dir)
+    return EXIT_OK
+
+
+# -------------------------------------------------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace) -> int:
+    registry = ModelRegistry()
+    bundles, problems = registry.scan()
+    for path, reason in problems:
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+    rows = [{"name": b.name, "version": b.version, "labels": [label.name for label in b.labels],
+             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path)}
+            for b in bundles]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no models installed; searched " + ", ".join(str(p) for p in registry.search_path))
+        return EXIT_OK
+    table = [("name", "version", "labels", "size", "sha256", "path")] + [
+        (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB", r["sha256"][:12],
+         r["path"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ summary / gradcheck
+def _add_network_options(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser)
+    parser.add_argument("--channels", type=_positive_int, nargs="+", metavar="C",
+                        help="use an untrained network of these widths instead of a model, e.g. 64 128 256 512 "
+                             "(the design tutorial's network)")
+    parser.add_argument("--in-channels", type=_positive_int, default=1)
+    parser.add_argument("--out-channels", type=_positive_int, default=2)
+    parser.add_argument("--norm", choices=("instance", "batch"), default="instance")
+    parser.add_argument("--deep-supervision", action="store_true")
+    parser.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+                        help="input size in voxels, ITK (x, y, z) order (default: the model's patch size, or 64^3)")
+
+
+def _network_and_size(args: argparse.Namespace):
+    from .network import AttentionUNet
+
+    if args.channels:
+        if len(args.channels) < 2:
+            raise UsageError("--channels needs at least two levels, e.g. 16 32 64 128")
+        model = AttentionUNet(args.in_channels, args.out_channels, args.channels, norm=args.norm,
+                              deep_supervision=args.deep_supervision)
+        size_xyz = tuple(args.input_size or (64, 64, 64))
+    else:
+        bundle = ModelRegistry().resolve(args.model)
+        model = bundle.build_model("cpu")
+        size_xyz = tuple(args.input_size or bundle.patch_size)
+    if min(size_xyz) < model.min_input_size:
+        raise UsageError(f"--input-size {' '.join(map(str, size_xyz))} is too small: this network needs at least "
+                         f"{model.min_input_size} voxels per axis")
+    return model, size_xyz[::-1]
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from .diagnostics import summarize
+
+    model, size_zyx = _network_and_size(args)
+    print(summarize(model, size_zyx).format_table())
+    return EXIT_OK
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    import torch
+
+    from .diagnostics import check_gradient_flow
+
+    model, size_zyx = _network_and_size(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn((1, model.in_channels, *size_zyx), generator=generator)
+    target = torch.randint(0, model.out_channels, (1, *size_zyx), generator=generator)
+    report = check_gradient_flow(model, inputs, target)
+    print(report.format())
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+# ---------------------------------------------------------------------------------------------------------- demo
+def find_sample() -> Path:
+    samples = sorted(SAMPLE_DATA_DIR.glob("*.nii.gz"))
+    if not samples:
+        raise InputImageError(f"no sample volume found in {SAMPLE_DATA_DIR}; reinstall the extension or run "
+                              "`attention-unet segment YOUR_IMAGE --output-dir DIR` instead")
+    return samples[0]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .imageio import image_stem
+    from .preview import require_matplotlib, write_preview
+
+    require_matplotlib()
+    sample = find_sample()
+    preview = args.output_dir / f"{image_stem(sample)}_preview.png"
+    if preview.exists() and not args.force:
+        raise OutputExistsError(f"{preview} already exists; choose another --output-dir or pass --force")
+    written = _run_segment_command(args, [str(sample)], args.output_dir)
+    write_preview(sample, written[image_stem(sample)], preview, force=args.force)
+    if (args.progress or default_progress_kind()) != "json":
+        print(f"preview: {preview}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+#: Commands provided by the training modules (issue 3): command -> module.
+OPTIONAL_COMMANDS = {"train": ("training", "train a model on a labelled dataset"),
+                     "evaluate": ("evaluation", "score a model against reference segmentations")}
+
+
+def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The full parser. ``argv`` tells which command will run: ``train``/``evaluate`` import their (heavy) module
+    only when they are the command, otherwise they are listed by name only."""
+    parser = _ArgumentParser(prog="attention-unet",
+                             description="3D Attention U-Net segmentation with attention maps (AttentionUNet engine).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    segment = commands.add_parser("segment", help="segment volumes and write labels, attention maps and a report")
+    _configure_segment(segment)
+    segment.set_defaults(handler=cmd_segment)
+
+    models = commands.add_parser("models", help="list installed models")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.set_defaults(handler=cmd_models)
+
+    summary = commands.add_parser("summary", help="layer-by-layer output shapes, parameters and FLOPs")
+    _add_network_options(summary)
+    summary.set_defaults(handler=cmd_summary)
+
+    gradcheck = commands.add_parser("gradcheck", help="report parameters that get no or all-zero gradients")
+    _add_network_options(gradcheck)
+    gradcheck.add_argument("--seed", type=int, default=0)
+    gradcheck.set_defaults(handler=cmd_gradcheck)
+
+    demo = commands.add_parser("demo", help="segment the bundled sample with the default model and draw a preview")
+    demo.add_argument("--output-dir", type=Path, default=Path("demo-output"))
+    _add_model_options(demo)
+    _add_run_options(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    requested = next((arg for arg in (argv or ()) if not arg.startswith("-")), None)
+    for command, (name, summary_line) in OPTIONAL_COMMANDS.items():
+        if importlib.util.find_spec(f"{__package__}.{name}") is None:
+            continue
+        sub = commands.add_parser(command, help=summary_line)
+        if command == requested:
+            module = importlib.import_module(f".{name}", __package__)
+            module.configure_parser(sub)
+            sub.set_defaults(handler=module.run_from_args)
+    return parser
+
+
+def _raise_cancelled(signum: int, _frame: Any) -> None:
+    raise CancelledError(f"cancelled by signal {signal.Signals(signum).name}; no outputs of the unfinished input "
+                         "were kept")
+
+
+@contextlib.contextmanager
+def _sigterm_cancels() -> Iterator[None]:
+    """While running, SIGTERM (the Slicer module's Cancel) unwinds like an error, so every partial file is
+    removed; the previous handler is restored afterwards (``main`` may run inside a larger program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 a check found problems, 2 an error the user can fix)."""
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser(argv).parse_args(argv)
+        with _sigterm_cancels():
+            return int(args.handler(args))
+    except AttentionUNetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; no outputs of the unfinished input were kept", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; use --device cpu, a smaller --batch-size, or a --roi around the structure",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        print("error: the GPU ran out of memory; use a smaller --batch-size, --device cpu, or a --roi around the "
+              "structure", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,213 @@
+"""Writing one input's ``Prediction`` as files (CLI contract in ``DESIGN.md``).
+
+For an input with stem ``<stem>`` and format ``nii.gz`` (or ``nrrd``):
+
+- ``<stem>_seg.nii.gz``: the label map on the input grid;
+- ``<stem>_seg.seg.nrrd``: the same labels as a 3D Slicer segmentation (segment names, colours, label values);
+- ``<stem>_attention_<k>.nii.gz``: gate ``k``'s attention map (0 = finest) on its own coarse grid;
+- ``<stem>_prob_<label name>.nii.gz``: per-class probabilities, when they were computed;
+- ``<stem>_report.json``: segment volumes, model identity, parameters, timings and the files written.
+
+All files of one input are written under temporary names and renamed only once every one of them is complete; on
+any error every partial file is removed, so a folder never holds half a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import __version__
+from .bundle import LabelInfo, ModelBundle
+from .errors import OutputExistsError
+from .imageio import atomic_output
+
+if TYPE_CHECKING:
+    from .inference import Prediction
+
+OUTPUT_FORMATS = ("nii.gz", "nrrd")
+#: ``Segmentation_*`` fields Slicer's segmentation storage node (and ``slicerio``) read from a ``.seg.nrrd``.
+#: Both spellings of the source representation are written: Slicer >= 5.4 reads ``SourceRepresentation``, older
+#: Slicer and ``slicerio`` read ``MasterRepresentation``.
+_SEGMENTATION_FIELDS = {
+    "Segmentation_MasterRepresentation": "Binary labelmap",
+    "Segmentation_SourceRepresentation": "Binary labelmap",
+    "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
+    "Segmentation_ReferenceImageExtentOffset": "0 0 0",
+}
+
+
+def safe_name(name: str) -> str:
+    """``name`` reduced to characters that are safe in a file name on every platform (``Left Hippo/1`` ->
+    ``Left_Hippo_1``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "label"
+
+
+@dataclass
+class OutputPaths:
+    """The files one input produces (all in the same folder)."""
+
+    segmentation: Path
+    slicer_segmentation: Path
+    report: Path
+    attention: List[Path] = field(default_factory=list)
+    probabilities: Dict[str, Path] = field(default_factory=dict)
+
+    def all(self) -> List[Path]:
+        return [self.segmentation, self.slicer_segmentation, *self.attention, *self.probabilities.values(),
+                self.report]
+
+    def check_writable(self, force: bool = False) -> None:
+        """Raise ``OutputExistsError`` naming every existing file, unless ``force`` (checked before inference,
+        so no time is spent on a result that could not be written)."""
+        existing = [path for path in self.all() if path.exists()]
+        if existing and not force:
+            names = ", ".join(path.name for path in existing[:3]) + (" ..." if len(existing) > 3 else "")
+            raise OutputExistsError(f"{len(existing)} output file(s) already exist in {existing[0].parent} "
+                                    f"({names}); choose another --output-dir or pass --force to overwrite")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Absolute paths as strings (the ``outputs`` of the CLI's final ``done`` progress record)."""
+        return {
+            "segmentation": str(self.segmentation.resolve()),
+            "slicer_segmentation": str(self.slicer_segmentation.resolve()),
+            "attention": [str(path.resolve()) for path in self.attention],
+            "probabilities": {name: str(path.resolve()) for name, path in self.probabilities.items()},
+            "report": str(self.report.resolve()),
+        }
+
+
+def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[LabelInfo], fmt: str = "nii.gz",
+                 num_attention: int = 0, probabilities: bool = False) -> OutputPaths:
+    """The paths ``write_prediction`` will write for one input."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+    folder = Path(output_dir)
+    return OutputPaths(
+        segmentation=folder / f"{stem}_seg.{fmt}",
+        slicer_segmentation=folder / f"{stem}_seg.seg.nrrd",
+        report=folder / f"{stem}_report.json",
+        attention=[folder / f"{stem}_attention_{k}.{fmt}" for k in range(num_attention)],
+        probabilities=({label.name: folder / f"{stem}_prob_{file_name}.{fmt}"
+                        for label, file_name in zip(labels, _probability_names(labels))} if probabilities else {}),
+    )
+
+
+def _probability_names(labels: Sequence[LabelInfo]) -> List[str]:
+    """File-name-safe label names; the label value is appended when two names would collide."""
+    names = [safe_name(label.name) for label in labels]
+    if len(set(names)) < len(names):
+        names = [f"{name}_{label.value}" for name, label in zip(names, labels)]
+    return names
+
+
+def segment_statistics(labels: sitk.Image, segments: Sequence[LabelInfo]) -> List[Dict[str, Any]]:
+    """Per segment: value, name, colour, voxel count and volume in millilitres (voxels x voxel volume)."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel())
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    rows = []
+    for label in segments:
+        voxels = int(counts[label.value]) if label.value < len(counts) else 0
+        rows.append({"value": label.value, "name": label.name, "color": list(label.color), "voxels": voxels,
+                     "volume_ml": voxels * voxel_ml})
+    return rows
+
+
+def slicer_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], source: str = "") -> sitk.Image:
+    """The label map with the ``Segment<N>_*`` / ``Segmentation_*`` fields of a 3D Slicer ``.seg.nrrd``
+    (one non-overlapping layer; segment ``N`` has its label value, name, colour and non-empty extent)."""
+    image = sitk.Image(labels)
+    array = sitk.GetArrayViewFromImage(labels)  # (z, y, x)
+    for key, value in _SEGMENTATION_FIELDS.items():
+        image.SetMetaData(key, value)
+    for index, label in enumerate(segments):
+        where = np.nonzero(array == label.value)
+        if where[0].size:
+            (k0, k1), (j0, j1), (i0, i1) = ((int(axis.min()), int(axis.max())) for axis in where)
+            extent = f"{i0} {i1} {j0} {j1} {k0} {k1}"
+        else:
+            extent = "0 -1 0 -1 0 -1"  # Slicer's spelling of an empty segment
+        fields = {
+            "ID": f"Segment_{label.value}",
+            "Name": label.name,
+            "NameAutoGenerated": "0",
+            "Color": " ".join(f"{c:.6g}" for c in label.color),
+            "ColorAutoGenerated": "0",
+            "LabelValue": str(label.value),
+            "Layer": "0",
+            "Extent": extent,
+            "Tags": f"Source:{source}|" if source else "|",
+        }
+        for key, value in fields.items():
+            image.SetMetaData(f"Segment{index}_{key}", value)
+    return image
+
+
+def _geometry(image: sitk.Image) -> Dict[str, Any]:
+    return {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection())}
+
+
+def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPaths,
+                 input_path: Optional[Union[str, Path]] = None,
+                 parameters: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The ``<stem>_report.json`` content; ``files`` are names relative to the report's folder."""
+    return {
+        "input": str(Path(input_path).resolve()) if input_path is not None else None,
+        "engine_version": __version__,
+        "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+        "device": prediction.device,
+        "parameters": dict(parameters or {}),
+        "image": _geometry(prediction.labels),
+        "segments": segment_statistics(prediction.labels, bundle.labels),
+        "timings": {stage: round(float(seconds), 4) for stage, seconds in prediction.timings.items()},
+        "files": {
+            "segmentation": paths.segmentation.name,
+            "slicer_segmentation": paths.slicer_segmentation.name,
+            "attention": [path.name for path in paths.attention],
+            "probabilities": {name: path.name for name, path in paths.probabilities.items()},
+            "report": paths.report.name,
+        },
+    }
+
+
+def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: Union[str, Path], stem: str,
+                     fmt: str = "nii.gz", input_path: Optional[Union[str, Path]] = None,
+                     parameters: Optional[Mapping[str, Any]] = None, force: bool = False) -> OutputPaths:
+    """Write every file of one input, all or nothing, and return their paths.
+
+    Args:
+        prediction: ``labels`` (uint8 on the input grid), ``attention`` (finest first, may be empty),
+            ``probabilities`` (label value -> float32 image, may be empty), ``timings``, ``device``.
+        bundle: the model that made it (labels, names, colours, identity for the report).
+        parameters: the run's settings, recorded verbatim in the report.
+
+    Raises:
+        OutputExistsError: an output exists and ``force`` is false (nothing is written).
+    """
+    by_value = {label.value: label.name for label in bundle.labels}
+    paths = plan_outputs(output_dir, stem, bundle.labels, fmt, len(prediction.attention),
+                         bool(prediction.probabilities))
+    paths.check_writable(force)
+    images = [(paths.segmentation, prediction.labels),
+              (paths.slicer_segmentation,
+               slicer_segmentation(prediction.labels, bundle.labels, f"AttentionUNet {bundle.name} {bundle.version}")),
+              *zip(paths.attention, prediction.attention),
+              *((paths.probabilities[by_value[value]], image) for value, image in prediction.probabilities.items())]
+    report = build_report(prediction, bundle, paths, input_path, parameters)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    # Every atomic_output renames its partial file only when the whole stack exits cleanly; an exception anywhere
+    # unwinds the stack and removes all partials.
+    with contextlib.ExitStack() as stack:
+        for path, image in images:
+            sitk.WriteImage(image, str(stack.enter_context(atomic_output(path, force))), useCompression=True)
+        partial_report = stack.enter_context(atomic_output(paths.report, force))
+        partial_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return paths
