@@ -1,0 +1,195 @@
+"""Reading and writing 3D volumes with their full geometry.
+
+``read_image`` returns a validated 3D scalar ``sitk.Image`` (geometry in ITK's LPS world). SimpleITK reads first;
+NIfTI files it refuses (e.g. non-orthonormal direction cosines) fall back to nibabel, whose RAS affine is
+converted to LPS. ``write_image`` is atomic and never overwrites without ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputImageError, OutputExistsError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Extensions ``read_image`` accepts, longest first so ``.nii.gz`` wins over ``.gz``.
+READ_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Single-file formats ``write_image`` writes (detached headers could not be renamed atomically).
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+#: ITK LPS world = diag(-1, -1, 1) applied to nibabel's RAS world (and back: the matrix is its own inverse).
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def image_extension(path: PathLike) -> str:
+    """The recognised image extension of ``path`` (``".nii.gz"``, ``".nrrd"``, ...), or its last suffix."""
+    name = Path(path).name.lower()
+    for extension in READ_EXTENSIONS:
+        if name.endswith(extension):
+            return extension
+    return Path(path).suffix.lower()
+
+
+def image_stem(path: PathLike) -> str:
+    """File name without its image extension: ``/data/case_01.nii.gz`` -> ``case_01``."""
+    name = Path(path).name
+    extension = image_extension(path)
+    return name[: len(name) - len(extension)] if extension else name
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read and validate a 3D scalar volume.
+
+    Returns the image with its original pixel type (float64 is narrowed to float32) and full geometry.
+
+    Raises:
+        InputImageError: the file is missing or unreadable, or the image is 2D, 4D, multi-component (RGB/vector),
+            empty, constant, or contains NaN/Inf voxels. The message names the file and how to fix it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"input image {path} does not exist; check the path")
+    if not path.is_file():
+        raise InputImageError(f"input image {path} is not a file; give a volume file (.nii.gz, .nrrd, .mha, ...)")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as sitk_error:
+        image = _read_with_nibabel(path, sitk_error)
+    return validate_image(_squeeze_single_volume(image), str(path))
+
+
+def _read_with_nibabel(path: Path, sitk_error: Exception) -> sitk.Image:
+    """NIfTI fallback: nibabel's RAS affine -> ITK LPS origin/spacing/direction (nearest orthonormal frame)."""
+    import nibabel as nib
+
+    reason = str(sitk_error).strip().splitlines()[-1] if str(sitk_error).strip() else type(sitk_error).__name__
+    try:
+        nifti = nib.load(str(path))
+        data = np.asanyarray(nifti.dataobj)
+        affine = np.asarray(nifti.affine, dtype=float)
+    except Exception as nib_error:  # nibabel raises many types for corrupt files
+        raise InputImageError(
+            f"cannot read {path}: neither SimpleITK ({reason}) nor nibabel ({nib_error}) understands it; "
+            f"give an uncorrupted 3D volume in one of {', '.join(READ_EXTENSIONS)}"
+        ) from None
+    if data.dtype.names is not None:
+        raise InputImageError(f"{path} holds RGB/vector voxels; convert it to a single-channel (grey) volume")
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise _dimension_error(path, data.ndim, tuple(data.shape))
+    if data.dtype == np.float64:
+        data = data.astype(np.float32)
+    linear = LPS_FROM_RAS @ affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(affine)):
+        raise InputImageError(f"{path} has a degenerate affine (zero or non-finite voxel size); fix its header")
+    # Nearest orthonormal direction (polar decomposition); ITK images cannot represent shear.
+    u, _, vt = np.linalg.svd(linear / spacing)
+    direction = u @ vt
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(o) for o in LPS_FROM_RAS @ affine[:3, 3]])
+    image.SetDirection([float(d) for d in direction.ravel()])
+    return image
+
+
+def _dimension_error(path: PathLike, dimension: int, size: tuple) -> InputImageError:
+    if dimension < 3:
+        return InputImageError(
+            f"{path} is a {dimension}D image (size {size}); the model segments 3D volumes, give a 3D scan"
+        )
+    return InputImageError(
+        f"{path} is a {dimension}D image (size {size}), e.g. a time series or multi-channel stack; extract one "
+        "3D volume first (e.g. with SimpleITK's image[:, :, :, t] or fslroi)"
+    )
+
+
+def _squeeze_single_volume(image: sitk.Image) -> sitk.Image:
+    """A 4D image with a single volume (size 1 along the 4th axis) is that 3D volume."""
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        return image[:, :, :, 0]
+    return image
+
+
+def validate_image(image: sitk.Image, name: str = "input image") -> sitk.Image:
+    """Check that ``image`` is a non-empty, non-constant, finite 3D scalar volume; float64 becomes float32."""
+    size = tuple(image.GetSize())
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InputImageError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector image); "
+            "convert it to a single-channel (grey) volume"
+        )
+    if image.GetDimension() != 3:
+        raise _dimension_error(name, image.GetDimension(), size)
+    if min(size) == 0:
+        raise InputImageError(f"{name} is empty (size {size}, no voxels); give a volume that holds image data")
+    if 1 in size:
+        raise InputImageError(
+            f"{name} is a single slice (size {size}); the model segments 3D volumes, give a 3D scan"
+        )
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputImageError(f"{name} has complex voxels; give a real-valued (magnitude) volume")
+    if image.GetPixelID() == sitk.sitkFloat64:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    voxels = sitk.GetArrayViewFromImage(image)
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        bad = int(np.count_nonzero(~np.isfinite(voxels)))
+        raise InputImageError(
+            f"{name} has {bad} NaN/Inf voxels; replace them (e.g. with 0) before segmenting"
+        )
+    low, high = voxels.min(), voxels.max()
+    if low == high:
+        raise InputImageError(
+            f"{name} is constant (every voxel is {low}); it holds no image to segment — check that the right "
+            "file was exported"
+        )
+    return image
+
+
+def _partial_path(path: Path) -> Path:
+    extension = image_extension(path)
+    stem = path.name[: len(path.name) - len(extension)] if extension else path.name
+    return path.with_name(f"{stem}.partial-{os.getpid()}{extension}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; on success it is renamed onto ``path``, on error removed.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; remove it or pass --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(path)
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+
+
+def write_image(image: sitk.Image, path: PathLike, force: bool = False) -> Path:
+    """Write ``image`` atomically (compressed where the format allows) and return ``path``.
+
+    Raises:
+        OutputExistsError: ``path`` exists and ``force`` is false.
+        ValueError: ``path`` has no single-file image extension (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
+    """
+    path = Path(path)
+    if image_extension(path) not in WRITE_EXTENSIONS:
+        raise ValueError(f"cannot write {path}: use one of {', '.join(WRITE_EXTENSIONS)}")
+    with atomic_output(path, force) as partial:
+        sitk.WriteImage(image, str(partial), useCompression=image_extension(path) != ".nii")
+    return path
