@@ -202,6 +202,7 @@ def _volumes_line(stem: str, paths: OutputPaths) -> str:
 
 def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output_dir: Path) -> Dict[str, OutputPaths]:
     """Shared by ``segment`` and ``demo``: progress reporting, model resolution, the run and the final record."""
+    roi = parse_roi(getattr(args, "roi", None))
     kind = args.progress or default_progress_kind()
     reporter = make_progress(kind)
     try:
@@ -210,7 +211,7 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
         written = segment_files(
             inputs, output_dir, bundle, device=args.device, overlap=getattr(args, "overlap", None),
             tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", None),
-            roi=parse_roi(getattr(args, "roi", None)), attention=not getattr(args, "no_attention", False),
+            roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
             force=args.force, progress=reporter)
