@@ -1,0 +1,495 @@
+"""Sliding-window inference and the ``Predictor`` that maps a whole image to labels and attention maps.
+
+Pipeline of ``Predictor.predict``: optional ROI crop -> ``preprocess`` (reorient, resample, normalise) ->
+``sliding_window_inference`` (Gaussian-weighted windows, optional mirror TTA) -> class probabilities resampled
+linearly onto the exact input grid -> argmax -> label map (pasted back into the full grid for an ROI).
+
+Attention maps are blended across windows like the probabilities but stay at each gate's own resolution: gate
+``k`` lives on the padded preprocessed grid pooled by ``2**k`` (spacing ``* 2**k``, origin moved by
+``(2**k - 1) / 2`` fine voxels along every index axis), so each coarse voxel is exactly the block of fine voxels it
+summarises and the map overlays the input in world space without being upsampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import AttentionUNetError, CancelledError
+from .imageio import validate_image
+from .network import AttentionUNet
+from .postprocessing import keep_largest_component
+from .preprocessing import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
+
+LOGGER = logging.getLogger(__name__)
+
+#: Lower bound of the Gaussian importance map (its corners are ~1e-11 otherwise, which reduced-precision
+#: accumulators cannot hold; nnU-Net and MONAI clamp likewise).
+IMPORTANCE_FLOOR = 1e-3
+#: Voxels of context kept around a region of interest (the network sees them; the labels outside are dropped).
+ROI_MARGIN_VOXELS = 8
+#: Windows per forward pass when the caller does not say.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 4}
+
+ProgressCallback = Callable[[str, float, str], None]
+CancelCallback = Callable[[], bool]
+
+# Fractions of one prediction at which its stages start (what ``progress`` reports).
+_STAGE_START = {"preprocess": 0.0, "inference": 0.05, "resample": 0.9, "postprocess": 0.97}
+
+
+@dataclass
+class Prediction:
+    """Everything ``Predictor.predict`` produces for one image.
+
+    ``labels``: uint8 (int16 with label values above 255) on the input grid (size, origin, spacing, direction).
+    ``attention``: float32 in [0, 1], one image per gate, finest first, each on its gate's own coarse grid.
+    ``probabilities``: label value (0 = background included) -> float32 image on the input grid; empty unless
+    asked for. ``timings``: seconds per stage. ``device``: what actually ran (``"cpu"``, ``"cuda:0"``).
+    """
+
+    labels: sitk.Image
+    attention: List[sitk.Image] = field(default_factory=list)
+    probabilities: Dict[int, sitk.Image] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+@dataclass
+class SlidingWindowResult:
+    """Output of ``sliding_window_inference`` for a ``(C_in, Z, Y, X)`` volume.
+
+    ``scores``: ``(C_out, Z, Y, X)`` float32 on the CPU: softmax probabilities (or raw logits) blended across
+    windows, on the input volume's own grid (padding removed).
+    ``attention``: one ``(Z_k, Y_k, X_k)`` float32 CPU tensor per gate (finest first) in [0, 1].
+    ``attention_start``: per gate, the ``(z, y, x)`` index in the input volume of the first fine voxel under coarse
+    voxel ``(0, 0, 0)`` (zero or negative: coarse voxels may straddle the padding). Coarse voxel ``j`` of gate
+    ``k`` covers fine voxels ``start + j * 2**k`` .. ``start + (j + 1) * 2**k - 1`` on each axis.
+    """
+
+    scores: torch.Tensor
+    attention: List[torch.Tensor] = field(default_factory=list)
+    attention_start: List[Tuple[int, int, int]] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=8)
+def gaussian_importance_map(
+    patch_size: Tuple[int, int, int], device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Separable Gaussian of shape ``patch_size`` ``(D, H, W)`` centred on the patch, sigma = patch / 8 per axis,
+    maximum 1 and floored at ``IMPORTANCE_FLOOR``. Cached per size/device/dtype: never modify the result."""
+    profiles = []
+    for size in patch_size:
+        offsets = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        profiles.append(torch.exp(-0.5 * (offsets / (size / 8)) ** 2))
+    weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    weights = (weights / weights.max()).clamp_(min=IMPORTANCE_FLOOR)
+    return weights.to(device=device, dtype=dtype)
+
+
+def window_starts(size: int, patch: int, overlap: float, align: int) -> List[int]:
+    """Start indices of windows of ``patch`` voxels covering ``size`` voxels with about ``overlap`` overlap.
+
+    ``size`` and ``patch`` are multiples of ``align`` and ``size >= patch``; starts are multiples of ``align``
+    spread evenly from 0 to ``size - patch``.
+    """
+    if size <= patch:
+        return [0]
+    step = max(1.0, patch * (1.0 - overlap))
+    count = math.ceil((size - patch) / step) + 1
+    slots = (size - patch) // align
+    return sorted({int(round(i * slots / (count - 1))) * align for i in range(count)})
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // multiple) * multiple
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA GPUs that support it, else fp16; full precision on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _mirror_sets(mirror: bool) -> List[Tuple[int, ...]]:
+    """Spatial dims of a ``(B, C, D, H, W)`` tensor to flip: all 8 combinations with TTA, else none."""
+    if not mirror:
+        return [()]
+    return [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
+
+
+def _predict_tiles(
+    model: AttentionUNet, tiles: torch.Tensor, mirror: bool, attention: bool, softmax: bool
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``tiles (B, C_in, d, h, w)`` -> ``(scores (B, C_out, d, h, w), [alpha_k (B, 1, d_k, h_k, w_k)])`` in float32,
+    averaged over the mirrored copies when ``mirror``."""
+    flips = _mirror_sets(mirror)
+    scores: Optional[torch.Tensor] = None
+    alphas: List[torch.Tensor] = []
+    for dims in flips:
+        flipped = tiles.flip(dims) if dims else tiles
+        with _autocast(tiles.device):
+            output = model.forward_with_aux(flipped)
+        logits = output.logits.float()
+        result = torch.softmax(logits, dim=1) if softmax else logits
+        result = result.flip(dims) if dims else result
+        scores = result if scores is None else scores.add_(result)
+        if attention:
+            maps = [(a.float().flip(dims) if dims else a.float()) for a in output.attention]
+            alphas = maps if not alphas else [total.add_(a) for total, a in zip(alphas, maps)]
+    assert scores is not None
+    if len(flips) > 1:
+        scores /= len(flips)
+        alphas = [a / len(flips) for a in alphas]
+    return scores, alphas
+
+
+def sliding_window_inference(
+    volume: torch.Tensor,
+    model: AttentionUNet,
+    patch_size: Sequence[int],
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    mirror: bool = False,
+    attention: bool = True,
+    softmax: bool = True,
+    device: Union[str, torch.device, None] = None,
+    accumulate_dtype: Optional[torch.dtype] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> SlidingWindowResult:
+    """Gaussian-weighted sliding-window inference of ``model`` over a whole volume.
+
+    The volume is zero-padded (centred) to at least one patch and to a multiple of ``model.min_input_size`` per
+    axis; window starts are multiples of ``min_input_size`` spread evenly with about ``overlap`` overlap, so every
+    gate's coarse map of a window lands exactly on the pooled grid of the padded volume.
+
+    Args:
+        volume: ``(C_in, Z, Y, X)`` or ``(1, C_in, Z, Y, X)`` float tensor (normalised image).
+        model: the network in eval mode (already on ``device``).
+        patch_size: window size ``(z, y, x)`` in voxels; rounded up to a multiple of ``min_input_size``.
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        batch_size: windows per forward pass.
+        mirror: test-time augmentation: average the 8 mirrored copies of every window.
+        attention: also blend every gate's attention map.
+        softmax: blend softmax probabilities (``True``) or raw logits (``False``, e.g. to compare with MONAI).
+        device: where the windows run (default: the model's device).
+        accumulate_dtype: dtype of the ``(C_out, Z, Y, X)`` accumulator (default float16 on CUDA, where
+            probabilities times weights in [1e-3, 1] keep ~3 significant digits, and float32 on the CPU). Weights
+            and attention accumulate in float32; nothing is ever float64.
+        progress: called as ``progress(windows_done, windows_total)`` after every batch.
+        cancel: polled before every batch; returning True raises ``CancelledError``.
+
+    Returns:
+        ``SlidingWindowResult`` (tensors on the CPU).
+    """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap {overlap} must be in [0, 1)")
+    if volume.dim() == 5:
+        if volume.shape[0] != 1:
+            raise ValueError(f"expected one volume (1, C, Z, Y, X), got {tuple(volume.shape)}")
+        volume = volume[0]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    align = model.min_input_size
+    num_gates = model.num_gates if attention else 0
+    spatial = tuple(int(s) for s in volume.shape[1:])
+    patch = tuple(_round_up(p, align) for p in patch_size)
+    padded = tuple(max(p, _round_up(s, align)) for s, p in zip(spatial, patch))
+    before = tuple((p - s) // 2 for s, p in zip(spatial, padded))
+    padding = [v for s, p, b in reversed(list(zip(spatial, padded, before))) for v in (b, p - s - b)]
+    image = F.pad(volume.to(device=device, dtype=torch.float32), padding)
+
+    if accumulate_dtype is None:
+        accumulate_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    importance = gaussian_importance_map(patch, device)
+    gate_importance = [F.avg_pool3d(importance[None, None], 2**k)[0, 0] for k in range(num_gates)]
+    scores = torch.zeros((model.out_channels, *padded), dtype=accumulate_dtype, device=device)
+    weights = torch.zeros(padded, dtype=torch.float32, device=device)
+    gate_sums = [torch.zeros([p // 2**k for p in padded], dtype=torch.float32, device=device) for k in range(num_gates)]
+
+    starts = list(itertools.product(*(window_starts(s, p, overlap, align) for s, p in zip(padded, patch))))
+    with torch.inference_mode():
+        for first in range(0, len(starts), batch_size):
+            if cancel is not None and cancel():
+                raise CancelledError("segmentation cancelled; nothing was written")
+            batch = starts[first : first + batch_size]
+            tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in batch])
+            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror, num_gates > 0, softmax)
+            for i, (z, y, x) in enumerate(batch):
+                window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+                scores[(slice(None), *window)] += (tile_scores[i] * importance).to(accumulate_dtype)
+                weights[window] += importance
+                for k in range(num_gates):
+                    f = 2**k
+                    coarse = tuple(slice(w.start // f, w.stop // f) for w in window)
+                    gate_sums[k][coarse] += tile_alphas[k][i, 0] * gate_importance[k]
+            if progress is not None:
+                progress(min(first + batch_size, len(starts)), len(starts))
+
+        inside = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+        inside_weights = weights[inside]
+        blended = torch.empty((model.out_channels, *spatial), dtype=torch.float32)
+        for channel in range(model.out_channels):
+            blended[channel] = (scores[channel][inside].float() / inside_weights).cpu()
+        del scores
+
+        maps: List[torch.Tensor] = []
+        map_starts: List[Tuple[int, int, int]] = []
+        for k in range(num_gates):
+            f = 2**k
+            # Each window adds its pooled importance, so a coarse voxel's total weight is the mean fine weight.
+            coarse_weights = F.avg_pool3d(weights[None, None], f)[0, 0]
+            low = [b // f for b in before]
+            high = [-(-(b + s) // f) for b, s in zip(before, spatial)]
+            region = tuple(slice(lo, hi) for lo, hi in zip(low, high))
+            maps.append((gate_sums[k][region] / coarse_weights[region]).clamp_(0.0, 1.0).cpu())
+            map_starts.append(tuple(lo * f - b for lo, b in zip(low, before)))  # type: ignore[misc]
+    return SlidingWindowResult(scores=blended, attention=maps, attention_start=map_starts)
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> ``torch.device``.
+
+    Raises:
+        AttentionUNetError: CUDA was asked for but is not available, or the name is unknown.
+    """
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise AttentionUNetError(
+                f"device {device!r} was asked for but PyTorch {torch.__version__} sees no CUDA GPU; use "
+                "--device cpu (or auto), or install a CUDA build of PyTorch with a working NVIDIA driver"
+            )
+        selected = torch.device(name)
+        index = torch.cuda.current_device() if selected.index is None else selected.index
+        if index >= torch.cuda.device_count():
+            raise AttentionUNetError(
+                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+        return torch.device("cuda", index)
+    raise AttentionUNetError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+
+
+def _label_dtype(values: Sequence[int]) -> np.dtype:
+    return np.dtype(np.uint8) if max(values) <= 255 else np.dtype(np.int16)
+
+
+def _gate_image(array: np.ndarray, start_zyx: Sequence[int], level: int, grid: sitk.Image) -> sitk.Image:
+    """Wrap gate ``level``'s coarse ``(z, y, x)`` map with geometry that overlays ``grid`` (see module docstring)."""
+    factor = 2**level
+    spacing = np.array(grid.GetSpacing())
+    direction = np.array(grid.GetDirection()).reshape(3, 3)
+    offset = np.array(start_zyx[::-1], dtype=float) + (factor - 1) / 2
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing * factor])
+    image.SetOrigin([float(o) for o in np.array(grid.GetOrigin()) + direction @ (spacing * offset)])
+    image.SetDirection(grid.GetDirection())
+    return image
+
+
+class Predictor:
+    """Segments images with one model bundle; the model is built once and reused for every image.
+
+    Args:
+        bundle: a ``bundle.ModelBundle`` (``build_model``, ``preprocessing``, ``patch_size`` (x, y, z), ``labels``,
+            ``overlap``).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        overlap: sliding-window overlap in [0, 1) (default: the bundle's).
+        tta: mirror test-time augmentation (8 flipped copies per window: ~8x slower).
+        batch_size: windows per forward pass (default 4 on CUDA, 1 on the CPU). On CUDA out-of-memory the batch is
+            halved and retried, then the run falls back to the CPU (both logged).
+    """
+
+    def __init__(
+        self,
+        bundle,
+        device: Union[str, torch.device] = "auto",
+        overlap: Optional[float] = None,
+        tta: bool = False,
+        batch_size: Optional[int] = None,
+    ) -> None:
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        self.overlap = float(bundle.overlap if overlap is None else overlap)
+        if not 0.0 <= self.overlap < 1.0:
+            raise AttentionUNetError(f"overlap {self.overlap} must be at least 0 and below 1 (e.g. 0.5)")
+        if batch_size is not None and int(batch_size) < 1:
+            raise AttentionUNetError(f"batch size {batch_size} must be a positive number of windows")
+        self.tta = bool(tta)
+        self.batch_size = int(batch_size) if batch_size else DEFAULT_BATCH_SIZE[self.device.type]
+        self.spec = bundle.preprocessing
+        self.patch_size_zyx = tuple(int(p) for p in bundle.patch_size[::-1])
+        self.label_values = [0] + [int(label.value) for label in bundle.labels]
+        self.model = bundle.build_model(self.device).eval()
+
+    def predict(
+        self,
+        image: sitk.Image,
+        roi: Optional[Sequence[float]] = None,
+        attention: bool = True,
+        probabilities: bool = False,
+        largest_component: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelCallback] = None,
+    ) -> Prediction:
+        """Segment ``image`` (any 3D scalar ``sitk.Image``).
+
+        Args:
+            roi: optional box ``(r_min, r_max, a_min, a_max, s_min, s_max)`` in RAS millimetres: only that region
+                (plus ``ROI_MARGIN_VOXELS`` of context) is processed; labels outside it are 0 and attention maps
+                cover the processed region only.
+            attention: return every gate's attention map.
+            probabilities: return per-class probability images on the input grid.
+            largest_component: keep only the largest connected component of every label.
+            progress: ``progress(stage, fraction, message)`` with ``fraction`` the share of this prediction done
+                (0..1); stages are ``preprocess``, ``inference`` (after every window batch), ``resample`` and
+                ``postprocess``.
+            cancel: polled between stages and window batches; returning True raises ``CancelledError``.
+        """
+        report = progress or (lambda stage, fraction, message: None)
+        timings: Dict[str, float] = {}
+        started = clock = time.perf_counter()
+
+        def stage(name: str, message: str) -> None:
+            nonlocal clock
+            if cancel is not None and cancel():
+                raise CancelledError("segmentation cancelled; nothing was written")
+            report(name, _STAGE_START[name], message)
+            clock = time.perf_counter()
+
+        def done(name: str) -> None:
+            timings[name] = time.perf_counter() - clock
+
+        stage("preprocess", "Preprocessing the image")
+        image = validate_image(image)
+        region, roi_start, roi_stop = (image, None, None) if roi is None else crop_to_roi(image, roi, ROI_MARGIN_VOXELS)
+        prepared = preprocess(region, self.spec)
+        done("preprocess")
+
+        stage("inference", f"Sliding-window inference on {self.device}")
+        result = self._run_windows(prepared, attention, report, cancel)
+        done("inference")
+
+        stage("resample", "Mapping results back to the input grid")
+        labels, probability_images = self._to_grid(result.scores, prepared, region, probabilities)
+        gate_images = [
+            sitk.DICOMOrient(_gate_image(m.numpy(), start, k, prepared.grid), orientation_of(region))
+            for k, (m, start) in enumerate(zip(result.attention, result.attention_start))
+        ]
+        done("resample")
+
+        stage("postprocess", "Post-processing")
+        if roi is not None:
+            labels = _paste(labels, image, region, roi_start, roi_stop, 0)
+            probability_images = {
+                value: _paste(p, image, region, roi_start, roi_stop, 1.0 if value == 0 else 0.0)
+                for value, p in probability_images.items()
+            }
+        if largest_component:
+            labels = keep_largest_component(labels, self.label_values[1:])
+        done("postprocess")
+        timings["total"] = time.perf_counter() - started
+        report("postprocess", 1.0, "Segmentation finished")
+        return Prediction(
+            labels=labels,
+            attention=gate_images,
+            probabilities=probability_images,
+            timings=timings,
+            device=str(self.device),
+        )
+
+    def _run_windows(
+        self, prepared: PreparedImage, attention: bool, report: ProgressCallback, cancel: Optional[CancelCallback]
+    ) -> SlidingWindowResult:
+        """Sliding-window inference with the CUDA out-of-memory fallback: halve the batch, then use the CPU."""
+        volume = torch.from_numpy(prepared.array)[None]
+        start, span = _STAGE_START["inference"], _STAGE_START["resample"] - _STAGE_START["inference"]
+
+        def windows_done(done: int, total: int) -> None:
+            report("inference", start + span * done / total, f"Window {done}/{total} on {self.device}")
+
+        while True:
+            try:
+                return sliding_window_inference(
+                    volume, self.model, self.patch_size_zyx, self.overlap, self.batch_size, mirror=self.tta,
+                    attention=attention, device=self.device, progress=windows_done, cancel=cancel,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if self.device.type != "cuda":
+                    raise
+            # Outside the except block, so the failed attempt's tensors are released before retrying.
+            torch.cuda.empty_cache()
+            if self.batch_size > 1:
+                self.batch_size //= 2
+                message = f"CUDA out of memory; retrying with {self.batch_size} window(s) per batch"
+            else:
+                self.device = torch.device("cpu")
+                self.model.to(self.device)
+                message = "CUDA out of memory even with one window per batch; falling back to the CPU (slower)"
+            LOGGER.warning(message)
+            report("inference", start, message)
+
+    def _to_grid(
+        self, scores: torch.Tensor, prepared: PreparedImage, reference: sitk.Image, probabilities: bool
+    ) -> Tuple[sitk.Image, Dict[int, sitk.Image]]:
+        """Resample every class probability linearly onto ``reference``, take the argmax (running, one class at a
+        time) and map channels to label values."""
+        best: Optional[np.ndarray] = None
+        winner = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint16)
+        kept: Dict[int, sitk.Image] = {}
+        for channel, value in enumerate(self.label_values):
+            outside = 1.0 if channel == 0 else 0.0
+            resampled = resample_to_reference(
+                prepared.image_from_array(scores[channel].numpy()), reference, is_label=False, default=outside
+            )
+            array = sitk.GetArrayViewFromImage(resampled)
+            if best is None:
+                best = array.copy()
+            else:
+                better = array > best
+                best[better] = array[better]
+                winner[better] = channel
+            if probabilities:
+                kept[value] = resampled
+        lookup = np.array(self.label_values, dtype=_label_dtype(self.label_values))
+        labels = sitk.GetImageFromArray(lookup[winner])
+        labels.CopyInformation(reference)
+        return labels, kept
+
+
+def _paste(
+    region_image: sitk.Image,
+    full: sitk.Image,
+    region: sitk.Image,
+    roi_start: Sequence[int],
+    roi_stop: Sequence[int],
+    fill: float,
+) -> sitk.Image:
+    """Put the ROI part (``roi_start``..``roi_stop``, x-y-z index in ``region``) of ``region_image`` into an image
+    on ``full``'s grid filled with ``fill`` elsewhere. ``region`` is a crop of ``full`` (same voxel grid)."""
+    offset = np.array(full.TransformPhysicalPointToIndex(region.GetOrigin()))
+    source = sitk.GetArrayViewFromImage(region_image)
+    canvas = np.full(full.GetSize()[::-1], fill, dtype=source.dtype)
+    inner = tuple(slice(a, b) for a, b in zip(roi_start[::-1], roi_stop[::-1]))
+    target = tuple(slice(a + o, b + o) for a, b, o in zip(roi_start[::-1], roi_stop[::-1], offset[::-1]))
+    canvas[target] = source[inner]
+    pasted = sitk.GetImageFromArray(canvas)
+    pasted.CopyInformation(full)
+    return pasted
