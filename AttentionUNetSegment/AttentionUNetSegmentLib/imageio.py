@@ -58,6 +58,8 @@ def read_image(path: PathLike) -> sitk.Image:
         raise InputImageError(f"input image {path} does not exist; check the path")
     if not path.is_file():
         raise InputImageError(f"input image {path} is not a file; give a volume file (.nii.gz, .nrrd, .mha, ...)")
+    if path.stat().st_size == 0:
+        raise InputImageError(f"input image {path} is an empty file (0 bytes); export the volume again")
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as sitk_error:
@@ -79,6 +81,8 @@ def _read_with_nibabel(path: Path, sitk_error: Exception) -> sitk.Image:
             f"cannot read {path}: neither SimpleITK ({reason}) nor nibabel ({nib_error}) understands it; "
             f"give an uncorrupted 3D volume in one of {', '.join(READ_EXTENSIONS)}"
         ) from None
+    if data.size == 0:
+        raise InputImageError(f"{path} is empty (shape {data.shape}, no voxels); give a volume that holds image data")
     if data.dtype.names is not None:
         raise InputImageError(f"{path} holds RGB/vector voxels; convert it to a single-channel (grey) volume")
     if data.ndim == 4 and data.shape[3] == 1:
