@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry
@@ -148,29 +148,34 @@ def _input_stems(inputs: Sequence[str]) -> List[str]:
     return stems
 
 
-def segment_files(inputs: Sequence[str], output_dir: Path, bundle: ModelBundle, *, device: str = "auto",
+def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Path, ModelBundle, None] = None, *,
+                  device: str = "auto",
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
                   roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
                   progress=None) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
-    Every input is validated and every output name checked before the first inference, so a bad input or an
-    existing output fails fast with nothing written.
+    ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
+    Every input is validated (before the model is even loaded) and every output name checked before the first
+    inference, so a bad input or an existing output fails fast with nothing written.
     """
     from .imageio import read_image
-    from .inference import Predictor
 
     progress = progress or (lambda *_: None)
     stems = _input_stems(inputs)
+    for index, path in enumerate(inputs):
+        progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
+        read_image(path)
+    progress("load", 0.0, "Loading the model")
+    bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
     num_gates = len(bundle.architecture["channels"]) - 1
     plans = [plan_outputs(output_dir, stem, bundle.labels, fmt, num_gates if attention else 0, probabilities)
              for stem in stems]
     for plan in plans:
         plan.check_writable(force)
-    for index, path in enumerate(inputs):
-        progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
-        read_image(path)
+
+    from .inference import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
@@ -206,10 +211,8 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
     kind = args.progress or default_progress_kind()
     reporter = make_progress(kind)
     try:
-        reporter("load", 0.0, "Loading the model")
-        bundle = ModelRegistry().resolve(args.model)
         written = segment_files(
-            inputs, output_dir, bundle, device=args.device, overlap=getattr(args, "overlap", None),
+            inputs, output_dir, args.model, device=args.device, overlap=getattr(args, "overlap", None),
             tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", None),
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),

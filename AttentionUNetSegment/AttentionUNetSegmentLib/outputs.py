@@ -185,7 +185,8 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
 
     Args:
         prediction: ``labels`` (uint8 on the input grid), ``attention`` (finest first, may be empty),
-            ``probabilities`` (label value -> float32 image, may be empty), ``timings``, ``device``.
+            ``probabilities`` (label value -> float32 image, may be empty; background (0) is not written),
+            ``timings``, ``device``.
         bundle: the model that made it (labels, names, colours, identity for the report).
         parameters: the run's settings, recorded verbatim in the report.
 
@@ -200,7 +201,8 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
               (paths.slicer_segmentation,
                slicer_segmentation(prediction.labels, bundle.labels, f"AttentionUNet {bundle.name} {bundle.version}")),
               *zip(paths.attention, prediction.attention),
-              *((paths.probabilities[by_value[value]], image) for value, image in prediction.probabilities.items())]
+              *((paths.probabilities[name], prediction.probabilities[value]) for value, name in by_value.items()
+                if prediction.probabilities)]
     report = build_report(prediction, bundle, paths, input_path, parameters)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # Every atomic_output renames its partial file only when the whole stack exits cleanly; an exception anywhere
