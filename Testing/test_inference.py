@@ -1,0 +1,303 @@
+"""Sliding-window inference and the Predictor: blending, geometry of labels and attention maps, ROI, TTA, cancel."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AttentionUNetSegmentLib.errors import AttentionUNetError, CancelledError, InputImageError
+from AttentionUNetSegmentLib.imageio import read_image
+from AttentionUNetSegmentLib.inference import (
+    IMPORTANCE_FLOOR,
+    ROI_MARGIN_VOXELS,
+    Predictor,
+    gaussian_importance_map,
+    resolve_device,
+    sliding_window_inference,
+    window_starts,
+)
+from AttentionUNetSegmentLib.network import AttentionUNet
+from AttentionUNetSegmentLib.postprocessing import keep_largest_component
+from AttentionUNetSegmentLib.preprocessing import crop_to_roi, preprocess
+from test_imageio import oblique_image
+
+
+@pytest.fixture(scope="module")
+def model() -> AttentionUNet:
+    torch.manual_seed(3)
+    return AttentionUNet(in_channels=1, out_channels=3, channels=(4, 8, 16)).eval()
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_bundle) -> Predictor:
+    return Predictor(tiny_bundle, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hippocampus_image(hippocampus_dir) -> sitk.Image:
+    return read_image(sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[0])
+
+
+def continuous_index(image: sitk.Image, point) -> np.ndarray:
+    return np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(p) for p in point)))
+
+
+def corner_indices(size):
+    return list(itertools.product(*[(0, s - 1) for s in size]))
+
+
+# --- building blocks -------------------------------------------------------------------------------------------
+
+
+def test_gaussian_importance_map_shape_peak_sigma_floor_and_cache():
+    patch = (33, 17, 9)
+    weights = gaussian_importance_map(patch, torch.device("cpu"))
+    assert weights.shape == patch and weights.dtype == torch.float32
+    assert float(weights[16, 8, 4]) == pytest.approx(1.0)
+    # sigma = patch / 8 along each axis
+    assert float(weights[16 + 4, 8, 4]) == pytest.approx(np.exp(-0.5 * (4 / (33 / 8)) ** 2), rel=1e-5)
+    assert float(weights.min()) == pytest.approx(IMPORTANCE_FLOOR)
+    assert torch.equal(weights, weights.flip(0, 1, 2))
+    assert gaussian_importance_map(patch, torch.device("cpu")) is weights
+
+
+@pytest.mark.parametrize("size, patch, overlap, align", [(96, 32, 0.5, 8), (40, 32, 0.5, 4), (32, 32, 0.5, 8),
+                                                         (208, 48, 0.25, 16), (64, 16, 0.9, 8)])
+def test_window_starts_are_aligned_even_and_cover_the_volume(size, patch, overlap, align):
+    starts = window_starts(size, patch, overlap, align)
+    assert starts[0] == 0 and starts[-1] == size - patch
+    assert all(s % align == 0 for s in starts)
+    assert all(b > a for a, b in zip(starts, starts[1:]))
+    assert all(b - a <= max(align, patch * (1 - overlap)) + align for a, b in zip(starts, starts[1:]))
+
+
+def test_one_window_equals_a_single_forward_pass(model):
+    x = torch.randn(1, 1, 32, 24, 16)
+    result = sliding_window_inference(x, model, (32, 24, 16), overlap=0.5)
+    with torch.no_grad():
+        direct = model.forward_with_aux(x)
+    torch.testing.assert_close(result.scores, torch.softmax(direct.logits, 1)[0], atol=1e-5, rtol=1e-5)
+    assert len(result.attention) == model.num_gates
+    for k, (blended, alpha) in enumerate(zip(result.attention, direct.attention)):
+        torch.testing.assert_close(blended, alpha[0, 0], atol=1e-5, rtol=1e-5)
+        assert result.attention_start[k] == (0, 0, 0)
+    logits = sliding_window_inference(x[0], model, (32, 24, 16), softmax=False, attention=False)
+    torch.testing.assert_close(logits.scores, direct.logits[0], atol=1e-4, rtol=1e-4)
+    assert logits.attention == []
+
+
+def test_mirror_tta_averages_the_eight_flipped_predictions(model):
+    x = torch.randn(1, 1, 16, 16, 16)
+    result = sliding_window_inference(x, model, (16, 16, 16), mirror=True)
+    flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
+    with torch.no_grad():
+        outputs = [model.forward_with_aux(x.flip(dims)) for dims in flips]
+    expected = torch.stack([torch.softmax(o.logits, 1).flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
+    torch.testing.assert_close(result.scores, expected[0], atol=1e-5, rtol=1e-5)
+    expected_alpha = torch.stack([o.attention[1].flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
+    torch.testing.assert_close(result.attention[1], expected_alpha[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_many_windows_blend_into_probabilities_and_batching_does_not_change_them(model):
+    x = torch.randn(1, 45, 38, 29)
+    single = sliding_window_inference(x, model, (16, 16, 16), overlap=0.5, batch_size=1)
+    batched = sliding_window_inference(x, model, (16, 16, 16), overlap=0.5, batch_size=5)
+    assert single.scores.shape == (3, 45, 38, 29)
+    torch.testing.assert_close(single.scores.sum(0), torch.ones(45, 38, 29), atol=1e-5, rtol=0)
+    torch.testing.assert_close(single.scores, batched.scores, atol=1e-5, rtol=1e-5)
+    # Padded to 48 x 40 x 32 (multiple of 4), centred: 1, 1 and 1 voxels before the data.
+    for k, (alpha, start) in enumerate(zip(single.attention, single.attention_start)):
+        f = 2**k
+        assert float(alpha.min()) >= 0 and float(alpha.max()) <= 1
+        assert all(-f < s <= 0 for s in start)
+        assert all(s + n * f >= size for s, n, size in zip(start, alpha.shape, (45, 38, 29)))
+        assert all(s + (n - 1) * f < size for s, n, size in zip(start, alpha.shape, (45, 38, 29)))
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(AttentionUNetError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(AttentionUNetError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_bad_predictor_settings_are_refused(tiny_bundle):
+    with pytest.raises(AttentionUNetError, match="overlap"):
+        Predictor(tiny_bundle, device="cpu", overlap=1.0)
+    with pytest.raises(AttentionUNetError, match="batch size"):
+        Predictor(tiny_bundle, device="cpu", batch_size=-1)
+
+
+def test_keep_largest_component_per_label():
+    array = np.zeros((10, 10, 10), dtype=np.uint8)
+    array[1:4, 1:4, 1:4] = 1  # 27 voxels
+    array[6:8, 6:8, 6:8] = 1  # 8 voxels, removed
+    array[5, 5, 5] = 1  # 26-connected to the small block only -> removed with it
+    array[0:2, 7:9, 0:2] = 2
+    array[9, 0, 9] = 2  # removed
+    labels = sitk.GetImageFromArray(array)
+    labels.SetSpacing((0.5, 1, 2))
+    cleaned = keep_largest_component(labels)
+    out = sitk.GetArrayFromImage(cleaned)
+    assert cleaned.GetSpacing() == labels.GetSpacing() and out.dtype == np.uint8
+    assert (out == 1).sum() == 27 and (out == 2).sum() == 8
+    array[4, 4, 4] = 1  # corner-to-corner bridge: everything is one 26-connected component and stays
+    assert (sitk.GetArrayFromImage(keep_largest_component(sitk.GetImageFromArray(array), [1])) == 1).sum() == 37
+
+
+# --- Predictor on real and synthetic images -----------------------------------------------------------------------
+
+
+@pytest.mark.shared_data
+def test_prediction_lives_on_the_input_grid_with_probabilities(predictor, hippocampus_image):
+    prediction = predictor.predict(hippocampus_image, probabilities=True)
+    labels = prediction.labels
+    assert labels.GetPixelID() == sitk.sitkUInt8
+    assert labels.GetSize() == hippocampus_image.GetSize()
+    assert labels.GetOrigin() == hippocampus_image.GetOrigin()
+    assert labels.GetSpacing() == hippocampus_image.GetSpacing()
+    assert labels.GetDirection() == hippocampus_image.GetDirection()
+    assert sorted(prediction.probabilities) == [0, 1, 2]
+    probs = np.stack([sitk.GetArrayFromImage(prediction.probabilities[v]) for v in (0, 1, 2)])
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(probs.argmax(0), sitk.GetArrayFromImage(labels))
+    assert prediction.device == "cpu"
+    assert {"preprocess", "inference", "resample", "postprocess", "total"} <= set(prediction.timings)
+
+
+@pytest.mark.shared_data
+def test_attention_maps_sit_on_each_gates_own_grid(predictor, hippocampus_image):
+    """Real MSD case (RAS, 1 mm): gate k's voxel j is the mean of a 2**k block of input voxels, and the coarse grid
+    covers the whole input."""
+    prediction = predictor.predict(hippocampus_image)
+    assert len(prediction.attention) == 2
+    size = np.array(hippocampus_image.GetSize())
+    for k, gate in enumerate(prediction.attention):
+        f = 2**k
+        assert gate.GetPixelID() == sitk.sitkFloat32
+        values = sitk.GetArrayViewFromImage(gate)
+        assert values.min() >= 0 and values.max() <= 1
+        assert gate.GetDirection() == hippocampus_image.GetDirection()
+        np.testing.assert_allclose(gate.GetSpacing(), np.array(hippocampus_image.GetSpacing()) * f)
+        # Centre of coarse voxel 0 in the input's continuous index: start + (f - 1) / 2 with an integer start in
+        # (-f, 0] (the block may straddle the padding); every coarse step is exactly f input voxels.
+        first = continuous_index(hippocampus_image, gate.TransformIndexToPhysicalPoint((0, 0, 0)))
+        start = first - (f - 1) / 2
+        np.testing.assert_allclose(start, np.round(start), atol=1e-6)
+        assert np.all(start > -f) and np.all(start <= 0)
+        n = np.array(gate.GetSize())
+        last = continuous_index(hippocampus_image, gate.TransformIndexToPhysicalPoint(tuple(int(v) for v in n - 1)))
+        np.testing.assert_allclose(last - first, (n - 1) * f, atol=1e-6)
+        assert np.all(start + n * f >= size) and np.all(start + (n - 1) * f < size)
+
+
+@pytest.mark.shared_data
+def test_attention_maps_equal_the_network_maps_when_one_window_fits(predictor, tiny_bundle, hippocampus_image):
+    region = sitk.RegionOfInterest(hippocampus_image, (32, 32, 32), (1, 5, 2))
+    prediction = predictor.predict(region)
+    x = torch.from_numpy(preprocess(region, tiny_bundle.preprocessing).array)[None, None]
+    with torch.no_grad():
+        maps = predictor.model.forward_with_aux(x).attention
+    for k, (gate, alpha) in enumerate(zip(prediction.attention, maps)):
+        f = 2**k
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(gate), alpha[0, 0].numpy(), atol=1e-5)
+        for j in corner_indices(gate.GetSize()):
+            block = [region.TransformContinuousIndexToPhysicalPoint([i * f + (f - 1) / 2 for i in j])]
+            np.testing.assert_allclose(gate.TransformIndexToPhysicalPoint(j), block[0], atol=1e-6)
+
+
+def test_oblique_anisotropic_input_gets_labels_on_its_exact_grid(predictor):
+    image = oblique_image(size=(30, 26, 11))
+    prediction = predictor.predict(image)
+    labels = prediction.labels
+    assert labels.GetSize() == image.GetSize()
+    assert labels.GetOrigin() == image.GetOrigin()
+    assert labels.GetSpacing() == image.GetSpacing()
+    assert labels.GetDirection() == image.GetDirection()
+    for k, gate in enumerate(prediction.attention):
+        # Gate grids are at the bundle's 1 mm spacing times 2**k, axes parallel to the input's.
+        np.testing.assert_allclose(gate.GetDirection(), image.GetDirection(), atol=1e-6)
+        np.testing.assert_allclose(gate.GetSpacing(), [2.0**k] * 3)
+        for corner in corner_indices(image.GetSize()):
+            inside = continuous_index(gate, image.TransformIndexToPhysicalPoint(corner))
+            assert np.all(inside >= -0.5) and np.all(inside <= np.array(gate.GetSize()) - 0.5)
+
+
+def test_image_smaller_than_one_patch_is_padded_and_segmented(predictor):
+    small = oblique_image(size=(10, 12, 9))
+    prediction = predictor.predict(small)
+    assert prediction.labels.GetSize() == (10, 12, 9)
+    assert len(prediction.attention) == 2
+    assert set(np.unique(sitk.GetArrayViewFromImage(prediction.labels))) <= {0, 1, 2}
+
+
+@pytest.mark.shared_data
+def test_roi_processes_only_the_box_and_pastes_it_back(predictor, hippocampus_image):
+    image = hippocampus_image
+    a = image.TransformIndexToPhysicalPoint((8, 10, 6))
+    b = image.TransformIndexToPhysicalPoint((20, 30, 18))
+    # RAS = (-x, -y, z) of the LPS points
+    roi = (min(-a[0], -b[0]), max(-a[0], -b[0]), min(-a[1], -b[1]), max(-a[1], -b[1]), a[2], b[2])
+    prediction = predictor.predict(image, roi=roi, probabilities=True)
+    labels = sitk.GetArrayFromImage(prediction.labels)
+    assert prediction.labels.GetSize() == image.GetSize()
+    assert prediction.labels.GetOrigin() == image.GetOrigin()
+    inside = np.zeros(labels.shape, dtype=bool)
+    inside[6:19, 10:31, 8:21] = True
+    assert not labels[~inside].any()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(prediction.probabilities[0])[~inside], 1.0)
+
+    # Inside the box, it is exactly the prediction of the cropped region (ROI plus its context margin).
+    region, start, stop = crop_to_roi(image, roi, ROI_MARGIN_VOXELS)
+    direct = sitk.GetArrayFromImage(predictor.predict(region).labels)
+    box = tuple(slice(lo, hi) for lo, hi in zip(start[::-1], stop[::-1]))
+    np.testing.assert_array_equal(labels[inside].reshape(13, 21, 13), direct[box])
+
+    # Attention maps cover the processed region only, with correct geometry.
+    fine = prediction.attention[0]
+    assert fine.GetSize() == region.GetSize()
+    np.testing.assert_allclose(fine.GetOrigin(), region.GetOrigin(), atol=1e-6)
+
+    with pytest.raises(InputImageError, match="does not overlap"):
+        predictor.predict(image, roi=(500, 510, 500, 510, 500, 510))
+
+
+def test_tta_prediction_runs_and_stays_on_the_grid(tiny_bundle):
+    image = oblique_image(size=(14, 12, 10))
+    prediction = Predictor(tiny_bundle, device="cpu", tta=True).predict(image, probabilities=True)
+    assert prediction.labels.GetSize() == image.GetSize()
+    total = sum(sitk.GetArrayFromImage(p) for p in prediction.probabilities.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-4)
+
+
+def test_progress_is_monotonic_and_cancel_stops_promptly(tiny_bundle):
+    predictor = Predictor(tiny_bundle, device="cpu", overlap=0.5)
+    image = oblique_image(size=(60, 50, 16))
+    events = []
+    predictor.predict(image, progress=lambda stage, fraction, message: events.append((stage, fraction, message)))
+    fractions = [fraction for _, fraction, _ in events]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] == 0.0
+    assert [s for s, _, _ in events if s != "inference"] == ["preprocess", "resample", "postprocess", "postprocess"]
+    windows = [m for s, _, m in events if s == "inference" and m.startswith("Window")]
+    assert len(windows) > 3
+
+    polls = []
+
+    def cancel_after_two_batches() -> bool:
+        polls.append(len(events))
+        # Polled at the preprocess and inference stage starts, then before every window batch: stop before batch 3.
+        return len(polls) > 4
+
+    events.clear()
+    with pytest.raises(CancelledError):
+        predictor.predict(image, progress=lambda *e: events.append(e), cancel=cancel_after_two_batches)
+    assert sum(1 for e in events if e[2].startswith("Window")) == 2
+    assert predictor.predict(image[:20, :20, :8]).labels.GetSize() == (20, 20, 8)  # still usable
