@@ -1,0 +1,355 @@
+"""Training datasets: discovery (MSD layout or a list of pairs), validation, and the preprocessed-case cache.
+
+Two layouts are accepted:
+
+- a Medical Segmentation Decathlon / nnU-Net folder: ``imagesTr/``, ``labelsTr/`` and ``dataset.json`` whose
+  ``labels`` map values to names and whose ``training`` list names image/label pairs (paths relative to the folder);
+- a pairs file: ``.json`` with the same ``labels``/``training`` keys (paths relative to the file), or ``.csv`` with
+  an ``image,label`` header (label names then come from the caller).
+
+``inspect_dataset`` reads every case once and refuses, before any training time is spent, unreadable files,
+image/label geometry mismatches, label values that ``labels`` does not list and labels without foreground, each
+with a ``DatasetError`` naming the case. ``CaseCache`` stores each case preprocessed (reoriented, resampled,
+normalised) as ``<name>.npz`` + ``<name>.json`` under a folder keyed by the preprocessing spec, so epochs never
+re-read or re-resample the originals.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import DatasetError, InputImageError
+from .imageio import image_stem, read_image
+from .planning import CaseFingerprint, DatasetFingerprint
+from .preprocessing import PreprocessingSpec, preprocess, reorient, resample_to_reference
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: Geometry tolerance between an image and its label (mm for origin, relative for spacing, absolute for cosines).
+GEOMETRY_TOLERANCE = 1e-3
+#: Foreground voxels kept per label per case for foreground-oversampled patch centres.
+MAX_FOREGROUND_SAMPLES = 10000
+_FINGERPRINT_INTENSITIES = 200
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One training case: a name (the image's file stem) and its image and label paths."""
+
+    name: str
+    image: Path
+    label: Path
+
+
+@dataclass
+class Dataset:
+    """Cases plus the foreground label names (``{value: name}``, background excluded) and the modality."""
+
+    cases: List[CaseRecord]
+    labels: Dict[int, str]
+    modality: str = "MRI"
+    source: str = ""
+
+    @property
+    def label_values(self) -> List[int]:
+        return sorted(self.labels)
+
+
+@dataclass
+class PreprocessedCase:
+    """A case on the network's grid, held in memory for patch sampling.
+
+    ``image``: float32 ``(z, y, x)``, normalised. ``label``: uint8/int16 ``(z, y, x)``.
+    ``foreground``: per label value, up to ``MAX_FOREGROUND_SAMPLES`` voxel indices ``(N, 3)`` (z, y, x) where
+    the label is that value (centres for foreground-oversampled patches).
+    """
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    foreground: Dict[int, np.ndarray]
+
+
+def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
+    if not isinstance(raw, Mapping) or not raw:
+        raise DatasetError(f"{source}: 'labels' must map label values to names, e.g. "
+                           '{"0": "background", "1": "Anterior"}')
+    labels: Dict[int, str] = {}
+    for key, name in raw.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{source}: label key {key!r} is not an integer value; write labels as "
+                               '{"1": "name", ...}') from None
+        if value < 0 or value > 65535:
+            raise DatasetError(f"{source}: label value {value} is outside 0..65535")
+        if value != 0:
+            labels[value] = str(name)
+    if not labels:
+        raise DatasetError(f"{source}: 'labels' lists no foreground label (only background)")
+    return labels
+
+
+def _resolve(base: Path, path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else (base / candidate).resolve()
+
+
+def _records(pairs: Iterable[Tuple[Path, Path]], source: str) -> List[CaseRecord]:
+    records: List[CaseRecord] = []
+    names = set()
+    for image, label in pairs:
+        name = image_stem(image)
+        if name in names:
+            raise DatasetError(f"{source}: two cases share the name {name!r}; give every image a unique file name")
+        names.add(name)
+        records.append(CaseRecord(name=name, image=image, label=label))
+    if not records:
+        raise DatasetError(f"{source}: no training cases listed")
+    return records
+
+
+def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None) -> Dataset:
+    """Discover a dataset: an MSD folder (with ``dataset.json``), a ``.json`` pairs file or a ``.csv`` pairs file.
+
+    ``label_names`` (``{value: name}``) overrides or supplies the label names (required for ``.csv`` files).
+    Raises ``DatasetError`` if the layout is not recognised or the listing is malformed.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        listing = path / "dataset.json"
+        if not listing.is_file():
+            raise DatasetError(f"{path} has no dataset.json; use the Medical Segmentation Decathlon layout "
+                               "(imagesTr/, labelsTr/, dataset.json) or pass a .json/.csv file of image/label pairs")
+        path = listing
+    if not path.is_file():
+        raise DatasetError(f"dataset {path} does not exist; pass an MSD folder or a .json/.csv file of pairs")
+    base = path.parent
+    source = str(path)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+        if not rows or not {"image", "label"} <= set(rows[0]):
+            raise DatasetError(f"{source}: a pairs CSV needs an 'image,label' header and one row per case")
+        pairs = [(_resolve(base, row["image"]), _resolve(base, row["label"])) for row in rows]
+        if not label_names:
+            raise DatasetError(f"{source}: a CSV has no label names; pass them (e.g. --label-names 1=Liver 2=Tumour)")
+        return Dataset(_records(pairs, source), dict(label_names), "MRI", source)
+    try:
+        listing = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"{source} is not readable JSON ({error})") from None
+    if not isinstance(listing, Mapping) or not isinstance(listing.get("training"), list):
+        raise DatasetError(f"{source}: expected an object with a 'training' list of {{'image', 'label'}} pairs")
+    pairs = []
+    for index, entry in enumerate(listing["training"]):
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("image"), str) \
+                or not isinstance(entry.get("label"), str):
+            raise DatasetError(f"{source}: training[{index}] must be {{'image': path, 'label': path}}")
+        pairs.append((_resolve(base, entry["image"]), _resolve(base, entry["label"])))
+    labels = dict(label_names) if label_names else _parse_labels(listing.get("labels"), source)
+    modality = listing.get("modality", {})
+    modality = str(modality.get("0", "MRI")) if isinstance(modality, Mapping) else str(modality or "MRI")
+    return Dataset(_records(pairs, source), labels, modality, source)
+
+
+def _read_case(case: CaseRecord) -> Tuple[sitk.Image, sitk.Image]:
+    try:
+        image = read_image(case.image)
+    except InputImageError as error:
+        raise DatasetError(f"case {case.name}: image {case.image} is unusable: {error}") from None
+    if not case.label.is_file():
+        raise DatasetError(f"case {case.name}: label file {case.label} does not exist; check the listing")
+    try:
+        label = sitk.ReadImage(str(case.label))
+    except RuntimeError as error:
+        raise DatasetError(f"case {case.name}: label file {case.label} is unreadable "
+                           f"({str(error).strip().splitlines()[-1]}); re-export it as NIfTI or NRRD") from None
+    return image, label
+
+
+def check_case_geometry(case: CaseRecord, image: sitk.Image, label: sitk.Image) -> None:
+    """Refuse a label whose grid (size, spacing, origin, direction) differs from its image's."""
+    problems = []
+    if image.GetSize() != label.GetSize():
+        problems.append(f"size {label.GetSize()} vs image {image.GetSize()}")
+    if not np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=GEOMETRY_TOLERANCE, atol=0):
+        problems.append(f"spacing {label.GetSpacing()} vs image {image.GetSpacing()}")
+    tolerance = GEOMETRY_TOLERANCE * max(1.0, max(image.GetSpacing()))
+    if not np.allclose(image.GetOrigin(), label.GetOrigin(), atol=tolerance, rtol=0):
+        problems.append(f"origin {label.GetOrigin()} vs image {image.GetOrigin()}")
+    if not np.allclose(image.GetDirection(), label.GetDirection(), atol=GEOMETRY_TOLERANCE, rtol=0):
+        problems.append("direction cosines differ")
+    if problems:
+        raise DatasetError(f"case {case.name}: label {case.label.name} does not lie on its image's grid ("
+                           + "; ".join(problems) + "); resample the label onto the image (nearest neighbour) or "
+                           "fix the pairing")
+
+
+def _label_array(case: CaseRecord, label: sitk.Image, allowed: Sequence[int]) -> np.ndarray:
+    if label.GetNumberOfComponentsPerPixel() != 1 or label.GetDimension() != 3:
+        raise DatasetError(f"case {case.name}: label {case.label.name} must be a 3D scalar label map")
+    array = sitk.GetArrayFromImage(label)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+            raise DatasetError(f"case {case.name}: label {case.label.name} holds non-integer values; "
+                               "save label maps as integers")
+    values = np.unique(array).astype(np.int64)
+    unknown = sorted(set(values.tolist()) - set(allowed) - {0})
+    if unknown:
+        raise DatasetError(f"case {case.name}: label {case.label.name} contains values {unknown} that the "
+                           f"dataset's labels do not list (known: {sorted(allowed)}); add them to dataset.json "
+                           "'labels' or fix the label map")
+    if values.max() == 0:
+        raise DatasetError(f"case {case.name}: label {case.label.name} is empty (no foreground voxel); remove the "
+                           "case or provide its segmentation")
+    return array
+
+
+def inspect_case(case: CaseRecord, label_values: Sequence[int], orientation: str = "RAS",
+                 seed: int = 0) -> CaseFingerprint:
+    """Read and validate one case; returns its fingerprint (spacing/size in ``orientation``). Raises
+    ``DatasetError`` naming the case."""
+    image, label = _read_case(case)
+    check_case_geometry(case, image, label)
+    array = _label_array(case, label, label_values)
+    counts = {int(v): int(c) for v, c in zip(*np.unique(array, return_counts=True)) if v != 0}
+    image = reorient(image, orientation)
+    inside = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(reorient(label, orientation)) > 0]
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(inside, size=min(_FINGERPRINT_INTENSITIES, inside.size), replace=False)
+    return CaseFingerprint(name=case.name, spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore
+                           size=tuple(int(s) for s in image.GetSize()), label_voxels=counts,  # type: ignore
+                           foreground_intensities=[float(v) for v in sample])
+
+
+def inspect_dataset(dataset: Dataset, orientation: str = "RAS", minimum_cases: int = 2,
+                    progress: Optional[Any] = None) -> DatasetFingerprint:
+    """Validate every case (see module docstring) and gather the fingerprint planning needs.
+
+    Raises ``DatasetError`` for the first bad case, or when fewer than ``minimum_cases`` cases exist.
+    """
+    if len(dataset.cases) < minimum_cases:
+        raise DatasetError(f"{dataset.source}: {len(dataset.cases)} case(s) is too few; training with a validation "
+                           f"split needs at least {minimum_cases}")
+    fingerprints = []
+    for index, case in enumerate(dataset.cases):
+        fingerprints.append(inspect_case(case, dataset.label_values, orientation, seed=index))
+        if progress is not None:
+            progress("inspect", (index + 1) / len(dataset.cases), case.name)
+    return DatasetFingerprint(cases=fingerprints, modality=dataset.modality)
+
+
+def _file_signature(path: Path) -> Dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def spec_key(spec: PreprocessingSpec) -> str:
+    """Short hash naming a cache folder: cases preprocessed with different specs never mix."""
+    text = json.dumps(spec.to_dict(), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def preprocess_case(case: CaseRecord, spec: PreprocessingSpec, seed: int = 0) -> PreprocessedCase:
+    """Read, reorient, resample and normalise a case; the label is resampled (nearest) onto the image's grid."""
+    image, label = _read_case(case)
+    prepared = preprocess(image, spec)
+    label_grid = resample_to_reference(reorient(label, spec.orientation), prepared.grid, is_label=True)
+    label_array = sitk.GetArrayFromImage(label_grid)
+    label_array = label_array.astype(np.uint8 if label_array.max() <= 255 else np.int16)
+    return PreprocessedCase(case.name, prepared.array.astype(np.float32, copy=False), label_array,
+                            foreground_samples(label_array, seed))
+
+
+def foreground_samples(label: np.ndarray, seed: int = 0) -> Dict[int, np.ndarray]:
+    """Up to ``MAX_FOREGROUND_SAMPLES`` ``(z, y, x)`` voxel indices per label value present in ``label``."""
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for value in np.unique(label):
+        if value == 0:
+            continue
+        indices = np.argwhere(label == value).astype(np.int32)
+        if len(indices) > MAX_FOREGROUND_SAMPLES:
+            indices = indices[np.sort(rng.choice(len(indices), MAX_FOREGROUND_SAMPLES, replace=False))]
+        samples[int(value)] = indices
+    return samples
+
+
+class CaseCache:
+    """Preprocessed cases on disk: ``<root>/<spec hash>/<name>.npz`` (image, label, foreground indices) and
+    ``<name>.json`` (source file signatures + spec). An entry whose sources changed is rebuilt."""
+
+    def __init__(self, root: PathLike, spec: PreprocessingSpec) -> None:
+        self.spec = spec
+        self.directory = Path(root) / spec_key(spec)
+
+    def _paths(self, name: str) -> Tuple[Path, Path]:
+        return self.directory / f"{name}.npz", self.directory / f"{name}.json"
+
+    def _signature(self, case: CaseRecord) -> Dict[str, Any]:
+        return {"image": _file_signature(case.image), "label": _file_signature(case.label),
+                "spec": self.spec.to_dict()}
+
+    def load(self, case: CaseRecord, seed: int = 0) -> PreprocessedCase:
+        """The cached case, preprocessing (and caching) it first when missing or stale."""
+        arrays_path, info_path = self._paths(case.name)
+        signature = self._signature(case)
+        if arrays_path.is_file() and info_path.is_file():
+            try:
+                if json.loads(info_path.read_text(encoding="utf-8")) == signature:
+                    with np.load(arrays_path) as data:
+                        foreground = {int(key[3:]): data[key] for key in data.files if key.startswith("fg_")}
+                        return PreprocessedCase(case.name, data["image"], data["label"], foreground)
+            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+                pass  # a damaged entry is simply rebuilt
+        prepared = preprocess_case(case, self.spec, seed)
+        self._store(prepared, signature)
+        return prepared
+
+    def _store(self, case: PreprocessedCase, signature: Dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        arrays_path, info_path = self._paths(case.name)
+        partial = arrays_path.with_name(f"{case.name}.partial-{os.getpid()}.npz")
+        try:
+            np.savez(partial, image=case.image, label=case.label,
+                     **{f"fg_{value}": indices for value, indices in case.foreground.items()})
+            os.replace(partial, arrays_path)
+            partial_info = info_path.with_name(f"{case.name}.partial-{os.getpid()}.json")
+            partial_info.write_text(json.dumps(signature, indent=1), encoding="utf-8")
+            os.replace(partial_info, info_path)
+        finally:
+            if partial.exists():
+                partial.unlink()
+
+    def load_all(self, cases: Sequence[CaseRecord], progress: Optional[Any] = None) -> List[PreprocessedCase]:
+        loaded = []
+        for index, case in enumerate(cases):
+            loaded.append(self.load(case, seed=index))
+            if progress is not None:
+                progress("preprocess", (index + 1) / len(cases), case.name)
+        return loaded
+
+
+def split_cases(cases: Sequence[CaseRecord], validation: Union[int, float], seed: int) -> Tuple[
+        List[CaseRecord], List[CaseRecord]]:
+    """Seeded shuffle into ``(training, validation)``; ``validation`` is a case count (int >= 1) or a fraction
+    (0 < f < 1). Both parts must be non-empty, otherwise ``DatasetError`` says how many cases are needed."""
+    count = int(round(len(cases) * validation)) if isinstance(validation, float) and validation < 1 \
+        else int(validation)
+    count = max(1, count)
+    if len(cases) - count < 1:
+        raise DatasetError(f"{len(cases)} case(s) is too few for a validation split of {count}: training needs at "
+                           f"least {count + 1} cases; add cases or lower the validation size")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    validation_set = sorted(order[:count].tolist())
+    chosen = set(validation_set)
+    return ([cases[i] for i in range(len(cases)) if i not in chosen], [cases[i] for i in validation_set])

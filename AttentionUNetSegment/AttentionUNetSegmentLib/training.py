@@ -1,0 +1,649 @@
+"""``attention-unet train``: train an Attention U-Net on a labelled dataset and export a model bundle.
+
+Flow (each step a small function): load and validate the dataset (every bad case is refused before any training
+time is spent) -> plan (target spacing, patch size, normalisation, flips; user overrides win) -> fill the
+preprocessed-case cache -> seeded train/validation split -> train with foreground-oversampled, augmented patches
+(Dice + CE, deep supervision, optional attention supervision; AMP and gradient checkpointing as options) ->
+validate (Dice per label) after every epoch -> keep ``best.pt``/``last.pt`` checkpoints, a CSV/JSON log and a PNG
+plot in the work directory -> export the best weights as a bundle.
+
+Runs under ``torchrun`` as DistributedDataParallel: each process trains on its own shard of the training cases
+(gloo on CPU, nccl on CUDA); validation is sharded too and its sums are all-reduced, so every process takes the
+same decisions. Only rank 0 writes files.
+
+Checkpoints hold every piece of state (weights, optimiser, scaler, sampler and torch RNG, history), so
+``--resume`` continues exactly where the run stopped: the same batches, the same weights as an uninterrupted run.
+They are ``torch.save`` files of plain tensors/numbers, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import __version__
+from .augmentation import AugmentationConfig, PatchSampler
+from .bundle import create_metadata, save_bundle
+from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
+from .errors import AttentionUNetError, DatasetError, OutputExistsError
+from .losses import SegmentationLoss, dice_per_label
+from .network import AttentionUNet, NetworkOutput
+from .planning import TrainingPlan, plan_training
+from .preprocessing import PreprocessingSpec
+
+#: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
+LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
+                (0.9, 0.9, 0.3), (0.3, 0.9, 0.9), (0.6, 0.6, 0.6)]
+AMP_MODES = ("none", "fp16", "bf16")
+
+
+@dataclass
+class TrainingConfig:
+    """Every option of a training run (what ``attention-unet train`` parses); plan overrides are ``None`` unless
+    the user set them."""
+
+    dataset: str
+    output: str
+    work_dir: str
+    name: str = "model"
+    version: str = "1.0.0"
+    description: str = ""
+    license: str = ""
+    citation: str = ""
+    training_data: str = ""
+    label_names: Optional[Dict[int, str]] = None
+    epochs: int = 100
+    iterations_per_epoch: int = 250
+    learning_rate: float = 3e-3
+    weight_decay: float = 3e-5
+    validation: float = 0.2
+    seed: int = 0
+    amp: str = "none"
+    gradient_checkpointing: bool = False
+    deep_supervision: bool = True
+    attention_loss_weight: float = 0.0
+    foreground_fraction: float = 0.33
+    elastic: bool = False
+    max_time: Optional[float] = None
+    resume: bool = False
+    force: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None
+    progress: str = "bar"
+    channels: Optional[Tuple[int, ...]] = None
+    patch_size: Optional[Tuple[int, int, int]] = None
+    target_spacing: Optional[Tuple[float, float, float]] = None
+    batch_size: Optional[int] = None
+    flip_axes: Optional[Tuple[str, ...]] = None
+    normalization: Optional[str] = None
+
+    def plan_overrides(self) -> Dict[str, Any]:
+        overrides: Dict[str, Any] = {"channels": self.channels, "patch_size": self.patch_size,
+                                     "target_spacing": self.target_spacing, "batch_size": self.batch_size,
+                                     "flip_axes": self.flip_axes}
+        if self.normalization is not None:
+            overrides["normalization"] = {"scheme": "zscore"} if self.normalization == "zscore" \
+                else {"scheme": "zscore", "nonzero": True}
+        return overrides
+
+
+@dataclass
+class Distributed:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Distributed:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1`` (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, distributed_local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise AttentionUNetError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        return torch.device("cuda", distributed_local_rank)
+    return torch.device("cpu")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``"3600"``, ``"90m"``, ``"1.5h"`` or ``"2h30m"``."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text.replace(" ", ""):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use seconds or e.g. 90m, 1.5h, 2h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+class _AuxForward(nn.Module):
+    """Makes ``forward_with_aux`` the module's ``forward`` so DistributedDataParallel sees the whole graph."""
+
+    def __init__(self, model: AttentionUNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        output = self.model.forward_with_aux(x)
+        return output.logits, output.attention, output.deep_supervision
+
+
+def poly_learning_rate(base: float, step: int, total: int, exponent: float = 0.9) -> float:
+    """nnU-Net's polynomial decay from ``base`` at step 0 to 0 at ``total``."""
+    return base * (1.0 - min(step, total) / max(total, 1)) ** exponent
+
+
+def autocast_context(device: torch.device, amp: str):
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+@torch.no_grad()
+def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], labels: Sequence[int],
+             device: torch.device, amp: str) -> Dict[int, Tuple[float, int]]:
+    """Whole-case forward on each validation case's preprocessed grid; returns, per label value, the sum of
+    per-case Dice scores and the number of cases where the label exists in the reference or the prediction."""
+    model.eval()
+    sums = {value: [0.0, 0] for value in labels}
+    for case in cases:
+        image = torch.from_numpy(case.image)[None, None].to(device)
+        with autocast_context(device, amp):
+            logits = model(image)
+        prediction = logits.argmax(1)[0].cpu()
+        for value, score in dice_per_label(prediction, torch.from_numpy(case.label.astype(np.int64)),
+                                           labels).items():
+            if score is not None:
+                sums[value][0] += score
+                sums[value][1] += 1
+    model.train()
+    return {value: (total, count) for value, (total, count) in sums.items()}
+
+
+class TrainingLog:
+    """Per-epoch rows written as ``training_log.csv`` + ``training_log.json`` and plotted to
+    ``training_curves.png`` in the work directory (rank 0 only)."""
+
+    def __init__(self, directory: Path, rows: Optional[List[Dict[str, Any]]] = None) -> None:
+        self.directory = directory
+        self.rows: List[Dict[str, Any]] = list(rows or [])
+
+    def append(self, row: Dict[str, Any]) -> None:
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        columns = list(self.rows[0])
+        for row in self.rows:
+            columns += [key for key in row if key not in columns]
+        csv_path = self.directory / "training_log.csv"
+        partial = csv_path.with_name(f"training_log.partial-{os.getpid()}.csv")
+        with open(partial, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(partial, csv_path)
+        _write_json(self.directory / "training_log.json", self.rows)
+        self._plot()
+
+    def _plot(self) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # the plot is a convenience; the CSV/JSON log is the record
+            return
+        epochs = [row["epoch"] for row in self.rows]
+        figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4))
+        loss_axis.plot(epochs, [row["train_loss"] for row in self.rows], label="training loss")
+        loss_axis.set_xlabel("epoch")
+        loss_axis.set_ylabel("loss")
+        loss_axis.legend()
+        for key in self.rows[-1]:
+            if key.startswith("val_dice"):
+                dice_axis.plot(epochs, [row.get(key) for row in self.rows], label=key[len("val_dice_"):] or key)
+        dice_axis.set_xlabel("epoch")
+        dice_axis.set_ylabel("validation Dice")
+        dice_axis.set_ylim(0, 1)
+        dice_axis.legend()
+        figure.tight_layout()
+        png = self.directory / "training_curves.png"
+        partial = png.with_name(f"training_curves.partial-{os.getpid()}.png")
+        figure.savefig(partial, dpi=80)
+        plt.close(figure)
+        os.replace(partial, png)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
+    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _load_checkpoint(path: Path) -> Dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def hardware_description(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"{world_size} x {torch.cuda.get_device_name(device)}"
+    return f"{world_size} process(es) on CPU ({platform.processor() or platform.machine()}, " \
+           f"{os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads each)"
+
+
+class Trainer:
+    """One training run; ``run()`` does everything and returns the exported bundle's directory (rank 0) or
+    ``None`` (other ranks)."""
+
+    def __init__(self, config: TrainingConfig) -> None:
+        if config.amp not in AMP_MODES:
+            raise AttentionUNetError(f"--amp must be one of {AMP_MODES}, got {config.amp!r}")
+        self.config = config
+        self.work_dir = Path(config.work_dir).expanduser()
+        self.output = Path(config.output).expanduser()
+        self.device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.distributed = init_distributed(self.device.type)
+        if config.amp == "fp16" and self.device.type != "cuda":
+            raise AttentionUNetError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or none")
+
+    def _log(self, message: str) -> None:
+        if self.distributed.is_main and self.config.progress != "json":
+            print(message, file=sys.stderr, flush=True)
+
+    def _broadcast(self, value: Any) -> Any:
+        if not self.distributed.enabled:
+            return value
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def _prepare(self) -> Tuple[TrainingPlan, Dict[int, str], List[str], List[str], CaseCache, Any]:
+        """Validate, plan, split and fill the cache (rank 0); every rank receives the same result."""
+        config = self.config
+        prepared = None
+        dataset = load_dataset(config.dataset, config.label_names)
+        if self.distributed.is_main:
+            plan_path = self.work_dir / "plan.json"
+            if config.resume and plan_path.is_file():
+                saved = json.loads(plan_path.read_text(encoding="utf-8"))
+                plan, train_names, val_names = (TrainingPlan.from_dict(saved["plan"]), saved["training_cases"],
+                                                saved["validation_cases"])
+                self._log(f"resuming with the saved plan and split from {plan_path}")
+            else:
+                self._log(f"checking {len(dataset.cases)} cases of {dataset.source} ...")
+                fingerprint = inspect_dataset(dataset, config.plan_overrides().get("orientation") or "RAS",
+                                              minimum_cases=2)
+                plan = plan_training(fingerprint, list(dataset.labels.values()), config.plan_overrides())
+                training, validation = split_cases(dataset.cases, config.validation, config.seed)
+                train_names, val_names = [c.name for c in training], [c.name for c in validation]
+                self.work_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
+                                                                           dataset.labels.items()},
+                                        "training_cases": train_names, "validation_cases": val_names,
+                                        "config": _jsonable(asdict(config))})
+            self._log(f"plan: spacing {plan.target_spacing} mm, patch {plan.patch_size} (x, y, z), channels "
+                      f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
+                      f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
+                      "validation cases")
+            cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
+            cache.load_all(dataset.cases)
+            prepared = (plan.to_dict(), train_names, val_names)
+        plan_dict, train_names, val_names = self._broadcast(prepared)
+        plan = TrainingPlan.from_dict(plan_dict)
+        cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
+        return plan, dataset.labels, train_names, val_names, cache, dataset
+
+    def _check_output(self) -> None:
+        if self.output.exists() and not self.config.force:
+            raise OutputExistsError(f"output bundle {self.output} already exists; choose another --output or pass "
+                                    "--force to replace it when training finishes")
+        last = self.work_dir / "checkpoints" / "last.pt"
+        if last.exists() and not self.config.resume and not self.config.force:
+            raise OutputExistsError(f"{self.work_dir} already holds a training run; pass --resume to continue it, "
+                                    "--force to start over, or choose another --work-dir")
+
+    def run(self) -> Optional[Path]:
+        config = self.config
+        start_time = time.monotonic()
+        if self.distributed.is_main:
+            self._check_output()
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        plan, label_names, train_names, val_names, cache, dataset = self._prepare()
+        by_name = {case.name: case for case in dataset.cases}
+        rank, world = self.distributed.rank, self.distributed.world_size
+        if len(train_names) < world:
+            raise DatasetError(f"{len(train_names)} training cases cannot be shared by {world} processes; use "
+                               "fewer processes or more cases")
+        train_cases = cache.load_all([by_name[n] for n in train_names[rank::world]])
+        val_cases = cache.load_all([by_name[n] for n in val_names[rank::world]])
+        labels = sorted(label_names)
+
+        torch.manual_seed(config.seed)
+        model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels,
+                              deep_supervision=config.deep_supervision,
+                              gradient_checkpointing=config.gradient_checkpointing).to(self.device)
+        trainable: nn.Module = _AuxForward(model)
+        if self.distributed.enabled:
+            trainable = nn.parallel.DistributedDataParallel(
+                trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        augmentation = AugmentationConfig(flip_axes=plan.flip_axes,
+                                          elastic_probability=0.2 if config.elastic else 0.0)
+        sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augmentation,
+                               config.foreground_fraction, seed=config.seed * 1000 + rank)
+        criterion = SegmentationLoss(attention_weight=config.attention_loss_weight)
+
+        checkpoints = self.work_dir / "checkpoints"
+        log = TrainingLog(self.work_dir)
+        step, best_score, best_epoch, trained_seconds = 0, -1.0, 0, 0.0
+        if config.resume:
+            last = checkpoints / "last.pt"
+            if not last.is_file():
+                raise AttentionUNetError(f"--resume: no checkpoint at {last}; start without --resume")
+            state = _load_checkpoint(last)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            sampler.load_state_dict(state["samplers"][rank])
+            torch.set_rng_state(state["torch_rng"])
+            step, best_score, best_epoch = state["step"], state["best_score"], state["best_epoch"]
+            trained_seconds = state["trained_seconds"]
+            log = TrainingLog(self.work_dir, state["history"])
+            self._log(f"resumed at step {step} (epoch {step // config.iterations_per_epoch})")
+        if self.distributed.is_main:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+
+        total_steps = config.epochs * config.iterations_per_epoch
+        bar = None
+        if self.distributed.is_main and config.progress == "bar":
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        model.train()
+        epoch_losses: List[float] = []
+        last_dice = float("nan")
+        stopped_early = False
+        while step < total_steps:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_learning_rate(config.learning_rate, step, total_steps)
+            images, targets = sampler.next_batch()
+            images, targets = images.to(self.device), targets.to(self.device)
+            with autocast_context(self.device, config.amp):
+                logits, attention, deep = trainable(images)
+                loss = criterion(NetworkOutput(logits, list(attention), list(deep)), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            epoch_losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", dice=f"{last_dice:.3f}", refresh=False)
+                bar.update(1)
+            elapsed = trained_seconds + time.monotonic() - start_time
+            out_of_time = self._agree(config.max_time is not None
+                                      and time.monotonic() - start_time >= config.max_time)
+            if step % config.iterations_per_epoch and not out_of_time and step < total_steps:
+                continue
+            # End of an epoch (or of the time budget): validate, log, checkpoint.
+            sums = validate(model, val_cases, labels, self.device, config.amp)
+            dice = self._reduce_dice(sums, labels)
+            scores = [d for d in dice.values() if d is not None]
+            mean_dice = float(np.mean(scores)) if scores else 0.0
+            last_dice = mean_dice
+            epoch = math.ceil(step / config.iterations_per_epoch)
+            train_loss = self._mean_loss(epoch_losses)
+            epoch_losses = []
+            if self.distributed.is_main:
+                row: Dict[str, Any] = {"epoch": epoch, "step": step, "time_s": round(elapsed, 1),
+                                       "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5)}
+                row.update({f"val_dice_{label_names[v]}": (None if dice[v] is None else round(dice[v], 5))
+                            for v in labels})
+                row["val_dice_mean"] = round(mean_dice, 5)
+                log.append(row)
+                if mean_dice > best_score:
+                    best_score, best_epoch = mean_dice, epoch
+                    _save_checkpoint(checkpoints / "best.pt", {"model": model.state_dict(), "epoch": epoch,
+                                                               "step": step, "dice": row})
+                message = (f"epoch {epoch}: loss {train_loss:.4f}, validation Dice "
+                           + ", ".join(f"{label_names[v]} {row[f'val_dice_{label_names[v]}']}" for v in labels)
+                           + f" (best {best_score:.4f} at epoch {best_epoch})")
+                if bar is not None:
+                    bar.write(message, file=sys.stderr)
+                elif config.progress == "json":
+                    print(json.dumps({"stage": "train", "fraction": step / total_steps, "message": message}),
+                          flush=True)
+                else:
+                    self._log(message)
+            samplers = self._gather(sampler.state_dict())
+            if self.distributed.is_main:
+                _save_checkpoint(checkpoints / "last.pt", {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                    "samplers": samplers, "torch_rng": torch.get_rng_state(), "step": step,
+                    "best_score": best_score, "best_epoch": best_epoch, "history": log.rows,
+                    "trained_seconds": elapsed})
+            if out_of_time:
+                stopped_early = step < total_steps
+                break
+        if bar is not None:
+            bar.close()
+        total_time = trained_seconds + time.monotonic() - start_time
+        result = None
+        if self.distributed.is_main:
+            result = self._export(plan, label_names, checkpoints / "best.pt", log, total_time, stopped_early,
+                                  len(train_names), len(val_names))
+        if self.distributed.enabled:
+            dist.barrier()
+        return result
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every process when any process says so (the time budget ends the run everywhere at once)."""
+        if not self.distributed.enabled:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor)
+        return bool(tensor.item() > 0)
+
+    def _gather(self, state: Dict[str, Any]) -> List[Dict[str, Any]]:
+        if not self.distributed.enabled:
+            return [state]
+        states: List[Any] = [None] * self.distributed.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def _mean_loss(self, losses: List[float]) -> float:
+        total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=self.device)
+        if self.distributed.enabled:
+            dist.all_reduce(total)
+        return float(total[0] / max(total[1], 1))
+
+    def _reduce_dice(self, sums: Dict[int, Tuple[float, int]], labels: Sequence[int]) -> Dict[int, Optional[float]]:
+        tensor = torch.tensor([[sums[v][0], sums[v][1]] for v in labels], dtype=torch.float64, device=self.device)
+        if self.distributed.enabled:
+            dist.all_reduce(tensor)
+        return {v: (float(tensor[i, 0] / tensor[i, 1]) if tensor[i, 1] > 0 else None) for i, v in enumerate(labels)}
+
+    def _export(self, plan: TrainingPlan, label_names: Dict[int, str], best_path: Path, log: TrainingLog,
+                total_time: float, stopped_early: bool, n_train: int, n_val: int) -> Path:
+        """Write the best weights (without the deep-supervision heads) as a bundle at ``--output``."""
+        config = self.config
+        best = _load_checkpoint(best_path)
+        labels = sorted(label_names)
+        model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels)
+        model.load_state_dict({k: v for k, v in best["model"].items()
+                               if not k.startswith("deep_supervision_heads.")}, strict=True)
+        row = best["dice"]
+        metrics = {
+            "validation": {
+                "method": "held-out cases, whole-case forward on the preprocessed grid, mean of per-case Dice",
+                "cases": n_val,
+                "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
+                "mean_dice": row["val_dice_mean"],
+                "epoch": best["epoch"],
+            },
+            "training": {
+                "training_cases": n_train, "epochs_completed": log.rows[-1]["epoch"] if log.rows else 0,
+                "steps": log.rows[-1]["step"] if log.rows else 0, "stopped_by_time_budget": stopped_early,
+                "seconds": round(total_time, 1), "hardware": hardware_description(self.device,
+                                                                                  self.distributed.world_size),
+                "engine_version": __version__, "torch_version": torch.__version__, "seed": config.seed,
+                "plan": plan.to_dict(),
+            },
+        }
+        metadata = create_metadata(
+            name=config.name, version=config.version,
+            labels=[{"value": v, "name": label_names[v], "color": list(LABEL_COLORS[i % len(LABEL_COLORS)])}
+                    for i, v in enumerate(labels)],
+            patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
+            description=config.description or f"Attention U-Net trained on {config.dataset}",
+            license=config.license, citation=config.citation, training_data=config.training_data,
+            metrics=metrics)
+        bundle = save_bundle(model, metadata, self.output, force=config.force)
+        self._log(f"wrote bundle {bundle.path} (best epoch {best['epoch']}, validation mean Dice "
+                  f"{row['val_dice_mean']})")
+        return bundle.path
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def train(config: TrainingConfig) -> Optional[Path]:
+    """Run a training (see the module docstring); returns the bundle directory on rank 0."""
+    return Trainer(config).run()
+
+
+def _label_names(items: Optional[Sequence[str]]) -> Optional[Dict[int, str]]:
+    if not items:
+        return None
+    names = {}
+    for item in items:
+        value, _, name = item.partition("=")
+        if not value.strip().isdigit() or not name.strip():
+            raise argparse.ArgumentTypeError(f"label name {item!r} must look like 1=Liver")
+        names[int(value)] = name.strip()
+    return names
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``attention-unet train``."""
+    parser.add_argument("dataset", help="MSD/nnU-Net folder (imagesTr/, labelsTr/, dataset.json) or a .json/.csv "
+                        "file of image/label pairs")
+    parser.add_argument("--output", "-o", required=True, help="bundle directory to write (model.json + weights)")
+    parser.add_argument("--work-dir", help="checkpoints, logs, plan and cache (default: <output>.work)")
+    parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
+    parser.add_argument("--model-version", default="1.0.0")
+    parser.add_argument("--description", default="")
+    parser.add_argument("--license", default="", help="licence note for the weights (and the data they came from)")
+    parser.add_argument("--citation", default="")
+    parser.add_argument("--training-data", default="", help="what the model was trained on (for the model card)")
+    parser.add_argument("--label-names", nargs="+", metavar="VALUE=NAME", help="label names, e.g. 1=Liver 2=Tumour "
+                        "(required for a .csv pairs file; overrides dataset.json)")
+    group = parser.add_argument_group("plan overrides (derived from the dataset unless given)")
+    group.add_argument("--channels", type=int, nargs="+", help="network widths per level, e.g. 16 32 64 128")
+    group.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    group.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target spacing in mm")
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--flip-axes", nargs="*", choices=["x", "y", "z"],
+                       help="axes where mirroring is allowed (default: all that no label name ties to a side; "
+                            "give none to disable mirroring)")
+    group.add_argument("--normalization", choices=["zscore", "zscore-nonzero"])
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=100)
+    group.add_argument("--iterations-per-epoch", type=int, default=250)
+    group.add_argument("--learning-rate", type=float, default=3e-3)
+    group.add_argument("--weight-decay", type=float, default=3e-5)
+    group.add_argument("--validation", type=float, default=0.2,
+                       help="held-out validation cases: a fraction (<1) or a count (default 0.2)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--amp", choices=AMP_MODES, default="none",
+                       help="mixed precision: fp16 (CUDA, with gradient scaling) or bf16 (CPU or CUDA)")
+    group.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    group.add_argument("--no-deep-supervision", action="store_true")
+    group.add_argument("--attention-loss-weight", type=float, default=0.0,
+                       help="weight of the auxiliary attention-supervision BCE (0 = off)")
+    group.add_argument("--foreground-fraction", type=float, default=0.33)
+    group.add_argument("--elastic", action="store_true", help="add random elastic deformation")
+    group = parser.add_argument_group("run control")
+    group.add_argument("--max-time", type=parse_duration, help="stop after this long (e.g. 3600, 90m, 1.5h), "
+                       "keeping the best checkpoint and exporting the bundle")
+    group.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly")
+    group.add_argument("--force", action="store_true", help="replace an existing output bundle / work dir run")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--threads", type=int, help="torch intra-op threads per process")
+    group.add_argument("--progress", choices=["bar", "json", "none"], default=None)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``attention-unet train``; errors propagate as ``AttentionUNetError`` (exit status 2)."""
+    output = Path(args.output)
+    progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
+    config = TrainingConfig(
+        dataset=args.dataset, output=str(output), work_dir=args.work_dir or f"{output}.work",
+        name=args.name or output.name, version=args.model_version, description=args.description,
+        license=args.license, citation=args.citation, training_data=args.training_data,
+        label_names=_label_names(args.label_names), epochs=args.epochs,
+        iterations_per_epoch=args.iterations_per_epoch, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        validation=int(args.validation) if args.validation >= 1 else args.validation, seed=args.seed,
+        amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
+        deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
+        foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
+        resume=args.resume, force=args.force, device=args.device, threads=args.threads, progress=progress,
+        channels=tuple(args.channels) if args.channels else None,
+        patch_size=tuple(args.patch_size) if args.patch_size else None,
+        target_spacing=tuple(args.spacing) if args.spacing else None, batch_size=args.batch_size,
+        flip_axes=tuple(args.flip_axes) if args.flip_axes is not None else None,
+        normalization=args.normalization)
+    try:
+        train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
