@@ -1,0 +1,1330 @@
+"""AttentionUNetSegment: 3D Attention U-Net segmentation with attention maps, as a 3D Slicer module.
+
+The network runs out of process through the engine's command line (``PythonSlicer -m AttentionUNetSegmentLib
+segment ... --progress json``), so the GUI stays responsive and Cancel is a clean process termination. Results are
+read back into the scene on the main thread only when the engine has finished: a cancelled or failed run leaves the
+scene as it was. Torch is never imported at module scope.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Callable, Dict, List, Optional, Sequence
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
+from AttentionUNetSegmentLib.bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry, read_metadata
+from AttentionUNetSegmentLib.runner import EngineProcess, Progress, build_segment_command, format_duration
+
+MODULE_DIR = pathlib.Path(__file__).resolve().parent
+RESOURCES_DIR = MODULE_DIR / "Resources"
+SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
+REQUIREMENTS_FILE = RESOURCES_DIR / "requirements.txt"
+#: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly.
+TORCH_REQUIREMENT = ">=2.1"
+
+#: Node attributes carrying provenance (model, version, sha256, device, parameters, date).
+ATTRIBUTE_PREFIX = "AttentionUNet."
+#: Node reference roles from a result segmentation to its attention / probability volumes.
+ATTENTION_ROLE = "AttentionUNetAttention"
+PROBABILITY_ROLE = "AttentionUNetProbability"
+ATTENTION_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+#: Attention below this value is drawn transparent, so the overlay shows only where the network looked.
+ATTENTION_DISPLAY_THRESHOLD = 0.05
+ATTENTION_OPACITY = 0.4
+#: The engine writes NRRD for the scene: exact direction cosines (NIfTI stores them as float32 quaternions).
+ENGINE_FORMAT = "nrrd"
+ENGINE_INPUT_STEM = "input"
+EXPORT_FORMATS = ("nii.gz", "nrrd")
+DEVICES = ("auto", "cpu", "cuda")
+POLL_INTERVAL_MS = 100
+
+
+class AttentionUNetSegmentError(Exception):
+    """A problem the user can act on (what was wrong and how to fix it); shown as is in the panel."""
+
+
+#
+# AttentionUNetSegment
+#
+
+
+class AttentionUNetSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Attention U-Net Segment"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["AttentionUNet contributors"]
+        self.parent.helpText = (
+            "Segment a 3D volume with a 3D Attention U-Net and show where the network looked (attention maps). "
+            "Choose the input volume and a model, then click Apply. See the "
+            "<a href='https://github.com/attention-unet/SlicerAttentionUNet#using-the-3d-slicer-module'>"
+            "user guide</a>.")
+        self.parent.acknowledgementText = (
+            "Attention U-Net: Oktay et al., 'Attention U-Net: Learning Where to Look for the Pancreas', MIDL 2018. "
+            "The bundled hippocampus model was trained on the Medical Segmentation Decathlon Task04 (CC-BY-SA 4.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Register the bundled sample volume with the Sample Data module."""
+    import SampleData
+
+    samples = sorted(SAMPLE_DATA_DIR.glob("*.nii.gz"))
+    if not samples:
+        return
+    sample = samples[0]
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="AttentionUNet",
+        sampleName="AttentionUNetHippocampus",
+        thumbnailFileName=str(RESOURCES_DIR / "Icons" / "AttentionUNetSegment.png"),
+        uris=sample.as_uri(),
+        fileNames=sample.name,
+        checksums=f"SHA256:{hashlib.sha256(sample.read_bytes()).hexdigest()}",
+        nodeNames="AttentionUNetHippocampus",
+    )
+
+
+#
+# Parameters
+#
+
+
+@parameterNodeWrapper
+class AttentionUNetSegmentParameterNode:
+    """Panel state, saved with the scene (``SlicerParameterName`` in the .ui binds each widget to a field)."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    modelName: str = DEFAULT_MODEL
+    roi: vtkMRMLMarkupsROINode
+    outputSegmentation: vtkMRMLSegmentationNode
+    attentionMaps: bool = True
+    probabilityMaps: bool = False
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    testTimeAugmentation: bool = False
+    largestComponent: bool = False
+    exportDirectory: pathlib.Path
+    exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = "nii.gz"
+    batchAllVolumes: bool = False
+
+
+#
+# AttentionUNetSegmentWidget
+#
+
+
+class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel: binds the .ui to the parameter node and drives the Logic (no processing here)."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._lastResult = None
+        self._pollTimer = None
+        self._models: List[ModelBundle] = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AttentionUNetSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = AttentionUNetSegmentLogic()
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self.onPollJob)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.batchApplyButton.connect("clicked(bool)", self.onBatchApplyButton)
+        self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmapButton)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.populateModels)
+        self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
+        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
+        self.ui.progressBar.setVisible(False)
+
+        self.populateModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None and not self._job.done:
+            self._job.cancel()
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        self.removeObservers()
+        self._disconnectParameterNode()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self._disconnectParameterNode()
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None and not self._job.done:
+            self._job.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = self.logic.currentVolume()
+
+    def _disconnectParameterNode(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self._parameterNodeGuiTag = None
+
+    def setParameterNode(self, inputParameterNode: Optional[AttentionUNetSegmentParameterNode]) -> None:
+        self._disconnectParameterNode()
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self._selectModelInCombo(self._parameterNode.modelName)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        running = self._job is not None and not self._job.done
+        node = self._parameterNode
+        canRun = bool(node and node.inputVolume and self._models)
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.enabled = running or canRun
+        self.ui.applyButton.toolTip = ("Stop the running segmentation; the scene is left as it was" if running else
+                                       "Segment the input volume" if canRun else
+                                       "Select an input volume and a model first")
+        self.ui.batchApplyButton.enabled = not running and bool(self._models)
+        for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
+                       self.ui.advancedCollapsibleButton, self.ui.exportCollapsibleButton):
+            widget.enabled = not running
+        segmentation = node.outputSegmentation if node else None
+        self.ui.exportButton.enabled = bool(segmentation)
+        self.ui.exportLabelmapButton.enabled = bool(segmentation)
+        self.ui.show3DButton.setSegmentationNode(segmentation)
+
+    # Models
+
+    def populateModels(self) -> None:
+        self._models, problems = self.logic.availableModels()
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for bundle in self._models:
+            combo.addItem(f"{bundle.name} ({bundle.version})", bundle.name)
+        combo.blockSignals(wasBlocked)
+        for path, reason in problems:
+            self.appendLog(f"Model in {path} skipped: {reason}")
+        if not self._models:
+            self.ui.modelDescriptionLabel.text = (
+                "No model is installed. Reinstall the AttentionUNet extension, or add a folder of model bundles "
+                "to the ATTENTION_UNET_MODELS environment variable and click Refresh.")
+        self._selectModelInCombo(self._parameterNode.modelName if self._parameterNode else DEFAULT_MODEL)
+
+    def _selectModelInCombo(self, name: str) -> None:
+        index = self.ui.modelComboBox.findData(name)
+        self.ui.modelComboBox.currentIndex = max(index, 0)
+        self.onModelChanged(self.ui.modelComboBox.currentIndex)
+
+    def onModelChanged(self, index: int) -> None:
+        if not (0 <= index < len(self._models)):
+            return
+        bundle = self._models[index]
+        self.ui.modelDescriptionLabel.text = self.logic.describeModel(bundle)
+        if self._parameterNode and self._parameterNode.modelName != bundle.name:
+            self._parameterNode.modelName = bundle.name
+
+    def onAdvancedCollapsed(self, collapsed: bool) -> None:
+        if not collapsed and not self.ui.deviceInfoLabel.text:
+            with slicer.util.WaitCursor():
+                self.ui.deviceInfoLabel.text = self.logic.detectComputeDevice()
+
+    def onOutputChanged(self, node) -> None:
+        self.ui.show3DButton.setSegmentationNode(node)
+
+    # Running
+
+    def _options(self) -> "SegmentationOptions":
+        node = self._parameterNode
+        return SegmentationOptions(
+            model=node.modelName, roi=node.roi, attentionMaps=node.attentionMaps,
+            probabilityMaps=node.probabilityMaps, device=node.device, overlap=node.overlap,
+            testTimeAugmentation=node.testTimeAugmentation, largestComponent=node.largestComponent)
+
+    def onApplyButton(self) -> None:
+        if self._job is not None and not self._job.done:
+            self._job.cancel()
+            return
+        self.ui.logTextEdit.clear()
+        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
+            self.logic.ensureDependencies()
+            self._startJob(self.logic.startSegmentation(
+                self._parameterNode.inputVolume, self._parameterNode.outputSegmentation, options=self._options(),
+                progressCallback=self.onProgress, logCallback=self.appendLog))
+
+    def onBatchApplyButton(self) -> None:
+        volumes = (self.logic.allInputVolumes() if self._parameterNode.batchAllVolumes
+                   else list(self.ui.batchVolumesSelector.checkedNodes()))
+        if not volumes:
+            slicer.util.errorDisplay("Check the volumes to segment in the Batch section, or tick 'All volumes'.")
+            return
+        self.ui.logTextEdit.clear()
+        with slicer.util.tryWithErrorDisplay("Batch segmentation could not start.", waitCursor=True):
+            self.logic.ensureDependencies()
+            self._startJob(self.logic.startBatch(volumes, options=self._options(),
+                                                 progressCallback=self.onProgress, logCallback=self.appendLog))
+
+    def _startJob(self, job) -> None:
+        self._job = job
+        self.ui.progressBar.setVisible(True)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Starting..."
+        self._pollTimer.start()
+        self.updateGUIFromParameterNode()
+
+    def onPollJob(self) -> None:
+        if self._job is None:
+            self._pollTimer.stop()
+            return
+        self._job.poll()
+        if not self._job.done:
+            return
+        self._pollTimer.stop()
+        job, self._job = self._job, None
+        self.ui.progressBar.setVisible(False)
+        if job.cancelled:
+            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
+        elif job.error:
+            self.ui.statusLabel.text = "Failed (see the log)."
+            slicer.util.errorDisplay(job.error, windowTitle="Attention U-Net segmentation failed")
+        else:
+            self.onJobSucceeded(job)
+        self.updateGUIFromParameterNode()
+
+    def onJobSucceeded(self, job) -> None:
+        if isinstance(job, BatchJob):
+            self.ui.statusLabel.text = f"Batch finished: {job.summary}"
+            self.logic.showTable(job.summaryTable)
+            return
+        result = job.result
+        self._lastResult = result
+        self._parameterNode.outputSegmentation = result.segmentation
+        self.logic.showResults(result)
+        self.ui.statusLabel.text = f"Done in {format_duration(job.seconds)} on {result.device}."
+
+    def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
+        self.ui.progressBar.value = int(round(100 * fraction))
+        eta = format_duration(etaSeconds)
+        self.ui.statusLabel.text = f"{message} ({eta} left)" if eta else message
+
+    def appendLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
+    # Export
+
+    def onExportButton(self) -> None:
+        node = self._parameterNode
+        directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
+        if not directory:
+            slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
+            return
+        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+            files = self.logic.exportForReport(node.outputSegmentation, directory, fileFormat=node.exportFormat,
+                                               force=self._confirmOverwrite(node.outputSegmentation, directory))
+            self.appendLog("Exported: " + ", ".join(files.values()))
+            self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
+
+    def _confirmOverwrite(self, segmentation, directory: str) -> bool:
+        existing = self.logic.existingExportFiles(segmentation, directory, self._parameterNode.exportFormat)
+        if not existing:
+            return False
+        if slicer.util.confirmYesNoDisplay("These files exist already:\n" + "\n".join(existing) + "\n\nReplace them?"):
+            return True
+        raise AttentionUNetSegmentError("Export cancelled: choose another folder to keep the existing files.")
+
+    def onExportLabelmapButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Export to a label map failed.", waitCursor=True):
+            labelmap = self.logic.exportToLabelMapNode(self._parameterNode.outputSegmentation)
+            self.ui.statusLabel.text = f"Created label map '{labelmap.GetName()}'."
+
+
+#
+# Logic
+#
+
+
+@dataclass
+class SegmentationOptions:
+    """How to segment: model (installed name or bundle folder), optional ROI node and engine settings."""
+
+    model: Optional[str] = None
+    roi: Any = None
+    attentionMaps: bool = True
+    probabilityMaps: bool = False
+    device: str = "auto"
+    overlap: Optional[float] = None
+    testTimeAugmentation: bool = False
+    largestComponent: bool = False
+
+    def parameters(self) -> Dict[str, Any]:
+        """JSON-able record of the settings (provenance)."""
+        return {"device": self.device, "overlap": self.overlap, "tta": self.testTimeAugmentation,
+                "largest_component": self.largestComponent, "attention": self.attentionMaps,
+                "probabilities": self.probabilityMaps, "roi": self.roi.GetName() if self.roi else None}
+
+
+@dataclass
+class SegmentationResult:
+    """What one run added to the scene (all nodes are in ``slicer.mrmlScene``)."""
+
+    inputVolume: Any
+    segmentation: Any
+    attentionVolumes: List[Any] = field(default_factory=list)
+    probabilityVolumes: List[Any] = field(default_factory=list)
+    statistics: List[Dict[str, Any]] = field(default_factory=list)
+    provenance: Dict[str, str] = field(default_factory=dict)
+    log: List[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return self.provenance.get("Device", "")
+
+
+class SegmentationJob:
+    """One engine run for one volume. ``poll()`` on the main thread; results enter the scene only on success."""
+
+    def __init__(self, logic: "AttentionUNetSegmentLogic", inputVolume, outputSegmentation,
+                 options: SegmentationOptions, bundle: ModelBundle,
+                 progressCallback: Optional[Callable[[float, str, Optional[float]], None]] = None,
+                 logCallback: Optional[Callable[[str], None]] = None) -> None:
+        self.logic = logic
+        self.inputVolume = inputVolume
+        self.outputSegmentation = outputSegmentation
+        self.options = options
+        self.bundle = bundle
+        self.progressCallback = progressCallback
+        self.logCallback = logCallback
+        self.result: Optional[SegmentationResult] = None
+        self.error: Optional[str] = None
+        self.cancelled = False
+        self.done = False
+        self.seconds = 0.0
+        self._workDir: Optional[pathlib.Path] = None
+        self._engine: Optional[EngineProcess] = None
+
+    def start(self) -> "SegmentationJob":
+        roiBox = self.logic.roiBoxInVolumeCoordinates(self.options.roi, self.inputVolume) if self.options.roi else None
+        self._workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-"))
+        try:
+            inputPath = self.logic.writeVolumeForEngine(self.inputVolume, self._workDir / "in")
+            command = build_segment_command(
+                [str(inputPath)], str(self._workDir / "out"), python=self.logic.pythonExecutable(),
+                model=str(self.bundle.path), device=self.options.device, overlap=self.options.overlap,
+                tta=self.options.testTimeAugmentation, roi=roiBox, attention=self.options.attentionMaps,
+                probabilities=self.options.probabilityMaps, largest_component=self.options.largestComponent,
+                output_format=ENGINE_FORMAT)
+            self._log(f"Segmenting '{self.inputVolume.GetName()}' with {self.bundle.name} {self.bundle.version}")
+            self._engine = EngineProcess(command, env=self.logic.engineEnvironment(), cwd=str(self._workDir),
+                                         on_progress=self._onProgress, on_log=self._log).start()
+        except Exception:
+            self._cleanup()
+            raise
+        return self
+
+    def _log(self, line: str) -> None:
+        if self.logCallback is not None:
+            self.logCallback(line)
+
+    def _onProgress(self, progress: Progress) -> None:
+        if self.progressCallback is not None:
+            self.progressCallback(progress.fraction, progress.message or progress.stage, progress.eta_seconds)
+
+    def poll(self) -> bool:
+        """Handle engine output; when it has ended, load the results (main thread). ``True`` while running."""
+        if self.done:
+            return False
+        if self._engine.poll():
+            return True
+        outcome = self._engine.result
+        self.seconds = outcome.seconds
+        try:
+            if outcome.cancelled:
+                self.cancelled = True
+                self._log("Cancelled: nothing was added to the scene.")
+            elif not outcome.ok:
+                self.error = outcome.error
+                self._log(f"Failed: {outcome.error}")
+            else:
+                self.result = self.logic.importResults(self, outcome.outputs.get(ENGINE_INPUT_STEM, {}), outcome.log)
+                self._log("Results added to the scene.")
+        except AttentionUNetSegmentError as error:
+            self.error = str(error)
+            self._log(f"Failed: {error}")
+        finally:
+            self._cleanup()
+            self.done = True
+        return False
+
+    def wait(self) -> "SegmentationJob":
+        while self.poll():
+            time.sleep(POLL_INTERVAL_MS / 1000.0)
+            if hasattr(slicer, "app"):
+                slicer.app.processEvents()
+        return self
+
+    def cancel(self) -> None:
+        """Stop the engine now; nothing is added to the scene."""
+        if not self.done and self._engine is not None:
+            self._engine.cancel()
+            while self.poll():
+                time.sleep(0.01)
+
+    def _cleanup(self) -> None:
+        if self._workDir is not None:
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            self._workDir = None
+
+
+class BatchJob:
+    """Segments several volumes one after the other (one result per volume) and fills a summary table."""
+
+    def __init__(self, logic: "AttentionUNetSegmentLogic", volumes: Sequence[Any], options: SegmentationOptions,
+                 progressCallback=None, logCallback=None) -> None:
+        self.logic = logic
+        self.volumes = list(volumes)
+        self.options = options
+        self.progressCallback = progressCallback
+        self.logCallback = logCallback
+        self.results: List[SegmentationResult] = []
+        self.rows: List[Dict[str, Any]] = []
+        self.summaryTable = None
+        self.error: Optional[str] = None
+        self.cancelled = False
+        self.done = False
+        self.seconds = 0.0
+        self._index = -1
+        self._current: Optional[SegmentationJob] = None
+        self._started = time.monotonic()
+
+    @property
+    def summary(self) -> str:
+        failed = sum(1 for row in self.rows if row["Status"] != "done")
+        return f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
+
+    def start(self) -> "BatchJob":
+        self._next()
+        return self
+
+    def _log(self, line: str) -> None:
+        if self.logCallback is not None:
+            self.logCallback(line)
+
+    def _progress(self, fraction: float, message: str, eta: Optional[float]) -> None:
+        if self.progressCallback is not None:
+            count = len(self.volumes)
+            self.progressCallback((self._index + fraction) / count,
+                                  f"[{self._index + 1}/{count}] {message}", None)
+
+    def _next(self) -> None:
+        while True:
+            self._index += 1
+            if self._index >= len(self.volumes):
+                self._finish()
+                return
+            volume = self.volumes[self._index]
+            if self.cancelled:
+                self.rows.append(self.logic.summaryRow(volume, "not run", "the batch was cancelled"))
+                continue
+            try:
+                self._current = self.logic.startSegmentation(volume, None, options=self.options,
+                                                             progressCallback=self._progress,
+                                                             logCallback=self._log)
+                return
+            except AttentionUNetSegmentError as error:
+                self._log(f"Skipped '{volume.GetName()}': {error}")
+                self.rows.append(self.logic.summaryRow(volume, "skipped", str(error)))
+
+    def poll(self) -> bool:
+        if self.done:
+            return False
+        if self._current is not None and self._current.poll():
+            return True
+        job, self._current = self._current, None
+        if job is not None:
+            if job.result is not None:
+                self.results.append(job.result)
+                self.rows.extend(self.logic.summaryRows(job.result))
+            else:
+                status = "cancelled" if job.cancelled else "failed"
+                self.rows.append(self.logic.summaryRow(job.inputVolume, status, job.error or ""))
+        self._next()
+        return not self.done
+
+    def wait(self) -> "BatchJob":
+        while self.poll():
+            time.sleep(POLL_INTERVAL_MS / 1000.0)
+        return self
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self._current is not None:
+            self._current.cancel()
+        self.poll()
+
+    def _finish(self) -> None:
+        self.summaryTable = self.logic.createSummaryTable(self.rows)
+        self.seconds = time.monotonic() - self._started
+        self.done = True
+        self._log(f"Batch finished: {self.summary}")
+
+
+class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, usable without the GUI (Python console, batch scripts, tests).
+
+    ``process(inputVolume, outputSegmentation, ..., waitForCompletion=True)`` segments one volume;
+    ``processBatch`` several; ``exportForReport`` writes files for reports.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        #: Python that runs the engine; ``None``: Slicer's ``PythonSlicer`` (or this interpreter outside Slicer).
+        self.enginePython: Optional[str] = None
+        #: Where installed models are looked for; ``None``: ``$ATTENTION_UNET_MODELS`` then the bundled models.
+        self.modelSearchPath: Optional[List[str]] = None
+
+    def getParameterNode(self):
+        return AttentionUNetSegmentParameterNode(super().getParameterNode())
+
+    # Environment
+
+    def pythonExecutable(self) -> str:
+        return self.enginePython or shutil.which("PythonSlicer") or sys.executable
+
+    def engineEnvironment(self) -> Dict[str, str]:
+        """The engine's environment: this one, with the module folder first on ``PYTHONPATH``."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
+        return env
+
+    def ensureDependencies(self) -> None:
+        """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
+        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
+        self._ensureTorch()
+        requirements = _read_requirements(REQUIREMENTS_FILE)
+        missing = [req for req in requirements if not _distribution_installed(req)]
+        if not missing:
+            return
+        try:
+            import slicer.packaging as packaging
+        except ImportError:  # Slicer 5.8/5.10
+            packaging = None
+        try:
+            if packaging is not None:
+                packaging.pip_ensure(missing, requester="AttentionUNet")
+            elif slicer.util.confirmOkCancelDisplay(
+                    "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
+                    + "\n".join(missing), windowTitle="Install Python packages"):
+                slicer.util.pip_install(missing)
+            else:
+                raise AttentionUNetSegmentError(
+                    "The segmentation needs these Python packages: " + ", ".join(missing) + ". Click Apply again "
+                    "and accept the installation.")
+        except AttentionUNetSegmentError:
+            raise
+        except Exception as error:
+            raise AttentionUNetSegmentError(
+                f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
+                "firewall or proxy see the README section 'Troubleshooting'. Restart 3D Slicer if it asks to.")
+
+    def _ensureTorch(self) -> None:
+        if _module_available("torch"):
+            return
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise AttentionUNetSegmentError(
+                "PyTorch is missing. Install the 'PyTorch' extension from the Extensions Manager, restart "
+                "3D Slicer, then click Apply again.")
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if torchLogic.torchInstalled():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                "Attention U-Net needs PyTorch. It will be downloaded and installed now (this can take several "
+                "minutes and about 2 GB of disk space).", windowTitle="Install PyTorch"):
+            raise AttentionUNetSegmentError("The segmentation needs PyTorch. Click Apply again and accept the "
+                                            "installation, or install it from the PyTorch Utils module.")
+        if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+            raise AttentionUNetSegmentError("PyTorch could not be installed. Install it from the PyTorch Utils "
+                                            "module (it shows the reason), then restart 3D Slicer.")
+
+    def detectComputeDevice(self) -> str:
+        """What the engine will run on, in words (imports torch, so call it only when the user asks)."""
+        if not _module_available("torch"):
+            return "PyTorch is not installed yet; it is installed on the first run. The CPU always works."
+        import torch
+
+        if torch.cuda.is_available():
+            properties = torch.cuda.get_device_properties(0)
+            return (f"GPU found: {properties.name} ({properties.total_memory / 2**30:.0f} GB), CUDA "
+                    f"{torch.version.cuda}. 'auto' uses it.")
+        return "No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it)."
+
+    # Models
+
+    def modelRegistry(self) -> ModelRegistry:
+        return ModelRegistry(self.modelSearchPath)
+
+    def availableModels(self):
+        """``(bundles, problems)`` of the installed models (metadata only; nothing heavy is imported)."""
+        return self.modelRegistry().scan()
+
+    def resolveModel(self, model: Optional[str]) -> ModelBundle:
+        """The bundle for an installed model name or a bundle folder (metadata validated, weights not read)."""
+        from AttentionUNetSegmentLib.errors import ModelBundleError
+
+        target = model or DEFAULT_MODEL
+        try:
+            if os.path.isdir(target):
+                return ModelBundle(read_metadata(target), target)
+            bundles, _problems = self.availableModels()
+            for bundle in bundles:
+                if bundle.name == target:
+                    return bundle
+        except ModelBundleError as error:
+            raise AttentionUNetSegmentError(str(error))
+        names = ", ".join(bundle.name for bundle in bundles) or "none"
+        raise AttentionUNetSegmentError(
+            f"No installed model is named '{target}' (installed: {names}). Choose one in the Model list, or pass "
+            "the folder of a model bundle.")
+
+    @staticmethod
+    def describeModel(bundle: ModelBundle) -> str:
+        """Rich text for the panel: description, segments with their colours, licence."""
+        meta = bundle.metadata
+        swatches = ", ".join(
+            "<span style='color:#{:02x}{:02x}{:02x}'>&#9632;</span> {}".format(
+                *(int(round(255 * c)) for c in label.color), label.name) for label in bundle.labels)
+        lines = [f"<b>{bundle.name}</b> {bundle.version}: {meta.get('description', '')}",
+                 f"Segments: {swatches}", f"Licence: {meta.get('license', 'not stated')}"]
+        if meta.get("training_data"):
+            lines.append(f"Trained on: {meta['training_data']}")
+        return "<br>".join(lines)
+
+    # Inputs
+
+    def currentVolume(self):
+        """The volume shown in the slice views (the panel's default input), else the last scalar volume."""
+        selection = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSelectionNode")
+        if selection is not None and selection.GetActiveVolumeID():
+            node = slicer.mrmlScene.GetNodeByID(selection.GetActiveVolumeID())
+            if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+                return node
+        volumes = self.allInputVolumes()
+        return volumes[-1] if volumes else None
+
+    def allInputVolumes(self) -> List[Any]:
+        """Every intensity volume in the scene (label maps excluded)."""
+        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())
+                if not nodes.GetItemAsObject(i).IsA("vtkMRMLLabelMapVolumeNode")]
+
+    @staticmethod
+    def validateInputVolume(volumeNode) -> None:
+        """Raise ``AttentionUNetSegmentError`` (what is wrong + how to fix it) unless the volume can be segmented."""
+        if volumeNode is None:
+            raise AttentionUNetSegmentError("No input volume: choose the volume to segment in Inputs > Volume.")
+        name = volumeNode.GetName()
+        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise AttentionUNetSegmentError(
+                f"'{name}' is a {volumeNode.GetClassName()}, not an intensity image: choose a scalar volume.")
+        image = volumeNode.GetImageData()
+        if image is None or image.GetNumberOfPoints() == 0:
+            raise AttentionUNetSegmentError(f"'{name}' has no voxels: load the image data first.")
+        components = image.GetNumberOfScalarComponents()
+        if components != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
+            raise AttentionUNetSegmentError(
+                f"'{name}' has {components} components per voxel (RGB, vector or 4D data); the model needs one "
+                "grey value per voxel. Convert it with the 'Vector to Scalar Volume' module, or pick one frame.")
+        dims = image.GetDimensions()
+        if min(dims) < 2:
+            raise AttentionUNetSegmentError(
+                f"'{name}' is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); the model segments 3D volumes.")
+        transform = volumeNode.GetParentTransformNode()
+        if transform is not None and not transform.IsTransformToWorldLinear():
+            raise AttentionUNetSegmentError(
+                f"'{name}' is under the non-linear transform '{transform.GetName()}'. Harden the transform on the "
+                "volume (Data module: right-click > Harden transform) or remove it, then run again.")
+
+    @staticmethod
+    def roiBoxInVolumeCoordinates(roiNode, volumeNode) -> List[float]:
+        """The ROI as a RAS box ``[R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX]`` in the volume's own coordinates
+        (what the engine sees when the volume sits under a linear transform); raises if it misses the volume."""
+        worldBounds = [0.0] * 6
+        roiNode.GetRASBounds(worldBounds)
+        corners = []
+        for r in worldBounds[0:2]:
+            for a in worldBounds[2:4]:
+                for s in worldBounds[4:6]:
+                    local = [0.0, 0.0, 0.0]
+                    volumeNode.TransformPointFromWorld([r, a, s], local)
+                    corners.append(local)
+        box = []
+        for axis in range(3):
+            box += [min(c[axis] for c in corners), max(c[axis] for c in corners)]
+        volumeBounds = [0.0] * 6
+        volumeNode.GetBounds(volumeBounds)
+        if any(box[2 * a] > volumeBounds[2 * a + 1] or box[2 * a + 1] < volumeBounds[2 * a] for a in range(3)):
+            raise AttentionUNetSegmentError(
+                f"The ROI '{roiNode.GetName()}' does not overlap '{volumeNode.GetName()}': move the ROI onto the "
+                "volume, or clear the ROI to segment the whole volume.")
+        return box
+
+    @staticmethod
+    def writeVolumeForEngine(volumeNode, folder: pathlib.Path) -> pathlib.Path:
+        """Write the volume (its own coordinates, uncompressed NRRD) for the engine; the scene is not touched."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{ENGINE_INPUT_STEM}.nrrd"
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(0)
+        if not storage.WriteData(volumeNode):
+            raise AttentionUNetSegmentError(
+                f"Could not write '{volumeNode.GetName()}' to the temporary folder {folder}: check free disk space.")
+        return path
+
+    # Running
+
+    def startSegmentation(self, inputVolume, outputSegmentation=None, options: Optional[SegmentationOptions] = None,
+                          progressCallback=None, logCallback=None) -> SegmentationJob:
+        """Validate, then start the engine; poll the returned job (main thread) until ``job.done``."""
+        options = options or SegmentationOptions()
+        self.validateInputVolume(inputVolume)
+        if outputSegmentation is not None and not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
+            raise AttentionUNetSegmentError("The output must be a segmentation node (or None to create one).")
+        bundle = self.resolveModel(options.model)
+        return SegmentationJob(self, inputVolume, outputSegmentation, options, bundle, progressCallback,
+                               logCallback).start()
+
+    def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, roi=None,
+                attentionMaps: bool = True, probabilityMaps: bool = False, device: str = "auto",
+                overlap: Optional[float] = None, testTimeAugmentation: bool = False, largestComponent: bool = False,
+                waitForCompletion: bool = True, progressCallback=None, logCallback=None):
+        """Segment ``inputVolume``. ``outputSegmentation=None`` creates a segmentation named after the input; a
+        given node has its segments replaced. With ``waitForCompletion`` returns a ``SegmentationResult`` (raises
+        ``AttentionUNetSegmentError`` on failure), otherwise the running ``SegmentationJob``."""
+        options = SegmentationOptions(model=model, roi=roi, attentionMaps=attentionMaps,
+                                      probabilityMaps=probabilityMaps, device=device, overlap=overlap,
+                                      testTimeAugmentation=testTimeAugmentation, largestComponent=largestComponent)
+        job = self.startSegmentation(inputVolume, outputSegmentation, options, progressCallback, logCallback)
+        if not waitForCompletion:
+            return job
+        job.wait()
+        if job.cancelled:
+            raise AttentionUNetSegmentError("The segmentation was cancelled.")
+        if job.error:
+            raise AttentionUNetSegmentError(job.error)
+        return job.result
+
+    def startBatch(self, volumes: Sequence[Any], options: Optional[SegmentationOptions] = None,
+                   progressCallback=None, logCallback=None) -> BatchJob:
+        return BatchJob(self, volumes, options or SegmentationOptions(), progressCallback, logCallback).start()
+
+    def processBatch(self, volumes: Sequence[Any], waitForCompletion: bool = True, **options):
+        """Segment each volume (a new segmentation per volume); returns the summary table node (or the job)."""
+        job = self.startBatch(volumes, SegmentationOptions(**options))
+        return job.wait().summaryTable if waitForCompletion else job
+
+    # Results into the scene (main thread)
+
+    def importResults(self, job: SegmentationJob, files: Dict[str, Any], log: List[str]) -> SegmentationResult:
+        """Load the engine's files (its ``done`` record for the input, see DESIGN.md) into the scene; on any
+        problem, remove what was added and raise."""
+        labelPath = pathlib.Path(files.get("segmentation", ""))
+        if not labelPath.is_file():
+            raise AttentionUNetSegmentError("The engine did not report a label map for the input; see the log.")
+        report = _read_json(pathlib.Path(files.get("report", "")))
+        inputVolume = job.inputVolume
+        provenance = self._provenance(job, report)
+        probabilityFiles = files.get("probabilities") or {}
+        probabilityNames = [label.name for label in job.bundle.labels if label.name in probabilityFiles]
+        scene = slicer.mrmlScene
+        added: List[Any] = []
+        try:
+            attention = self._loadMaps([pathlib.Path(path) for path in files.get("attention") or []],
+                                       job.outputSegmentation, ATTENTION_ROLE,
+                                       lambda k: f"{inputVolume.GetName()} attention {k}", added)
+            probabilities = self._loadMaps([pathlib.Path(probabilityFiles[name]) for name in probabilityNames],
+                                           job.outputSegmentation, PROBABILITY_ROLE,
+                                           lambda k: f"{inputVolume.GetName()} probability {probabilityNames[k]}",
+                                           added)
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AttentionUNet temporary labels")
+            added.append(labelmap)
+            self._readVolumeFile(labelPath, labelmap)
+            statistics = _label_statistics(labelmap, job.bundle)
+            segmentation = job.outputSegmentation
+            if segmentation is None:
+                segmentation = scene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
+                added.append(segmentation)
+                segmentation.CreateDefaultDisplayNodes()
+            self._fillSegmentation(segmentation, labelmap, inputVolume, job.bundle, added)
+        except Exception as error:
+            for node in reversed(added):
+                if node.GetScene() is not None:
+                    scene.RemoveNode(node)
+            if isinstance(error, AttentionUNetSegmentError):
+                raise
+            raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
+        scene.RemoveNode(labelmap)
+
+        segmentation.RemoveNodeReferenceIDs(ATTENTION_ROLE)
+        segmentation.RemoveNodeReferenceIDs(PROBABILITY_ROLE)
+        for role, nodes in ((ATTENTION_ROLE, attention), (PROBABILITY_ROLE, probabilities)):
+            for node in nodes:
+                segmentation.AddNodeReferenceID(role, node.GetID())
+        for node, role in [(segmentation, "segmentation")] + [(n, "attention") for n in attention] + \
+                [(n, "probability") for n in probabilities]:
+            for key, value in provenance.items():
+                node.SetAttribute(ATTRIBUTE_PREFIX + key, value)
+            node.SetAttribute(ATTRIBUTE_PREFIX + "Role", role)
+            node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
+        for index, node in enumerate(attention):
+            node.SetAttribute(ATTRIBUTE_PREFIX + "Gate", str(index))
+        self._placeInSubjectHierarchy(inputVolume, segmentation, attention + probabilities)
+        return SegmentationResult(inputVolume, segmentation, attention, probabilities, statistics, provenance, log)
+
+    def _provenance(self, job: SegmentationJob, report: Dict[str, Any]) -> Dict[str, str]:
+        model = report.get("model", {})
+        return {
+            "Model": str(model.get("name", job.bundle.name)),
+            "ModelVersion": str(model.get("version", job.bundle.version)),
+            "ModelSha256": str(model.get("sha256", job.bundle.sha256)),
+            "EngineVersion": str(report.get("engine_version", ENGINE_VERSION)),
+            "Device": str(report.get("device", job.options.device)),
+            "Parameters": json.dumps({**job.options.parameters(), **report.get("parameters", {})}, sort_keys=True),
+            "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "InputVolume": job.inputVolume.GetName(),
+        }
+
+    @staticmethod
+    def _readVolumeFile(path: pathlib.Path, node) -> None:
+        """Read an image file into ``node`` with Slicer's own reader (ITK LPS -> Slicer RAS handled there)."""
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.ReadData(node):
+            raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
+
+    def _loadMaps(self, paths: Sequence[pathlib.Path], previousOwner, role: str,
+                  nameFor: Callable[[int], str], added: List[Any]) -> List[Any]:
+        """Float maps as scalar volumes at their own resolution. Nodes of a previous run are reused only when the
+        user chose to overwrite that run's segmentation (``previousOwner``)."""
+        scene = slicer.mrmlScene
+        previous = []
+        if previousOwner is not None:
+            previous = [previousOwner.GetNthNodeReference(role, i)
+                        for i in range(previousOwner.GetNumberOfNodeReferences(role))]
+        nodes = []
+        for index, path in enumerate(paths):
+            node = previous[index] if index < len(previous) and previous[index] is not None else None
+            if node is None:
+                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(nameFor(index)))
+                added.append(node)
+            self._readVolumeFile(path, node)
+            node.CreateDefaultDisplayNodes()
+            display = node.GetDisplayNode()
+            display.SetAndObserveColorNodeID(ATTENTION_COLOR_NODE_ID)
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(0.0, 1.0)
+            display.SetThreshold(ATTENTION_DISPLAY_THRESHOLD, 1.0)
+            display.ApplyThresholdOn()
+            nodes.append(node)
+        return nodes
+
+    @staticmethod
+    def _labelColorTable(labels: Sequence[Any], name: str):
+        """A colour table whose index is the label value (names and colours of the segments)."""
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", slicer.mrmlScene.GenerateUniqueName(name))
+        table.SetTypeToUser()
+        table.SetNumberOfColors(max([label.value for label in labels] + [0]) + 1)
+        table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+        for label in labels:
+            table.SetColor(label.value, label.name, *label.color, 1.0)
+        return table
+
+    def _fillSegmentation(self, segmentation, labelmap, inputVolume, bundle: ModelBundle, added: List[Any]) -> None:
+        """One segment per bundle label (names, colours, label values, terminology), reference geometry = input."""
+        colors = self._labelColorTable(bundle.labels, "AttentionUNet temporary colors")
+        added.append(colors)
+        labelmap.CreateDefaultDisplayNodes()
+        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        segments = segmentation.GetSegmentation()
+        segments.RemoveAllSegments()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+            raise AttentionUNetSegmentError("Importing the label map into the segmentation failed; see the log.")
+        byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegmentID(i)
+                   for i in range(segments.GetNumberOfSegments())}
+        terminology = {item["value"]: item.get("terminology") for item in bundle.metadata["labels"]}
+        for index, label in enumerate(bundle.labels):
+            segmentId = byValue.get(label.value)
+            if segmentId is None:  # nothing predicted for this label: keep an empty segment so every label shows
+                segmentId = segments.AddEmptySegment("", label.name, list(label.color))
+            segment = segments.GetSegment(segmentId)
+            segment.SetName(label.name)
+            segment.SetColor(*label.color)
+            segment.SetLabelValue(label.value)
+            if terminology.get(label.value):
+                segment.SetTag("TerminologyEntry", str(terminology[label.value]))
+            segments.SetSegmentIndex(segmentId, index)
+        slicer.mrmlScene.RemoveNode(colors)
+        added.remove(colors)
+
+    @staticmethod
+    def _placeInSubjectHierarchy(inputVolume, segmentation, maps: Sequence[Any]) -> None:
+        """Outputs go under the input's study (its parent item); maps in a folder next to the segmentation."""
+        shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
+        inputItem = shNode.GetItemByDataNode(inputVolume)
+        parent = shNode.GetItemParent(inputItem) if inputItem else shNode.GetSceneItemID()
+
+        def place(node, parentItem):
+            item = shNode.GetItemByDataNode(node)
+            if item:
+                shNode.SetItemParent(item, parentItem)
+            else:
+                shNode.CreateItem(parentItem, node)
+
+        place(segmentation, parent)
+        if maps:
+            folderName = f"{inputVolume.GetName()} attention maps"
+            folder = shNode.GetItemChildWithName(parent, folderName) or shNode.CreateFolderItem(parent, folderName)
+            for node in maps:
+                place(node, folder)
+
+    def showResults(self, result: SegmentationResult) -> None:
+        """Input in the background, the finest attention map as a semi-transparent heat overlay."""
+        foreground = result.attentionVolumes[0] if result.attentionVolumes else None
+        slicer.util.setSliceViewerLayers(background=result.inputVolume, foreground=foreground,
+                                         foregroundOpacity=ATTENTION_OPACITY)
+        result.segmentation.CreateDefaultDisplayNodes()
+        result.segmentation.GetDisplayNode().SetVisibility(True)
+
+    # Batch summary
+
+    @staticmethod
+    def summaryRow(volume, status: str, message: str = "", segment: str = "", value: str = "", voxels: str = "",
+                   volumeMl: str = "", segmentation: str = "") -> Dict[str, Any]:
+        return {"Volume": volume.GetName(), "Status": status, "Segment": segment, "Label value": value,
+                "Voxels": voxels, "Volume [mL]": volumeMl, "Segmentation": segmentation, "Message": message}
+
+    def summaryRows(self, result: SegmentationResult) -> List[Dict[str, Any]]:
+        return [self.summaryRow(result.inputVolume, "done", "", row["name"], str(row["value"]), str(row["voxels"]),
+                                f"{row['volume_ml']:.3f}", result.segmentation.GetName())
+                for row in result.statistics]
+
+    @staticmethod
+    def createSummaryTable(rows: Sequence[Dict[str, Any]]):
+        columns = ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]", "Segmentation", "Message"]
+        table = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName("AttentionUNet batch summary"))
+        for name in columns:
+            table.AddColumn().SetName(name)
+        for row in rows:
+            index = table.AddEmptyRow()
+            for column, name in enumerate(columns):
+                table.SetCellText(index, column, str(row.get(name, "")))
+        return table
+
+    @staticmethod
+    def showTable(tableNode) -> None:
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+
+    # Export
+
+    @staticmethod
+    def _referenceVolume(segmentationNode):
+        return segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+
+    @staticmethod
+    def _segmentLabels(segmentationNode) -> List[Any]:
+        """``(value, name, color)`` of every segment; values are the stored label values, made unique."""
+        from AttentionUNetSegmentLib.bundle import LabelInfo
+
+        segments = segmentationNode.GetSegmentation()
+        labels, used = [], set()
+        for i in range(segments.GetNumberOfSegments()):
+            segment = segments.GetNthSegment(i)
+            value = segment.GetLabelValue()
+            if value <= 0 or value in used:
+                value = max(used | {0}) + 1
+            used.add(value)
+            labels.append(LabelInfo(value, segment.GetName(), tuple(segment.GetColor())))
+        return labels
+
+    def exportToLabelMapNode(self, segmentationNode, referenceVolume=None, labelmapNode=None):
+        """All segments into a label map volume node with stable label values (each segment's label value) on the
+        reference volume's grid, with a colour table of the segment names and colours."""
+        if segmentationNode is None or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
+            raise AttentionUNetSegmentError("Nothing to export: choose a segmentation that has segments.")
+        referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
+        scene = slicer.mrmlScene
+        labels = self._segmentLabels(segmentationNode)
+        colors = self._labelColorTable(labels, f"{segmentationNode.GetName()} labels")
+        if labelmapNode is None:
+            labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
+                                                   scene.GenerateUniqueName(f"{segmentationNode.GetName()} labels"))
+        segmentIds = vtk.vtkStringArray()
+        segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
+        extent = (slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY if referenceVolume is not None
+                  else slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentationNode, segmentIds, labelmapNode, referenceVolume, extent, colors):
+            raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
+        labelmapNode.CreateDefaultDisplayNodes()
+        labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        for name in segmentationNode.GetAttributeNames() or ():
+            if name.startswith(ATTRIBUTE_PREFIX):
+                labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
+        return labelmapNode
+
+    @staticmethod
+    def exportFileNames(segmentationNode, fileFormat: str) -> Dict[str, str]:
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
+        base = base or "segmentation"
+        return {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
+                "label_table": f"{base}_labels.csv",
+                "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
+
+    def existingExportFiles(self, segmentationNode, outputDirectory, fileFormat: str = "nii.gz") -> List[str]:
+        names = self.exportFileNames(segmentationNode, fileFormat).values()
+        return [str(pathlib.Path(outputDirectory) / name) for name in names
+                if (pathlib.Path(outputDirectory) / name).exists()]
+
+    def exportForReport(self, segmentationNode, outputDirectory, referenceVolume=None, fileFormat: str = "nii.gz",
+                        force: bool = False) -> Dict[str, str]:
+        """Write a label map (NIfTI or NRRD, label value = segment label value), the segmentation (.seg.nrrd),
+        a CSV label table
+        (value, name, colour), per-segment volumes in mL (CSV) and the provenance (JSON). Existing files are kept
+        unless ``force``; nothing partial is left behind. Returns the written paths by kind."""
+        if fileFormat not in EXPORT_FORMATS:
+            raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {EXPORT_FORMATS}.")
+        outputDirectory = pathlib.Path(outputDirectory)
+        outputDirectory.mkdir(parents=True, exist_ok=True)
+        existing = self.existingExportFiles(segmentationNode, outputDirectory, fileFormat)
+        if existing and not force:
+            raise AttentionUNetSegmentError("These files exist already: " + ", ".join(existing) +
+                                            ". Choose another folder or allow overwriting.")
+        scene = slicer.mrmlScene
+        labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
+        colors = labelmap.GetDisplayNode().GetColorNode()
+        names = self.exportFileNames(segmentationNode, fileFormat)
+        paths = {kind: outputDirectory / name for kind, name in names.items()}
+        partials: List[pathlib.Path] = []
+        try:
+            labels = self._segmentLabels(segmentationNode)
+            voxels = _voxel_counts(labelmap)
+            voxelMl = _voxel_volume_ml(labelmap)
+            writes = {
+                "label_table": "value,name,color\n" + "".join(
+                    f"{label.value},{_csv(label.name)},{_hex(label.color)}\n" for label in labels),
+                "volumes": "value,name,voxels,volume_ml\n" + "".join(
+                    f"{label.value},{_csv(label.name)},{voxels.get(label.value, 0)},"
+                    f"{voxels.get(label.value, 0) * voxelMl:.6f}\n" for label in labels),
+                "provenance": json.dumps({
+                    "segmentation": segmentationNode.GetName(),
+                    "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "attributes": {name[len(ATTRIBUTE_PREFIX):]: segmentationNode.GetAttribute(name)
+                                   for name in (segmentationNode.GetAttributeNames() or ())
+                                   if name.startswith(ATTRIBUTE_PREFIX)},
+                    "voxel_volume_ml": voxelMl,
+                    "files": names}, indent=2) + "\n",
+            }
+            labelPartial = paths["labelmap"].with_name(f"{paths['labelmap'].name}.partial-{os.getpid()}.{fileFormat}")
+            partials.append(labelPartial)
+            segmentationPartial = paths["segmentation"].with_name(f"{names['segmentation']}.partial-{os.getpid()}"
+                                                                   ".seg.nrrd")
+            partials.append(segmentationPartial)
+            for node, partial in ((labelmap, labelPartial), (segmentationNode, segmentationPartial)):
+                storage = node.CreateDefaultStorageNode()
+                storage.SetFileName(str(partial))
+                if not storage.WriteData(node):
+                    raise AttentionUNetSegmentError(f"Could not write {partial.name} in {outputDirectory}: check "
+                                                    "that the folder is writable and has free space.")
+            for kind, text in writes.items():
+                partial = paths[kind].with_name(f"{paths[kind].name}.partial-{os.getpid()}")
+                partials.append(partial)
+                partial.write_text(text, encoding="utf-8")
+            for partial, kind in zip(partials, ["labelmap", "segmentation", *writes]):
+                os.replace(partial, paths[kind])
+        finally:
+            for partial in partials:
+                if partial.exists():
+                    partial.unlink()
+            scene.RemoveNode(labelmap)
+            scene.RemoveNode(colors)
+        return {kind: str(path) for kind, path in paths.items()}
+
+
+def _csv(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def _hex(color: Sequence[float]) -> str:
+    return "#" + "".join(f"{int(round(255 * min(max(c, 0.0), 1.0))):02x}" for c in color[:3])
+
+
+def _voxel_volume_ml(volumeNode) -> float:
+    sx, sy, sz = volumeNode.GetSpacing()
+    return sx * sy * sz / 1000.0
+
+
+def _voxel_counts(labelmapNode) -> Dict[int, int]:
+    import numpy as np
+
+    values, counts = np.unique(slicer.util.arrayFromVolume(labelmapNode), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+
+
+def _label_statistics(labelmapNode, bundle: ModelBundle) -> List[Dict[str, Any]]:
+    counts, voxelMl = _voxel_counts(labelmapNode), _voxel_volume_ml(labelmapNode)
+    return [{"value": label.value, "name": label.name, "voxels": counts.get(label.value, 0),
+             "volume_ml": counts.get(label.value, 0) * voxelMl} for label in bundle.labels]
+
+
+def _read_json(path: pathlib.Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _read_requirements(path: pathlib.Path) -> List[str]:
+    if not path.is_file():
+        return []
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def _distribution_installed(requirement: str) -> bool:
+    """Whether the distribution a requirement names is installed (version pins are the installer's concern)."""
+    import importlib.metadata
+    import re
+
+    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _module_available(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+#
+# AttentionUNetSegmentTest
+#
+
+
+class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
+    """Runs the real Logic on the bundled sample with the bundled model (CPU)."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_SegmentSample()
+        self.setUp()
+        self.test_BadInput()
+
+    def _loadSample(self):
+        samples = sorted(SAMPLE_DATA_DIR.glob("*.nii.gz"))
+        self.assertTrue(samples, f"no sample volume in {SAMPLE_DATA_DIR}")
+        return slicer.util.loadVolume(str(samples[0]))
+
+    def test_SegmentSample(self):
+        self.delayDisplay("Segmenting the bundled sample")
+        volume = self._loadSample()
+        logic = AttentionUNetSegmentLogic()
+        bundle = logic.resolveModel(DEFAULT_MODEL)
+        result = logic.process(volume, device="cpu", waitForCompletion=True)
+
+        segments = result.segmentation.GetSegmentation()
+        self.assertEqual(segments.GetNumberOfSegments(), len(bundle.labels))
+        for index, label in enumerate(bundle.labels):
+            segment = segments.GetNthSegment(index)
+            self.assertEqual(segment.GetName(), label.name)
+            self.assertEqual(segment.GetLabelValue(), label.value)
+
+        labelmap = logic.exportToLabelMapNode(result.segmentation, volume)
+        self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
+        for actual, expected in zip(_ijk_to_ras(labelmap), _ijk_to_ras(volume)):
+            self.assertAlmostEqual(actual, expected, places=4)
+        self.assertGreater(sum(_voxel_counts(labelmap).values()), 0, "the model found nothing in the sample")
+
+        self.assertGreaterEqual(len(result.attentionVolumes), 1)
+        volumeBounds = [0.0] * 6
+        volume.GetRASBounds(volumeBounds)
+        for attention in result.attentionVolumes:
+            self.assertEqual(attention.GetAttribute("AttentionUNet.Model"), bundle.name)
+            bounds = [0.0] * 6
+            attention.GetRASBounds(bounds)
+            for axis in range(6):  # the coarse grid covers the same physical box (within a coarse voxel)
+                self.assertAlmostEqual(bounds[axis], volumeBounds[axis], delta=max(attention.GetSpacing()) * 1.01)
+            values = slicer.util.arrayFromVolume(attention)
+            self.assertGreaterEqual(float(values.min()), 0.0)
+            self.assertLessEqual(float(values.max()), 1.0)
+        self.delayDisplay("Sample segmented")
+
+    def test_BadInput(self):
+        logic = AttentionUNetSegmentLogic()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        with self.assertRaises(AttentionUNetSegmentError):
+            logic.process(None)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+
+
+def _ijk_to_ras(volumeNode) -> List[float]:
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return [matrix.GetElement(r, c) for r in range(3) for c in range(4)]

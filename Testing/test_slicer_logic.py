@@ -1,0 +1,395 @@
+"""The Slicer module's Logic on real MRML (``slicer-core``) with the real engine in a child process.
+
+Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameterNodeWrapper) is shimmed
+(``slicer_module_shims.py``); scene, nodes, storage and segmentation logic are Slicer's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+sitk = pytest.importorskip("SimpleITK")
+slicerio = pytest.importorskip("slicerio")
+vtk = pytest.importorskip("vtk")
+
+from slicer_module_shims import load_module  # noqa: E402
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    angle = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def _add_volume(scene, name, array_kji, spacing=(1.1, 0.9, 2.5), origin=(12.0, -30.0, 40.0),
+                directions=None, class_name="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    slicer.util.updateVolumeFromArray(node, array_kji)
+    node.SetSpacing(*spacing)
+    node.SetOrigin(*origin)
+    matrix = vtk.vtkMatrix4x4()
+    directions = np.eye(3) if directions is None else directions
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, directions[r, c])
+    node.SetIJKToRASDirectionMatrix(matrix)
+    return node
+
+
+def _oblique_image(shape_kji=(14, 26, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape_kji], indexing="ij")
+    blob = np.exp(-((i * 1.5) ** 2 + (j * 1.5) ** 2 + (k * 1.2) ** 2) * 3)
+    return (100 * blob + rng.normal(0, 5, shape_kji)).astype(np.float32)
+
+
+def _matrix(node):
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _sitk_ijk_to_ras(image):
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = LPS_TO_RAS @ direction @ np.diag(image.GetSpacing())
+    m[:3, 3] = LPS_TO_RAS @ np.array(image.GetOrigin())
+    return m
+
+
+def _node_ids(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+@pytest.fixture(scope="module")
+def env(tiny_bundle):
+    """Module under test, a scene with an oblique anisotropic volume inside a study, and a logic using the tiny
+    random-weight bundle."""
+    module = load_module()
+    scene = slicer.mrmlScene
+    volume = _add_volume(scene, "Oblique", _oblique_image(), directions=_rotation((1, 2, 3), 25))
+    sh = scene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "Study")
+    sh.CreateItem(study, volume)
+    logic = module.AttentionUNetSegmentLogic()
+    logic.enginePython = sys.executable
+    return {"module": module, "scene": scene, "volume": volume, "study": study, "logic": logic,
+            "bundle": tiny_bundle, "model": str(tiny_bundle.path)}
+
+
+@pytest.fixture(scope="module")
+def first_result(env):
+    progress, log = [], []
+    result = env["logic"].process(env["volume"], model=env["model"], device="cpu",
+                                  progressCallback=lambda f, m, eta: progress.append(f), logCallback=log.append)
+    return {"result": result, "progress": progress, "log": log}
+
+
+def test_segmentation_has_one_segment_per_label_with_names_colours_values(env, first_result):
+    result = first_result["result"]
+    segments = result.segmentation.GetSegmentation()
+    labels = env["bundle"].labels
+    assert segments.GetNumberOfSegments() == len(labels)
+    for index, label in enumerate(labels):
+        segment = segments.GetNthSegment(index)
+        assert segment.GetName() == label.name
+        assert segment.GetLabelValue() == label.value
+        assert segment.GetColor() == pytest.approx(label.color)
+    assert result.segmentation.GetName() == "Oblique segmentation"
+    assert first_result["progress"][-1] == pytest.approx(1.0)
+    assert any("Results added" in line for line in first_result["log"])
+
+
+def test_results_match_the_engine_run_directly_geometry_included(env, first_result, tmp_path):
+    """Scene label map and attention volumes equal what the CLI writes for the same input (read with SimpleITK,
+    converted LPS -> RAS independently here)."""
+    logic, volume, result = env["logic"], env["volume"], first_result["result"]
+    input_path = logic.writeVolumeForEngine(volume, tmp_path / "in")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(input_path), "--output-dir",
+                    str(out), "--model", env["model"], "--device", "cpu", "--format", "nrrd", "--progress", "none"],
+                   check=True, capture_output=True, timeout=300)
+
+    labelmap = logic.exportToLabelMapNode(result.segmentation, volume)
+    try:
+        assert labelmap.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+        np.testing.assert_allclose(_matrix(labelmap), _matrix(volume), atol=1e-6)
+        expected = sitk.ReadImage(str(out / "input_seg.nrrd"))
+        np.testing.assert_allclose(_sitk_ijk_to_ras(expected), _matrix(volume), atol=1e-5)
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(expected))
+    finally:
+        env["scene"].RemoveNode(labelmap.GetDisplayNode().GetColorNode())
+        env["scene"].RemoveNode(labelmap)
+
+    files = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
+    assert len(result.attentionVolumes) == len(files) >= 1
+    for node, path in zip(result.attentionVolumes, files):
+        image = sitk.ReadImage(str(path))
+        np.testing.assert_allclose(_matrix(node), _sitk_ijk_to_ras(image), atol=1e-5)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(node), sitk.GetArrayFromImage(image), atol=1e-6)
+        assert node.GetImageData().GetDimensions() == image.GetSize()
+
+
+def test_attention_volumes_display_provenance_and_hierarchy(env, first_result):
+    result, scene = first_result["result"], env["scene"]
+    sizes = [n.GetImageData().GetDimensions() for n in result.attentionVolumes]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)  # each gate at its own grid
+    input_bounds = [0.0] * 6
+    env["volume"].GetRASBounds(input_bounds)
+    for index, node in enumerate(result.attentionVolumes):
+        display = node.GetDisplayNode()
+        assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+        assert not display.GetAutoWindowLevel()
+        assert display.GetWindowLevelMin() == pytest.approx(0.0)
+        assert display.GetWindowLevelMax() == pytest.approx(1.0)
+        assert node.GetAttribute("AttentionUNet.Gate") == str(index)
+        bounds = [0.0] * 6
+        node.GetRASBounds(bounds)  # same physical box as the input, within one coarse voxel
+        np.testing.assert_allclose(bounds, input_bounds, atol=max(node.GetSpacing()) * 1.01)
+
+    bundle = env["bundle"]
+    for node in [result.segmentation, *result.attentionVolumes]:
+        assert node.GetAttribute("AttentionUNet.Model") == bundle.name
+        assert node.GetAttribute("AttentionUNet.ModelVersion") == bundle.version
+        assert node.GetAttribute("AttentionUNet.ModelSha256") == bundle.sha256
+        assert node.GetAttribute("AttentionUNet.Device") == "cpu"
+        assert json.loads(node.GetAttribute("AttentionUNet.Parameters"))["device"] == "cpu"
+        assert node.GetAttribute("AttentionUNet.Date")
+
+    sh = scene.GetSubjectHierarchyNode()
+    study = env["study"]
+    assert sh.GetItemParent(sh.GetItemByDataNode(result.segmentation)) == study
+    folder = sh.GetItemParent(sh.GetItemByDataNode(result.attentionVolumes[0]))
+    assert sh.GetItemParent(folder) == study and sh.GetItemName(folder) == "Oblique attention maps"
+    assert result.segmentation.GetNumberOfNodeReferences("AttentionUNetAttention") == len(result.attentionVolumes)
+    env["logic"].showResults(result)  # headless scene: no slice views, must not fail
+
+
+def test_export_for_report_files_read_back(env, first_result, tmp_path):
+    logic, result = env["logic"], first_result["result"]
+    for fmt in ("nii.gz", "nrrd"):
+        files = logic.exportForReport(result.segmentation, tmp_path / fmt, fileFormat=fmt)
+        assert sorted(p.name for p in (tmp_path / fmt).iterdir()) == sorted(
+            [f"Oblique_segmentation_labels.{fmt}", "Oblique_segmentation_labels.csv",
+             "Oblique_segmentation_volumes.csv", "Oblique_segmentation_provenance.json",
+             "Oblique_segmentation.seg.nrrd"])
+        image = sitk.ReadImage(files["labelmap"])
+        np.testing.assert_allclose(_sitk_ijk_to_ras(image), _matrix(env["volume"]), atol=1e-4)
+        labels = sitk.GetArrayFromImage(image)
+        assert set(np.unique(labels)) <= {0, 1, 2}
+
+        with open(files["label_table"], newline="") as stream:
+            table = list(csv.DictReader(stream))
+        assert [(int(r["value"]), r["name"]) for r in table] == [(1, "Anterior"), (2, "Posterior")]
+        assert table[0]["color"] == "#e69933"
+
+        voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+        with open(files["volumes"], newline="") as stream:
+            for row in csv.DictReader(stream):
+                count = int((labels == int(row["value"])).sum())
+                assert int(row["voxels"]) == count
+                assert float(row["volume_ml"]) == pytest.approx(count * voxel_ml, rel=1e-5)
+        stats = {row["value"]: row["voxels"] for row in result.statistics}
+        assert stats == {v: int((labels == v).sum()) for v in (1, 2)}
+
+        provenance = json.loads(open(files["provenance"]).read())
+        assert provenance["attributes"]["Model"] == env["bundle"].name
+        assert provenance["attributes"]["ModelSha256"] == env["bundle"].sha256
+
+        segmentation = slicerio.read_segmentation(files["segmentation"])
+        names = {s["name"]: s for s in segmentation["segments"]}
+        assert set(names) == {"Anterior", "Posterior"}
+        assert names["Anterior"]["labelValue"] == 1 and names["Posterior"]["labelValue"] == 2
+        assert names["Posterior"]["color"] == pytest.approx([0.2, 0.6, 0.9], abs=1e-3)
+
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exist already"):
+        logic.exportForReport(result.segmentation, tmp_path / "nrrd", fileFormat="nrrd")
+    logic.exportForReport(result.segmentation, tmp_path / "nrrd", fileFormat="nrrd", force=True)
+    assert not list((tmp_path / "nrrd").glob("*partial*"))
+
+
+def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
+    scene, result = env["scene"], first_result["result"]
+    segments = result.segmentation.GetSegmentation()
+    labelmap = env["logic"].exportToLabelMapNode(result.segmentation)
+    try:
+        assert labelmap.IsA("vtkMRMLLabelMapVolumeNode") and labelmap.GetScene() is scene
+        values = set(np.unique(slicer.util.arrayFromVolume(labelmap))) - {0}
+        assert values == {row["value"] for row in result.statistics if row["voxels"] > 0}
+        assert {segments.GetNthSegment(i).GetLabelValue() for i in range(segments.GetNumberOfSegments())} == {1, 2}
+        colors = labelmap.GetDisplayNode().GetColorNode()
+        assert colors.GetColorName(2) == "Posterior"
+        assert labelmap.GetAttribute("AttentionUNet.Model") == env["bundle"].name
+    finally:
+        scene.RemoveNode(labelmap.GetDisplayNode().GetColorNode())
+        scene.RemoveNode(labelmap)
+
+
+def test_cancel_leaves_the_scene_unchanged(env):
+    scene = env["scene"]
+    before = _node_ids(scene)
+    job = env["logic"].process(env["volume"], model=env["model"], device="cpu", waitForCompletion=False)
+    deadline = time.monotonic() + 120
+    while job._engine.progress.stage == "starting" and time.monotonic() < deadline and job.poll():
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.cancel()
+    assert time.monotonic() - started < 5
+    assert job.done and job.cancelled and job.result is None and job.error is None
+    assert _node_ids(scene) == before
+    assert job._workDir is None  # temporary files removed
+
+
+@pytest.mark.slow
+def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
+    scene, logic, volume = env["scene"], env["logic"], env["volume"]
+    first = first_result["result"]
+    first_ids = [n.GetID() for n in first.attentionVolumes]
+    first_date = first.segmentation.GetAttribute("AttentionUNet.Date")
+
+    new = logic.process(volume, model=env["model"], device="cpu", attentionMaps=True)
+    assert new.segmentation.GetID() != first.segmentation.GetID()
+    assert new.segmentation.GetName() != first.segmentation.GetName()
+    assert not {n.GetID() for n in new.attentionVolumes} & set(first_ids)
+    assert first.segmentation.GetAttribute("AttentionUNet.Date") == first_date  # untouched
+
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    again = logic.process(volume, new.segmentation, model=env["model"], device="cpu", overlap=0.25)
+    assert again.segmentation is new.segmentation
+    assert [n.GetID() for n in again.attentionVolumes] == [n.GetID() for n in new.attentionVolumes]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    assert json.loads(again.segmentation.GetAttribute("AttentionUNet.Parameters"))["overlap"] == 0.25
+    assert again.segmentation.GetSegmentation().GetNumberOfSegments() == len(env["bundle"].labels)
+
+
+@pytest.mark.slow
+def test_probability_maps_on_the_input_grid(env):
+    result = env["logic"].process(env["volume"], model=env["model"], device="cpu", attentionMaps=False,
+                                  probabilityMaps=True)
+    assert result.attentionVolumes == []
+    assert [n.GetName() for n in result.probabilityVolumes] == [
+        f"Oblique probability {label.name}" for label in env["bundle"].labels]
+    for node in result.probabilityVolumes:
+        np.testing.assert_allclose(_matrix(node), _matrix(env["volume"]), atol=1e-5)
+        values = slicer.util.arrayFromVolume(node)
+        assert values.min() >= 0.0 and values.max() <= 1.0
+        assert node.GetAttribute("AttentionUNet.Role") == "probability"
+
+
+@pytest.mark.slow
+def test_roi_restricts_the_segmentation(env):
+    scene, volume = env["scene"], env["volume"]
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    center = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
+    roi.SetXYZ(*center)
+    roi.SetRadiusXYZ(8, 8, 10)
+    result = env["logic"].process(volume, model=env["model"], device="cpu", roi=roi, attentionMaps=False)
+    assert result.attentionVolumes == []
+    labelmap = env["logic"].exportToLabelMapNode(result.segmentation, volume)
+    labels = slicer.util.arrayFromVolume(labelmap)
+    kji = np.argwhere(labels > 0)
+    assert len(kji) < labels.size  # the crop left most of the volume unlabelled
+    # The engine crops the input's voxel grid to the index box holding the ROI's corners (an oblique grid's box
+    # is larger than the RAS box): every labelled voxel lies in that index box.
+    roi_bounds = [0.0] * 6
+    roi.GetRASBounds(roi_bounds)
+    corners = np.array([[r, a, s, 1.0] for r in roi_bounds[0:2] for a in roi_bounds[2:4] for s in roi_bounds[4:6]])
+    corner_ijk = (np.linalg.inv(_matrix(volume)) @ corners.T).T[:, :3]
+    ijk = kji[:, ::-1]
+    assert (ijk >= np.floor(corner_ijk.min(axis=0)) - 1).all()
+    assert (ijk <= np.ceil(corner_ijk.max(axis=0)) + 1).all()
+    roi.SetXYZ(center[0] + 1000, center[1], center[2])
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="does not overlap"):
+        env["logic"].process(volume, model=env["model"], device="cpu", roi=roi)
+
+
+@pytest.mark.slow
+def test_batch_runs_each_volume_and_fills_a_summary_table(env):
+    scene = env["scene"]
+    second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
+    flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
+    table = env["logic"].processBatch([second, flat], model=env["model"], device="cpu", attentionMaps=False)
+    assert table.IsA("vtkMRMLTableNode")
+    rows = [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
+            for r in range(table.GetNumberOfRows())]
+    columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
+    assert columns[:6] == ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]"]
+    done = [row for row in rows if row[0] == "Second"]
+    assert [row[1] for row in done] == ["done", "done"] and [row[2] for row in done] == ["Anterior", "Posterior"]
+    skipped = [row for row in rows if row[0] == "Flat"]
+    assert len(skipped) == 1 and skipped[0][1] == "skipped" and "2D" in skipped[0][-1]
+    assert scene.GetFirstNodeByName("Second segmentation") is not None
+
+
+# Bad input: a clear message and nothing added to the scene
+
+
+def _expect_rejected(env, match, volume, **kwargs):
+    scene = env["scene"]
+    before = _node_ids(scene)
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match=match):
+        env["logic"].process(volume, **{"model": env["model"], "device": "cpu", **kwargs})
+    assert _node_ids(scene) == before
+
+
+def test_no_input_is_rejected(env):
+    _expect_rejected(env, "No input volume", None)
+
+
+def test_2d_volume_is_rejected(env):
+    volume = _add_volume(env["scene"], "Slice", np.ones((1, 16, 16), np.float32))
+    _expect_rejected(env, "is 2D", volume)
+
+
+def test_rgb_and_4d_volumes_are_rejected(env):
+    scene = env["scene"]
+    rgb = _add_volume(scene, "Photo", np.zeros((4, 16, 16, 3), np.uint8), class_name="vtkMRMLVectorVolumeNode")
+    _expect_rejected(env, "3 components per voxel", rgb)
+    series = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Series")  # 4D: 5 time points per voxel
+    image = vtk.vtkImageData()
+    image.SetDimensions(16, 16, 4)
+    image.AllocateScalars(vtk.VTK_FLOAT, 5)
+    series.SetAndObserveImageData(image)
+    _expect_rejected(env, "5 components per voxel", series)
+    labels = _add_volume(scene, "Labels", np.zeros((4, 16, 16), np.uint8), class_name="vtkMRMLLabelMapVolumeNode")
+    _expect_rejected(env, "not an intensity image", labels)
+
+
+def test_volume_under_nonlinear_transform_is_rejected(env):
+    scene = env["scene"]
+    volume = _add_volume(scene, "Warped", _oblique_image())
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "Warp")
+    volume.SetAndObserveTransformNodeID(grid.GetID())
+    _expect_rejected(env, "non-linear transform 'Warp'.*Harden", volume)
+
+
+def test_corrupt_model_weights_are_rejected_by_the_engine(env, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(env["model"], corrupt)
+    weights = corrupt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _expect_rejected(env, "sha256", env["volume"], model=str(corrupt))
+
+
+def test_corrupt_model_metadata_is_rejected_before_running(env, tmp_path):
+    corrupt = tmp_path / "broken"
+    shutil.copytree(env["model"], corrupt)
+    (corrupt / "model.json").write_text("{not json")
+    _expect_rejected(env, "model.json|JSON", env["volume"], model=str(corrupt))
+    _expect_rejected(env, "No installed model is named 'nonexistent'", env["volume"], model="nonexistent")
