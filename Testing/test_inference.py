@@ -210,8 +210,9 @@ def test_attention_maps_equal_the_network_maps_when_one_window_fits(predictor, t
         f = 2**k
         np.testing.assert_allclose(sitk.GetArrayViewFromImage(gate), alpha[0, 0].numpy(), atol=1e-5)
         for j in corner_indices(gate.GetSize()):
-            block = [region.TransformContinuousIndexToPhysicalPoint([i * f + (f - 1) / 2 for i in j])]
-            np.testing.assert_allclose(gate.TransformIndexToPhysicalPoint(j), block[0], atol=1e-6)
+            # Coarse voxel j summarises input voxels j*f .. j*f + f - 1: its centre is their mean position.
+            block_centre = region.TransformContinuousIndexToPhysicalPoint([i * f + (f - 1) / 2 for i in j])
+            np.testing.assert_allclose(gate.TransformIndexToPhysicalPoint(j), block_centre, atol=1e-6)
 
 
 def test_oblique_anisotropic_input_gets_labels_on_its_exact_grid(predictor):
