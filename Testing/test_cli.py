@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,10 @@ def test_segment_writes_every_output_on_the_input_grid(segmented, tiny_bundle):
             values = sitk.GetArrayViewFromImage(attention)
             assert attention.GetPixelID() == sitk.sitkFloat32 and attention.GetDimension() == 3
             assert values.min() >= 0.0 and values.max() <= 1.0
+            # The coarse grid overlays the input: the input's centre falls inside it.
+            centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
+            index = attention.TransformPhysicalPointToContinuousIndex(centre)
+            assert all(-0.5 <= i <= n - 0.5 for i, n in zip(index, attention.GetSize()))
         assert not (out / f"{stem}_attention_2.nii.gz").exists()
     assert not [p for p in out.iterdir() if ".partial-" in p.name]
 
@@ -333,3 +338,25 @@ def test_preview_draws_the_segmentation_and_an_attention_map(tiny_bundle, tmp_pa
     assert pixels[..., :3].std() > 0.05  # an actual picture, not a blank canvas
     with pytest.raises(OutputExistsError):
         write_preview(image, paths, preview)
+
+
+def test_sigterm_cancels_cleanly_without_partial_files(tiny_bundle, tmp_path):
+    """The Slicer module's Cancel: SIGTERM during inference -> exit 2, one error line, nothing left behind."""
+    image = tmp_path / "large.nii.gz"
+    make_volume(image, (48, 48, 48), (1.0, 1.0, 1.0))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(image), "--output-dir", str(out),
+               "--model", str(tiny_bundle.path), "--device", "cpu", "--tta", "--progress", "json"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        for line in process.stdout:
+            if json.loads(line)["stage"] == "inference":
+                process.send_signal(signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 2
+    assert stderr.startswith("error: cancelled") and len(stderr.strip().splitlines()) == 1
+    assert not out.exists() or list(out.iterdir()) == []
