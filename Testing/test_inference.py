@@ -16,6 +16,7 @@ from AttentionUNetSegmentLib.inference import (
     ROI_MARGIN_VOXELS,
     Predictor,
     gaussian_importance_map,
+    label_dtype,
     resolve_device,
     sliding_window_inference,
     window_starts,
@@ -129,6 +130,12 @@ def test_half_precision_accumulator_is_safe(model):
     assert float(error.max()) < 5e-3 and float(error.mean()) < 5e-4
     agree = (half.scores.argmax(0) == full.scores.argmax(0)).float().mean()
     assert float(agree) > 0.999
+
+
+def test_label_map_type_fits_every_label_value():
+    assert label_dtype([0, 1, 2, 255]) == np.uint8
+    assert label_dtype([0, 256]) == np.int16
+    assert label_dtype([0, 40000]) == np.uint16
 
 
 def test_device_resolution():

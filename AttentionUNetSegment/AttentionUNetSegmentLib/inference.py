@@ -53,7 +53,8 @@ _STAGE_START = {"preprocess": 0.0, "inference": 0.05, "resample": 0.9, "postproc
 class Prediction:
     """Everything ``Predictor.predict`` produces for one image.
 
-    ``labels``: uint8 (int16 with label values above 255) on the input grid (size, origin, spacing, direction).
+    ``labels``: uint8 (int16 with label values above 255, see ``label_dtype``) on the input grid (size, origin,
+    spacing, direction).
     ``attention``: float32 in [0, 1], one image per gate, finest first, each on its gate's own coarse grid.
     ``probabilities``: label value (0 = background included) -> float32 image on the input grid; empty unless
     asked for. ``timings``: seconds per stage. ``device``: what actually ran (``"cpu"``, ``"cuda:0"``).
@@ -287,8 +288,12 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
     raise AttentionUNetError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
 
 
-def _label_dtype(values: Sequence[int]) -> np.dtype:
-    return np.dtype(np.uint8) if max(values) <= 255 else np.dtype(np.int16)
+def label_dtype(values: Sequence[int]) -> np.dtype:
+    """Smallest label-map type for ``values``: uint8, int16 above 255, uint16 above 32767 (bundles allow 65535)."""
+    largest = max(values)
+    if largest <= 255:
+        return np.dtype(np.uint8)
+    return np.dtype(np.int16) if largest <= 32767 else np.dtype(np.uint16)
 
 
 def _gate_image(array: np.ndarray, start_zyx: Sequence[int], level: int, grid: sitk.Image) -> sitk.Image:
@@ -468,7 +473,7 @@ class Predictor:
                 winner[better] = channel
             if probabilities:
                 kept[value] = resampled
-        lookup = np.array(self.label_values, dtype=_label_dtype(self.label_values))
+        lookup = np.array(self.label_values, dtype=label_dtype(self.label_values))
         labels = sitk.GetImageFromArray(lookup[winner])
         labels.CopyInformation(reference)
         return labels, kept
