@@ -210,6 +210,7 @@ def sliding_window_inference(
     patch = tuple(_round_up(p, align) for p in patch_size)
     padded = tuple(max(p, _round_up(s, align)) for s, p in zip(spatial, patch))
     before = tuple((p - s) // 2 for s, p in zip(spatial, padded))
+    # F.pad wants (x_before, x_after, y_before, y_after, z_before, z_after): last axis first.
     padding = [v for s, p, b in reversed(list(zip(spatial, padded, before))) for v in (b, p - s - b)]
     image = F.pad(volume.to(device=device, dtype=torch.float32), padding)
 
