@@ -176,22 +176,28 @@ def _read_case(case: CaseRecord) -> Tuple[sitk.Image, sitk.Image]:
     return image, label
 
 
+def grid_differences(image: sitk.Image, other: sitk.Image) -> List[str]:
+    """How ``other``'s grid (size, spacing, origin, direction) differs from ``image``'s; empty when it matches."""
+    problems = []
+    if image.GetSize() != other.GetSize():
+        problems.append(f"size {other.GetSize()} vs {image.GetSize()}")
+    if not np.allclose(image.GetSpacing(), other.GetSpacing(), rtol=GEOMETRY_TOLERANCE, atol=0):
+        problems.append(f"spacing {other.GetSpacing()} vs {image.GetSpacing()}")
+    tolerance = GEOMETRY_TOLERANCE * max(1.0, max(image.GetSpacing()))
+    if not np.allclose(image.GetOrigin(), other.GetOrigin(), atol=tolerance, rtol=0):
+        problems.append(f"origin {other.GetOrigin()} vs {image.GetOrigin()}")
+    if not np.allclose(image.GetDirection(), other.GetDirection(), atol=GEOMETRY_TOLERANCE, rtol=0):
+        problems.append("direction cosines differ")
+    return problems
+
+
 def check_case_geometry(case: CaseRecord, image: sitk.Image, label: sitk.Image) -> None:
     """Refuse a label whose grid (size, spacing, origin, direction) differs from its image's."""
-    problems = []
-    if image.GetSize() != label.GetSize():
-        problems.append(f"size {label.GetSize()} vs image {image.GetSize()}")
-    if not np.allclose(image.GetSpacing(), label.GetSpacing(), rtol=GEOMETRY_TOLERANCE, atol=0):
-        problems.append(f"spacing {label.GetSpacing()} vs image {image.GetSpacing()}")
-    tolerance = GEOMETRY_TOLERANCE * max(1.0, max(image.GetSpacing()))
-    if not np.allclose(image.GetOrigin(), label.GetOrigin(), atol=tolerance, rtol=0):
-        problems.append(f"origin {label.GetOrigin()} vs image {image.GetOrigin()}")
-    if not np.allclose(image.GetDirection(), label.GetDirection(), atol=GEOMETRY_TOLERANCE, rtol=0):
-        problems.append("direction cosines differ")
+    problems = grid_differences(image, label)
     if problems:
-        raise DatasetError(f"case {case.name}: label {case.label.name} does not lie on its image's grid ("
-                           + "; ".join(problems) + "); resample the label onto the image (nearest neighbour) or "
-                           "fix the pairing")
+        raise DatasetError(f"case {case.name}: label {case.label.name} does not lie on its image's grid (label "
+                           + "; ".join(problems) + " of the image); resample the label onto the image (nearest "
+                           "neighbour) or fix the pairing")
 
 
 def _label_array(case: CaseRecord, label: sitk.Image, allowed: Sequence[int]) -> np.ndarray:
@@ -222,8 +228,8 @@ def inspect_case(case: CaseRecord, label_values: Sequence[int], orientation: str
     check_case_geometry(case, image, label)
     array = _label_array(case, label, label_values)
     counts = {int(v): int(c) for v, c in zip(*np.unique(array, return_counts=True)) if v != 0}
-    image = reorient(image, orientation)
-    inside = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(reorient(label, orientation)) > 0]
+    image, label = reorient(image, orientation), reorient(label, orientation)
+    inside = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(label) > 0]
     rng = np.random.default_rng(seed)
     sample = rng.choice(inside, size=min(_FINGERPRINT_INTENSITIES, inside.size), replace=False)
     return CaseFingerprint(name=case.name, spacing=tuple(float(s) for s in image.GetSpacing()),  # type: ignore

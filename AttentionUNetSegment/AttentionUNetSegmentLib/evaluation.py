@@ -1,0 +1,288 @@
+"""``attention-unet evaluate``: score segmentations against reference labels.
+
+Per case and label: Dice, the 95th-percentile Hausdorff distance (mm) and the volume difference (mL, prediction
+minus reference, and relative to the reference); per label the mean over cases. Predictions come from a folder
+(``<case>_seg.nii.gz``, ``<case>.nii.gz``, ... as written by ``attention-unet segment``) or from running a model
+bundle through ``inference.Predictor``. References are a label folder or a dataset (MSD folder, .json or .csv).
+
+Conventions: Dice is undefined (``None``) when a label is absent from both maps. HD95 follows MONAI: the larger
+of the two directed 95th-percentile distances between the boundary voxels of prediction and reference (boundary =
+voxels of the mask with a face neighbour outside it), measured in mm on the reference grid; it is ``None`` when
+either mask is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from .datasets import grid_differences, load_dataset
+from .errors import DatasetError, OutputExistsError
+from .imageio import READ_EXTENSIONS, image_stem, read_image
+
+METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
+           "volume_difference_percent")
+
+
+def dice_score(prediction: np.ndarray, reference: np.ndarray) -> Optional[float]:
+    """Dice of two boolean masks; ``None`` when both are empty."""
+    total = int(prediction.sum()) + int(reference.sum())
+    if total == 0:
+        return None
+    return 2.0 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with at least one face neighbour outside it (the image border counts as outside)."""
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
+    return mask & ~eroded
+
+
+def hausdorff95(prediction: np.ndarray, reference: np.ndarray, spacing_zyx: Sequence[float]) -> Optional[float]:
+    """Symmetric 95th-percentile boundary distance in mm (see the module docstring); ``None`` if a mask is
+    empty. ``spacing_zyx`` is the voxel size along the array axes."""
+    if not prediction.any() or not reference.any():
+        return None
+    prediction_boundary, reference_boundary = _boundary(prediction), _boundary(reference)
+    to_reference = ndimage.distance_transform_edt(~reference_boundary, sampling=spacing_zyx)
+    to_prediction = ndimage.distance_transform_edt(~prediction_boundary, sampling=spacing_zyx)
+    return float(max(np.percentile(to_reference[prediction_boundary], 95),
+                     np.percentile(to_prediction[reference_boundary], 95)))
+
+
+def label_metrics(prediction: np.ndarray, reference: np.ndarray, value: int,
+                  spacing_zyx: Sequence[float]) -> Dict[str, Optional[float]]:
+    """All metrics of one label value between two ``(z, y, x)`` label maps."""
+    predicted, expected = prediction == value, reference == value
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    predicted_ml, expected_ml = int(predicted.sum()) * voxel_ml, int(expected.sum()) * voxel_ml
+    return {
+        "dice": dice_score(predicted, expected),
+        "hd95_mm": hausdorff95(predicted, expected, spacing_zyx),
+        "volume_prediction_ml": predicted_ml,
+        "volume_reference_ml": expected_ml,
+        "volume_difference_ml": predicted_ml - expected_ml,
+        "volume_difference_percent": None if expected_ml == 0 else 100.0 * (predicted_ml - expected_ml) / expected_ml,
+    }
+
+
+@dataclass
+class EvaluationCase:
+    """A reference label file and (optionally) its image, named by the case."""
+
+    name: str
+    reference: Path
+    image: Optional[Path] = None
+
+
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def summarize(results: Sequence[Dict[str, Any]], labels: Mapping[int, str]) -> Dict[str, Dict[str, Any]]:
+    """Per label name: the mean of every metric over the cases where it is defined, and the case count."""
+    summary = {}
+    for name in labels.values():
+        rows = [r["labels"][name] for r in results]
+        summary[name] = {metric: _mean([row[metric] for row in rows]) for metric in METRICS}
+        summary[name]["cases"] = len(rows)
+    return summary
+
+
+def evaluate_case(prediction: sitk.Image, reference: sitk.Image, labels: Mapping[int, str],
+                  case: EvaluationCase) -> Dict[str, Any]:
+    """Metrics of every label for one case; the prediction must lie on the reference's grid."""
+    problems = grid_differences(reference, prediction)
+    if problems:
+        raise DatasetError(f"case {case.name}: the prediction does not lie on the reference label's grid ("
+                           + "; ".join(problems) + " of the reference); segment the reference's own image or "
+                           "resample the prediction onto it (nearest neighbour)")
+    spacing_zyx = tuple(reference.GetSpacing())[::-1]
+    predicted = sitk.GetArrayViewFromImage(prediction)
+    expected = sitk.GetArrayViewFromImage(reference)
+    return {"case": case.name,
+            "labels": {name: label_metrics(predicted, expected, value, spacing_zyx) for value, name in labels.items()}}
+
+
+def find_prediction(directory: Path, name: str) -> Path:
+    """``<name>_seg<ext>`` or ``<name><ext>`` in ``directory`` (any readable image extension)."""
+    for stem in (f"{name}_seg", name):
+        for extension in READ_EXTENSIONS:
+            candidate = directory / f"{stem}{extension}"
+            if candidate.is_file():
+                return candidate
+    raise DatasetError(f"case {name}: no prediction {name}_seg.nii.gz (or {name}.nii.gz, .nrrd, ...) in {directory}; "
+                       "segment it first or remove it from the evaluation")
+
+
+def reference_cases(reference: Path, images: Optional[Path] = None) -> Tuple[List[EvaluationCase],
+                                                                              Dict[int, str]]:
+    """Cases and label names from a dataset (MSD folder / .json / .csv) or a plain label folder (names then
+    empty: they come from the model or the label values)."""
+    if reference.is_dir() and not (reference / "dataset.json").is_file():
+        files = sorted(p for p in reference.iterdir() if p.is_file() and p.name.lower().endswith(READ_EXTENSIONS))
+        if not files:
+            raise DatasetError(f"{reference} holds no label images (.nii.gz, .nrrd, ...)")
+        cases = []
+        for path in files:
+            name = image_stem(path)
+            image = None
+            if images is not None:
+                matches = [images / f"{name}{ext}" for ext in READ_EXTENSIONS if (images / f"{name}{ext}").is_file()]
+                if not matches:
+                    raise DatasetError(f"case {name}: no image named {name}.nii.gz (or .nrrd, ...) in {images}")
+                image = matches[0]
+            cases.append(EvaluationCase(name, path, image))
+        return cases, {}
+    dataset = load_dataset(reference)
+    return [EvaluationCase(c.name, c.label, c.image) for c in dataset.cases], dict(dataset.labels)
+
+
+def _read_label(path: Path, case: str) -> sitk.Image:
+    if not path.is_file():
+        raise DatasetError(f"case {case}: label file {path} does not exist")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        raise DatasetError(f"case {case}: {path} is unreadable ({str(error).strip().splitlines()[-1]})") from None
+
+
+def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predictions: Optional[Path] = None,
+             predictor: Any = None, progress: Any = None) -> Dict[str, Any]:
+    """Score every case; predictions are read from ``predictions`` or computed with ``predictor``
+    (an ``inference.Predictor``). Returns ``{"labels", "cases": [...], "mean": {...}}``."""
+    if (predictions is None) == (predictor is None):
+        raise ValueError("give exactly one of predictions (a folder) or predictor")
+    results = []
+    for index, case in enumerate(cases):
+        reference = _read_label(case.reference, case.name)
+        if predictor is not None:
+            if case.image is None:
+                raise DatasetError(f"case {case.name}: running a model needs its image; pass --images DIR")
+            prediction = predictor.predict(read_image(case.image), attention=False).labels
+        else:
+            prediction = _read_label(find_prediction(predictions, case.name), case.name)
+        results.append(evaluate_case(prediction, reference, labels, case))
+        if progress is not None:
+            progress("evaluate", (index + 1) / len(cases), case.name)
+    return {"labels": {str(v): n for v, n in labels.items()}, "cases": results, "mean": summarize(results, labels)}
+
+
+def _rows(report: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for result in report["cases"]:
+        for name, metrics in result["labels"].items():
+            rows.append({"case": result["case"], "label": name, **metrics})
+    for name, metrics in report["mean"].items():
+        rows.append({"case": "mean", "label": name, **{m: metrics[m] for m in METRICS}})
+    return rows
+
+
+def write_report(report: Mapping[str, Any], prefix: Path, force: bool = False) -> Tuple[Path, Path]:
+    """Write ``<prefix>.csv`` (one row per case and label, then the means) and ``<prefix>.json``, atomically."""
+    targets = (prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".json"))
+    for target in targets:
+        if target.exists() and not force:
+            raise OutputExistsError(f"{target} already exists; choose another --output or pass --force")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    partials = [t.with_name(f"{t.stem}.partial-{os.getpid()}{t.suffix}") for t in targets]
+    try:
+        with open(partials[0], "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=["case", "label", *METRICS])
+            writer.writeheader()
+            for row in _rows(report):
+                writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        partials[1].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        for partial, target in zip(partials, targets):
+            os.replace(partial, target)
+    finally:
+        for partial in partials:
+            if partial.exists():
+                partial.unlink()
+    return targets
+
+
+def _selected(cases: List[EvaluationCase], names: Optional[Sequence[str]], names_file: Optional[str]):
+    wanted: Optional[List[str]] = list(names) if names else None
+    if names_file:
+        path = Path(names_file)
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+            wanted = data["validation_cases"] if isinstance(data, dict) else list(data)
+        else:
+            wanted = [line.strip() for line in text.splitlines() if line.strip()]
+    if wanted is None:
+        return cases
+    by_name = {case.name: case for case in cases}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise DatasetError(f"cases {missing[:5]} are not in the reference set; check --cases/--cases-file")
+    return [by_name[name] for name in wanted]
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``attention-unet evaluate``."""
+    parser.add_argument("reference", help="reference labels: a label folder, an MSD dataset folder or a .json/.csv "
+                        "pairs file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help="folder of predicted label maps (<case>_seg.nii.gz or <case>.nii.gz)")
+    source.add_argument("--model", help="run this model (installed name or bundle directory) on the images")
+    parser.add_argument("--images", help="image folder (when the reference is a plain label folder and --model is "
+                        "used; file names as the labels)")
+    parser.add_argument("--cases", nargs="+", help="evaluate only these cases")
+    parser.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
+                        "validation_cases)")
+    parser.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.csv and PREFIX.json")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (with --model)")
+    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (with --model)")
+    parser.add_argument("--progress", choices=["bar", "json", "none"], default=None)
+    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point of ``attention-unet evaluate``; prints the mean metrics per label."""
+    from .progress import default_progress_kind, make_progress
+
+    cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None)
+    cases = _selected(cases, args.cases, args.cases_file)
+    predictor = None
+    if args.model:
+        from .bundle import ModelRegistry
+        from .inference import Predictor
+
+        bundle = ModelRegistry().resolve(args.model)
+        labels = {label.value: label.name for label in bundle.labels}
+        predictor = Predictor(bundle, device=args.device, tta=args.tta)
+    if not labels:
+        values = set()
+        for case in cases:
+            values |= set(np.unique(sitk.GetArrayFromImage(_read_label(case.reference, case.name))).tolist())
+        labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
+    prefix = Path(args.output)
+    for suffix in (".csv", ".json"):  # refuse before the (possibly long) evaluation, not after
+        if prefix.with_name(prefix.name + suffix).exists() and not args.force:
+            raise OutputExistsError(f"{prefix}{suffix} already exists; choose another --output or pass --force")
+    progress = make_progress(args.progress or default_progress_kind())
+    try:
+        report = evaluate(cases, labels, Path(args.predictions) if args.predictions else None, predictor, progress)
+    finally:
+        progress.close()
+    write_report(report, prefix, force=args.force)
+    for name, metrics in report["mean"].items():
+        parts = [f"{m} {metrics[m]:.4f}" for m in ("dice", "hd95_mm", "volume_difference_ml")
+                 if metrics[m] is not None]
+        print(f"{name}: " + ", ".join(parts) + f" ({metrics['cases']} cases)", file=sys.stderr)
+    return 0

@@ -1,0 +1,153 @@
+"""Evaluation metrics against hand-computed cases, and ``attention-unet evaluate`` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from AttentionUNetSegmentLib.evaluation import dice_score, hausdorff95, label_metrics
+
+CLI = [sys.executable, "-m", "AttentionUNetSegmentLib"]
+
+
+def test_dice_hand_computed():
+    reference = np.zeros((4, 4, 4), bool)
+    prediction = np.zeros((4, 4, 4), bool)
+    reference[0:2, 0:2, 0:2] = True  # 8 voxels
+    prediction[0:2, 0:2, 1:3] = True  # 8 voxels, 4 shared
+    assert dice_score(prediction, reference) == pytest.approx(0.5)
+    assert dice_score(reference, reference) == 1.0
+    assert dice_score(np.zeros_like(reference), reference) == 0.0
+    assert dice_score(np.zeros_like(reference), np.zeros_like(reference)) is None
+
+
+def test_hd95_single_voxels_anisotropic():
+    reference = np.zeros((12, 10, 10), bool)
+    prediction = np.zeros_like(reference)
+    reference[5, 5, 5] = True
+    prediction[8, 5, 5] = True  # 3 slices apart along z, slices 2 mm thick
+    assert hausdorff95(prediction, reference, (2.0, 0.7, 0.7)) == pytest.approx(6.0)
+
+
+def test_hd95_parallel_planes():
+    reference = np.zeros((6, 6, 12), bool)
+    prediction = np.zeros_like(reference)
+    reference[:, :, 2] = True
+    prediction[:, :, 5] = True  # every boundary voxel is 3 columns (1.5 mm) from the other plane
+    assert hausdorff95(prediction, reference, (1.0, 1.0, 0.5)) == pytest.approx(1.5)
+    assert hausdorff95(prediction, np.zeros_like(reference), (1.0, 1.0, 1.0)) is None
+
+
+def _brute_force_hd95(a: np.ndarray, b: np.ndarray, spacing) -> float:
+    from scipy import ndimage
+
+    def boundary(mask):
+        return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
+
+    pa = np.argwhere(boundary(a)) * np.asarray(spacing)
+    pb = np.argwhere(boundary(b)) * np.asarray(spacing)
+    distances = np.linalg.norm(pa[:, None, :] - pb[None, :, :], axis=-1)
+    return max(np.percentile(distances.min(1), 95), np.percentile(distances.min(0), 95))
+
+
+def test_hd95_matches_brute_force_on_random_blobs():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    spacing = (1.5, 1.0, 0.8)
+    for _ in range(3):
+        a = ndimage.binary_dilation(rng.random((14, 16, 15)) > 0.985, iterations=2)
+        b = ndimage.binary_dilation(rng.random((14, 16, 15)) > 0.985, iterations=2)
+        assert hausdorff95(a, b, spacing) == pytest.approx(_brute_force_hd95(a, b, spacing), rel=1e-6)
+
+
+def test_volumes_in_millilitres():
+    reference = np.zeros((10, 10, 10), np.uint8)
+    prediction = np.zeros_like(reference)
+    reference[2:6, 2:6, 2:6] = 1  # 64 voxels
+    prediction[2:6, 2:6, 2:4] = 1  # 32 voxels
+    metrics = label_metrics(prediction, reference, 1, (2.0, 1.0, 1.0))  # 2 mm^3 voxels
+    assert metrics["volume_reference_ml"] == pytest.approx(0.128)
+    assert metrics["volume_prediction_ml"] == pytest.approx(0.064)
+    assert metrics["volume_difference_ml"] == pytest.approx(-0.064)
+    assert metrics["volume_difference_percent"] == pytest.approx(-50.0)
+    assert metrics["dice"] == pytest.approx(2 * 32 / 96)
+
+
+def _write(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def test_evaluate_cli_on_prediction_folder(tmp_path):
+    references, predictions = tmp_path / "ref", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[1:4, 1:4, 1:4] = 1
+    reference[5:7, 5:7, 5:7] = 2
+    _write(reference, references / "a.nii.gz")
+    _write(reference, predictions / "a_seg.nii.gz")
+    half = reference.copy()
+    half[5:7, 5:7, 5:7] = 0  # label 2 missed entirely
+    _write(reference, references / "b.nrrd")
+    _write(half, predictions / "b.nii.gz")
+
+    run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions),
+                          "-o", str(tmp_path / "scores"), "--progress", "none"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "scores.json").read_text())
+    by_case = {r["case"]: r["labels"] for r in report["cases"]}
+    assert by_case["a"]["label_1"]["dice"] == 1.0 and by_case["a"]["label_1"]["hd95_mm"] == 0.0
+    assert by_case["b"]["label_2"]["dice"] == 0.0 and by_case["b"]["label_2"]["hd95_mm"] is None
+    assert report["mean"]["label_2"]["dice"] == pytest.approx(0.5)
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert [(r["case"], r["label"]) for r in rows][-2:] == [("mean", "label_1"), ("mean", "label_2")]
+
+    again = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions),
+                            "-o", str(tmp_path / "scores")], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_evaluate_refuses_prediction_on_another_grid(tmp_path):
+    references, predictions = tmp_path / "ref", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:5, 2:5, 2:5] = 1
+    _write(reference, references / "case7.nii.gz")
+    _write(reference, predictions / "case7_seg.nii.gz", spacing=(1.0, 1.0, 2.0))
+    run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions),
+                          "-o", str(tmp_path / "scores")], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "case7" in run.stderr and "spacing" in run.stderr
+    assert not (tmp_path / "scores.csv").exists()
+
+
+def test_evaluate_runs_a_model(tmp_path, tiny_bundle):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    label = np.zeros((20, 24, 22), np.uint8)
+    label[5:12, 6:14, 6:12] = 1
+    label[12:16, 6:14, 6:12] = 2
+    _write((rng.normal(size=label.shape) + label).astype(np.float32), images / "c1.nii.gz")
+    _write(label, labels / "c1.nii.gz")
+    run = subprocess.run([*CLI, "evaluate", str(labels), "--images", str(images), "--model", str(tiny_bundle.path),
+                          "--device", "cpu", "-o", str(tmp_path / "scores"), "--progress", "none"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert set(report["mean"]) == {"Anterior", "Posterior"}  # names come from the model's labels
+    metrics = report["cases"][0]["labels"]["Anterior"]
+    assert metrics["volume_reference_ml"] == pytest.approx(7 * 8 * 6 / 1000.0)
+    assert metrics["dice"] is None or 0.0 <= metrics["dice"] <= 1.0
