@@ -322,3 +322,17 @@ def test_progress_is_monotonic_and_cancel_stops_promptly(tiny_bundle):
         predictor.predict(image, progress=lambda *e: events.append(e), cancel=cancel_after_two_batches)
     assert sum(1 for e in events if e[2].startswith("Window")) == 2
     assert predictor.predict(image[:20, :20, :8]).labels.GetSize() == (20, 20, 8)  # still usable
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_prediction_matches_the_cpu(tiny_bundle):
+    """Autocast (bf16/fp16) and float16 accumulation on the GPU give the CPU's labels almost everywhere."""
+    image = oblique_image(size=(50, 44, 14))
+    on_cpu = Predictor(tiny_bundle, device="cpu").predict(image)
+    on_gpu = Predictor(tiny_bundle, device="cuda", batch_size=3).predict(image)
+    assert on_gpu.device.startswith("cuda:")
+    agree = sitk.GetArrayFromImage(on_gpu.labels) == sitk.GetArrayFromImage(on_cpu.labels)
+    assert agree.mean() > 0.98
+    for cpu_map, gpu_map in zip(on_cpu.attention, on_gpu.attention):
+        assert cpu_map.GetSize() == gpu_map.GetSize() and cpu_map.GetOrigin() == gpu_map.GetOrigin()
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(gpu_map), sitk.GetArrayViewFromImage(cpu_map), atol=0.05)
