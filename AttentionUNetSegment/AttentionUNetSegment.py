@@ -32,9 +32,11 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
-from AttentionUNetSegmentLib.bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry, read_metadata
 from AttentionUNetSegmentLib.runner import EngineProcess, Progress, build_segment_command, format_duration
 
+#: The engine's default model (``bundle.DEFAULT_MODEL``; the bundle module is imported only when needed because it
+#: loads SimpleITK, which would slow down Slicer's start-up).
+DEFAULT_MODEL = "hippocampus"
 MODULE_DIR = pathlib.Path(__file__).resolve().parent
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
@@ -146,7 +148,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._job = None
         self._lastResult = None
         self._pollTimer = None
-        self._models: List[ModelBundle] = []
+        self._models: List["ModelBundle"] = []
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -428,7 +430,7 @@ class SegmentationJob:
     """One engine run for one volume. ``poll()`` on the main thread; results enter the scene only on success."""
 
     def __init__(self, logic: "AttentionUNetSegmentLogic", inputVolume, outputSegmentation,
-                 options: SegmentationOptions, bundle: ModelBundle,
+                 options: SegmentationOptions, bundle: "ModelBundle",
                  progressCallback: Optional[Callable[[float, str, Optional[float]], None]] = None,
                  logCallback: Optional[Callable[[str], None]] = None) -> None:
         self.logic = logic
@@ -705,15 +707,18 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     # Models
 
-    def modelRegistry(self) -> ModelRegistry:
+    def modelRegistry(self) -> "ModelRegistry":
+        from AttentionUNetSegmentLib.bundle import ModelRegistry
+
         return ModelRegistry(self.modelSearchPath)
 
     def availableModels(self):
         """``(bundles, problems)`` of the installed models (metadata only; nothing heavy is imported)."""
         return self.modelRegistry().scan()
 
-    def resolveModel(self, model: Optional[str]) -> ModelBundle:
+    def resolveModel(self, model: Optional[str]) -> "ModelBundle":
         """The bundle for an installed model name or a bundle folder (metadata validated, weights not read)."""
+        from AttentionUNetSegmentLib.bundle import ModelBundle, read_metadata
         from AttentionUNetSegmentLib.errors import ModelBundleError
 
         target = model or DEFAULT_MODEL
@@ -732,7 +737,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             "the folder of a model bundle.")
 
     @staticmethod
-    def describeModel(bundle: ModelBundle) -> str:
+    def describeModel(bundle: "ModelBundle") -> str:
         """Rich text for the panel: description, segments with their colours, licence."""
         meta = bundle.metadata
         swatches = ", ".join(
@@ -985,7 +990,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             table.SetColor(label.value, label.name, *label.color, 1.0)
         return table
 
-    def _fillSegmentation(self, segmentation, labelmap, inputVolume, bundle: ModelBundle, added: List[Any]) -> None:
+    def _fillSegmentation(self, segmentation, labelmap, inputVolume, bundle: "ModelBundle", added: List[Any]) -> None:
         """One segment per bundle label (names, colours, label values, terminology), reference geometry = input."""
         colors = self._labelColorTable(bundle.labels, "AttentionUNet temporary colors")
         added.append(colors)
@@ -1221,7 +1226,7 @@ def _voxel_counts(labelmapNode) -> Dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
 
 
-def _label_statistics(labelmapNode, bundle: ModelBundle) -> List[Dict[str, Any]]:
+def _label_statistics(labelmapNode, bundle: "ModelBundle") -> List[Dict[str, Any]]:
     counts, voxelMl = _voxel_counts(labelmapNode), _voxel_volume_ml(labelmapNode)
     return [{"value": label.value, "name": label.name, "voxels": counts.get(label.value, 0),
              "volume_ml": counts.get(label.value, 0) * voxelMl} for label in bundle.labels]

@@ -1,0 +1,479 @@
+"""Static checks of what cannot run outside the Slicer application: the .ui against the code, parameter bindings,
+every Slicer API call against Slicer's real API (``../shared/slicer-api/api.json``), CMake lists against the files,
+a real CMake configure against a stand-in Slicer, and the extension catalog entry against its real schema."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Dict, Iterator, List, Set, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "AttentionUNetSegment"
+MODULE_FILE = MODULE_DIR / "AttentionUNetSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "AttentionUNetSegment.ui"
+API_FILE = ROOT.parent / "shared" / "slicer-api" / "api.json"
+STAND_IN = Path(__file__).resolve().parent / "cmake"
+#: Qt signals used on plain Q* widgets (PythonQt wraps Qt classes in full; these are Qt 5 signal signatures).
+QT_SIGNALS = {"clicked(bool)", "currentIndexChanged(int)", "timeout()", "toggled(bool)"}
+#: Members of QWidget/QAbstractButton every widget has (PythonQt exposes the full Qt API of Q* classes).
+QT_WIDGET_MEMBERS = {"enabled", "toolTip", "visible", "setVisible", "setEnabled", "connect", "text", "blockSignals"}
+#: Call owners that are not MRML/VTK objects (module/class constructors, Qt, Python's pathlib).
+NON_MRML_OWNERS = {"slicer", "vtk", "qt", "pathlib", "PyTorchUtils", "SampleData.SampleDataLogic", "slicer.util"}
+SUPPORTED_RELEASES = ("v5.12.3", "v5.10.0")  # the oldest Slicer supported (5.8) has the 5.10 API used here
+
+
+@pytest.fixture(scope="module")
+def api() -> dict:
+    if not API_FILE.is_file():
+        pytest.skip(f"Slicer API reference not found at {API_FILE}")
+    return json.loads(API_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(), feature_version=(3, 9))
+
+
+def _ui_widgets() -> Dict[str, str]:
+    root = ET.parse(UI_FILE).getroot()
+    return {w.get("name"): w.get("class") for w in root.iter("widget")}
+
+
+def _ui_bindings() -> Dict[str, Tuple[str, str]]:
+    """widget name -> (class, SlicerParameterName)."""
+    root = ET.parse(UI_FILE).getroot()
+    bindings = {}
+    for widget in root.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", f"{widget.get('name')}: SlicerParameterName needs stdset=0"
+                bindings[widget.get("name")] = (widget.get("class"), prop.find("string").text)
+    return bindings
+
+
+def _dotted(node: ast.AST) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return ""
+
+
+def _calls(tree: ast.AST) -> Iterator[ast.Call]:
+    return (node for node in ast.walk(tree) if isinstance(node, ast.Call))
+
+
+def _parameter_fields(tree: ast.Module) -> Dict[str, ast.AST]:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode":
+            assert any(_dotted(d) == "parameterNodeWrapper" for d in node.decorator_list)
+            return {item.target.id: item.annotation for item in node.body if isinstance(item, ast.AnnAssign)}
+    raise AssertionError("AttentionUNetSegmentParameterNode not found")
+
+
+def _qt_members(api: dict, cls: str) -> Tuple[Set[str], bool]:
+    """Names callable/readable from Python on a Slicer/CTK widget class and its ancestors, and whether a Q* base
+    class (full Qt API) was reached."""
+    widgets = api["qt_widgets"]
+    names: Set[str] = set()
+    while cls in widgets:
+        entry = widgets[cls]
+        names |= set(entry.get("properties", {}))
+        for key in ("signals", "public_slots", "invokable_methods"):
+            for item in entry.get(key, []):
+                signature = item["signature"] if isinstance(item, dict) else item
+                names.add(signature)
+                names.add(signature.split("(")[0])
+        cls = entry.get("superclass", "")
+    return names, cls.startswith("Q")
+
+
+# .ui <-> code
+
+
+def test_every_widget_the_code_uses_exists_in_the_ui(tree):
+    widgets = _ui_widgets()
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and _dotted(node.value) == "self.ui"}
+    assert used, "the widget uses no .ui children?"
+    assert sorted(used - set(widgets)) == []
+
+
+def test_widget_members_exist_for_their_class(tree, api):
+    widgets = _ui_widgets()
+    problems = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and _dotted(node.value.value) == "self.ui"):
+            continue
+        name, member, cls = node.value.attr, node.attr, widgets.get(node.value.attr, "")
+        if cls.startswith("Q"):
+            continue  # full Qt API
+        members, reaches_qt = _qt_members(api, cls)
+        assert members, f"{cls} (widget {name}) is not a Slicer/CTK widget known to api.json"
+        if member not in members and not (reaches_qt and member in QT_WIDGET_MEMBERS):
+            problems.append(f"{name} ({cls}).{member}")
+    assert problems == []
+
+
+def test_signals_connected_by_string_exist(tree, api):
+    widgets = _ui_widgets()
+    problems = []
+    for call in _calls(tree):
+        if not (isinstance(call.func, ast.Attribute) and call.func.attr == "connect" and call.args
+                and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+            continue
+        owner, signal = call.func.value, call.args[0].value
+        if isinstance(owner, ast.Attribute) and _dotted(owner.value) == "self.ui":
+            cls = widgets[owner.attr]
+        elif _dotted(owner) == "self._pollTimer":
+            cls = "QTimer"
+        elif _dotted(owner) == "slicer.app":
+            assert signal == "startupCompleted()"
+            continue
+        else:
+            problems.append(f"unchecked connect on {ast.unparse(owner)}")
+            continue
+        members, reaches_qt = _qt_members(api, cls)
+        if signal not in members and not ((cls.startswith("Q") or reaches_qt) and signal in QT_SIGNALS):
+            problems.append(f"{cls}: {signal}")
+    assert problems == []
+
+
+def test_ui_custom_widgets_and_scene_connections_are_declared(api):
+    root = ET.parse(UI_FILE).getroot()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    declared = {c.find("class").text: c for c in root.iter("customwidget")}
+    used = {cls for cls in _ui_widgets().values() if not cls.startswith("Q")}
+    assert used <= set(declared)
+    for cls, element in declared.items():
+        assert element.find("header").text == f"{cls}.h"
+    top = root.find("widget").get("name")
+    for connection in root.iter("connection"):
+        assert connection.find("sender").text == top
+        assert connection.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"
+        receiver_cls = _ui_widgets()[connection.find("receiver").text]
+        assert "setMRMLScene(vtkMRMLScene*)" in _qt_members(api, receiver_cls)[0]
+    mrml_widgets = {n for n, c in _ui_widgets().items() if c in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")}
+    assert mrml_widgets == {c.find("receiver").text for c in root.iter("connection")}
+
+
+# parameterNodeWrapper bindings
+
+
+def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, api):
+    fields = _parameter_fields(tree)
+    connectors = api["parameterNodeWrapper"]["gui_connectors"]
+    bindings = _ui_bindings()
+    assert len(bindings) >= 10
+    for widget, (cls, field) in bindings.items():
+        assert field in fields, f"{widget}: SlicerParameterName {field!r} is not a parameter"
+        annotation = ast.unparse(fields[field])
+        base = annotation.split("[", 1)[1].split(",")[0] if annotation.startswith("Annotated[") else annotation
+        datatype = ("vtkMRMLNode subclass (or Union/Optional of them)" if base.startswith("vtkMRML") else
+                    "pathlib.Path" if base == "pathlib.Path" else base)
+        matching = [c for c in connectors if cls in c["widgets"] and datatype in c["datatypes"]]
+        assert matching, f"{widget} ({cls}) cannot bind {field}: {annotation}"
+        notes = " ".join(matching[0].get("notes", []))
+        if "requires Annotated[..., Choice" in notes:
+            choices = ast.literal_eval(re.search(r"Choice\((.*)\)\]", annotation).group(1).replace(
+                "list(DEVICES)", repr(["auto", "cpu", "cuda"])).replace(
+                "list(EXPORT_FORMATS)", repr(["nii.gz", "nrrd"])))
+            root = ET.parse(UI_FILE).getroot()
+            element = next(w for w in root.iter("widget") if w.get("name") == widget)
+            items = [i.find("property/string").text for i in element.findall("item")]
+            assert items == choices, f"{widget}: items {items} differ from Choice {choices}"
+        if "unbounded" in notes:
+            assert "WithinRange" in annotation, f"{widget} binds {field} without bounds (RuntimeError in Slicer)"
+
+
+def test_choice_constants_match_the_module(tree):
+    source = MODULE_FILE.read_text()
+    assert 'DEVICES = ("auto", "cpu", "cuda")' in source
+    assert 'EXPORT_FORMATS = ("nii.gz", "nrrd")' in source
+
+
+# Slicer API calls
+
+
+def _check_call(spec: dict, call: ast.Call, where: str) -> List[str]:
+    problems = []
+    positional = len(call.args)
+    if any(isinstance(a, ast.Starred) for a in call.args):
+        return problems
+    if positional < spec["min_positional"] - len(call.keywords) or (
+            spec["max_positional"] is not None and positional > spec["max_positional"]):
+        problems.append(f"{where}: {positional} positional arguments, expected {spec['params']}")
+    for keyword in call.keywords:
+        if keyword.arg and keyword.arg not in spec["keyword_names"] and not spec["var_kwargs"]:
+            problems.append(f"{where}: unknown keyword {keyword.arg}")
+    return problems
+
+
+def _params_ok_in(params: str, call: ast.Call) -> bool:
+    names = [p.split("=")[0].strip() for p in params.split(",") if p.strip() and not p.strip().startswith("*")]
+    return len(call.args) <= len(names) and all(k.arg in names for k in call.keywords)
+
+
+def test_slicer_util_calls_exist_with_valid_arguments_in_supported_releases(tree, api):
+    util = api["slicer.util"]
+    problems, used = [], set()
+    for call in _calls(tree):
+        name = _dotted(call.func)
+        if not name.startswith("slicer.util."):
+            continue
+        function = name.split(".", 2)[2]
+        used.add(function)
+        spec = util["functions"].get(function)
+        if spec is None:
+            if function not in util["classes"]:
+                problems.append(f"slicer.util.{function} does not exist")
+            continue
+        problems += _check_call(spec, call, name)
+        for release in SUPPORTED_RELEASES:
+            if function in util["not_in_release"].get(release, []):
+                problems.append(f"{name} is not in Slicer {release}")
+            older = util["params_differ_in_release"].get(release, {}).get(function)
+            if older is not None and not _params_ok_in(older, call):
+                problems.append(f"{name}: arguments do not fit Slicer {release} ({older})")
+    assert {"loadUI", "childWidgetVariables", "setSliceViewerLayers", "arrayFromVolume"} <= used
+    assert problems == []
+
+
+def test_packaging_and_pytorchutils_calls_match_the_api(tree, api):
+    problems = []
+    for call in _calls(tree):
+        name = _dotted(call.func)
+        if name.startswith("packaging."):
+            problems += _check_call(api["slicer.packaging"]["functions"][name.split(".")[1]], call, name)
+        if name.startswith("torchLogic."):
+            methods = api["PyTorchUtils"]["classes"]["PyTorchUtilsLogic"]["methods"]
+            problems += _check_call(methods[name.split(".")[1]], call, name)
+        if name == "PyTorchUtils.PyTorchUtilsLogic":
+            assert not call.args
+    assert problems == []
+    source = MODULE_FILE.read_text()
+    assert 'pip_install("torch' not in source and "pip_install(['torch" not in source
+
+
+def _vtk_methods(api: dict) -> Dict[str, List[dict]]:
+    """Method name -> overload specs, over every MRML/VTK class of the reference (and python-missing names)."""
+    methods: Dict[str, List[dict]] = {}
+    for cls, entry in api["vtk_classes"].items():
+        missing = set(entry.get("python_check", {}).get("declared_not_in_python", []))
+        for name in entry["methods"]:
+            if name in missing:
+                continue
+            methods.setdefault(name, []).extend(entry.get("overloads", {}).get(name, [{"min": 0, "max": None}]))
+    for entry in api["vtk_base_classes"].values():
+        for name in entry.get("methods", []):
+            methods.setdefault(name, []).append({"min": 0, "max": None})
+    return methods
+
+
+def test_mrml_and_vtk_methods_called_exist_with_a_fitting_overload(tree, api):
+    vtk = pytest.importorskip("vtk")
+    methods = _vtk_methods(api)
+    problems = []
+    for call in _calls(tree):
+        if not isinstance(call.func, ast.Attribute):
+            continue
+        name, owner = call.func.attr, _dotted(call.func.value)
+        if not name[:1].isupper() or owner in NON_MRML_OWNERS or owner.startswith("self.ui"):
+            continue  # constructors, Qt, Python modules
+        if name not in methods and owner == "nodes" and hasattr(vtk.vtkCollection, name):
+            continue  # scene.GetNodesByClass returns a plain vtkCollection
+        if name not in methods:
+            problems.append(f"{ast.unparse(call.func)}: no MRML/VTK class has {name}")
+            continue
+        count = len(call.args)
+        if not any(o.get("min", 0) <= count <= (o.get("max") if o.get("max") is not None else 99)
+                   for o in methods[name]):
+            problems.append(f"{ast.unparse(call)[:80]}: {count} arguments fit no overload")
+    assert problems == []
+
+
+def test_mrml_classes_and_constants_exist(tree, api):
+    classes = api["vtk_classes"]
+    source = MODULE_FILE.read_text()
+    slicer = pytest.importorskip("slicer")
+    for name in set(re.findall(r'"(vtkMRML\w+)"', source)):  # class names in AddNewNodeByClass / IsA
+        assert name in classes or hasattr(slicer, name), f"{name} is not an MRML class"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _dotted(node).startswith("slicer.vtk"):
+            parts = _dotted(node).split(".")
+            assert parts[1] in classes, f"slicer.{parts[1]} unknown"
+            if len(parts) == 3 and parts[2][:1].isupper() and parts[2] not in classes[parts[1]]["methods"]:
+                cls, found = parts[1], False
+                while cls in classes:
+                    found |= parts[2] in classes[cls].get("constants", {})
+                    cls = classes[cls].get("superclass")
+                assert found, f"{_dotted(node)} is not a constant"
+    ids = set()
+    for value in api["color_node_ids"].values():
+        if isinstance(value, list):
+            ids |= {v for v in value if isinstance(v, str)}
+    assert "vtkMRMLColorTableNodeFileColdToHotRainbow.txt" in ids
+    for event in ("StartCloseEvent", "EndCloseEvent"):
+        assert event in classes["vtkMRMLScene"]["constants"]
+
+
+def test_module_structure_follows_scripted_module_conventions(tree, api):
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    expected = {"AttentionUNetSegment": "ScriptedLoadableModule",
+                "AttentionUNetSegmentWidget": "ScriptedLoadableModuleWidget",
+                "AttentionUNetSegmentLogic": "ScriptedLoadableModuleLogic",
+                "AttentionUNetSegmentTest": "ScriptedLoadableModuleTest"}
+    for name, base in expected.items():
+        assert base in [_dotted(b) for b in classes[name].bases]
+    allowed = set(api["ScriptedLoadableModule"]["classes"]["ScriptedLoadableModule"]["parent_attributes_set_in_init"])
+    used = {node.attr for node in ast.walk(classes["AttentionUNetSegment"])
+            if isinstance(node, ast.Attribute) and _dotted(node.value) == "self.parent"}
+    assert used <= allowed
+    tests = [n.name for n in classes["AttentionUNetSegmentTest"].body if isinstance(n, ast.FunctionDef)]
+    assert "setUp" in tests and any(t.startswith("test_") for t in tests)
+
+
+def test_nothing_heavy_is_imported_at_module_scope(tree):
+    heavy = {"torch", "numpy", "SimpleITK", "scipy", "nibabel", "safetensors"}
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            assert not {a.name.split(".")[0] for a in node.names} & heavy
+        if isinstance(node, ast.ImportFrom):
+            assert (node.module or "").split(".")[0] not in heavy
+    code = ("import sys; sys.path.insert(0, %r); from slicer_module_shims import load_module; load_module(); "
+            "bad = sorted(m for m in %r if m in sys.modules); print(bad); raise SystemExit(1 if bad else 0)"
+            % (str(Path(__file__).resolve().parent), sorted(heavy - {"numpy"})))  # Slicer itself loads numpy
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# CMake and extension metadata
+
+
+def _cmake_list(text: str, variable: str) -> List[str]:
+    block = re.search(r"set\(%s\n(.*?)\n\s*\)" % variable, text, re.S).group(1)
+    return [line.strip().replace("${MODULE_NAME}", "AttentionUNetSegment") for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_every_script_and_resource_is_listed_in_cmake():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    on_disk_scripts = ["AttentionUNetSegment.py"] + sorted(
+        p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AttentionUNetSegmentLib").rglob("*.py")
+        if "__pycache__" not in p.parts)
+    assert sorted(scripts) == sorted(on_disk_scripts)
+    on_disk_resources = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
+                               if p.is_file() and "__pycache__" not in p.parts)
+    assert sorted(resources) == on_disk_resources
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest.*endif\(\)", text, re.S)
+    assert (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text().strip() == "add_subdirectory(Python)"
+    assert (MODULE_DIR / "Testing" / "Python" / "CMakeLists.txt").is_file()
+
+
+def test_top_level_cmake_follows_the_extension_template(api):
+    text = (ROOT / "CMakeLists.txt").read_text()
+    template = api["extension_metadata"]["extension_cmakelists_template"]
+    order = [text.index(s) for s in ("cmake_minimum_required(", "project(AttentionUNet)",
+                                     "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                                     "add_subdirectory(AttentionUNetSegment)", "## NEXT_MODULE",
+                                     "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                                     "include(${Slicer_EXTENSION_CPACK})")]
+    assert order == sorted(order)
+    for variable in template["EXTENSION_variables"]:
+        value = re.search(r'set\(%s "([^"]*)"\)' % variable, text).group(1)
+        assert value and value != "NA", variable
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_configures_against_a_stand_in_slicer(tmp_path):
+    result = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), f"-DSlicer_DIR={STAND_IN}",
+                             "-DBUILD_TESTING=ON"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = [line.split("|", 1) for line in (tmp_path / "slicer-stand-in.txt").read_text().splitlines()]
+    values: Dict[str, List[str]] = {}
+    for key, value in record:
+        values.setdefault(key, []).append(value)
+    assert values["MODULE"] == ["AttentionUNetSegment"]
+    assert values["PYTHON_UNITTEST"] == ["py_AttentionUNetSegment"]
+    assert values["EXTENSION_NAME"] == ["AttentionUNet"] and values["CPACK"] == ["AttentionUNet"]
+    assert "AttentionUNetSegment/AttentionUNetSegmentLib/runner.py" in values["SCRIPT"]
+    assert "AttentionUNetSegment/Resources/UI/AttentionUNetSegment.ui" in values["RESOURCE"]
+    catalog = json.loads((ROOT / "AttentionUNet.json").read_text())
+    assert values["EXTENSION_DEPENDS"][0].split(";") == catalog["build_dependencies"]
+
+
+def test_catalog_entry_is_valid_against_the_real_schema(api):
+    path = ROOT / "AttentionUNet.json"
+    raw = path.read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n"), "the catalog entry must use LF line endings"
+    entry = json.loads(raw)
+    metadata = api["extension_metadata"]
+    schemas = {s["id"]: s for s in metadata["catalog_entry_json_schemas"].values()}
+    schema = schemas[entry["$schema"]]
+    assert set(schema["required"]) <= set(entry)
+    assert set(entry) <= set(schema["properties"])  # additionalProperties: false
+    types = {"string": str, "array": list, "boolean": bool, "integer": int}
+    for key, value in entry.items():
+        spec = schema["properties"][key]
+        assert isinstance(value, types[spec["type"]]), key
+        if "enum" in spec:
+            assert value in spec["enum"]
+        if "minimum" in spec:
+            assert spec["minimum"] <= value <= spec["maximum"]
+    index = metadata["extensions_index"]
+    assert entry["category"] in index["accepted_categories"]
+    project = re.search(r"project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert path.stem == project and not project.startswith("Slicer")
+    depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert entry["build_dependencies"] == depends.split(";") == ["PyTorch"]
+    repository = entry["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
+    assert any(repository.startswith(prefix) for prefix in index["repository_name_prefixes_allowed"])
+    assert any((ROOT / name).is_file() for name in index["license_file_names"])
+
+
+def test_s4ext_uses_known_keys_and_agrees_with_cmake(api):
+    keys = set(api["extension_metadata"]["s4ext"]["keys"])
+    entries = {}
+    for line in (ROOT / "AttentionUNet.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            assert key in keys, key
+            entries[key] = value.strip()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("iconurl", "EXTENSION_ICONURL"),
+                          ("description", "EXTENSION_DESCRIPTION"), ("depends", "EXTENSION_DEPENDS"),
+                          ("screenshoturls", "EXTENSION_SCREENSHOTURLS"), ("category", "EXTENSION_CATEGORY")):
+        assert entries[key] == re.search(r'set\(%s "([^"]*)"\)' % variable, cmake).group(1), key
+    assert entries["scmurl"] == json.loads((ROOT / "AttentionUNet.json").read_text())["scm_url"]
+
+
+def _png_size(path: Path) -> Tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_icons_are_128_pixel_pngs_and_urls_point_at_committed_files():
+    assert _png_size(ROOT / "Resources" / "AttentionUNet.png") == (128, 128)
+    assert _png_size(MODULE_DIR / "Resources" / "Icons" / "AttentionUNetSegment.png") == (128, 128)
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in re.search(r'set\(%s "([^"]*)"\)' % variable, cmake).group(1).split():
+            relative = url.split("/main/", 1)[1]
+            assert (ROOT / relative).is_file(), f"{variable} points at {relative}, which is not in the repository"
