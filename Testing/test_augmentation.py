@@ -71,6 +71,7 @@ def test_label_names_restrict_mirroring():
     assert plan_flip_axes(["Anterior", "Posterior"]) == ("x", "z")
     assert plan_flip_axes(["Left kidney", "Right kidney"]) == ("y", "z")
     assert plan_flip_axes(["Liver", "Tumour"]) == ("x", "y", "z")
+    assert plan_flip_axes(["Bright", "LeftLung"]) == ("y", "z")  # whole words, camelCase split
 
 
 def test_foreground_oversampling_and_intensity_augmentation():

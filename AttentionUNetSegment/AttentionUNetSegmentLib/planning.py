@@ -11,6 +11,7 @@ Spatial triples are ITK ``(x, y, z)`` order here, as in the bundle.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -151,8 +152,10 @@ def plan_normalization(fingerprint: DatasetFingerprint) -> Dict[str, Any]:
 def plan_flip_axes(label_names: Sequence[str]) -> Tuple[str, ...]:
     """Axes along which mirroring is safe: all three unless a label name ties a label to one side of an axis
     ("Left lung", "Anterior", ...). Mirroring anatomy is a strong assumption, so users may narrow it further."""
-    words = " ".join(label_names).lower()
-    return tuple(axis for axis in AXES if not any(word in words for word in _SIDED_WORDS[axis]))
+    words = set()
+    for name in label_names:  # whole words only ("Bright" is not "right"); camelCase counts as two words
+        words.update(re.findall(r"[a-z]+", re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()))
+    return tuple(axis for axis in AXES if not words & set(_SIDED_WORDS[axis]))
 
 
 def plan_training(fingerprint: DatasetFingerprint, label_names: Sequence[str],

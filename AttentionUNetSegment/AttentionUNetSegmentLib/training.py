@@ -334,8 +334,17 @@ class Trainer:
         cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
         return plan, dataset.labels, train_names, val_names, cache, dataset
 
+    def _resumes_own_output(self) -> bool:
+        """True when ``--resume`` continues the run that exported ``--output`` (a time-budget stop exports a
+        bundle; finishing the run replaces it)."""
+        plan_path = self.work_dir / "plan.json"
+        if not self.config.resume or not plan_path.is_file():
+            return False
+        recorded = json.loads(plan_path.read_text(encoding="utf-8"))["config"]["output"]
+        return Path(recorded).expanduser().resolve() == self.output.resolve()
+
     def _check_output(self) -> None:
-        if self.output.exists() and not self.config.force:
+        if self.output.exists() and not self.config.force and not self._resumes_own_output():
             raise OutputExistsError(f"output bundle {self.output} already exists; choose another --output or pass "
                                     "--force to replace it when training finishes")
         last = self.work_dir / "checkpoints" / "last.pt"
@@ -544,7 +553,7 @@ class Trainer:
             description=config.description or f"Attention U-Net trained on {config.dataset}",
             license=config.license, citation=config.citation, training_data=config.training_data,
             metrics=metrics)
-        bundle = save_bundle(model, metadata, self.output, force=config.force)
+        bundle = save_bundle(model, metadata, self.output, force=config.force or self._resumes_own_output())
         self._log(f"wrote bundle {bundle.path} (best epoch {best['epoch']}, validation mean Dice "
                   f"{row['val_dice_mean']})")
         return bundle.path

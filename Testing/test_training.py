@@ -1,0 +1,174 @@
+"""Training on tiny synthetic datasets: the loss falls, resume is exact, DDP runs under torchrun, and bad
+datasets are refused (naming the case) before any training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from AttentionUNetSegmentLib.bundle import load_bundle
+from AttentionUNetSegmentLib.datasets import CaseCache, load_dataset
+from AttentionUNetSegmentLib.errors import DatasetError
+from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
+from AttentionUNetSegmentLib.training import TrainingConfig, train
+
+CLI = [sys.executable, "-m", "AttentionUNetSegmentLib"]
+SHAPE = (20, 24, 20)  # (z, y, x)
+
+
+def _write(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin((-10.0, 4.0, 2.0))
+    sitk.WriteImage(image, str(path))
+
+
+def make_dataset(root: Path, cases: int = 6, seed: int = 0) -> Path:
+    """An MSD-layout dataset of noisy boxes: label 1 a bright box, label 2 a darker box next to it."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for index in range(cases):
+        label = np.zeros(SHAPE, np.uint8)
+        z, y, x = rng.integers(3, 7), rng.integers(3, 9), rng.integers(3, 7)
+        label[z:z + 8, y:y + 9, x:x + 5] = 1
+        label[z:z + 8, y:y + 9, x + 5:x + 10] = 2
+        image = (rng.normal(0.0, 0.3, SHAPE) + np.select([label == 1, label == 2], [2.0, 1.0], 0.0)) * 100 + 400
+        name = f"case_{index:03d}.nii.gz"
+        _write(image.astype(np.float32), root / "imagesTr" / name)
+        _write(label, root / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "boxes", "labels": {"0": "background", "1": "Bright", "2": "Dark"}, "modality": {"0": "MRI"},
+        "numTraining": cases, "training": training}))
+    return root
+
+
+def _config(dataset: Path, out: Path, **changes) -> TrainingConfig:
+    settings = dict(dataset=str(dataset), output=str(out / "model"), work_dir=str(out / "work"), name="boxes",
+                    channels=(4, 8, 16), patch_size=(16, 16, 16), batch_size=2, epochs=2, iterations_per_epoch=3,
+                    validation=2, learning_rate=1e-2, progress="none", threads=1, seed=3)
+    settings.update(changes)
+    return TrainingConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def boxes(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("boxes"))
+
+
+def test_training_lowers_the_loss_and_exports_a_loadable_bundle(boxes, tmp_path):
+    bundle_path = train(_config(boxes, tmp_path, epochs=4, iterations_per_epoch=6))
+    log = json.loads((tmp_path / "work" / "training_log.json").read_text())
+    assert len(log) == 4
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert (tmp_path / "work" / "training_curves.png").stat().st_size > 1000
+    assert (tmp_path / "work" / "training_log.csv").read_text().startswith("epoch,step,")
+
+    bundle = load_bundle(bundle_path)
+    assert [label.name for label in bundle.labels] == ["Bright", "Dark"]
+    assert bundle.patch_size == (16, 16, 16)
+    assert bundle.architecture["deep_supervision"] is False  # the heads are training-only
+    validation = bundle.metadata["metrics"]["validation"]
+    assert validation["cases"] == 2 and set(validation["dice"]) == {"Bright", "Dark"}
+    plan = json.loads((tmp_path / "work" / "plan.json").read_text())
+    assert len(plan["validation_cases"]) == 2 and not set(plan["validation_cases"]) & set(plan["training_cases"])
+    assert plan["plan"]["flip_axes"] == ["x", "y", "z"]
+
+
+def test_resume_continues_identically(boxes, tmp_path):
+    train(_config(boxes, tmp_path / "straight"))
+    # The same run cut short by its time budget after one step, then resumed.
+    train(_config(boxes, tmp_path / "cut", max_time=1e-9))
+    cut = torch.load(tmp_path / "cut" / "work" / "checkpoints" / "last.pt", weights_only=True)
+    assert cut["step"] == 1
+    train(_config(boxes, tmp_path / "cut", resume=True))
+    straight = torch.load(tmp_path / "straight" / "work" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "work" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 6
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_cache_is_reused_and_rebuilt_when_a_source_changes(boxes, tmp_path):
+    dataset = load_dataset(boxes)
+    cache = CaseCache(tmp_path / "cache", PreprocessingSpec())
+    first = cache.load(dataset.cases[0])
+    arrays = next(cache.directory.glob("*.npz"))
+    stamp = arrays.stat().st_mtime_ns
+    again = cache.load(dataset.cases[0])
+    assert arrays.stat().st_mtime_ns == stamp and np.array_equal(first.label, again.label)
+    assert abs(float(first.image.mean())) < 1e-3 and first.image.dtype == np.float32  # z-scored
+    os.utime(dataset.cases[0].image, ns=(stamp + 10**9, stamp + 10**9))
+    cache.load(dataset.cases[0])
+    assert arrays.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_under_torchrun(boxes, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "AttentionUNetSegmentLib", "train",
+               str(boxes), "--output", str(tmp_path / "model"), "--work-dir", str(tmp_path / "work"),
+               "--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "1",
+               "--epochs", "2", "--iterations-per-epoch", "2", "--validation", "2", "--threads", "1",
+               "--device", "cpu", "--progress", "none"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    bundle = load_bundle(tmp_path / "model")
+    assert "2 process(es)" in bundle.metadata["metrics"]["training"]["hardware"]
+    log = json.loads((tmp_path / "work" / "training_log.json").read_text())
+    assert [row["step"] for row in log] == [2, 4]
+    state = torch.load(tmp_path / "work" / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["samplers"]) == 2  # one sampler state per process, so a resume is exact under DDP too
+    assert state["samplers"][0] != state["samplers"][1]
+
+
+def _break(dataset: Path, how: str) -> str:
+    """Damage ``case_001`` (or the whole set) in one way; returns what the error must mention."""
+    image = dataset / "imagesTr" / "case_001.nii.gz"
+    label = dataset / "labelsTr" / "case_001.nii.gz"
+    if how == "geometry":
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+        _write(array, label, spacing=(1.0, 1.0, 2.0))
+        return "spacing"
+    if how == "unknown label":
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+        array[0, 0, 0] = 7
+        _write(array, label)
+        return "[7]"
+    if how == "empty label":
+        _write(np.zeros(SHAPE, np.uint8), label)
+        return "empty"
+    if how == "unreadable":
+        image.write_bytes(b"not an image at all")
+        return "unusable"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["geometry", "unknown label", "empty label", "unreadable"])
+def test_bad_cases_are_refused_before_training(tmp_path, how):
+    dataset = make_dataset(tmp_path / "data", cases=3)
+    expected = _break(dataset, how)
+    run = subprocess.run([*CLI, "train", str(dataset), "--output", str(tmp_path / "model"), "--channels", "4", "8",
+                          "--epochs", "1", "--progress", "none"], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    message = run.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: case case_001") and expected in message
+    assert not (tmp_path / "model").exists()
+    assert not (tmp_path / "model.work" / "checkpoints").exists()
+
+
+def test_too_few_cases_for_the_split(tmp_path):
+    dataset = make_dataset(tmp_path / "data", cases=2)
+    with pytest.raises(DatasetError, match="too few"):
+        train(_config(dataset, tmp_path, validation=2))
