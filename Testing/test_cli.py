@@ -360,3 +360,14 @@ def test_sigterm_cancels_cleanly_without_partial_files(tiny_bundle, tmp_path):
     assert process.returncode == 2
     assert stderr.startswith("error: cancelled") and len(stderr.strip().splitlines()) == 1
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_train_and_evaluate_commands_come_from_their_modules(capsys):
+    parser = cli.build_parser(["train"])
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"segment", "models", "summary", "gradcheck", "demo", "train", "evaluate"} <= set(commands)
+    from AttentionUNetSegmentLib import training
+
+    assert commands["train"].get_default("handler") is training.run_from_args
+    status, _, err = run_main(capsys, "evaluate")  # required options missing: a usage error, not a traceback
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
