@@ -293,7 +293,6 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         self.ui.logTextEdit.clear()
         with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
-            self.logic.ensureDependencies()
             self._startJob(self.logic.startSegmentation(
                 self._parameterNode.inputVolume, self._parameterNode.outputSegmentation, options=self._options(),
                 progressCallback=self.onProgress, logCallback=self.appendLog))
@@ -306,7 +305,6 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         self.ui.logTextEdit.clear()
         with slicer.util.tryWithErrorDisplay("Batch segmentation could not start.", waitCursor=True):
-            self.logic.ensureDependencies()
             self._startJob(self.logic.startBatch(volumes, options=self._options(),
                                                  progressCallback=self.onProgress, logCallback=self.appendLog))
 
@@ -835,12 +833,14 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def startSegmentation(self, inputVolume, outputSegmentation=None, options: Optional[SegmentationOptions] = None,
                           progressCallback=None, logCallback=None) -> SegmentationJob:
-        """Validate, then start the engine; poll the returned job (main thread) until ``job.done``."""
+        """Validate, install missing dependencies (first run only, asking first), then start the engine; poll the
+        returned job (main thread) until ``job.done``."""
         options = options or SegmentationOptions()
         self.validateInputVolume(inputVolume)
         if outputSegmentation is not None and not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
             raise AttentionUNetSegmentError("The output must be a segmentation node (or None to create one).")
         bundle = self.resolveModel(options.model)
+        self.ensureDependencies()
         return SegmentationJob(self, inputVolume, outputSegmentation, options, bundle, progressCallback,
                                logCallback).start()
 
