@@ -326,7 +326,10 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._pollTimer.stop()
         job, self._job = self._job, None
         self.ui.progressBar.setVisible(False)
-        if job.cancelled:
+        if job.cancelled and isinstance(job, BatchJob):
+            self.ui.statusLabel.text = f"Batch cancelled ({job.summary}); finished volumes keep their results."
+            self.logic.showTable(job.summaryTable)
+        elif job.cancelled:
             self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
         elif job.error:
             self.ui.statusLabel.text = "Failed (see the log)."

@@ -252,6 +252,19 @@ def test_cancel_leaves_the_scene_unchanged(env):
     assert job._workDir is None  # temporary files removed
 
 
+def test_cancelled_batch_reports_every_volume_and_adds_no_segmentation(env):
+    scene = env["scene"]
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    job = env["logic"].processBatch([env["volume"], env["volume"]], waitForCompletion=False, model=env["model"],
+                                    device="cpu")
+    job.cancel()
+    assert job.done and job.cancelled
+    statuses = [job.summaryTable.GetCellText(r, 1) for r in range(job.summaryTable.GetNumberOfRows())]
+    assert statuses == ["cancelled", "not run"]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+    assert "0 segmented" in job.summary
+
+
 @pytest.mark.slow
 def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     scene, logic, volume = env["scene"], env["logic"], env["volume"]
