@@ -376,10 +376,12 @@ def test_every_script_and_resource_is_listed_in_cmake():
     on_disk_scripts = ["AttentionUNetSegment.py"] + sorted(
         p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AttentionUNetSegmentLib").rglob("*.py")
         if "__pycache__" not in p.parts)
-    assert sorted(scripts) == sorted(on_disk_scripts)
+    assert sorted(set(on_disk_scripts) - set(scripts)) == [], "scripts missing from MODULE_PYTHON_SCRIPTS"
+    assert sorted(set(scripts) - set(on_disk_scripts)) == [], "listed scripts that do not exist"
     on_disk_resources = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
                                if p.is_file() and "__pycache__" not in p.parts)
-    assert sorted(resources) == on_disk_resources
+    assert sorted(set(on_disk_resources) - set(resources)) == [], "resources missing from MODULE_PYTHON_RESOURCES"
+    assert sorted(set(resources) - set(on_disk_resources)) == [], "listed resources that do not exist"
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest.*endif\(\)", text, re.S)
     assert (MODULE_DIR / "Testing" / "CMakeLists.txt").read_text().strip() == "add_subdirectory(Python)"
