@@ -172,3 +172,9 @@ def test_too_few_cases_for_the_split(tmp_path):
     dataset = make_dataset(tmp_path / "data", cases=2)
     with pytest.raises(DatasetError, match="too few"):
         train(_config(dataset, tmp_path, validation=2))
+
+
+def test_bf16_autocast_checkpointing_attention_loss_and_elastic_run(boxes, tmp_path):
+    bundle_path = train(_config(boxes, tmp_path, epochs=1, iterations_per_epoch=2, amp="bf16",
+                                gradient_checkpointing=True, attention_loss_weight=0.1, elastic=True))
+    assert load_bundle(bundle_path).metadata["metrics"]["training"]["steps"] == 2

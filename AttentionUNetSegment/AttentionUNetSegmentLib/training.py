@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class TrainingConfig:
     iterations_per_epoch: int = 250
     learning_rate: float = 3e-3
     weight_decay: float = 3e-5
-    validation: float = 0.2
+    validation: Union[int, float] = 0.2
     seed: int = 0
     amp: str = "none"
     gradient_checkpointing: bool = False
@@ -312,8 +312,7 @@ class Trainer:
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
                 self._log(f"checking {len(dataset.cases)} cases of {dataset.source} ...")
-                fingerprint = inspect_dataset(dataset, config.plan_overrides().get("orientation") or "RAS",
-                                              minimum_cases=2)
+                fingerprint = inspect_dataset(dataset, TrainingPlan().orientation, minimum_cases=2)
                 plan = plan_training(fingerprint, list(dataset.labels.values()), config.plan_overrides())
                 training, validation = split_cases(dataset.cases, config.validation, config.seed)
                 train_names, val_names = [c.name for c in training], [c.name for c in validation]
@@ -575,7 +574,7 @@ def _label_names(items: Optional[Sequence[str]]) -> Optional[Dict[int, str]]:
     for item in items:
         value, _, name = item.partition("=")
         if not value.strip().isdigit() or not name.strip():
-            raise argparse.ArgumentTypeError(f"label name {item!r} must look like 1=Liver")
+            raise DatasetError(f"--label-names {item!r} must look like VALUE=NAME, e.g. 1=Liver")
         names[int(value)] = name.strip()
     return names
 
