@@ -1016,7 +1016,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             segment.SetColor(*label.color)
             segment.SetLabelValue(label.value)
             if terminology.get(label.value):
-                segment.SetTag("TerminologyEntry", str(terminology[label.value]))
+                segment.SetTag(segment.GetTerminologyEntryTagName(), str(terminology[label.value]))
             segments.SetSegmentIndex(segmentId, index)
         slicer.mrmlScene.RemoveNode(colors)
         added.remove(colors)

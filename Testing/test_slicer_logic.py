@@ -301,6 +301,23 @@ def test_probability_maps_on_the_input_grid(env):
         assert node.GetAttribute("AttentionUNet.Role") == "probability"
 
 
+TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+               "~SCT^5976002^Hippocampus~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+@pytest.mark.slow
+def test_bundle_terminology_reaches_the_segments(env, tmp_path):
+    bundle_dir = tmp_path / "with-terminology"
+    shutil.copytree(env["model"], bundle_dir)
+    metadata = json.loads((bundle_dir / "model.json").read_text())
+    metadata["labels"][0]["terminology"] = TERMINOLOGY
+    (bundle_dir / "model.json").write_text(json.dumps(metadata))
+    result = env["logic"].process(env["volume"], model=str(bundle_dir), device="cpu", attentionMaps=False)
+    segments = result.segmentation.GetSegmentation()
+    assert segments.GetNthSegment(0).GetTerminology() == TERMINOLOGY  # read through Slicer's own accessor
+    assert segments.GetNthSegment(1).GetTerminology() != TERMINOLOGY  # Slicer's default stays where none is given
+
+
 @pytest.mark.slow
 def test_roi_restricts_the_segmentation(env):
     scene, volume = env["scene"], env["volume"]
