@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import DatasetError, InputImageError
-from .imageio import image_stem, read_image
+from .imageio import READ_EXTENSIONS, image_stem, read_image
 from .planning import CaseFingerprint, DatasetFingerprint
 from .preprocessing import PreprocessingSpec, preprocess, reorient, resample_to_reference
 
@@ -79,9 +79,13 @@ class PreprocessedCase:
 
 
 def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
+    """``{value: name}`` from an MSD ``{"1": "name"}`` or an nnU-Net v2 ``{"name": 1}`` mapping (background
+    dropped)."""
     if not isinstance(raw, Mapping) or not raw:
         raise DatasetError(f"{source}: 'labels' must map label values to names, e.g. "
                            '{"0": "background", "1": "Anterior"}')
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in raw.values()):
+        raw = {str(value): name for name, value in raw.items()}  # nnU-Net v2 writes name -> value
     labels: Dict[int, str] = {}
     for key, name in raw.items():
         try:
@@ -96,6 +100,28 @@ def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
     if not labels:
         raise DatasetError(f"{source}: 'labels' lists no foreground label (only background)")
     return labels
+
+
+def _discover_pairs(root: Path, source: str) -> List[Tuple[Path, Path]]:
+    """nnU-Net v2 layout without a ``training`` list: ``labelsTr/<case><ext>`` pairs with
+    ``imagesTr/<case>_0000<ext>`` (or ``imagesTr/<case><ext>``); only single-channel images are supported."""
+    pairs = []
+    for label in sorted((root / "labelsTr").glob("*")):
+        if not label.name.lower().endswith(READ_EXTENSIONS) or label.name.startswith("."):
+            continue
+        stem, extension = image_stem(label), label.name[len(image_stem(label)):]
+        if (root / "imagesTr" / f"{stem}_0001{extension}").exists():
+            raise DatasetError(f"case {stem}: has several image channels (_0000, _0001, ...); this engine trains "
+                               "single-channel models")
+        candidates = [root / "imagesTr" / f"{stem}_0000{extension}", root / "imagesTr" / f"{stem}{extension}"]
+        image = next((c for c in candidates if c.is_file()), None)
+        if image is None:
+            raise DatasetError(f"case {stem}: no image {candidates[0].name} in {root / 'imagesTr'} for label "
+                               f"{label.name}")
+        pairs.append((image, label))
+    if not pairs:
+        raise DatasetError(f"{source}: no 'training' list and no label files in {root / 'labelsTr'}")
+    return pairs
 
 
 def _resolve(base: Path, path: str) -> Path:
@@ -119,6 +145,8 @@ def _records(pairs: Iterable[Tuple[Path, Path]], source: str) -> List[CaseRecord
 
 def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None) -> Dataset:
     """Discover a dataset: an MSD folder (with ``dataset.json``), a ``.json`` pairs file or a ``.csv`` pairs file.
+    An nnU-Net v2 ``dataset.json`` (``{"name": value}`` labels, no ``training`` list) pairs ``labelsTr/<case>``
+    with ``imagesTr/<case>_0000``.
 
     ``label_names`` (``{value: name}``) overrides or supplies the label names (required for ``.csv`` files).
     Raises ``DatasetError`` if the layout is not recognised or the listing is malformed.
@@ -147,18 +175,29 @@ def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None
         listing = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError(f"{source} is not readable JSON ({error})") from None
-    if not isinstance(listing, Mapping) or not isinstance(listing.get("training"), list):
-        raise DatasetError(f"{source}: expected an object with a 'training' list of {{'image', 'label'}} pairs")
+    if not isinstance(listing, Mapping):
+        raise DatasetError(f"{source}: expected an object with 'labels' and a 'training' list of "
+                           "{'image', 'label'} pairs")
+    if "training" not in listing and (base / "labelsTr").is_dir():
+        pairs = _discover_pairs(base, source)
+    elif not isinstance(listing.get("training"), list):
+        raise DatasetError(f"{source}: expected a 'training' list of {{'image', 'label'}} pairs")
+    else:
+        pairs = _listed_pairs(listing["training"], base, source)
+    labels = dict(label_names) if label_names else _parse_labels(listing.get("labels"), source)
+    modality = listing.get("modality", listing.get("channel_names", {}))
+    modality = str(modality.get("0", "MRI")) if isinstance(modality, Mapping) else str(modality or "MRI")
+    return Dataset(_records(pairs, source), labels, modality, source)
+
+
+def _listed_pairs(entries: List[Any], base: Path, source: str) -> List[Tuple[Path, Path]]:
     pairs = []
-    for index, entry in enumerate(listing["training"]):
+    for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or not isinstance(entry.get("image"), str) \
                 or not isinstance(entry.get("label"), str):
             raise DatasetError(f"{source}: training[{index}] must be {{'image': path, 'label': path}}")
         pairs.append((_resolve(base, entry["image"]), _resolve(base, entry["label"])))
-    labels = dict(label_names) if label_names else _parse_labels(listing.get("labels"), source)
-    modality = listing.get("modality", {})
-    modality = str(modality.get("0", "MRI")) if isinstance(modality, Mapping) else str(modality or "MRI")
-    return Dataset(_records(pairs, source), labels, modality, source)
+    return pairs
 
 
 def _read_case(case: CaseRecord) -> Tuple[sitk.Image, sitk.Image]:
