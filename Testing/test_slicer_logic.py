@@ -301,6 +301,24 @@ def test_probability_maps_on_the_input_grid(env):
         assert node.GetAttribute("AttentionUNet.Role") == "probability"
 
 
+@pytest.mark.slow
+def test_volume_under_a_linear_transform_keeps_its_transform(env, first_result):
+    scene, logic = env["scene"], env["logic"]
+    moved = _add_volume(scene, "Moved", slicer.util.arrayFromVolume(env["volume"]).copy(),
+                        directions=_rotation((1, 2, 3), 25))
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Shift")
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 30.0)
+    transform.SetMatrixTransformToParent(matrix)
+    moved.SetAndObserveTransformNodeID(transform.GetID())
+    result = logic.process(moved, model=env["model"], device="cpu")
+    for node in [result.segmentation, *result.attentionVolumes]:
+        assert node.GetTransformNodeID() == transform.GetID()
+    same = logic.exportToLabelMapNode(result.segmentation, moved)
+    reference = logic.exportToLabelMapNode(first_result["result"].segmentation, env["volume"])
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(same), slicer.util.arrayFromVolume(reference))
+
+
 TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
                "~SCT^5976002^Hippocampus~^^~Anatomic codes - DICOM master list~^^~^^")
 
