@@ -32,7 +32,7 @@ def test_nnunet_v2_layout(tmp_path):
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "Liver": 1}, "numTraining": 2,
         "file_ending": ".nii.gz"}))
     dataset = load_dataset(tmp_path)
-    assert [case.name for case in dataset.cases] == ["liver_1_0000", "liver_2_0000"]
+    assert [case.name for case in dataset.cases] == ["liver_1", "liver_2"]
     assert dataset.labels == {1: "Liver"} and dataset.modality == "CT"
     assert inspect_dataset(dataset).cases[0].label_voxels == {1: 48}
 

@@ -134,6 +134,8 @@ def _records(pairs: Iterable[Tuple[Path, Path]], source: str) -> List[CaseRecord
     names = set()
     for image, label in pairs:
         name = image_stem(image)
+        if name.endswith("_0000") and image_stem(label) == name[:-5]:
+            name = name[:-5]  # nnU-Net channel suffix: the case is named like its label
         if name in names:
             raise DatasetError(f"{source}: two cases share the name {name!r}; give every image a unique file name")
         names.add(name)
