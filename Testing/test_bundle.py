@@ -100,6 +100,7 @@ def test_missing_weights_are_refused(bundle_copy):
         (lambda m: m["labels"].pop(), "out_channels=3"),
         (lambda m: m["labels"][0].update(color=[1.5, 0, 0]), "color"),
         (lambda m: m["labels"][1].update(value=1), "unique"),
+        (lambda m: m["labels"][0].update(terminology="Anatomy~SCT^1^x"), "terminology"),
         (lambda m: m["inference"].update(patch_size=[32, 32]), "patch_size"),
         (lambda m: m["weights"].update(file="../model.safetensors"), "plain file name"),
         (lambda m: m["weights"].update(file="model.pt"), "pickle"),
@@ -148,6 +149,15 @@ def test_pickle_checkpoint_is_refused_without_unpickling(tmp_path):
 def test_missing_bundle_is_refused(tmp_path):
     with pytest.raises(ModelBundleError, match="does not exist"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_label_terminology_round_trips(tiny_bundle, tmp_path):
+    entry = "Context~SCT^123037004^Anatomical Structure~SCT^5976002^Hippocampus~^^~Anatomic codes~^^~^^"
+    labels = [LabelInfo(1, "Anterior", (0.9, 0.6, 0.2), entry), LabelInfo(2, "Posterior", (0.2, 0.6, 0.9))]
+    metadata = dict(tiny_bundle.metadata, labels=[label.to_dict() for label in labels])
+    saved = save_bundle(tiny_bundle.build_model(), metadata, tmp_path / "with-terminology")
+    assert saved.labels == labels
+    assert "terminology" not in saved.metadata["labels"][1]
 
 
 def test_create_metadata_accepts_label_info():

@@ -12,7 +12,13 @@ import SimpleITK as sitk
 from AttentionUNetSegmentLib.bundle import LabelInfo
 from AttentionUNetSegmentLib.errors import OutputExistsError
 from AttentionUNetSegmentLib.inference import Prediction
-from AttentionUNetSegmentLib.outputs import plan_outputs, safe_name, segment_statistics, write_prediction
+from AttentionUNetSegmentLib.outputs import (
+    plan_outputs,
+    safe_name,
+    segment_statistics,
+    slicer_segmentation,
+    write_prediction,
+)
 
 OBLIQUE = sitk.VersorTransform((0.3, -0.5, 0.8), 0.4).GetMatrix()
 
@@ -99,6 +105,19 @@ def test_slicer_segmentation_reads_back_in_slicerio_and_slicer(prediction, tiny_
     segments = [loaded.GetNthSegment(i) for i in range(loaded.GetNumberOfSegments())]
     assert [(s.GetName(), s.GetLabelValue()) for s in segments] == [("Anterior", 1), ("Posterior", 2)]
     assert segments[1].GetColor() == pytest.approx((0.2, 0.6, 0.9))
+
+
+HIPPOCAMPUS_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+                           "Structure~SCT^5976002^Hippocampus~^^~Anatomic codes - DICOM master list~^^~^^")
+
+
+def test_terminology_reaches_the_slicer_segmentation(prediction, tiny_bundle, tmp_path):
+    labels = [LabelInfo(1, "Anterior", (0.9, 0.6, 0.2), HIPPOCAMPUS_TERMINOLOGY), LabelInfo(2, "Posterior", (0, 0, 1))]
+    sitk.WriteImage(slicer_segmentation(prediction.labels, labels, "test"), str(tmp_path / "t.seg.nrrd"))
+    slicerio = pytest.importorskip("slicerio")
+    segments = slicerio.read_segmentation(str(tmp_path / "t.seg.nrrd"), skip_voxels=True)["segments"]
+    assert segments[0]["terminology"]["type"] == ["SCT", "5976002", "Hippocampus"]
+    assert segments[0]["tags"] == {"Source": "test"} and "terminology" not in segments[1]
 
 
 def test_existing_outputs_are_refused_and_untouched(prediction, tiny_bundle, tmp_path):

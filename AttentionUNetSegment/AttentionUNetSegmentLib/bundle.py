@@ -50,14 +50,20 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 @dataclass(frozen=True)
 class LabelInfo:
-    """One segment the model predicts: label value in the output label map, display name, RGB colour in 0..1."""
+    """One segment the model predicts: label value in the output label map, display name, RGB colour in 0..1,
+    and optionally a 3D Slicer terminology entry string (seven ``~``-separated parts, e.g.
+    ``"<context>~SCT^123037004^Anatomical Structure~SCT^5976002^Hippocampus~^^~<anatomic context>~^^~^^"``)."""
 
     value: int
     name: str
     color: Tuple[float, float, float]
+    terminology: str = ""
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"value": self.value, "name": self.name, "color": list(self.color)}
+        entry: Dict[str, Any] = {"value": self.value, "name": self.name, "color": list(self.color)}
+        if self.terminology:
+            entry["terminology"] = self.terminology
+        return entry
 
 
 def _fail(directory: Path, problem: str, fix: str) -> ModelBundleError:
@@ -84,6 +90,11 @@ def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
                            for c in color)):
             raise _fail(directory, f"{where}.color must be three RGB numbers in 0..1, got {color!r}",
                         "write colours as floats, e.g. [0.9, 0.6, 0.2]")
+        terminology = label.get("terminology", "")
+        if (not isinstance(terminology, str) or any(c in terminology for c in "|\n")
+                or (terminology and terminology.count("~") != 6)):
+            raise _fail(directory, f"{where}.terminology must be a Slicer terminology entry string (seven "
+                        "'~'-separated parts, no '|')", "copy it from Slicer's vtkSegment.GetTerminology()")
         if value in values or name in names:
             raise _fail(directory, f"{where} repeats value {value} or name {name!r}",
                         "label values and names must be unique")
@@ -232,8 +243,8 @@ class ModelBundle:
     @property
     def labels(self) -> List[LabelInfo]:
         """Foreground segments; ``labels[c - 1]`` is what output channel ``c`` predicts."""
-        return [LabelInfo(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]))
-                for item in self.metadata["labels"]]
+        return [LabelInfo(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]),
+                          item.get("terminology", "")) for item in self.metadata["labels"]]
 
     @property
     def architecture(self) -> Dict[str, Any]:

@@ -122,7 +122,8 @@ def segment_statistics(labels: sitk.Image, segments: Sequence[LabelInfo]) -> Lis
 
 def slicer_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], source: str = "") -> sitk.Image:
     """The label map with the ``Segment<N>_*`` / ``Segmentation_*`` fields of a 3D Slicer ``.seg.nrrd``
-    (one non-overlapping layer; segment ``N`` has its label value, name, colour and non-empty extent)."""
+    (one non-overlapping layer; segment ``N`` has its label value, name, colour, non-empty extent and, where the
+    bundle gives one, its terminology entry)."""
     image = sitk.Image(labels)
     array = sitk.GetArrayViewFromImage(labels)  # (z, y, x)
     for key, value in _SEGMENTATION_FIELDS.items():
@@ -134,6 +135,9 @@ def slicer_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], sourc
             extent = f"{i0} {i1} {j0} {j1} {k0} {k1}"
         else:
             extent = "0 -1 0 -1 0 -1"  # Slicer's spelling of an empty segment
+        tags = [f"Source:{source}"] if source else []
+        if label.terminology:
+            tags.append(f"TerminologyEntry:{label.terminology}")
         fields = {
             "ID": f"Segment_{label.value}",
             "Name": label.name,
@@ -143,7 +147,7 @@ def slicer_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], sourc
             "LabelValue": str(label.value),
             "Layer": "0",
             "Extent": extent,
-            "Tags": f"Source:{source}|" if source else "|",
+            "Tags": "".join(f"{tag}|" for tag in tags) or "|",  # Slicer expects the trailing "|"
         }
         for key, value in fields.items():
             image.SetMetaData(f"Segment{index}_{key}", value)
