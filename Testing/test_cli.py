@@ -23,7 +23,7 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import cli
-from AttentionUNetSegmentLib.bundle import MODELS_ENV
+from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, DEFAULT_MODEL, MODELS_ENV
 
 #: Direction cosines of an oblique acquisition: a 0.4 rad rotation about an oblique axis (exactly orthonormal).
 OBLIQUE = sitk.VersorTransform((0.3, -0.5, 0.8), 0.4).GetMatrix()
@@ -310,7 +310,9 @@ def test_process_level_failure_has_one_error_line_and_no_traceback(tiny_bundle, 
 
 def test_demo_preview(tmp_path, capsys):
     if not list(cli.SAMPLE_DATA_DIR.glob("*.nii.gz")):
-        pytest.skip(f"no bundled sample in {cli.SAMPLE_DATA_DIR} yet")
+        pytest.skip(f"no bundled sample in {cli.SAMPLE_DATA_DIR}")
+    if not (BUNDLED_MODELS_DIR / DEFAULT_MODEL / "model.json").is_file():
+        pytest.skip(f"the default model is not in {BUNDLED_MODELS_DIR}")
     pytest.importorskip("matplotlib")
     status, out, err = run_main(capsys, "demo", "--output-dir", str(tmp_path / "demo"), "--device", "cpu")
     assert status == 0, err
