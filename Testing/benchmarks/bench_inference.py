@@ -1,0 +1,420 @@
+"""End-to-end inference: our engine vs the MONAI pipeline a user would build, same weights, same run.
+
+Both pipelines go from an image file to a label-map file: read, reorient, resample to the bundle's spacing,
+z-score normalise, Gaussian-weighted sliding window (same patch, overlap 0.5), back to the input grid, argmax,
+write ``.nii.gz``.
+
+- ``ours``: ``imageio.read_image`` -> ``inference.Predictor(bundle, device, overlap=0.5).predict(image,
+  attention=False)`` -> ``imageio.write_image(prediction.labels)``.
+- ``monai``: the MONAI tutorial recipe: ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
+  Spacingd(bilinear) -> NormalizeIntensityd``, ``monai.inferers.sliding_window_inference(roi_size=patch,
+  sw_batch_size=1, overlap=0.5, mode="gaussian")`` on the same network, ``Invertd`` (logits back to the input
+  grid), ``AsDiscreted(argmax)``, ``SaveImaged``.
+- ``monai-sitk`` (``--pipelines``): a leaner hand-written alternative: SimpleITK read/resample (float32),
+  ``sliding_window_inference`` as above, SimpleITK linear resampling of the logits back, argmax, SimpleITK write.
+
+Every run is a fresh process (honest peak RSS; nothing warm from the previous run); pipelines alternate within
+each repeat so machine load hits them alike. Reported per case and pipeline: median pipeline time (file in ->
+file out, model already loaded), process time (including imports and model loading), peak RSS, and the Dice of
+each foreground label between the two pipelines' label maps (plus voxel agreement).
+
+Weights: a bundle written with ``bundle.save_bundle`` from a fixed-seed ``AttentionUNet`` (16-32-64-128, patch
+96^3, 1.5 mm isotropic, z-score) trained briefly on synthetic scenes (see ``fixed_seed_bundle`` for why), cached
+in ``--work-dir``; ``--bundle PATH`` uses another one (e.g. the default
+model). Cases:
+
+- ``sample``: the bundled sample image (``AttentionUNetSegment/Resources/SampleData``; an MSD hippocampus case
+  when it is absent), segmented with the default model bundle when one ships, else the fixed-seed bundle.
+- ``aniso``: a synthetic 192x192x160 volume at 1.0 x 1.0 x 2.0 mm (MR-like blobs and noise).
+- ``ct``: a synthetic CT-sized 512x512x300 int16 volume at 0.8 x 0.8 x 1.5 mm (body, organs, air).
+
+    .venv/bin/python Testing/benchmarks/bench_inference.py --cases sample aniso --repeats 2 --json out.json
+    .venv/bin/python Testing/benchmarks/bench_inference.py --cases ct --repeats 1
+    .venv/bin/python Testing/benchmarks/bench_inference.py --quick      # tiny volumes, 32^3 patch: smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchcommon as bc  # noqa: E402
+
+DEFAULT_WORK_DIR = Path("/tmp/attention-unet-bench")
+SAMPLE_DIR = bc.REPO_ROOT / "AttentionUNetSegment" / "Resources" / "SampleData"
+MSD_CASE = bc.REPO_ROOT.parent / "shared" / "data" / "msd-hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+DEFAULT_MODEL_DIRS = [bc.REPO_ROOT / "AttentionUNetSegment" / "Resources" / "Models"]
+
+#: Synthetic cases: size (x, y, z), spacing (x, y, z) mm, kind.
+SYNTHETIC = {
+    "aniso": ((192, 192, 160), (1.0, 1.0, 2.0), "mr"),
+    "ct": ((512, 512, 300), (0.8, 0.8, 1.5), "ct"),
+    "quick": ((60, 52, 40), (1.0, 1.0, 2.0), "mr"),
+}
+PIPELINES = ("ours", "monai", "monai-sitk")
+
+
+# --------------------------------------------------------------------------------------------- inputs and bundle
+def synthetic_scene(size: Sequence[int], spacing: Sequence[float], kind: str, seed: int = 0):
+    """A smooth random scene: ``(sitk.Image, labels)`` with ellipsoids of different intensity plus noise.
+
+    ``mr``: float32 intensities around 100-600 with zero background. ``ct``: int16 Hounsfield units: air (-1000)
+    around an elliptic body (~40 HU) holding organs (-100..300 HU). ``labels`` (uint8 ``(z, y, x)``) marks the
+    ellipsoids of the second intensity as 1 and of the fourth as 2: what the benchmark network learns to find.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = size
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in (nz, ny, nx)), indexing="ij",
+                          sparse=True)
+    if kind == "ct":
+        array = np.full((nz, ny, nx), -1000, dtype=np.int16)
+        body = np.broadcast_to((x / 0.85) ** 2 + (y / 0.65) ** 2 <= 1.0, array.shape)
+        array[body] = 40
+        values = (-100, 60, 150, 300)
+    else:
+        array = np.zeros((nz, ny, nx), dtype=np.float32)
+        body = np.broadcast_to((x / 0.9) ** 2 + (y / 0.9) ** 2 + (z / 0.95) ** 2 <= 1.0, array.shape)
+        array[body] = 200
+        values = (100, 350, 450, 600)
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    for index in range(12):
+        centre = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
+        radii = rng.uniform(0.08, 0.3, 3).astype(np.float32)
+        inside = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + (
+            (z - centre[2]) / radii[2]
+        ) ** 2 <= 1.0
+        inside = inside & body
+        array[inside] = values[index % len(values)]
+        labels[inside] = {1: 1, 3: 2}.get(index % len(values), 0)
+    noise = rng.normal(0, 20, array.shape).astype(np.float32)
+    array = (array + noise).astype(array.dtype)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([-0.5 * n * s for n, s in zip(size, spacing)])
+    return image, labels
+
+
+def case_image(case: str, work_dir: Path) -> Path:
+    """Path of the case's input file (synthetic ones are generated once and cached)."""
+    if case == "sample":
+        found = sorted(SAMPLE_DIR.glob("*.nii.gz")) + sorted(SAMPLE_DIR.glob("*.nrrd")) if SAMPLE_DIR.is_dir() else []
+        if found:
+            return found[0]
+        if MSD_CASE.is_file():
+            return MSD_CASE
+        raise SystemExit(f"no sample image: neither {SAMPLE_DIR} nor {MSD_CASE} exists")
+    import SimpleITK as sitk
+
+    size, spacing, kind = SYNTHETIC[case]
+    path = work_dir / "inputs" / f"{case}_{'x'.join(map(str, size))}.nii.gz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name.replace(".nii.gz", ".partial.nii.gz"))
+        sitk.WriteImage(synthetic_scene(size, spacing, kind)[0], str(partial), useCompression=True)
+        partial.replace(path)
+    return path
+
+
+def default_model_bundle() -> Optional[Path]:
+    for folder in DEFAULT_MODEL_DIRS:
+        for metadata in sorted(folder.glob("*/model.json")) if folder.is_dir() else []:
+            return metadata.parent
+    return None
+
+
+def fixed_seed_bundle(work_dir: Path, patch: int, spacing: float, channels: Sequence[int], steps: int) -> Path:
+    """A bundle (written with ``bundle.save_bundle`` once, then cached) whose network is trained from a fixed seed
+    for ``steps`` Adam steps to find the synthetic scenes' labelled ellipsoids.
+
+    Why trained: an untrained network's output depends chaotically on each window's context (instance norm), so
+    two pipelines that merely place windows a few voxels apart disagree (label Dice ~0.5) whatever their quality.
+    A network that has learned the task is as robust to window placement as a real model, which is what the
+    Dice agreement between pipelines is meant to check.
+    """
+    directory = work_dir / f"bundle_{'-'.join(map(str, channels))}_p{patch}_s{spacing:g}_t{steps}"
+    if (directory / "model.json").is_file():
+        return directory
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    import torch.nn.functional as F
+
+    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.network import AttentionUNet
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = AttentionUNet(1, 3, tuple(channels))
+    volumes = []
+    for seed, kind in enumerate(("mr", "ct", "mr", "ct")):
+        image, labels = synthetic_scene((112, 112, 112), (spacing,) * 3, kind, seed=100 + seed)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        volumes.append(((array - array.mean()) / array.std(), labels.astype(np.int64)))
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    crop = 48
+    model.train()
+    for step in range(steps):
+        array, labels = volumes[step % len(volumes)]
+        z, y, x = (int(rng.integers(0, n - crop + 1)) for n in array.shape)
+        window = (slice(z, z + crop), slice(y, y + crop), slice(x, x + crop))
+        images = torch.from_numpy(np.ascontiguousarray(array[window]))[None, None]
+        targets = torch.from_numpy(np.ascontiguousarray(labels[window]))[None]
+        loss = F.cross_entropy(model(images), targets, weight=torch.tensor([0.2, 1.0, 1.0]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 25 == 0 or step == steps - 1:
+            print(f"training the benchmark network: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
+    metadata = create_metadata(
+        name="benchmark-synthetic",
+        labels=[{"value": 1, "name": "A", "color": [1.0, 0.0, 0.0]}, {"value": 2, "name": "B", "color": [0.0, 1.0, 0.0]}],
+        patch_size=[patch] * 3,
+        preprocessing={"orientation": "RAS", "target_spacing": [spacing] * 3, "normalization": {"scheme": "zscore"}},
+        overlap=0.5,
+        description=f"Fixed-seed network trained {steps} steps on synthetic scenes; for the benchmarks only.",
+    )
+    save_bundle(model.eval(), metadata, directory, force=True)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------- workers
+def run_ours(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str, Any]) -> Dict[str, Any]:
+    from AttentionUNetSegmentLib.bundle import load_bundle
+    from AttentionUNetSegmentLib.imageio import read_image, write_image
+    from AttentionUNetSegmentLib.inference import Predictor
+
+    predictor = Predictor(load_bundle(bundle_path), device=spec.get("device", "cpu"), overlap=0.5)
+    if spec.get("optimise") is not None:  # prototype switch while inference.py does not apply it itself
+        from AttentionUNetSegmentLib.acceleration import optimize_for_inference
+
+        predictor.model = optimize_for_inference(predictor.model, predictor.device, **spec["optimise"])
+    baseline = bc.current_rss_mb()
+    started = time.perf_counter()
+    prediction = predictor.predict(read_image(image_path), attention=bool(spec.get("attention", False)))
+    write_image(prediction.labels, output, force=True)
+    seconds = time.perf_counter() - started
+    return {"pipeline_s": round(seconds, 3), "rss_before_mb": round(baseline, 1),
+            "stages_s": {k: round(v, 3) for k, v in prediction.timings.items()}}
+
+
+def run_monai(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str, Any]) -> Dict[str, Any]:
+    import numpy as np
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
+                                  NormalizeIntensityd, Orientationd, SaveImaged, Spacingd)
+
+    from AttentionUNetSegmentLib.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    model = bundle.build_model("cpu").eval()
+    spacing = bundle.preprocessing.target_spacing
+    pre = Compose([
+        LoadImaged(keys="image"),
+        EnsureChannelFirstd(keys="image"),
+        Orientationd(keys="image", axcodes="RAS"),
+        Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
+        NormalizeIntensityd(keys="image"),
+    ])
+    post = Compose([
+        Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False, to_tensor=True),
+        AsDiscreted(keys="pred", argmax=True),
+        SaveImaged(keys="pred", output_dir=str(output.parent), output_postfix="seg", output_ext=".nii.gz",
+                   separate_folder=False, output_dtype=np.uint8, resample=False, print_log=False),
+    ])
+    baseline = bc.current_rss_mb()
+    started = time.perf_counter()
+    data = pre({"image": str(image_path)})
+    with torch.no_grad():
+        data["pred"] = sliding_window_inference(data["image"][None], roi_size=bundle.patch_size, sw_batch_size=1,
+                                                predictor=model, overlap=0.5, mode="gaussian")[0]
+    post(data)
+    seconds = time.perf_counter() - started
+    return {"pipeline_s": round(seconds, 3), "rss_before_mb": round(baseline, 1)}
+
+
+def run_monai_sitk(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str, Any]) -> Dict[str, Any]:
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from AttentionUNetSegmentLib.bundle import load_bundle
+
+    bundle = load_bundle(bundle_path)
+    model = bundle.build_model("cpu").eval()
+    spacing = bundle.preprocessing.target_spacing
+    baseline = bc.current_rss_mb()
+    started = time.perf_counter()
+    original = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
+    oriented = sitk.DICOMOrient(original, "RAS")
+    size = [max(1, round(n * s / t)) for n, s, t in zip(oriented.GetSize(), oriented.GetSpacing(), spacing)]
+    resampled = sitk.Resample(oriented, size, sitk.Transform(), sitk.sitkLinear, oriented.GetOrigin(), spacing,
+                              oriented.GetDirection(), 0.0, sitk.sitkFloat32)
+    array = sitk.GetArrayFromImage(resampled)
+    array = (array - array.mean()) / max(float(array.std()), 1e-8)
+    with torch.no_grad():
+        logits = sliding_window_inference(torch.from_numpy(array)[None, None], roi_size=bundle.patch_size[::-1],
+                                          sw_batch_size=1, predictor=model, overlap=0.5, mode="gaussian")[0]
+    best = None
+    labels = None
+    for channel in range(logits.shape[0]):
+        channel_image = sitk.GetImageFromArray(logits[channel].numpy())
+        channel_image.CopyInformation(resampled)
+        back = sitk.GetArrayFromImage(sitk.Resample(channel_image, original, sitk.Transform(), sitk.sitkLinear,
+                                                    -1e4 if channel else 1e4, sitk.sitkFloat32))
+        if best is None:
+            best, labels = back, np.zeros(back.shape, dtype=np.uint8)
+        else:
+            better = back > best
+            best[better] = back[better]
+            labels[better] = channel
+    result = sitk.GetImageFromArray(labels)
+    result.CopyInformation(original)
+    sitk.WriteImage(result, str(output), useCompression=True)
+    seconds = time.perf_counter() - started
+    return {"pipeline_s": round(seconds, 3), "rss_before_mb": round(baseline, 1)}
+
+
+RUNNERS = {"ours": run_ours, "monai": run_monai, "monai-sitk": run_monai_sitk}
+
+
+def work(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    output = Path(spec["output"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = RUNNERS[spec["pipeline"]](Path(spec["image"]), Path(spec["bundle"]), output, spec)
+    if spec["pipeline"] == "monai":  # SaveImaged chose the name: <stem>_seg.nii.gz in the output folder
+        written = sorted(output.parent.glob("*_seg.nii.gz"), key=lambda p: p.stat().st_mtime)[-1]
+        written.replace(output)
+    result["pipeline"] = spec["pipeline"]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- comparison
+def label_agreement(first: Path, second: Path) -> Dict[str, Any]:
+    """Dice per foreground label (and their mean) and the fraction of equal voxels of two label maps on one grid."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    a_image, b_image = sitk.ReadImage(str(first)), sitk.ReadImage(str(second))
+    if a_image.GetSize() != b_image.GetSize() or not np.allclose(a_image.GetSpacing(), b_image.GetSpacing()):
+        return {"dice_error": f"grids differ: {a_image.GetSize()} vs {b_image.GetSize()}"}
+    a, b = sitk.GetArrayViewFromImage(a_image), sitk.GetArrayViewFromImage(b_image)
+    dice = {}
+    for value in sorted(set(np.unique(a)) | set(np.unique(b)) - {0}):
+        in_a, in_b = a == value, b == value
+        total = int(in_a.sum()) + int(in_b.sum())
+        dice[int(value)] = round(2.0 * int((in_a & in_b).sum()) / total, 4) if total else 1.0
+    return {
+        "dice_per_label": dice,
+        "dice_mean": round(sum(dice.values()) / len(dice), 4) if dice else 1.0,
+        "voxel_agreement": round(float((a == b).mean()), 5),
+        "foreground_fraction": {v: round(float((a == v).mean()), 4) for v in dice},
+    }
+
+
+def run_case(case: str, image: Path, bundle: Path, pipelines: Sequence[str], repeats: int, work_dir: Path,
+             extra: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Alternate the pipelines ``repeats`` times on one case; one row per pipeline (median over repeats)."""
+    runs: Dict[str, List[Dict[str, Any]]] = {p: [] for p in pipelines}
+    outputs = {p: work_dir / "outputs" / case / p / f"{case}_labels.nii.gz" for p in pipelines}
+    for repeat in range(repeats):
+        for pipeline in pipelines:
+            spec = {"pipeline": pipeline, "image": str(image), "bundle": str(bundle),
+                    "output": str(outputs[pipeline]), **extra}
+            result = bc.run_worker(Path(__file__), spec)
+            print(f"[{case} #{repeat + 1}] {pipeline}: {result}", flush=True)
+            runs[pipeline].append(result)
+    rows = []
+    for pipeline in pipelines:
+        good = [r for r in runs[pipeline] if "pipeline_s" in r]
+        row: Dict[str, Any] = {"case": case, "pipeline": pipeline, "runs": len(good)}
+        if good:
+            row["pipeline_s"] = round(bc.median(r["pipeline_s"] for r in good), 2)
+            row["process_s"] = round(bc.median(r["process_wall_s"] for r in good), 2)
+            row["peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in good), 0)
+            row["times_s"] = [r["pipeline_s"] for r in good]
+            row["stages_s"] = good[-1].get("stages_s")
+        else:
+            row["error"] = runs[pipeline][-1].get("error") if runs[pipeline] else "not run"
+        rows.append(row)
+    ours = next((r for r in rows if r["pipeline"] == "ours" and "pipeline_s" in r), None)
+    for row in rows:
+        if ours is not None and row is not ours and "pipeline_s" in row:
+            row["ours_speedup"] = round(row["pipeline_s"] / ours["pipeline_s"], 2)
+            row["ours_memory_ratio"] = round(ours["peak_rss_mb"] / row["peak_rss_mb"], 2)
+            if outputs["ours"].is_file() and outputs[row["pipeline"]].is_file():
+                row.update(label_agreement(outputs["ours"], outputs[row["pipeline"]]))
+    return rows
+
+
+COLUMNS = ["case", "pipeline", "runs", "pipeline_s", "process_s", "peak_rss_mb", "ours_speedup",
+           "ours_memory_ratio", "dice_mean", "voxel_agreement", "error"]
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["sample", "aniso"], choices=["sample", "aniso", "ct", "quick"])
+    parser.add_argument("--pipelines", nargs="+", default=["ours", "monai"], choices=list(PIPELINES))
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per pipeline (default 2)")
+    parser.add_argument("--bundle", help="model bundle for every case (default: fixed-seed; the sample uses "
+                        "the default model when one ships)")
+    parser.add_argument("--patch", type=int, default=96, help="patch of the fixed-seed bundle (default 96)")
+    parser.add_argument("--spacing", type=float, default=1.5, help="target spacing of the fixed-seed bundle, mm")
+    parser.add_argument("--train-steps", type=int, default=300, help="training of the benchmark network")
+    parser.add_argument("--attention", action="store_true", help="ours also computes attention maps")
+    parser.add_argument("--no-optimise", action="store_true",
+                        help="prototype switch: do not apply acceleration.optimize_for_inference to ours")
+    parser.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's own)")
+    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="cache of inputs, bundles, outputs")
+    parser.add_argument("--quick", action="store_true", help="a small synthetic case, 32^3 patch, one repeat")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cases, args.patch, args.repeats, args.train_steps = ["quick"], 32, 1, 60
+    work_dir = Path(args.work_dir)
+    synthetic_bundle = fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128), args.train_steps)
+    extra: Dict[str, Any] = {"attention": args.attention, "threads": args.threads}
+    if not args.no_optimise and not _engine_optimises():
+        extra["optimise"] = {}
+
+    rows = []
+    for case in args.cases:
+        image = case_image(case, work_dir)
+        bundle = Path(args.bundle) if args.bundle else synthetic_bundle
+        if case == "sample" and not args.bundle:
+            bundle = default_model_bundle() or synthetic_bundle
+        print(f"case {case}: {image} with bundle {bundle}", flush=True)
+        for row in run_case(case, image, bundle, args.pipelines, args.repeats, work_dir, extra):
+            row["bundle"] = bundle.name
+            rows.append(row)
+    print()
+    print(bc.format_table(rows, COLUMNS, "End-to-end inference (file in -> label file out), median over runs"))
+    bc.write_json(args.json, {"benchmark": "inference", "args": vars(args), "rows": rows})
+    return 0
+
+
+def _engine_optimises() -> bool:
+    """Whether ``Predictor`` already applies ``optimize_for_inference`` itself (then the benchmark must not)."""
+    import inspect
+
+    from AttentionUNetSegmentLib import inference
+
+    return "optimize_for_inference" in inspect.getsource(inference)
+
+
+if __name__ == "__main__":
+    if not bc.worker_main(sys.argv[1:], work):
+        sys.exit(main(sys.argv[1:]))
