@@ -15,12 +15,12 @@ import SimpleITK as sitk
 import torch
 
 from AttentionUNetSegmentLib.bundle import load_bundle
+from AttentionUNetSegmentLib.cli import main
 from AttentionUNetSegmentLib.datasets import CaseCache, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError
 from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
 from AttentionUNetSegmentLib.training import TrainingConfig, train
 
-CLI = [sys.executable, "-m", "AttentionUNetSegmentLib"]
 SHAPE = (20, 24, 20)  # (z, y, x)
 
 
@@ -156,13 +156,13 @@ def _break(dataset: Path, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["geometry", "unknown label", "empty label", "unreadable"])
-def test_bad_cases_are_refused_before_training(tmp_path, how):
+def test_bad_cases_are_refused_before_training(tmp_path, how, capsys):
     dataset = make_dataset(tmp_path / "data", cases=3)
     expected = _break(dataset, how)
-    run = subprocess.run([*CLI, "train", str(dataset), "--output", str(tmp_path / "model"), "--channels", "4", "8",
-                          "--epochs", "1", "--progress", "none"], capture_output=True, text=True)
-    assert run.returncode == 2, run.stderr
-    message = run.stderr.strip().splitlines()[-1]
+    status = main(["train", str(dataset), "--output", str(tmp_path / "model"), "--channels", "4", "8",
+                   "--epochs", "1", "--progress", "none"])
+    assert status == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: case case_001") and expected in message
     assert not (tmp_path / "model").exists()
     assert not (tmp_path / "model.work" / "checkpoints").exists()
