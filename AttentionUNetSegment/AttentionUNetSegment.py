@@ -1288,7 +1288,10 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
     def _loadSample(self):
         samples = sorted(SAMPLE_DATA_DIR.glob("*.nii.gz"))
         self.assertTrue(samples, f"no sample volume in {SAMPLE_DATA_DIR}")
-        return slicer.util.loadVolume(str(samples[0]))
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "AttentionUNetHippocampus")
+        AttentionUNetSegmentLogic._readVolumeFile(samples[0], volume)
+        volume.CreateDefaultDisplayNodes()
+        return volume
 
     def test_SegmentSample(self):
         self.delayDisplay("Segmenting the bundled sample")

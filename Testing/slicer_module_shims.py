@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+import unittest
 from pathlib import Path
 
 MODULE_FILE = Path(__file__).resolve().parents[1] / "AttentionUNetSegment" / "AttentionUNetSegment.py"
@@ -37,8 +38,9 @@ def _install_missing_modules() -> None:
             def __init__(self, parent=None):
                 self.moduleName = type(self).__name__.replace("Logic", "")
 
-        class ScriptedLoadableModuleTest:
-            pass
+        class ScriptedLoadableModuleTest(unittest.TestCase):
+            def delayDisplay(self, message, msec=100):
+                pass  # no GUI to show the message in
 
         for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
                     ScriptedLoadableModuleTest):

@@ -7,11 +7,13 @@ Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameter
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 import subprocess
 import sys
 import time
+import unittest
 
 import numpy as np
 import pytest
@@ -441,3 +443,20 @@ def test_corrupt_model_metadata_is_rejected_before_running(env, tmp_path):
     (corrupt / "model.json").write_text("{not json")
     _expect_rejected(env, "model.json|JSON", env["volume"], model=str(corrupt))
     _expect_rejected(env, "No installed model is named 'nonexistent'", env["volume"], model="nonexistent")
+
+
+@pytest.mark.slow
+def test_in_slicer_self_test_passes_headless(env):
+    """``AttentionUNetSegmentTest`` (what Slicer's ctest runs) on the bundled sample with the bundled model."""
+    module = env["module"]
+    if not module.AttentionUNetSegmentLogic().availableModels()[0]:
+        pytest.skip("the bundled default model is not installed yet")
+    scene = slicer.mrmlScene
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    try:
+        outcome = unittest.TextTestRunner(stream=io.StringIO()).run(
+            unittest.defaultTestLoader.loadTestsFromTestCase(module.AttentionUNetSegmentTest))
+        assert outcome.wasSuccessful(), [str(e[1]) for e in outcome.errors + outcome.failures]
+        assert outcome.testsRun == 2
+    finally:
+        slicer.mrmlScene = scene
