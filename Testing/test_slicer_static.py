@@ -152,6 +152,20 @@ def test_signals_connected_by_string_exist(tree, api):
     assert problems == []
 
 
+def test_ui_properties_of_slicer_and_ctk_widgets_exist(api):
+    generic = {"toolTip", "text", "enabled", "geometry", "SlicerParameterName"}  # QWidget / dynamic
+    problems = []
+    for widget in ET.parse(UI_FILE).getroot().iter("widget"):
+        cls = widget.get("class")
+        if cls.startswith("Q"):
+            continue
+        members, _ = _qt_members(api, cls)
+        for prop in widget.findall("property"):
+            if prop.get("name") not in generic and prop.get("name") not in members:
+                problems.append(f"{widget.get('name')} ({cls}).{prop.get('name')}")
+    assert problems == []
+
+
 def test_ui_custom_widgets_and_scene_connections_are_declared(api):
     root = ET.parse(UI_FILE).getroot()
     assert root.find("widget").get("class") == "qMRMLWidget"
