@@ -268,7 +268,9 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         bundle = self._models[index]
         self.ui.modelDescriptionLabel.text = self.logic.describeModel(bundle)
         if self._parameterNode and self._parameterNode.modelName != bundle.name:
-            self._parameterNode.modelName = bundle.name
+            with slicer.util.NodeModify(self._parameterNode):
+                self._parameterNode.modelName = bundle.name
+                self._parameterNode.overlap = bundle.overlap  # each model's own default
 
     def onAdvancedCollapsed(self, collapsed: bool) -> None:
         if not collapsed and not self.ui.deviceInfoLabel.text:
