@@ -913,13 +913,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 segmentation.CreateDefaultDisplayNodes()
             self._fillSegmentation(segmentation, labelmap, inputVolume, job.bundle, added)
         except Exception as error:
-            for node in reversed(added):
-                if node.GetScene() is not None:
-                    scene.RemoveNode(node)
+            _remove_nodes(reversed(added))
             if isinstance(error, AttentionUNetSegmentError):
                 raise
             raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
-        scene.RemoveNode(labelmap)
+        _remove_nodes([labelmap])
 
         segmentation.RemoveNodeReferenceIDs(ATTENTION_ROLE)
         segmentation.RemoveNodeReferenceIDs(PROBABILITY_ROLE)
@@ -1115,7 +1113,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         scene = slicer.mrmlScene
         labels = self._segmentLabels(segmentationNode)
-        colors = self._labelColorTable(labels, f"{segmentationNode.GetName()} labels")
+        colors = self._labelColorTable(labels, f"{segmentationNode.GetName()} label colors")
         if labelmapNode is None:
             labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
                                                    scene.GenerateUniqueName(f"{segmentationNode.GetName()} labels"))
@@ -1123,11 +1121,15 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
         extent = (slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY if referenceVolume is not None
                   else slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS)
+        before = _node_ids(scene, "vtkMRMLColorTableNode")
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentationNode, segmentIds, labelmapNode, referenceVolume, extent, colors):
             raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
         labelmapNode.CreateDefaultDisplayNodes()
         labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        # the export also makes a "<segmentation>_ColorTable" copy; ours (with stable values) replaces it
+        _remove_nodes(scene.GetNodeByID(i) for i in _node_ids(scene, "vtkMRMLColorTableNode") - before
+                      if i != colors.GetID())
         for name in segmentationNode.GetAttributeNames() or ():
             if name.startswith(ATTRIBUTE_PREFIX):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
@@ -1160,7 +1162,6 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         if existing and not force:
             raise AttentionUNetSegmentError("These files exist already: " + ", ".join(existing) +
                                             ". Choose another folder or allow overwriting.")
-        scene = slicer.mrmlScene
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
         names = self.exportFileNames(segmentationNode, fileFormat)
@@ -1206,9 +1207,27 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             for partial in partials:
                 if partial.exists():
                     partial.unlink()
-            scene.RemoveNode(labelmap)
-            scene.RemoveNode(colors)
+            _remove_nodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
+
+
+def _node_ids(scene, className: str) -> set:
+    nodes = scene.GetNodesByClass(className)
+    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+
+
+def _remove_nodes(nodes) -> None:
+    """Remove nodes from the scene together with their display nodes (which the scene would otherwise keep)."""
+    for node in nodes:
+        scene = node.GetScene()
+        if scene is None:
+            continue
+        displays = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] \
+            if node.IsA("vtkMRMLDisplayableNode") else []
+        for display in displays:
+            if display is not None:
+                scene.RemoveNode(display)
+        scene.RemoveNode(node)
 
 
 def _csv(text: str) -> str:

@@ -132,8 +132,7 @@ def test_results_match_the_engine_run_directly_geometry_included(env, first_resu
         np.testing.assert_allclose(_sitk_ijk_to_ras(expected), _matrix(volume), atol=1e-5)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(expected))
     finally:
-        env["scene"].RemoveNode(labelmap.GetDisplayNode().GetColorNode())
-        env["scene"].RemoveNode(labelmap)
+        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
     files = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
     assert len(result.attentionVolumes) == len(files) >= 1
@@ -177,6 +176,10 @@ def test_attention_volumes_display_provenance_and_hierarchy(env, first_result):
     assert sh.GetItemParent(folder) == study and sh.GetItemName(folder) == "Oblique attention maps"
     assert result.segmentation.GetNumberOfNodeReferences("AttentionUNetAttention") == len(result.attentionVolumes)
     env["logic"].showResults(result)  # headless scene: no slice views, must not fail
+    # no temporary node (label map, colour table) or orphaned display node is left behind
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeDisplayNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode") == 0
 
 
 def test_export_for_report_files_read_back(env, first_result, tmp_path):
@@ -235,8 +238,7 @@ def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
         assert colors.GetColorName(2) == "Posterior"
         assert labelmap.GetAttribute("AttentionUNet.Model") == env["bundle"].name
     finally:
-        scene.RemoveNode(labelmap.GetDisplayNode().GetColorNode())
-        scene.RemoveNode(labelmap)
+        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
 
 def test_cancel_leaves_the_scene_unchanged(env):
