@@ -69,6 +69,17 @@ def test_save_refuses_existing_directory_unless_forced(tiny_bundle, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no staging or retired directories left
 
 
+def test_saved_bundle_is_readable_by_other_users(tiny_bundle, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        saved = save_bundle(tiny_bundle.build_model(), tiny_bundle.metadata, tmp_path / "shared")
+    finally:
+        os.umask(umask)
+    assert saved.path.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in saved.path.iterdir()} == {"model.json": 0o644,
+                                                                                 "model.safetensors": 0o644}
+
+
 def test_save_writes_nothing_when_metadata_is_invalid(tiny_bundle, tmp_path):
     bad = dict(tiny_bundle.metadata, labels=[])
     with pytest.raises(ModelBundleError, match="labels"):

@@ -426,6 +426,7 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
         full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+        _apply_umask_permissions(staging)
         if directory.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
             os.replace(directory, retired / directory.name)
@@ -437,6 +438,16 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(directory)
+
+
+def _apply_umask_permissions(directory: Path) -> None:
+    """Give a staged bundle ordinary permissions: ``mkdtemp`` makes its directory 0700 and safetensors writes
+    0600 files, which would hide an installed model from other users (e.g. Slicer run by someone else)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 class ModelRegistry:
