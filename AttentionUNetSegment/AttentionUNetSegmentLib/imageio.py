@@ -64,7 +64,24 @@ def read_image(path: PathLike) -> sitk.Image:
         image = sitk.ReadImage(str(path))
     except RuntimeError as sitk_error:
         image = _read_with_nibabel(path, sitk_error)
+    else:
+        _check_nifti_finite(path)
     return validate_image(_squeeze_single_volume(image), str(path))
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK's NIfTI reader silently turns NaN voxels into 0, so float NIfTI data is checked with nibabel."""
+    if image_extension(path) not in (".nii", ".nii.gz"):
+        return
+    import nibabel as nib
+
+    nifti = nib.load(str(path))
+    if np.dtype(nifti.get_data_dtype()).kind != "f":
+        return
+    data = np.asanyarray(nifti.dataobj)
+    if not np.isfinite(data).all():
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        raise InputImageError(f"{path} has {bad} NaN/Inf voxels; replace them (e.g. with 0) before segmenting")
 
 
 def _read_with_nibabel(path: Path, sitk_error: Exception) -> sitk.Image:
