@@ -11,6 +11,7 @@ Run from the repository root: ``python Utilities/make_screenshot.py [--image PAT
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ def main() -> int:
                         folder, "--model", args.model, "--device", "cpu", "--progress", "none"], check=True)
         image = sitk.ReadImage(str(image_path), sitk.sitkFloat32)
         labels = sitk.ReadImage(str(next(Path(folder).glob("*_seg.nii.gz"))))
+        report = json.loads(next(Path(folder).glob("*_report.json")).read_text())
         gates = sorted(Path(folder).glob("*_attention_*.nii.gz"), key=lambda p: int(p.name.split("_")[-1][:-7]))
         attention = [sitk.Resample(sitk.ReadImage(str(p)), image, sitk.Transform(), sitk.sitkLinear, 0.0)
                      for p in (gates[0], gates[-1])]
@@ -54,7 +56,7 @@ def main() -> int:
     maps = [_display(a) for a in attention]
     z = int(np.argmax((label_array > 0).sum(axis=(1, 2))))
     low, high = np.percentile(volume[z], [1, 99])
-    colors = {1: (0.9, 0.6, 0.2), 2: (0.2, 0.6, 0.9)}
+    colors = {segment["value"]: segment["color"] for segment in report["segments"]}
 
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.6), facecolor="black")
     titles = ["Input (axial)", "Segmentation", "Attention, finest gate", "Attention, coarsest gate"]
