@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
@@ -176,15 +177,21 @@ def autocast_context(device: torch.device, amp: str):
 @torch.no_grad()
 def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], labels: Sequence[int],
              device: torch.device, amp: str) -> Dict[int, Tuple[float, int]]:
-    """Whole-case forward on each validation case's preprocessed grid; returns, per label value, the sum of
-    per-case Dice scores and the number of cases where the label exists in the reference or the prediction."""
+    """Whole-case forward on each validation case's preprocessed grid, zero-padded at the end of each axis to a
+    multiple of ``model.min_input_size`` (as sliding-window inference pads, so every pooling step halves exactly);
+    returns, per label value, the sum of per-case Dice scores and the number of cases where the label exists in
+    the reference or the prediction."""
     model.eval()
     sums = {value: [0.0, 0] for value in labels}
+    divisor = model.min_input_size
     for case in cases:
+        shape = case.image.shape
+        padding = [(-size) % divisor for size in shape]
         image = torch.from_numpy(case.image)[None, None].to(device)
+        image = F.pad(image, [amount for size in reversed(padding) for amount in (0, size)])
         with autocast_context(device, amp):
             logits = model(image)
-        prediction = logits.argmax(1)[0].cpu()
+        prediction = logits.argmax(1)[0, :shape[0], :shape[1], :shape[2]].cpu()
         for value, score in dice_per_label(prediction, torch.from_numpy(case.label.astype(np.int64)),
                                            labels).items():
             if score is not None:
