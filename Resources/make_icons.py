@@ -2,7 +2,7 @@
 (``AttentionUNetSegment/Resources/Icons/AttentionUNetSegment.png``), both 128x128 PNG.
 
 The design: a U-Net's encoder/decoder blocks drawn as a "U" on a dark tile, with a warm attention glow where the
-skip connections meet the decoder. Run from the repository root: ``python Utilities/make_icons.py``.
+skip connections meet the decoder. Run from the repository root: ``python Resources/make_icons.py``.
 """
 
 from __future__ import annotations

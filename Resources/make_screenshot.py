@@ -5,7 +5,7 @@ through the same command line the Slicer module uses, then draws an axial slice 
 ways, in radiological convention: the image, the segmentation outline, and the finest and the coarsest attention
 gate as heat overlays (each gate resampled linearly onto the image grid for display only).
 
-Run from the repository root: ``python Utilities/make_screenshot.py [--image PATH] [--model NAME|PATH]``.
+Run from the repository root: ``python Resources/make_screenshot.py [--image PATH] [--model NAME|PATH]``.
 """
 
 from __future__ import annotations
