@@ -18,14 +18,20 @@ each repeat so machine load hits them alike. Reported per case and pipeline: med
 file out, model already loaded), process time (including imports and model loading), peak RSS, and the Dice of
 each foreground label between the two pipelines' label maps (plus voxel agreement).
 
-Weights: a bundle written with ``bundle.save_bundle`` from a fixed-seed ``AttentionUNet`` (16-32-64-128, patch
-96^3, 1.5 mm isotropic, z-score) trained briefly on synthetic scenes (see ``fixed_seed_bundle`` for why), cached
-in ``--work-dir``; ``--bundle PATH`` uses another one (e.g. the default
-model). Cases:
+Weights (identical in both pipelines: both load the same bundle):
+
+- ``sample`` and ``aniso`` use a trained model: the default model shipped in ``Resources/Models`` (hippocampus,
+  8-16-32-64, patch 40x56x40, 1 mm) or ``--bundle PATH``. Label agreement is only meaningful with a trained
+  network (see ``fixed_seed_bundle``).
+- ``ct`` (and ``quick``) use an untrained fixed-seed ``AttentionUNet`` (16-32-64-128, patch 96^3, 1.5 mm
+  isotropic, z-score) written with ``bundle.save_bundle`` and cached in ``--work-dir``: time and memory only.
+
+Cases:
 
 - ``sample``: the bundled sample image (``AttentionUNetSegment/Resources/SampleData``; an MSD hippocampus case
-  when it is absent), segmented with the default model bundle when one ships, else the fixed-seed bundle.
-- ``aniso``: a synthetic 192x192x160 volume at 1.0 x 1.0 x 2.0 mm (MR-like blobs and noise).
+  when it is absent).
+- ``aniso``: a 192x192x160 head MRI at 0.9 x 1.1 x 1.2 mm: the MNI152 T1 template from the nilearn wheel,
+  resampled (see ``brain_volume``).
 - ``ct``: a synthetic CT-sized 512x512x300 int16 volume at 0.8 x 0.8 x 1.5 mm (body, organs, air).
 
     .venv/bin/python Testing/benchmarks/bench_inference.py --cases sample aniso --repeats 2 --json out.json
@@ -52,11 +58,12 @@ DEFAULT_MODEL_DIRS = [bc.REPO_ROOT / "AttentionUNetSegment" / "Resources" / "Mod
 
 #: Synthetic cases: size (x, y, z), spacing (x, y, z) mm, kind.
 SYNTHETIC = {
-    "aniso": ((192, 192, 160), (1.0, 1.0, 2.0), "mr"),
     "ct": ((512, 512, 300), (0.8, 0.8, 1.5), "ct"),
     "quick": ((60, 52, 40), (1.0, 1.0, 2.0), "mr"),
 }
 PIPELINES = ("ours", "monai", "monai-sitk")
+#: Cases segmented with a trained model (default model or ``--bundle``), where label agreement is meaningful.
+TRAINED_CASES = ("sample", "aniso")
 
 
 # --------------------------------------------------------------------------------------------- inputs and bundle
@@ -111,6 +118,8 @@ def case_image(case: str, work_dir: Path) -> Path:
         if MSD_CASE.is_file():
             return MSD_CASE
         raise SystemExit(f"no sample image: neither {SAMPLE_DIR} nor {MSD_CASE} exists")
+    if case == "aniso":
+        return brain_volume(work_dir)
     import SimpleITK as sitk
 
     size, spacing, kind = SYNTHETIC[case]
@@ -130,59 +139,62 @@ def default_model_bundle() -> Optional[Path]:
     return None
 
 
-def fixed_seed_bundle(work_dir: Path, patch: int, spacing: float, channels: Sequence[int], steps: int) -> Path:
-    """A bundle (written with ``bundle.save_bundle`` once, then cached) whose network is trained from a fixed seed
-    for ``steps`` Adam steps to find the synthetic scenes' labelled ellipsoids.
+def fixed_seed_bundle(work_dir: Path, patch: int, spacing: float, channels: Sequence[int]) -> Path:
+    """A bundle with an untrained fixed-seed network, written with ``bundle.save_bundle`` once and cached.
 
-    Why trained: an untrained network's output depends chaotically on each window's context (instance norm), so
-    two pipelines that merely place windows a few voxels apart disagree (label Dice ~0.5) whatever their quality.
-    A network that has learned the task is as robust to window placement as a real model, which is what the
-    Dice agreement between pipelines is meant to check.
+    Used where only time and memory matter (CT-sized case, scaling): an untrained network's output depends
+    chaotically on each window's context (instance norm), so two pipelines that place windows a few voxels apart
+    disagree (label Dice ~0.5) whatever their quality; label agreement is measured with a trained model.
     """
-    directory = work_dir / f"bundle_{'-'.join(map(str, channels))}_p{patch}_s{spacing:g}_t{steps}"
+    directory = work_dir / f"bundle_{'-'.join(map(str, channels))}_p{patch}_s{spacing:g}"
     if (directory / "model.json").is_file():
         return directory
-    import numpy as np
-    import SimpleITK as sitk
     import torch
-    import torch.nn.functional as F
 
     from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
     from AttentionUNetSegmentLib.network import AttentionUNet
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    model = AttentionUNet(1, 3, tuple(channels))
-    volumes = []
-    for seed, kind in enumerate(("mr", "ct", "mr", "ct")):
-        image, labels = synthetic_scene((112, 112, 112), (spacing,) * 3, kind, seed=100 + seed)
-        array = sitk.GetArrayFromImage(image).astype(np.float32)
-        volumes.append(((array - array.mean()) / array.std(), labels.astype(np.int64)))
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
-    crop = 48
-    model.train()
-    for step in range(steps):
-        array, labels = volumes[step % len(volumes)]
-        z, y, x = (int(rng.integers(0, n - crop + 1)) for n in array.shape)
-        window = (slice(z, z + crop), slice(y, y + crop), slice(x, x + crop))
-        images = torch.from_numpy(np.ascontiguousarray(array[window]))[None, None]
-        targets = torch.from_numpy(np.ascontiguousarray(labels[window]))[None]
-        loss = F.cross_entropy(model(images), targets, weight=torch.tensor([0.2, 1.0, 1.0]))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 25 == 0 or step == steps - 1:
-            print(f"training the benchmark network: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
     metadata = create_metadata(
-        name="benchmark-synthetic",
+        name="benchmark-fixed-seed",
         labels=[{"value": 1, "name": "A", "color": [1.0, 0.0, 0.0]}, {"value": 2, "name": "B", "color": [0.0, 1.0, 0.0]}],
         patch_size=[patch] * 3,
         preprocessing={"orientation": "RAS", "target_spacing": [spacing] * 3, "normalization": {"scheme": "zscore"}},
         overlap=0.5,
-        description=f"Fixed-seed network trained {steps} steps on synthetic scenes; for the benchmarks only.",
+        description="Untrained fixed-seed network for the speed and memory benchmarks only.",
     )
-    save_bundle(model.eval(), metadata, directory, force=True)
+    save_bundle(AttentionUNet(1, 3, tuple(channels)), metadata, directory, force=True)
     return directory
+
+
+def brain_volume(work_dir: Path) -> Path:
+    """The MNI ICBM152 2009 T1 template shipped in the ``nilearn`` wheel (skull-stripped brain, 1 mm), resampled
+    linearly to 192 x 192 x 160 voxels of 0.9 x 1.1 x 1.2 mm around its centre: a real anisotropic head MRI on
+    which the hippocampus model finds both hippocampi."""
+    path = work_dir / "inputs" / "mni152_192x192x160_aniso.nii.gz"
+    if path.is_file():
+        return path
+    import importlib.util
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise SystemExit("the aniso case needs nilearn (its wheel ships the MNI152 template)")
+    template = Path(spec.origin).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    brain = sitk.DICOMOrient(sitk.ReadImage(str(template), sitk.sitkFloat32), "RAS")
+    size, spacing = (192, 192, 160), (0.9, 1.1, 1.2)
+    centre = np.array(brain.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in brain.GetSize()]))
+    direction = np.array(brain.GetDirection()).reshape(3, 3)
+    origin = centre - direction @ ((np.array(size) - 1) * np.array(spacing) / 2)
+    resampled = sitk.Resample(brain, size, sitk.Transform(), sitk.sitkLinear, [float(o) for o in origin], spacing,
+                              brain.GetDirection(), 0.0, sitk.sitkFloat32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name("partial-" + path.name)
+    sitk.WriteImage(resampled, str(partial), useCompression=True)
+    partial.replace(path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------- workers
@@ -369,11 +381,10 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--cases", nargs="+", default=["sample", "aniso"], choices=["sample", "aniso", "ct", "quick"])
     parser.add_argument("--pipelines", nargs="+", default=["ours", "monai"], choices=list(PIPELINES))
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per pipeline (default 2)")
-    parser.add_argument("--bundle", help="model bundle for every case (default: fixed-seed; the sample uses "
-                        "the default model when one ships)")
+    parser.add_argument("--bundle", help="trained model bundle for the sample and aniso cases (default: the "
+                        "default model shipped in Resources/Models)")
     parser.add_argument("--patch", type=int, default=96, help="patch of the fixed-seed bundle (default 96)")
     parser.add_argument("--spacing", type=float, default=1.5, help="target spacing of the fixed-seed bundle, mm")
-    parser.add_argument("--train-steps", type=int, default=300, help="training of the benchmark network")
     parser.add_argument("--attention", action="store_true", help="ours also computes attention maps")
     parser.add_argument("--no-optimise", action="store_true",
                         help="prototype switch: do not apply acceleration.optimize_for_inference to ours")
@@ -383,9 +394,9 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cases, args.patch, args.repeats, args.train_steps = ["quick"], 32, 1, 60
+        args.cases, args.patch, args.repeats = ["quick"], 32, 1
     work_dir = Path(args.work_dir)
-    synthetic_bundle = fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128), args.train_steps)
+    synthetic_bundle = fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128))
     extra: Dict[str, Any] = {"attention": args.attention, "threads": args.threads}
     if not args.no_optimise and not _engine_optimises():
         extra["optimise"] = {}
@@ -393,9 +404,11 @@ def main(argv: List[str]) -> int:
     rows = []
     for case in args.cases:
         image = case_image(case, work_dir)
-        bundle = Path(args.bundle) if args.bundle else synthetic_bundle
-        if case == "sample" and not args.bundle:
-            bundle = default_model_bundle() or synthetic_bundle
+        bundle = synthetic_bundle
+        if case in TRAINED_CASES:
+            bundle = Path(args.bundle) if args.bundle else default_model_bundle()
+            if bundle is None:
+                raise SystemExit(f"case {case} needs a trained model: ship the default model or pass --bundle PATH")
         print(f"case {case}: {image} with bundle {bundle}", flush=True)
         for row in run_case(case, image, bundle, args.pipelines, args.repeats, work_dir, extra):
             row["bundle"] = bundle.name

@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: isolated worker processes, peak memory, machine facts, tables, JSON.
 
 Every measured variant runs in a fresh Python process (``run_worker``) so its peak resident memory
-(``ru_maxrss``) is its own and nothing cached by an earlier variant (allocator pools, oneDNN primitives, imports)
+(``VmHWM``) is its own and nothing cached by an earlier variant (allocator pools, oneDNN primitives, imports)
 flatters a later one. A worker is the benchmark script itself started with ``--worker JSON``; it prints one line
 ``RESULT {json}`` that the parent collects.
 """
@@ -24,7 +24,19 @@ RESULT_PREFIX = "RESULT "
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports ``ru_maxrss`` in KiB)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of ``/proc/self/status`` (the high-water mark of this program's own address space).
+    ``ru_maxrss`` is not used there because it keeps the parent's peak across ``fork``+``exec``, so a worker
+    started by a big parent would report the parent's figure.
+    """
+    try:
+        with open("/proc/self/status") as stream:
+            for line in stream:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     scale = 1024.0 if sys.platform != "darwin" else 1024.0 * 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
