@@ -243,6 +243,25 @@ def test_existing_outputs_need_force(tiny_bundle, tmp_path, capsys):
     assert status == 0 and sorted(p.name for p in out.iterdir()) == written
 
 
+def test_unusable_output_folder_fails_before_inference(tiny_bundle, tmp_path, capsys):
+    image = tmp_path / "image.nii.gz"
+    make_volume(image, (10, 10, 10), (1, 1, 1))
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-file" / "out"
+    status, stdout, err = run_main(capsys, "segment", str(image), "--output-dir", str(out), "--model",
+                                   str(tiny_bundle.path), "--device", "cpu", "--progress", "json")
+    assert_clean_failure(status, err, out, "is a file, not a folder")
+    assert not any(json.loads(line)["stage"] == "inference" for line in stdout.splitlines())
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+    # A write that fails after inference (here: a folder where the report goes) is one error line, too.
+    blocked = tmp_path / "blocked"
+    (blocked / "image_report.json").mkdir(parents=True)
+    status, _, err = run_main(capsys, "segment", str(image), "--output-dir", str(blocked), "--model",
+                              str(tiny_bundle.path), "--device", "cpu", "--no-attention", "--force")
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert [p.name for p in blocked.iterdir()] == ["image_report.json"]
+
+
 def test_roi_restricts_the_segmentation(tiny_bundle, tmp_path, capsys):
     image_path = tmp_path / "image.nii.gz"
     image = make_volume(image_path, (16, 16, 16), (1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),

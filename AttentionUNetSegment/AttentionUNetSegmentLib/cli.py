@@ -419,6 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no outputs of the unfinished input were kept", file=sys.stderr)
         return 130
+    except OSError as error:  # e.g. the disk filled up or a folder became unwritable while writing
+        print(f"error: {error}; check that the output folder is writable and has free space (no partial "
+              "outputs were kept)", file=sys.stderr)
+        return EXIT_USAGE
     except MemoryError:
         print("error: out of memory; use --device cpu, a smaller --batch-size, or a --roi around the structure",
               file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import SimpleITK as sitk
 
 from . import __version__
 from .bundle import LabelInfo, ModelBundle
-from .errors import OutputExistsError
+from .errors import AttentionUNetError, OutputExistsError
 from .imageio import atomic_output
 
 if TYPE_CHECKING:
@@ -65,8 +66,10 @@ class OutputPaths:
                 self.report]
 
     def check_writable(self, force: bool = False) -> None:
-        """Raise ``OutputExistsError`` naming every existing file, unless ``force`` (checked before inference,
-        so no time is spent on a result that could not be written)."""
+        """Raise unless every file can be written: ``AttentionUNetError`` when the folder is not (and cannot
+        become) a writable folder, ``OutputExistsError`` naming the existing files unless ``force``. Checked
+        before inference, so no time is spent on a result that could not be written."""
+        _check_folder_writable(self.segmentation.parent)
         existing = [path for path in self.all() if path.exists()]
         if existing and not force:
             names = ", ".join(path.name for path in existing[:3]) + (" ..." if len(existing) > 3 else "")
@@ -82,6 +85,20 @@ class OutputPaths:
             "probabilities": {name: str(path.resolve()) for name, path in self.probabilities.items()},
             "report": str(self.report.resolve()),
         }
+
+
+def _check_folder_writable(folder: Path) -> None:
+    """Raise ``AttentionUNetError`` unless ``folder`` is, or can be created as, a folder this process can write
+    to (checked on its nearest existing ancestor, so nothing is created)."""
+    nearest = folder
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise AttentionUNetError(f"cannot write outputs to {folder}: {nearest} is a file, not a folder; choose "
+                                 "another --output-dir")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise AttentionUNetError(f"cannot write outputs to {folder}: {nearest} is not writable; choose a folder "
+                                 "you can write to with --output-dir")
 
 
 def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[LabelInfo], fmt: str = "nii.gz",
