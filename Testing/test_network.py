@@ -102,6 +102,13 @@ def test_tutorial_network_is_constructible():
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
 
 
+def test_config_rebuilds_the_same_network_when_gate_widths_round():
+    # 10 * 0.25 rounds to 2 but 40 * 0.25 = 10: the ratio must come back as given, not as 2 / 10.
+    model = AttentionUNet(in_channels=1, out_channels=2, channels=(10, 20, 40), inter_channels_ratio=0.25)
+    assert model.config()["inter_channels_ratio"] == 0.25
+    build_network(model.config()).load_state_dict(model.state_dict(), strict=True)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x = torch.randn(2, 1, 16, 12, 16)
     target = torch.randint(0, 3, (2, 16, 12, 16))

@@ -161,6 +161,7 @@ class AttentionUNet(nn.Module):
         self.out_channels = out_channels
         self.channels = channels
         self.norm = norm
+        self.inter_channels_ratio = float(inter_channels_ratio)
         self.gradient_checkpointing = gradient_checkpointing
 
         self.encoders = nn.ModuleList(
@@ -206,7 +207,7 @@ class AttentionUNet(nn.Module):
             "out_channels": self.out_channels,
             "channels": list(self.channels),
             "norm": self.norm,
-            "inter_channels_ratio": self.gates[0].inter_channels / self.channels[0],
+            "inter_channels_ratio": self.inter_channels_ratio,
             "deep_supervision": self.deep_supervision,
         }
 
