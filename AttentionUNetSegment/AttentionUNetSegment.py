@@ -1091,15 +1091,16 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _segmentLabels(segmentationNode) -> List[Any]:
-        """``(value, name, color)`` of every segment; values are the stored label values, made unique."""
-        from AttentionUNetSegmentLib.bundle import LabelInfo
+        """``(value, name, color)`` of every segment; values are the stored label values, made unique and within
+        1..32767 (a label map is 16-bit signed: Slicer's export would clip larger values)."""
+        from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE, LabelInfo
 
         segments = segmentationNode.GetSegmentation()
         labels, used = [], set()
         for i in range(segments.GetNumberOfSegments()):
             segment = segments.GetNthSegment(i)
             value = segment.GetLabelValue()
-            if value <= 0 or value in used:
+            if not 0 < value <= MAX_LABEL_VALUE or value in used:
                 value = max(used | {0}) + 1
             used.add(value)
             labels.append(LabelInfo(value, segment.GetName(), tuple(segment.GetColor())))

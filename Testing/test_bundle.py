@@ -111,6 +111,7 @@ def test_missing_weights_are_refused(bundle_copy):
         (lambda m: m["labels"].pop(), "out_channels=3"),
         (lambda m: m["labels"][0].update(color=[1.5, 0, 0]), "color"),
         (lambda m: m["labels"][1].update(value=1), "unique"),
+        (lambda m: m["labels"][1].update(value=40000), r"1\.\.32767"),
         (lambda m: m["labels"][0].update(terminology="Anatomy~SCT^1^x"), "terminology"),
         (lambda m: m["inference"].update(patch_size=[32, 32]), "patch_size"),
         (lambda m: m["weights"].update(file="../model.safetensors"), "plain file name"),

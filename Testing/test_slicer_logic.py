@@ -462,3 +462,54 @@ def test_in_slicer_self_test_passes_headless(env):
         assert outcome.testsRun == 2
     finally:
         slicer.mrmlScene = scene
+
+
+@pytest.mark.slow
+def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env, tmp_path):
+    """Labels 3 and 300 (an int16 label map from the engine) keep their values in the segments, the exported
+    label map and the CSV volumes; a segment whose value a label map cannot hold is exported under a free value."""
+    import torch
+
+    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.network import AttentionUNet
+
+    torch.manual_seed(0)
+    model = AttentionUNet(in_channels=1, out_channels=3, channels=(4, 8, 16))
+    with torch.no_grad():
+        model.head.bias[:] = torch.tensor([0.0, 5.0, 4.9])  # random weights, biased to predict both labels
+    metadata = create_metadata(
+        name="wide", labels=[{"value": 3, "name": "A", "color": [1, 0, 0]}, {"value": 300, "name": "B",
+                                                                            "color": [0, 1, 0]}],
+        patch_size=(32, 32, 32), preprocessing={"orientation": "RAS", "target_spacing": [1.0, 1.0, 1.0],
+                                                "normalization": {"scheme": "zscore"}})
+    bundle = save_bundle(model, metadata, tmp_path / "wide")
+    logic, scene = env["logic"], env["scene"]
+    result = logic.process(env["volume"], model=str(bundle.path), device="cpu", attentionMaps=False)
+    counts = {row["value"]: row["voxels"] for row in result.statistics}
+    assert set(counts) == {3, 300} and counts[3] > 0 and counts[300] > 0
+    segments = result.segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetLabelValue() for i in range(2)] == [3, 300]
+
+    files = logic.exportForReport(result.segmentation, tmp_path / "export")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(files["labelmap"]))
+    assert {int(v): int((labels == v).sum()) for v in np.unique(labels) if v} == counts
+    with open(files["volumes"], newline="") as stream:
+        assert {int(r["value"]): int(r["voxels"]) for r in csv.DictReader(stream)} == counts
+
+    env["module"]._remove_nodes([result.segmentation])
+
+    # A segmentation imported from a uint16 label map can hold a value Slicer's int16 export would clip to 32767.
+    wide = np.zeros(slicer.util.arrayFromVolume(env["volume"]).shape, np.uint16)
+    wide[2:4, 3:6, 4:8] = 40000  # 24 voxels
+    source = _add_volume(scene, "Wide labels", wide, class_name="vtkMRMLLabelMapVolumeNode")
+    imported = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Wide")
+    imported.SetReferenceImageGeometryParameterFromVolumeNode(source)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, imported)
+    assert imported.GetSegmentation().GetNthSegment(0).GetLabelValue() == 40000
+    labelmap = logic.exportToLabelMapNode(imported, source)
+    try:
+        exported = slicer.util.arrayFromVolume(labelmap)
+        assert int((exported == 1).sum()) == 24 and set(np.unique(exported)) == {0, 1}  # a free value, not clipped
+        assert labelmap.GetDisplayNode().GetColorNode().GetColorName(1) == "Wide labels"
+    finally:
+        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])

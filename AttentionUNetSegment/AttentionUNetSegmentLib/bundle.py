@@ -44,6 +44,8 @@ _REQUIRED_KEYS = ("format", "format_version", "name", "version", "architecture",
                   "inference", "weights")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Largest label value: label maps are 16-bit signed (int16), which is also what 3D Slicer exports them as.
+MAX_LABEL_VALUE = 32767
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,9 +82,9 @@ def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
             raise _fail(directory, f"{where} must be an object with 'value', 'name' and 'color'",
                         "add the missing keys to model.json")
         value, name, color = label["value"], label["name"], label["color"]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise _fail(directory, f"{where}.value must be an integer in 1..65535, got {value!r}",
-                        "background (0) is implicit; number the segments from 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LABEL_VALUE:
+            raise _fail(directory, f"{where}.value must be an integer in 1..{MAX_LABEL_VALUE} (label maps are "
+                        f"16-bit signed), got {value!r}", "background (0) is implicit; number the segments from 1")
         if not isinstance(name, str) or not name.strip():
             raise _fail(directory, f"{where}.name must be a non-empty string", "give every segment a name")
         if (not isinstance(color, list) or len(color) != 3
