@@ -32,7 +32,13 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
-from AttentionUNetSegmentLib.runner import EngineProcess, Progress, build_segment_command, format_duration
+from AttentionUNetSegmentLib.runner import (
+    EngineProcess,
+    EtaEstimator,
+    Progress,
+    build_segment_command,
+    format_duration,
+)
 
 #: The engine's default model (``bundle.DEFAULT_MODEL``; the bundle module is imported only when needed because it
 #: loads SimpleITK, which would slow down Slicer's start-up).
@@ -544,6 +550,7 @@ class BatchJob:
         self._index = -1
         self._current: Optional[SegmentationJob] = None
         self._started = time.monotonic()
+        self._eta = EtaEstimator()  # over the whole batch: each volume's own ETA covers only that volume
 
     @property
     def summary(self) -> str:
@@ -561,8 +568,8 @@ class BatchJob:
     def _progress(self, fraction: float, message: str, eta: Optional[float]) -> None:
         if self.progressCallback is not None:
             count = len(self.volumes)
-            self.progressCallback((self._index + fraction) / count,
-                                  f"[{self._index + 1}/{count}] {message}", None)
+            overall = (self._index + fraction) / count
+            self.progressCallback(overall, f"[{self._index + 1}/{count}] {message}", self._eta.update(overall))
 
     def _next(self) -> None:
         while True:
@@ -1114,23 +1121,27 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         scene = slicer.mrmlScene
         labels = self._segmentLabels(segmentationNode)
+        before = _node_ids(scene, "vtkMRMLColorTableNode")
         colors = self._labelColorTable(labels, f"{segmentationNode.GetName()} label colors")
+        created = [colors]
         if labelmapNode is None:
             labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
                                                    scene.GenerateUniqueName(f"{segmentationNode.GetName()} labels"))
+            created.append(labelmapNode)
         segmentIds = vtk.vtkStringArray()
         segmentationNode.GetSegmentation().GetSegmentIDs(segmentIds)
         extent = (slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY if referenceVolume is not None
                   else slicer.vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS)
-        before = _node_ids(scene, "vtkMRMLColorTableNode")
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentationNode, segmentIds, labelmapNode, referenceVolume, extent, colors):
-            raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
-        labelmapNode.CreateDefaultDisplayNodes()
-        labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentationNode, segmentIds, labelmapNode, referenceVolume, extent, colors)
         # the export also makes a "<segmentation>_ColorTable" copy; ours (with stable values) replaces it
         _remove_nodes(scene.GetNodeByID(i) for i in _node_ids(scene, "vtkMRMLColorTableNode") - before
                       if i != colors.GetID())
+        if not exported:
+            _remove_nodes(reversed(created))
+            raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
+        labelmapNode.CreateDefaultDisplayNodes()
+        labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         for name in segmentationNode.GetAttributeNames() or ():
             if name.startswith(ATTRIBUTE_PREFIX):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ sitk = pytest.importorskip("SimpleITK")
 slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
+from AttentionUNetSegmentLib.runner import EtaEstimator  # noqa: E402
 from slicer_module_shims import load_module  # noqa: E402
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -374,7 +376,15 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     scene = env["scene"]
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
     flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
-    table = env["logic"].processBatch([second, flat], model=env["model"], device="cpu", attentionMaps=False)
+    module, updates = env["module"], []
+    options = module.SegmentationOptions(model=env["model"], device="cpu", attentionMaps=False)
+    job = module.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
+    job._eta = EtaEstimator(clock=itertools.count(0.0, 10.0).__next__)  # 10 s between updates: an ETA at once
+    table = job.start().wait().summaryTable
+    fractions = [fraction for fraction, _, _ in updates]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 0.5  # volume 1 of 2
+    assert all(message.startswith("[1/2] ") for _, message, _ in updates)
+    assert any(eta is not None and eta > 0 for _, _, eta in updates)  # the batch's remaining time is shown
     assert table.IsA("vtkMRMLTableNode")
     rows = [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
             for r in range(table.GetNumberOfRows())]
