@@ -316,6 +316,19 @@ def test_summary_and_gradcheck_commands(tiny_bundle, capsys):
     assert status == 2 and "too small" in err
 
 
+def test_gradcheck_exits_1_when_a_parameter_gets_no_gradient(tiny_bundle, tmp_path, capsys):
+    import torch
+
+    from AttentionUNetSegmentLib.bundle import save_bundle
+
+    model = tiny_bundle.build_model("cpu")
+    with torch.no_grad():
+        model.head.weight.zero_()  # nothing flows back through the head into the network
+    broken = save_bundle(model, tiny_bundle.metadata, tmp_path / "dead-head")
+    status, out, _ = run_main(capsys, "gradcheck", "--model", str(broken.path), "--input-size", "8", "8", "8")
+    assert status == 1 and "all-zero gradient" in out and "decoders.0.1.0.weight" in out
+
+
 def test_process_level_failure_has_one_error_line_and_no_traceback(tiny_bundle, tmp_path):
     array = np.random.rand(8, 8, 8).astype(np.float32)
     array[0, 0, 0] = np.nan
