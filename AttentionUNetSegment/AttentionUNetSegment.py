@@ -728,23 +728,12 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def resolveModel(self, model: Optional[str]) -> "ModelBundle":
         """The bundle for an installed model name or a bundle folder (metadata validated, weights not read)."""
-        from AttentionUNetSegmentLib.bundle import ModelBundle, read_metadata
         from AttentionUNetSegmentLib.errors import ModelBundleError
 
-        target = model or DEFAULT_MODEL
         try:
-            if os.path.isdir(target):
-                return ModelBundle(read_metadata(target), target)
-            bundles, _problems = self.availableModels()
-            for bundle in bundles:
-                if bundle.name == target:
-                    return bundle
+            return self.modelRegistry().find(model or None)
         except ModelBundleError as error:
             raise AttentionUNetSegmentError(str(error))
-        names = ", ".join(bundle.name for bundle in bundles) or "none"
-        raise AttentionUNetSegmentError(
-            f"No installed model is named '{target}' (installed: {names}). Choose one in the Model list, or pass "
-            "the folder of a model bundle.")
 
     @staticmethod
     def describeModel(bundle: "ModelBundle") -> str:

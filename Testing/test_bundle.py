@@ -194,6 +194,14 @@ def test_registry_lists_and_resolves(tiny_bundle, tmp_path):
     assert registry.resolve(str(models / "tiny")).name == "tiny"
     with pytest.raises(ModelBundleError, match=r"no installed model named 'missing' \(available: tiny \(0.0.1\)"):
         registry.resolve("missing")
+    # find checks the metadata only (the Slicer panel must not read weights); resolve verifies the weights too.
+    weights = models / "tiny" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert registry.find("tiny").path == models / "tiny" and registry.find(str(models / "tiny")).name == "tiny"
+    with pytest.raises(ModelBundleError, match="sha256"):
+        registry.resolve("tiny")
+    with pytest.raises(ModelBundleError, match="model.json is missing"):
+        registry.find(str(models / "not-a-bundle"))
 
 
 def test_registry_search_path_puts_environment_first(tmp_path, monkeypatch):

@@ -454,7 +454,7 @@ def test_corrupt_model_metadata_is_rejected_before_running(env, tmp_path):
     shutil.copytree(env["model"], corrupt)
     (corrupt / "model.json").write_text("{not json")
     _expect_rejected(env, "model.json|JSON", env["volume"], model=str(corrupt))
-    _expect_rejected(env, "No installed model is named 'nonexistent'", env["volume"], model="nonexistent")
+    _expect_rejected(env, "no installed model named 'nonexistent'", env["volume"], model="nonexistent")
 
 
 @pytest.mark.slow

@@ -487,21 +487,24 @@ class ModelRegistry:
         """Valid installed bundles sorted by name (weights are verified only when a bundle is used)."""
         return self.scan()[0]
 
-    def resolve(self, name_or_path: Optional[PathLike] = None) -> ModelBundle:
-        """Load (fully verified) the bundle at a path, or the installed model of that name (default
-        ``hippocampus``)."""
+    def find(self, name_or_path: Optional[PathLike] = None) -> ModelBundle:
+        """The bundle at a path, or the installed model of that name (default ``hippocampus``), with its metadata
+        validated; its weights are verified when first used (``resolve`` verifies them now)."""
         target = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
         looks_like_path = os.sep in target or (os.altsep or os.sep) in target or target.endswith(".json")
-        if looks_like_path:
-            return load_bundle(target)
-        installed = self.list()
+        installed = [] if looks_like_path else self.list()
         for bundle in installed:
             if bundle.name == target:
-                return load_bundle(bundle.path)
-        if Path(target).expanduser().exists():
-            return load_bundle(target)
+                return bundle
+        if looks_like_path or Path(target).expanduser().exists():
+            directory = _bundle_directory(target)
+            return ModelBundle(read_metadata(directory), directory)
         available = ", ".join(f"{b.name} ({b.version})" for b in installed) or "none"
         searched = os.pathsep.join(str(p) for p in self.search_path)
         raise ModelBundleError(
-            f"no installed model named {target!r} (available: {available}; searched {searched}); pass a bundle "
-            f"directory with --model PATH or add its parent folder to {MODELS_ENV}")
+            f"no installed model named {target!r} (available: {available}; searched {searched}); choose an "
+            f"installed model, give the path of a bundle directory, or add its parent folder to {MODELS_ENV}")
+
+    def resolve(self, name_or_path: Optional[PathLike] = None) -> ModelBundle:
+        """``find`` the bundle, then load it fully verified (weights sha256, architecture vs weights)."""
+        return load_bundle(self.find(name_or_path).path)
