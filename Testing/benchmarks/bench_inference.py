@@ -8,7 +8,8 @@ write ``.nii.gz``.
   attention=False)`` -> ``imageio.write_image(prediction.labels)``.
 - ``monai``: the MONAI tutorial recipe: ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
   Spacingd(bilinear) -> NormalizeIntensityd``, ``monai.inferers.sliding_window_inference(roi_size=patch,
-  sw_batch_size=1, overlap=0.5, mode="gaussian")`` on the same network, ``Invertd`` (logits back to the input
+  sw_batch_size=1, overlap=0.5, mode="gaussian")`` on the same network (its windows permuted from MONAI's
+  ``(x, y, z)`` arrays to the ``(z, y, x)`` tensors the bundle's network expects), ``Invertd`` (logits back to the input
   grid), ``AsDiscreted(argmax)``, ``SaveImaged``.
 - ``monai-sitk`` (``--pipelines``): a leaner hand-written alternative: SimpleITK read/resample (float32),
   ``sliding_window_inference`` as above, SimpleITK linear resampling of the logits back, argmax, SimpleITK write.
@@ -245,9 +246,13 @@ def run_monai(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str,
     baseline = bc.current_rss_mb()
     started = time.perf_counter()
     data = pre({"image": str(image_path)})
+    def network(windows: torch.Tensor) -> torch.Tensor:
+        # MONAI arrays are (x, y, z); the bundle's network was trained on (z, y, x) tensors (DESIGN.md).
+        return model(windows.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+
     with torch.no_grad():
         data["pred"] = sliding_window_inference(data["image"][None], roi_size=bundle.patch_size, sw_batch_size=1,
-                                                predictor=model, overlap=0.5, mode="gaussian")[0]
+                                                predictor=network, overlap=0.5, mode="gaussian")[0]
     post(data)
     seconds = time.perf_counter() - started
     return {"pipeline_s": round(seconds, 3), "rss_before_mb": round(baseline, 1)}
@@ -325,7 +330,7 @@ def label_agreement(first: Path, second: Path) -> Dict[str, Any]:
         return {"dice_error": f"grids differ: {a_image.GetSize()} vs {b_image.GetSize()}"}
     a, b = sitk.GetArrayViewFromImage(a_image), sitk.GetArrayViewFromImage(b_image)
     dice = {}
-    for value in sorted(set(np.unique(a)) | set(np.unique(b)) - {0}):
+    for value in sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}):
         in_a, in_b = a == value, b == value
         total = int(in_a.sum()) + int(in_b.sum())
         dice[int(value)] = round(2.0 * int((in_a & in_b).sum()) / total, 4) if total else 1.0

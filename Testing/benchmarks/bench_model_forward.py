@@ -47,6 +47,8 @@ def work(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     channels = WIDTHS[spec["width"]]
     patch = int(spec["patch"])
     counter = FlopCounterMode(display=False)
@@ -82,6 +84,7 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed forward passes per variant (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forward passes first (default 1)")
     parser.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS))
+    parser.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="32^3 patch, one repeat, no warm-up (smoke test)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -92,7 +95,7 @@ def main(argv: List[str]) -> int:
     for width in args.widths:
         for implementation in IMPLEMENTATIONS:
             spec = {"implementation": implementation, "width": width, "patch": args.patch,
-                    "repeats": args.repeats, "warmup": args.warmup}
+                    "repeats": args.repeats, "warmup": args.warmup, "threads": args.threads}
             result = bc.run_worker(Path(__file__), spec)
             result.setdefault("implementation", implementation)
             result.setdefault("width", width)

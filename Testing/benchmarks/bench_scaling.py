@@ -52,16 +52,18 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--pipelines", nargs="+", default=["ours", "monai"], choices=list(bi.PIPELINES))
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--spacing", type=float, default=1.5)
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's own)")
     parser.add_argument("--work-dir", default=str(bi.DEFAULT_WORK_DIR))
     parser.add_argument("--quick", action="store_true", help="32^3 patch and small sizes (smoke test)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.patch, args.train_steps = QUICK_SIZES, 32, 60
+        args.sizes, args.patch = QUICK_SIZES, 32
     work_dir = Path(args.work_dir)
-    bundle = bi.fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128), args.train_steps)
-    extra: Dict[str, Any] = {} if bi._engine_optimises() else {"optimise": {}}
+    bundle = bi.fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128))
+    extra: Dict[str, Any] = {"threads": args.threads}
+    if not bi._engine_optimises():
+        extra["optimise"] = {}
 
     rows: List[Dict[str, Any]] = []
     for text in args.sizes:

@@ -147,7 +147,7 @@ def run_inference(args, work_dir: Path, device_name: Optional[str]) -> List[Dict
                 warm_s=best["wall_s"],
                 stages_s=best["stages_s"],
                 inference_stage_s=stage,
-                achieved_tflops=round(flops / 1e12 / stage, 1) if stage else None,
+                achieved_tflops=round(flops / 1e12 / stage, 3) if stage else None,
                 fraction_of_peak=round(flops / 1e12 / stage / peak, 3) if stage and peak else None,
                 gpu_peak_mb=best.get("gpu_peak_mb"),
                 peak_rss_mb=result.get("peak_rss_mb"),
@@ -237,7 +237,8 @@ def main(argv: List[str]) -> int:
             inference_rows,
             ["precision", "windows", "network_tflop", "cold_s", "warm_s", "inference_stage_s", "achieved_tflops",
              "fraction_of_peak", "gpu_peak_mb", "peak_rss_mb", "under_3s", "error"],
-            f"End-to-end CT-sized inference, channels {'-'.join(map(str, TUTORIAL_CHANNELS if not args.quick else (8, 16, 32, 64)))}, "
+            f"End-to-end {'CT-sized' if not args.quick else 'quick smoke-test'} inference ({args.device}; on the CPU "
+            "the engine never autocasts, so bf16 = fp32 there), channels {'-'.join(map(str, TUTORIAL_CHANNELS if not args.quick else (8, 16, 32, 64)))}, "
             f"patch {args.patch}^3, overlap 0.5, {args.spacing:g} mm",
         ),
         "",
