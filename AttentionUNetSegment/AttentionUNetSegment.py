@@ -1002,7 +1002,6 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             raise AttentionUNetSegmentError("Importing the label map into the segmentation failed; see the log.")
         byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegmentID(i)
                    for i in range(segments.GetNumberOfSegments())}
-        terminology = {item["value"]: item.get("terminology") for item in bundle.metadata["labels"]}
         for index, label in enumerate(bundle.labels):
             segmentId = byValue.get(label.value)
             if segmentId is None:  # nothing predicted for this label: keep an empty segment so every label shows
@@ -1011,8 +1010,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             segment.SetName(label.name)
             segment.SetColor(*label.color)
             segment.SetLabelValue(label.value)
-            if terminology.get(label.value):
-                segment.SetTag(segment.GetTerminologyEntryTagName(), str(terminology[label.value]))
+            if label.terminology:
+                segment.SetTag(segment.GetTerminologyEntryTagName(), label.terminology)
             segments.SetSegmentIndex(segmentId, index)
         slicer.mrmlScene.RemoveNode(colors)
         added.remove(colors)
