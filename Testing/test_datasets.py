@@ -64,3 +64,7 @@ def test_listing_errors_are_actionable(tmp_path):
         {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
     with pytest.raises(DatasetError, match="no foreground label"):
         load_dataset(tmp_path)
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "40000": "Lesion"}, "training": [
+        {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
+    with pytest.raises(DatasetError, match=r"outside 0\.\.32767"):  # label maps are int16 end to end
+        load_dataset(tmp_path)

@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .bundle import MAX_LABEL_VALUE
 from .errors import DatasetError, InputImageError
 from .imageio import READ_EXTENSIONS, image_stem, read_image
 from .planning import CaseFingerprint, DatasetFingerprint
@@ -93,8 +94,9 @@ def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
         except (TypeError, ValueError):
             raise DatasetError(f"{source}: label key {key!r} is not an integer value; write labels as "
                                '{"1": "name", ...}') from None
-        if value < 0 or value > 65535:
-            raise DatasetError(f"{source}: label value {value} is outside 0..65535")
+        if value < 0 or value > MAX_LABEL_VALUE:
+            raise DatasetError(f"{source}: label value {value} is outside 0..{MAX_LABEL_VALUE} (label maps are "
+                               "int16); renumber the labels")
         if value != 0:
             labels[value] = str(name)
     if not labels:
