@@ -14,7 +14,9 @@ from AttentionUNetSegmentLib.imageio import read_image
 from AttentionUNetSegmentLib.inference import (
     IMPORTANCE_FLOOR,
     ROI_MARGIN_VOXELS,
+    PRECISIONS,
     Predictor,
+    autocast_dtype,
     gaussian_importance_map,
     label_dtype,
     resolve_device,
@@ -135,7 +137,35 @@ def test_half_precision_accumulator_is_safe(model):
 def test_label_map_type_fits_every_label_value():
     assert label_dtype([0, 1, 2, 255]) == np.uint8
     assert label_dtype([0, 256]) == np.int16
-    assert label_dtype([0, 40000]) == np.uint16
+    assert label_dtype([0, 32767]) == np.int16
+
+
+def test_precision_choice_reaches_the_forward_passes(model):
+    """``auto`` is float32 on the CPU; ``bf16`` really runs the network in bfloat16 (outputs stay float32 and close);
+    an unknown precision is refused before any work."""
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) == torch.bfloat16 and autocast_dtype("fp16", cpu) == torch.float16
+    x = torch.randn(1, 20, 16, 16)
+    full = sliding_window_inference(x, model, (16, 16, 16), precision="fp32", attention=False)
+    auto = sliding_window_inference(x, model, (16, 16, 16), attention=False)
+    reduced = sliding_window_inference(x, model, (16, 16, 16), precision="bf16", attention=False)
+    assert torch.equal(auto.scores, full.scores)
+    assert reduced.scores.dtype == torch.float32
+    error = (reduced.scores - full.scores).abs()
+    assert 0 < float(error.max()) < 0.1
+    with pytest.raises(AttentionUNetError, match="unknown precision 'tf32'"):
+        sliding_window_inference(x, model, (16, 16, 16), precision="tf32")
+
+
+def test_cli_offers_the_engine_precisions():
+    from AttentionUNetSegmentLib.cli import build_parser
+
+    parser = build_parser()
+    for precision in PRECISIONS:
+        args = parser.parse_args(["segment", "in.nii.gz", "--output-dir", "out", "--precision", precision])
+        assert args.precision == precision
+    assert parser.parse_args(["segment", "in.nii.gz", "--output-dir", "out"]).precision == "auto"
 
 
 def test_device_resolution():

@@ -127,6 +127,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
                         help="sliding-window overlap as a fraction of the patch (default: the model's, usually 0.5)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower, smoother)")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
+                             "fp32 on the CPU (default: auto)")
     parser.add_argument("--roi", nargs="+", metavar="V",
                         help="process only this box: R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm) or a Slicer "
                              ".mrk.json ROI file")
@@ -151,7 +154,7 @@ def _input_stems(inputs: Sequence[str]) -> List[str]:
 def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Path, ModelBundle, None] = None, *,
                   device: str = "auto",
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
-                  roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
+                  precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
                   progress=None) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
@@ -177,9 +180,9 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
 
     from .inference import Predictor
 
-    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size)
+    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
-                  "tta": tta, "batch_size": batch_size, "roi": list(roi) if roi is not None else None,
+                  "tta": tta, "batch_size": batch_size, "precision": precision, "roi": list(roi) if roi is not None else None,
                   "attention": attention, "probabilities": probabilities, "largest_component": largest_component,
                   "format": fmt}
     written: Dict[str, OutputPaths] = {}
@@ -214,6 +217,7 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
         written = segment_files(
             inputs, output_dir, args.model, device=args.device, overlap=getattr(args, "overlap", None),
             tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", None),
+            precision=getattr(args, "precision", "auto"),
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),

@@ -42,6 +42,9 @@ IMPORTANCE_FLOOR = 1e-3
 ROI_MARGIN_VOXELS = 8
 #: Windows per forward pass when the caller does not say.
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 4}
+#: Arithmetic of the network's forward passes: ``auto`` = bf16 autocast on CUDA GPUs that support it (else fp16),
+#: float32 on the CPU (CPUs without native bf16 emulate it, ~200x slower here); the others force one choice.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 ProgressCallback = Callable[[str, float, str], None]
 CancelCallback = Callable[[], bool]
@@ -118,12 +121,31 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA GPUs that support it, else fp16; full precision on the CPU."""
-    if device.type != "cuda":
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype ``precision`` (one of ``PRECISIONS``) means on ``device``; ``None`` for float32.
+
+    Raises:
+        AttentionUNetError: an unknown precision, or bf16 asked of a CUDA GPU without bf16 support.
+    """
+    if precision not in PRECISIONS:
+        raise AttentionUNetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    on_cuda = device.type == "cuda"
+    if precision == "auto":
+        if not on_cuda:
+            return None
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise AttentionUNetError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --precision "
+                                 "fp16 or auto (which picks fp16 there)")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _mirror_sets(mirror: bool) -> List[Tuple[int, ...]]:
@@ -134,7 +156,12 @@ def _mirror_sets(mirror: bool) -> List[Tuple[int, ...]]:
 
 
 def _predict_tiles(
-    model: AttentionUNet, tiles: torch.Tensor, mirror: bool, attention: bool, softmax: bool
+    model: AttentionUNet,
+    tiles: torch.Tensor,
+    mirror: bool,
+    attention: bool,
+    softmax: bool,
+    compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """``tiles (B, C_in, d, h, w)`` -> ``(scores (B, C_out, d, h, w), [alpha_k (B, 1, d_k, h_k, w_k)])`` in float32,
     averaged over the mirrored copies when ``mirror``."""
@@ -143,7 +170,7 @@ def _predict_tiles(
     alphas: List[torch.Tensor] = []
     for dims in flips:
         flipped = tiles.flip(dims) if dims else tiles
-        with _autocast(tiles.device):
+        with _autocast(tiles.device, compute_dtype):
             output = model.forward_with_aux(flipped)
         logits = output.logits.float()
         result = torch.softmax(logits, dim=1) if softmax else logits
@@ -169,6 +196,7 @@ def sliding_window_inference(
     attention: bool = True,
     softmax: bool = True,
     device: Union[str, torch.device, None] = None,
+    precision: str = "auto",
     accumulate_dtype: Optional[torch.dtype] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     cancel: Optional[CancelCallback] = None,
@@ -189,6 +217,7 @@ def sliding_window_inference(
         attention: also blend every gate's attention map.
         softmax: blend softmax probabilities (``True``) or raw logits (``False``, e.g. to compare with MONAI).
         device: where the windows run (default: the model's device).
+        precision: one of ``PRECISIONS`` (see there); outputs are float32 whatever the arithmetic.
         accumulate_dtype: dtype of the ``(C_out, Z, Y, X)`` accumulator: default float16 on CUDA (as nnU-Net;
             blended probabilities stay within a few 1e-3 of float32, see the tests) and float32 on the CPU.
             Weights and attention accumulate in float32; nothing is ever float64.
@@ -205,6 +234,7 @@ def sliding_window_inference(
             raise ValueError(f"expected one volume (1, C, Z, Y, X), got {tuple(volume.shape)}")
         volume = volume[0]
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    compute_dtype = autocast_dtype(precision, device)
     align = model.min_input_size
     num_gates = model.num_gates if attention else 0
     spatial = tuple(int(s) for s in volume.shape[1:])
@@ -230,7 +260,7 @@ def sliding_window_inference(
                 raise CancelledError("segmentation cancelled; nothing was written")
             batch = starts[first : first + batch_size]
             tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in batch])
-            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror, num_gates > 0, softmax)
+            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror, num_gates > 0, softmax, compute_dtype)
             for i, (z, y, x) in enumerate(batch):
                 window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
                 scores[(slice(None), *window)] += (tile_scores[i] * importance).to(accumulate_dtype)
@@ -291,11 +321,9 @@ def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
 
 
 def label_dtype(values: Sequence[int]) -> np.dtype:
-    """Smallest label-map type for ``values``: uint8, int16 above 255, uint16 above 32767 (bundles allow 65535)."""
-    largest = max(values)
-    if largest <= 255:
-        return np.dtype(np.uint8)
-    return np.dtype(np.int16) if largest <= 32767 else np.dtype(np.uint16)
+    """Smallest label-map type for ``values``: uint8, or int16 above 255 (bundles cap values at
+    ``bundle.MAX_LABEL_VALUE`` = 32767, the largest a Slicer label map holds)."""
+    return np.dtype(np.uint8) if max(values) <= 255 else np.dtype(np.int16)
 
 
 def _gate_image(array: np.ndarray, start_zyx: Sequence[int], level: int, grid: sitk.Image) -> sitk.Image:
@@ -321,7 +349,8 @@ class Predictor:
         overlap: sliding-window overlap in [0, 1) (default: the bundle's).
         tta: mirror test-time augmentation (8 flipped copies per window: ~8x slower).
         batch_size: windows per forward pass (default 4 on CUDA, 1 on the CPU). On CUDA out-of-memory the batch is
-            halved and retried, then the run falls back to the CPU (both logged).
+            halved and retried, then the run falls back to the CPU in float32 (both logged).
+        precision: arithmetic of the forward passes, one of ``PRECISIONS`` (default ``auto``).
     """
 
     def __init__(
@@ -331,9 +360,12 @@ class Predictor:
         overlap: Optional[float] = None,
         tta: bool = False,
         batch_size: Optional[int] = None,
+        precision: str = "auto",
     ) -> None:
         self.bundle = bundle
         self.device = resolve_device(device)
+        autocast_dtype(precision, self.device)  # refuse a bad precision now, not after preprocessing
+        self.precision = precision
         self.overlap = float(bundle.overlap if overlap is None else overlap)
         if not 0.0 <= self.overlap < 1.0:
             raise AttentionUNetError(f"overlap {self.overlap} must be at least 0 and below 1 (e.g. 0.5)")
@@ -344,8 +376,15 @@ class Predictor:
         self.spec = bundle.preprocessing
         self.patch_size_zyx = tuple(int(p) for p in bundle.patch_size[::-1])
         self.label_values = [0] + [int(label.value) for label in bundle.labels]
-        # A tuned copy for inference (CPU: channels-last, fused norm, oneDNN convs; ~1.4-6x faster per window).
-        self.model = optimize_for_inference(bundle.build_model(self.device).eval(), self.device)
+        self.model = self._build_model()
+
+    def _build_model(self) -> AttentionUNet:
+        """The bundle's network on ``self.device``; for float32 on the CPU a tuned copy (channels-last, fused norm,
+        oneDNN convolutions: ~1.4-6x faster per window), whose convolutions autocast would not reach."""
+        model = self.bundle.build_model(self.device).eval()
+        if autocast_dtype(self.precision, self.device) is not None:
+            return model
+        return optimize_for_inference(model, self.device)
 
     def predict(
         self,
@@ -437,7 +476,8 @@ class Predictor:
             try:
                 return sliding_window_inference(
                     volume, self.model, self.patch_size_zyx, self.overlap, self.batch_size, mirror=self.tta,
-                    attention=attention, device=self.device, progress=windows_done, cancel=cancel,
+                    attention=attention, device=self.device, precision=self.precision, progress=windows_done,
+                    cancel=cancel,
                 )
             except torch.cuda.OutOfMemoryError:
                 if self.device.type != "cuda":
@@ -448,8 +488,8 @@ class Predictor:
                 self.batch_size //= 2
                 message = f"CUDA out of memory; retrying with {self.batch_size} window(s) per batch"
             else:
-                self.device = torch.device("cpu")
-                self.model.to(self.device)
+                self.device, self.precision = torch.device("cpu"), "fp32"
+                self.model = self._build_model()
                 message = "CUDA out of memory even with one window per batch; falling back to the CPU (slower)"
             LOGGER.warning(message)
             report("inference", start, message)
