@@ -877,8 +877,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     # Results into the scene (main thread)
 
     def importResults(self, job: SegmentationJob, files: Dict[str, Any], log: List[str]) -> SegmentationResult:
-        """Load the engine's files (its ``done`` record for the input, see DESIGN.md) into the scene; on any
-        problem, remove what was added and raise."""
+        """Load the engine's files (its ``done`` record for the input, see DESIGN.md) into the scene.
+
+        Everything is read into new nodes first; on any problem those are removed and the error raised, so the
+        scene is as it was. Only then, when the user chose to reuse a segmentation, are its segments and its
+        previous map volumes replaced by the new results."""
         labelPath = pathlib.Path(files.get("segmentation", ""))
         if not labelPath.is_file():
             raise AttentionUNetSegmentError("The engine did not report a label map for the input; see the log.")
@@ -891,22 +894,18 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         added: List[Any] = []
         try:
             attention = self._loadMaps([pathlib.Path(path) for path in files.get("attention") or []],
-                                       job.outputSegmentation, ATTENTION_ROLE,
                                        lambda k: f"{inputVolume.GetName()} attention {k}", added)
             probabilities = self._loadMaps([pathlib.Path(probabilityFiles[name]) for name in probabilityNames],
-                                           job.outputSegmentation, PROBABILITY_ROLE,
                                            lambda k: f"{inputVolume.GetName()} probability {probabilityNames[k]}",
                                            added)
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AttentionUNet temporary labels")
             added.append(labelmap)
             self._readVolumeFile(labelPath, labelmap)
             statistics = _label_statistics(labelmap, job.bundle)
-            segmentation = job.outputSegmentation
-            if segmentation is None:
-                segmentation = scene.AddNewNodeByClass(
-                    "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
-                added.append(segmentation)
-                segmentation.CreateDefaultDisplayNodes()
+            segmentation = scene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
+            added.append(segmentation)
+            segmentation.CreateDefaultDisplayNodes()
             self._fillSegmentation(segmentation, labelmap, inputVolume, job.bundle, added)
         except Exception as error:
             _remove_nodes(reversed(added))
@@ -914,6 +913,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 raise
             raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
         _remove_nodes([labelmap])
+        previousOwner = job.outputSegmentation
+        if previousOwner is not None:
+            attention = self._replaceMaps(previousOwner, ATTENTION_ROLE, attention)
+            probabilities = self._replaceMaps(previousOwner, PROBABILITY_ROLE, probabilities)
+            segmentation = self._replaceSegments(previousOwner, segmentation, inputVolume)
 
         segmentation.RemoveNodeReferenceIDs(ATTENTION_ROLE)
         segmentation.RemoveNodeReferenceIDs(PROBABILITY_ROLE)
@@ -952,31 +956,60 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         if not storage.ReadData(node):
             raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
 
-    def _loadMaps(self, paths: Sequence[pathlib.Path], previousOwner, role: str,
-                  nameFor: Callable[[int], str], added: List[Any]) -> List[Any]:
-        """Float maps as scalar volumes at their own resolution. Nodes of a previous run are reused only when the
-        user chose to overwrite that run's segmentation (``previousOwner``)."""
+    def _loadMaps(self, paths: Sequence[pathlib.Path], nameFor: Callable[[int], str], added: List[Any]) -> List[Any]:
+        """Float maps as new scalar volumes at their own resolution, shown as a heat map over [0, 1]."""
         scene = slicer.mrmlScene
-        previous = []
-        if previousOwner is not None:
-            previous = [previousOwner.GetNthNodeReference(role, i)
-                        for i in range(previousOwner.GetNumberOfNodeReferences(role))]
         nodes = []
         for index, path in enumerate(paths):
-            node = previous[index] if index < len(previous) and previous[index] is not None else None
-            if node is None:
-                node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(nameFor(index)))
-                added.append(node)
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(nameFor(index)))
+            added.append(node)
             self._readVolumeFile(path, node)
-            node.CreateDefaultDisplayNodes()
-            display = node.GetDisplayNode()
-            display.SetAndObserveColorNodeID(ATTENTION_COLOR_NODE_ID)
-            display.AutoWindowLevelOff()
-            display.SetWindowLevelMinMax(0.0, 1.0)
-            display.SetThreshold(ATTENTION_DISPLAY_THRESHOLD, 1.0)
-            display.ApplyThresholdOn()
+            self._showAsMap(node)
             nodes.append(node)
         return nodes
+
+    @staticmethod
+    def _showAsMap(node) -> None:
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(ATTENTION_COLOR_NODE_ID)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetThreshold(ATTENTION_DISPLAY_THRESHOLD, 1.0)
+        display.ApplyThresholdOn()
+
+    def _replaceMaps(self, previousOwner, role: str, fresh: Sequence[Any]) -> List[Any]:
+        """The user chose to overwrite ``previousOwner``'s run: move each new map into the node of the previous
+        run in the same place (same node, new voxels and geometry) and drop the new node; maps without a previous
+        counterpart stay new nodes."""
+        previous = [previousOwner.GetNthNodeReference(role, i)
+                    for i in range(previousOwner.GetNumberOfNodeReferences(role))]
+        nodes = []
+        for index, node in enumerate(fresh):
+            old = previous[index] if index < len(previous) else None
+            if old is None:
+                nodes.append(node)
+                continue
+            matrix = vtk.vtkMatrix4x4()
+            node.GetIJKToRASMatrix(matrix)
+            old.SetIJKToRASMatrix(matrix)
+            old.SetAndObserveImageData(node.GetImageData())
+            self._showAsMap(old)
+            slicer.mrmlScene.RemoveNode(node)
+            nodes.append(old)
+        return nodes
+
+    @staticmethod
+    def _replaceSegments(target, fresh, inputVolume):
+        """The user chose to overwrite ``target``: its segments become ``fresh``'s (which is then removed)."""
+        target.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        target.CreateDefaultDisplayNodes()
+        segments, source = target.GetSegmentation(), fresh.GetSegmentation()
+        segments.RemoveAllSegments()
+        for segmentId in [source.GetNthSegmentID(i) for i in range(source.GetNumberOfSegments())]:
+            segments.CopySegmentFromSegmentation(source, segmentId, True)  # moved, in order: no voxel copy
+        slicer.mrmlScene.RemoveNode(fresh)
+        return target
 
     @staticmethod
     def _labelColorTable(labels: Sequence[Any], name: str):
@@ -997,7 +1030,6 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         segments = segmentation.GetSegmentation()
-        segments.RemoveAllSegments()
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
             raise AttentionUNetSegmentError("Importing the label map into the segmentation failed; see the log.")
         byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegmentID(i)

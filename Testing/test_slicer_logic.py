@@ -293,6 +293,47 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     assert again.segmentation.GetSegmentation().GetNumberOfSegments() == len(env["bundle"].labels)
 
 
+def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
+    """Results are read into new nodes first: when a file fails to load (here the last attention map), the
+    segmentation and the attention volumes the user chose to overwrite keep every voxel, and no node is added."""
+    module, logic, volume, scene = env["module"], env["logic"], env["volume"], env["scene"]
+    first = first_result["result"]
+    target, maps = first.segmentation, first.attentionVolumes
+    input_path = logic.writeVolumeForEngine(volume, tmp_path / "in")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(input_path), "--output-dir",
+                    str(out), "--model", env["model"], "--device", "cpu", "--format", "nrrd", "--progress", "none",
+                    "--overlap", "0.25"], check=True, capture_output=True, timeout=300)
+    attention = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
+    assert len(attention) == len(maps) >= 2
+    attention[-1].write_bytes(b"NRRD0004\nthis is not a volume\n")
+    files = {"segmentation": str(out / "input_seg.nrrd"), "report": str(out / "input_report.json"),
+             "attention": [str(p) for p in attention]}
+
+    def labels():
+        labelmap = logic.exportToLabelMapNode(target, volume)
+        voxels = slicer.util.arrayFromVolume(labelmap).copy()
+        module._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        return voxels
+
+    segments = target.GetSegmentation()
+    ids = [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())]
+    voxels = labels()
+    assert voxels.any()
+    map_voxels = [slicer.util.arrayFromVolume(node).copy() for node in maps]
+    before = _node_ids(scene)
+
+    job = module.SegmentationJob(logic, volume, target, module.SegmentationOptions(model=env["model"], device="cpu"),
+                                 env["bundle"])
+    with pytest.raises(module.AttentionUNetSegmentError, match="input_attention_"):
+        logic.importResults(job, files, [])
+    assert _node_ids(scene) == before
+    assert [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())] == ids
+    np.testing.assert_array_equal(labels(), voxels)
+    for node, expected in zip(maps, map_voxels):
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), expected)
+
+
 @pytest.mark.slow
 def test_probability_maps_on_the_input_grid(env):
     result = env["logic"].process(env["volume"], model=env["model"], device="cpu", attentionMaps=False,
