@@ -86,7 +86,7 @@ class AttentionUNetSegment(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment a 3D volume with a 3D Attention U-Net and show where the network looked (attention maps). "
             "Choose the input volume and a model, then click Apply. See the "
-            "<a href='https://github.com/attention-unet/SlicerAttentionUNet#using-the-3d-slicer-module'>"
+            "<a href='https://github.com/AttentionUNet/SlicerAttentionUNet#using-the-3d-slicer-module'>"
             "user guide</a>.")
         self.parent.acknowledgementText = (
             "Attention U-Net: Oktay et al., 'Attention U-Net: Learning Where to Look for the Pancreas', MIDL 2018. "
@@ -178,6 +178,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmapButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.populateModels)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
         self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputChanged)
         self.ui.progressBar.setVisible(False)
 
@@ -282,6 +283,14 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if not collapsed and not self.ui.deviceInfoLabel.text:
             with slicer.util.WaitCursor():
                 self.ui.deviceInfoLabel.text = self.logic.detectComputeDevice()
+
+    def onInputChanged(self, volume) -> None:
+        """After a run its result stays selected as the output (for export); a new input must not make the next
+        Apply replace another volume's segmentation, so an output made for another volume is deselected."""
+        node = self._parameterNode
+        if node and node.outputSegmentation and volume and \
+                not self.logic.segmentationBelongsTo(node.outputSegmentation, volume):
+            node.outputSegmentation = None
 
     def onOutputChanged(self, node) -> None:
         self.ui.show3DButton.setSegmentationNode(node)
@@ -767,6 +776,12 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 if not nodes.GetItemAsObject(i).IsA("vtkMRMLLabelMapVolumeNode")]
 
     @staticmethod
+    def segmentationBelongsTo(segmentationNode, volumeNode) -> bool:
+        """Whether ``segmentationNode``'s reference geometry is ``volumeNode`` (as for a result of segmenting it)."""
+        reference = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+        return reference is not None and reference.GetID() == volumeNode.GetID()
+
+    @staticmethod
     def validateInputVolume(volumeNode) -> None:
         """Raise ``AttentionUNetSegmentError`` (what is wrong + how to fix it) unless the volume can be segmented."""
         if volumeNode is None:
@@ -981,9 +996,12 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     def _replaceMaps(self, previousOwner, role: str, fresh: Sequence[Any]) -> List[Any]:
         """The user chose to overwrite ``previousOwner``'s run: move each new map into the node of the previous
         run in the same place (same node, new voxels and geometry) and drop the new node; maps without a previous
-        counterpart stay new nodes."""
+        counterpart stay new nodes, and previous maps without a new one are removed."""
         previous = [previousOwner.GetNthNodeReference(role, i)
                     for i in range(previousOwner.GetNumberOfNodeReferences(role))]
+        for old in previous[len(fresh):]:  # maps the new run no longer makes (e.g. switched off)
+            if old is not None:
+                slicer.mrmlScene.RemoveNode(old)
         nodes = []
         for index, node in enumerate(fresh):
             old = previous[index] if index < len(previous) else None

@@ -292,6 +292,26 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     assert json.loads(again.segmentation.GetAttribute("AttentionUNet.Parameters"))["overlap"] == 0.25
     assert again.segmentation.GetSegmentation().GetNumberOfSegments() == len(env["bundle"].labels)
 
+    # Overwriting a run that made attention maps with one that makes none removes that run's maps too.
+    without = logic.process(volume, new.segmentation, model=env["model"], device="cpu", attentionMaps=False)
+    assert without.attentionVolumes == []
+    assert all(scene.GetNodeByID(node_id) is None for node_id in (n.GetID() for n in new.attentionVolumes))
+    assert new.segmentation.GetNumberOfNodeReferences(env["module"].ATTENTION_ROLE) == 0
+
+
+def test_results_belong_to_their_input_only(env, first_result):
+    """What the panel checks before keeping a previous result selected as the output for a new input."""
+    logic, volume, scene = env["logic"], env["volume"], env["scene"]
+    segmentation = first_result["result"].segmentation
+    other = _add_volume(scene, "Other", _oblique_image(seed=1))
+    unrelated = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn by hand")
+    try:
+        assert logic.segmentationBelongsTo(segmentation, volume)
+        assert not logic.segmentationBelongsTo(segmentation, other)
+        assert not logic.segmentationBelongsTo(unrelated, volume)
+    finally:
+        env["module"]._remove_nodes([unrelated, other])
+
 
 def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
     """Results are read into new nodes first: when a file fails to load (here the last attention map), the
