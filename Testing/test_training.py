@@ -19,7 +19,8 @@ from AttentionUNetSegmentLib.cli import main
 from AttentionUNetSegmentLib.datasets import CaseCache, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError
 from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
-from AttentionUNetSegmentLib.training import TrainingConfig, train
+from AttentionUNetSegmentLib.inference import Predictor
+from AttentionUNetSegmentLib.training import TrainingConfig, to_channel_labels, train
 
 SHAPE = (20, 24, 20)  # (z, y, x)
 
@@ -31,8 +32,9 @@ def _write(array: np.ndarray, path: Path, spacing=(1.0, 1.0, 1.0)) -> None:
     sitk.WriteImage(image, str(path))
 
 
-def make_dataset(root: Path, cases: int = 6, seed: int = 0) -> Path:
-    """An MSD-layout dataset of noisy boxes: label 1 a bright box, label 2 a darker box next to it."""
+def make_dataset(root: Path, cases: int = 6, seed: int = 0, values=(1, 2)) -> Path:
+    """An MSD-layout dataset of noisy boxes: label ``values[0]`` a bright box, ``values[1]`` a darker box next to
+    it."""
     rng = np.random.default_rng(seed)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -40,15 +42,17 @@ def make_dataset(root: Path, cases: int = 6, seed: int = 0) -> Path:
     for index in range(cases):
         label = np.zeros(SHAPE, np.uint8)
         z, y, x = rng.integers(3, 7), rng.integers(3, 9), rng.integers(3, 7)
-        label[z:z + 8, y:y + 9, x:x + 5] = 1
-        label[z:z + 8, y:y + 9, x + 5:x + 10] = 2
-        image = (rng.normal(0.0, 0.3, SHAPE) + np.select([label == 1, label == 2], [2.0, 1.0], 0.0)) * 100 + 400
+        label[z:z + 8, y:y + 9, x:x + 5] = values[0]
+        label[z:z + 8, y:y + 9, x + 5:x + 10] = values[1]
+        image = (rng.normal(0.0, 0.3, SHAPE) + np.select([label == values[0], label == values[1]], [2.0, 1.0], 0.0)) \
+            * 100 + 400
         name = f"case_{index:03d}.nii.gz"
         _write(image.astype(np.float32), root / "imagesTr" / name)
         _write(label, root / "labelsTr" / name)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     (root / "dataset.json").write_text(json.dumps({
-        "name": "boxes", "labels": {"0": "background", "1": "Bright", "2": "Dark"}, "modality": {"0": "MRI"},
+        "name": "boxes", "labels": {"0": "background", str(values[0]): "Bright", str(values[1]): "Dark"},
+        "modality": {"0": "MRI"},
         "numTraining": cases, "training": training}))
     return root
 
@@ -64,6 +68,31 @@ def _config(dataset: Path, out: Path, **changes) -> TrainingConfig:
 @pytest.fixture(scope="module")
 def boxes(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("boxes"))
+
+
+def test_label_values_become_consecutive_channels(tmp_path):
+    dataset = load_dataset(make_dataset(tmp_path / "gaps", cases=2, values=(1, 3)))
+    cache = CaseCache(tmp_path / "cache", PreprocessingSpec(target_spacing=(1.0, 1.0, 1.0)))
+    raw = cache.load_all(dataset.cases)
+    mapped = to_channel_labels(raw, [1, 3])
+    for before, after in zip(raw, mapped):
+        np.testing.assert_array_equal(after.label, np.select([before.label == 1, before.label == 3], [1, 2], 0))
+        assert sorted(after.foreground) == [1, 2]
+        np.testing.assert_array_equal(after.foreground[2], before.foreground[3])
+    assert all(a is b for a, b in zip(to_channel_labels(raw, [1, 2, 3]), raw))  # already channels: untouched
+
+
+def test_training_with_label_values_that_have_gaps(tmp_path):
+    """Labels {1, 3}: a 3-channel network, validation scored per label, and a bundle that writes 1 and 3 back."""
+    dataset = make_dataset(tmp_path / "gaps", values=(1, 3))
+    bundle = load_bundle(train(_config(dataset, tmp_path)))
+    assert [(label.value, label.name) for label in bundle.labels] == [(1, "Bright"), (3, "Dark")]
+    assert bundle.architecture["out_channels"] == 3
+    log = json.loads((tmp_path / "work" / "training_log.json").read_text())
+    assert {"val_dice_Bright", "val_dice_Dark"} <= set(log[-1])
+    labels = Predictor(bundle, device="cpu").predict(sitk.ReadImage(str(dataset / "imagesTr" / "case_000.nii.gz")),
+                                                     attention=False).labels
+    assert set(np.unique(sitk.GetArrayViewFromImage(labels)).tolist()) <= {0, 1, 3}
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_bundle(boxes, tmp_path):

@@ -34,7 +34,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import __version__
@@ -42,6 +41,7 @@ from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import create_metadata, save_bundle
 from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
 from .errors import AttentionUNetError, DatasetError, OutputExistsError
+from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
 from .network import AttentionUNet, NetworkOutput
 from .planning import TrainingPlan, plan_training
@@ -174,31 +174,47 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
+def to_channel_labels(cases: Sequence[PreprocessedCase], labels: Sequence[int]) -> List[PreprocessedCase]:
+    """``cases`` with label values replaced by network channels, ``labels[i] -> i + 1`` (0 stays 0), so label values
+    with gaps (say {1, 3}) train a ``len(labels) + 1``-channel network. ``labels`` are sorted and hold every value
+    the cases contain (``load_dataset`` checked that)."""
+    if list(labels) == list(range(1, len(labels) + 1)):
+        return list(cases)
+    lookup = np.zeros(max(labels) + 1, dtype=np.uint8 if len(labels) < 256 else np.int16)
+    for channel, value in enumerate(labels, start=1):
+        lookup[value] = channel
+    return [PreprocessedCase(case.name, case.image, lookup[case.label],
+                             {int(lookup[value]): indices for value, indices in case.foreground.items()})
+            for case in cases]
+
+
+#: Inference precision matching each ``--amp`` setting.
+_PRECISION_OF_AMP = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
 @torch.no_grad()
-def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], labels: Sequence[int],
+def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], patch_size_zyx: Sequence[int],
              device: torch.device, amp: str) -> Dict[int, Tuple[float, int]]:
-    """Whole-case forward on each validation case's preprocessed grid, zero-padded at the end of each axis to a
-    multiple of ``model.min_input_size`` (as sliding-window inference pads, so every pooling step halves exactly);
-    returns, per label value, the sum of per-case Dice scores and the number of cases where the label exists in
-    the reference or the prediction."""
+    """Segment each validation case on its preprocessed grid as the engine does (Gaussian-weighted sliding
+    windows, overlap 0.5: any case size fits in memory) and score it. Labels are channels (``to_channel_labels``);
+    returns, per channel ``1 .. C-1``, the sum of per-case Dice scores and the number of cases where the channel
+    occurs in the reference or the prediction."""
     model.eval()
-    sums = {value: [0.0, 0] for value in labels}
-    divisor = model.min_input_size
+    channels = list(range(1, model.out_channels))
+    sums = {channel: [0.0, 0] for channel in channels}
     for case in cases:
-        shape = case.image.shape
-        padding = [(-size) % divisor for size in shape]
-        image = torch.from_numpy(case.image)[None, None].to(device)
-        image = F.pad(image, [amount for size in reversed(padding) for amount in (0, size)])
-        with autocast_context(device, amp):
-            logits = model(image)
-        prediction = logits.argmax(1)[0, :shape[0], :shape[1], :shape[2]].cpu()
-        for value, score in dice_per_label(prediction, torch.from_numpy(case.label.astype(np.int64)),
-                                           labels).items():
+        result = sliding_window_inference(
+            torch.from_numpy(case.image)[None], model, patch_size_zyx, overlap=0.5,
+            batch_size=DEFAULT_BATCH_SIZE[device.type], attention=False, device=device,
+            precision=_PRECISION_OF_AMP[amp])
+        prediction = result.scores.argmax(0)
+        for channel, score in dice_per_label(prediction, torch.from_numpy(case.label.astype(np.int64)),
+                                             channels).items():
             if score is not None:
-                sums[value][0] += score
-                sums[value][1] += 1
+                sums[channel][0] += score
+                sums[channel][1] += 1
     model.train()
-    return {value: (total, count) for value, (total, count) in sums.items()}
+    return {channel: (total, count) for channel, (total, count) in sums.items()}
 
 
 class TrainingLog:
@@ -371,9 +387,9 @@ class Trainer:
         if len(train_names) < world:
             raise DatasetError(f"{len(train_names)} training cases cannot be shared by {world} processes; use "
                                "fewer processes or more cases")
-        train_cases = cache.load_all([by_name[n] for n in train_names[rank::world]])
-        val_cases = cache.load_all([by_name[n] for n in val_names[rank::world]])
         labels = sorted(label_names)
+        train_cases = to_channel_labels(cache.load_all([by_name[n] for n in train_names[rank::world]]), labels)
+        val_cases = to_channel_labels(cache.load_all([by_name[n] for n in val_names[rank::world]]), labels)
 
         torch.manual_seed(config.seed)
         model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels,
@@ -447,7 +463,8 @@ class Trainer:
             if step % config.iterations_per_epoch and not out_of_time and step < total_steps:
                 continue
             # End of an epoch (or of the time budget): validate, log, checkpoint.
-            sums = validate(model, val_cases, labels, self.device, config.amp)
+            by_channel = validate(model, val_cases, plan.patch_size[::-1], self.device, config.amp)
+            sums = {labels[channel - 1]: total for channel, total in by_channel.items()}
             dice = self._reduce_dice(sums, labels)
             scores = [d for d in dice.values() if d is not None]
             mean_dice = float(np.mean(scores)) if scores else 0.0
