@@ -47,8 +47,9 @@ MODULE_DIR = pathlib.Path(__file__).resolve().parent
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 REQUIREMENTS_FILE = RESOURCES_DIR / "requirements.txt"
-#: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly.
-TORCH_REQUIREMENT = ">=2.1"
+#: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly;
+#: 2.3 is the first with the device-generic torch.amp.GradScaler that training uses.
+TORCH_REQUIREMENT = ">=2.3"
 
 #: Node attributes carrying provenance (model, version, sha256, device, parameters, date).
 ATTRIBUTE_PREFIX = "AttentionUNet."

@@ -151,3 +151,22 @@ def test_evaluate_runs_a_model(tmp_path, tiny_bundle):
     metrics = report["cases"][0]["labels"]["Anterior"]
     assert metrics["volume_reference_ml"] == pytest.approx(7 * 8 * 6 / 1000.0)
     assert metrics["dice"] is None or 0.0 <= metrics["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"training_cases": ["a"]}', "[1, 2]"])
+def test_evaluate_refuses_a_malformed_case_list_in_one_line(tmp_path, content):
+    references, predictions = tmp_path / "ref", tmp_path / "pred"
+    references.mkdir()
+    predictions.mkdir()
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:5, 2:5, 2:5] = 1
+    _write(reference, references / "a.nii.gz")
+    _write(reference, predictions / "a_seg.nii.gz")
+    cases = tmp_path / "cases.json"
+    cases.write_text(content)
+    run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions), "--cases-file",
+                          str(cases), "-o", str(tmp_path / "scores"), "--progress", "none"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error:") and "is not a case list" in run.stderr
+    assert "Traceback" not in run.stderr and not list(tmp_path.glob("scores*"))

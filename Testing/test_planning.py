@@ -43,3 +43,20 @@ def test_overrides_win_and_round_to_the_network_divisor():
     assert TrainingPlan.from_dict(plan.to_dict()) == plan
     with pytest.raises(ValueError, match="flip axes"):
         plan_training(fingerprint, ["Tumour"], {"flip_axes": ("w",)})
+
+
+def test_normalisation_can_be_forced_with_statistics_from_the_dataset():
+    intensities = [-50.0, 40.0, 60.0, 300.0] * 50
+    mri = _fingerprint([(1.0, 1.0, 1.0)] * 2, [(30, 30, 30)] * 2, "MRI", intensities)
+    forced_ct = plan_training(mri, ["Liver"], {"normalization": "ct"}).normalization
+    assert forced_ct["scheme"] == "ct" and forced_ct["clip"][0] < forced_ct["clip"][1] and forced_ct["std"] > 0
+    ct = _fingerprint([(1.0, 1.0, 1.0)] * 2, [(30, 30, 30)] * 2, "CT", intensities)
+    assert plan_training(ct, ["Liver"], {"normalization": "zscore-nonzero"}).normalization == \
+        {"scheme": "zscore", "nonzero": True}
+    assert plan_training(ct, ["Liver"], {"normalization": "zscore"}).normalization == {"scheme": "zscore"}
+    given = {"scheme": "ct", "clip": [-100.0, 200.0], "mean": 50.0, "std": 60.0}
+    assert plan_training(mri, ["Liver"], {"normalization": given}).normalization == given
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        plan_training(mri, ["Liver"], {"normalization": "minmax"})
+    with pytest.raises(ValueError, match="no case has a labelled voxel"):
+        plan_training(_fingerprint([(1.0, 1.0, 1.0)], [(30, 30, 30)]), ["Liver"], {"normalization": "ct"})

@@ -207,3 +207,9 @@ def test_bf16_autocast_checkpointing_attention_loss_and_elastic_run(boxes, tmp_p
     bundle_path = train(_config(boxes, tmp_path, epochs=1, iterations_per_epoch=2, amp="bf16",
                                 gradient_checkpointing=True, attention_loss_weight=0.1, elastic=True))
     assert load_bundle(bundle_path).metadata["metrics"]["training"]["steps"] == 2
+
+
+def test_forced_ct_normalisation_reaches_the_bundle(boxes, tmp_path):
+    bundle = load_bundle(train(_config(boxes, tmp_path, normalization="ct", epochs=1, iterations_per_epoch=1)))
+    normalization = bundle.preprocessing.normalization
+    assert normalization["scheme"] == "ct" and normalization["clip"][0] < normalization["clip"][1]

@@ -218,10 +218,19 @@ def _selected(cases: List[EvaluationCase], names: Optional[Sequence[str]], names
     wanted: Optional[List[str]] = list(names) if names else None
     if names_file:
         path = Path(names_file)
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError(f"cannot read the case list {path}: {error}") from error
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
-            wanted = data["validation_cases"] if isinstance(data, dict) else list(data)
+            try:
+                data = json.loads(text)
+                wanted = data["validation_cases"] if isinstance(data, dict) else list(data)
+                if not all(isinstance(name, str) for name in wanted):
+                    raise TypeError("names must be strings")
+            except (ValueError, KeyError, TypeError) as error:
+                raise DatasetError(f"{path} is not a case list: expected a JSON list of case names or a training "
+                                   f"plan.json with 'validation_cases' ({error})") from error
         else:
             wanted = [line.strip() for line in text.splitlines() if line.strip()]
     if wanted is None:

@@ -134,15 +134,25 @@ def plan_patch_size(fingerprint: DatasetFingerprint, target_spacing: Sequence[fl
     return tuple(patch)  # type: ignore[return-value]
 
 
-def plan_normalization(fingerprint: DatasetFingerprint) -> Dict[str, Any]:
+#: Normalisation schemes a user may force (``--normalization``); by default the modality decides.
+NORMALIZATION_SCHEMES = ("zscore", "zscore-nonzero", "ct")
+
+
+def plan_normalization(fingerprint: DatasetFingerprint, scheme: Optional[str] = None) -> Dict[str, Any]:
     """Per-case z-score for MRI and other relative-intensity modalities; for CT, clip to the 0.5/99.5 percentiles
-    of the dataset's foreground intensities and standardise with their mean/std (Hounsfield units are absolute)."""
-    if fingerprint.modality.upper() != "CT":
-        return {"scheme": "zscore"}
+    of the dataset's foreground intensities and standardise with their mean/std (Hounsfield units are absolute).
+    ``scheme`` (one of ``NORMALIZATION_SCHEMES``) overrides the choice by modality; ``zscore-nonzero`` takes the
+    statistics over non-zero voxels only (skull-stripped or masked images)."""
+    if scheme is None:
+        scheme = "ct" if fingerprint.modality.upper() == "CT" else "zscore"
+    if scheme not in NORMALIZATION_SCHEMES:
+        raise ValueError(f"normalisation must be one of {NORMALIZATION_SCHEMES}, got {scheme!r}")
+    if scheme != "ct":
+        return {"scheme": "zscore", "nonzero": True} if scheme == "zscore-nonzero" else {"scheme": "zscore"}
     values = np.concatenate([np.asarray(case.foreground_intensities, dtype=np.float64)
                              for case in fingerprint.cases]) if fingerprint.cases else np.zeros(0)
     if values.size == 0:
-        return {"scheme": "zscore"}
+        raise ValueError("CT normalisation needs foreground intensities, but no case has a labelled voxel")
     low, high = np.percentile(values, [0.5, 99.5])
     clipped = np.clip(values, low, high)
     return {"scheme": "ct", "clip": [float(low), float(high)], "mean": float(clipped.mean()),
@@ -162,7 +172,8 @@ def plan_training(fingerprint: DatasetFingerprint, label_names: Sequence[str],
                   overrides: Optional[Mapping[str, Any]] = None) -> TrainingPlan:
     """Derive a ``TrainingPlan`` from the dataset; any non-``None`` entry of ``overrides`` (a ``TrainingPlan``
     field name) replaces the derived value. A patch-size override is rounded up to a multiple of the network's
-    divisor."""
+    divisor; a ``normalization`` override is a scheme name (``NORMALIZATION_SCHEMES``) whose statistics are taken
+    from the dataset, or a complete normalisation dict."""
     overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     unknown = set(overrides) - set(TrainingPlan.__dataclass_fields__)
     if unknown:
@@ -181,5 +192,11 @@ def plan_training(fingerprint: DatasetFingerprint, label_names: Sequence[str],
     if bad_axes:
         raise ValueError(f"flip axes must be among {AXES}, got {bad_axes}")
     return replace(plan, target_spacing=spacing, patch_size=patch,  # type: ignore[arg-type]
-                   normalization=dict(overrides.get("normalization", plan_normalization(fingerprint))),
+                   normalization=_planned_normalization(fingerprint, overrides.get("normalization")),
                    flip_axes=tuple(flips))
+
+
+def _planned_normalization(fingerprint: DatasetFingerprint, override: Any) -> Dict[str, Any]:
+    if isinstance(override, Mapping):
+        return dict(override)
+    return plan_normalization(fingerprint, override)

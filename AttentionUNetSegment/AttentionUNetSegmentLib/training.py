@@ -44,7 +44,7 @@ from .errors import AttentionUNetError, DatasetError, OutputExistsError
 from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
 from .network import AttentionUNet, NetworkOutput
-from .planning import TrainingPlan, plan_training
+from .planning import NORMALIZATION_SCHEMES, TrainingPlan, plan_training
 from .preprocessing import PreprocessingSpec
 
 #: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
@@ -96,10 +96,7 @@ class TrainingConfig:
     def plan_overrides(self) -> Dict[str, Any]:
         overrides: Dict[str, Any] = {"channels": self.channels, "patch_size": self.patch_size,
                                      "target_spacing": self.target_spacing, "batch_size": self.batch_size,
-                                     "flip_axes": self.flip_axes}
-        if self.normalization is not None:
-            overrides["normalization"] = {"scheme": "zscore"} if self.normalization == "zscore" \
-                else {"scheme": "zscore", "nonzero": True}
+                                     "flip_axes": self.flip_axes, "normalization": self.normalization}
         return overrides
 
 
@@ -336,7 +333,10 @@ class Trainer:
             else:
                 self._log(f"checking {len(dataset.cases)} cases of {dataset.source} ...")
                 fingerprint = inspect_dataset(dataset, TrainingPlan().orientation, minimum_cases=2)
-                plan = plan_training(fingerprint, list(dataset.labels.values()), config.plan_overrides())
+                try:
+                    plan = plan_training(fingerprint, list(dataset.labels.values()), config.plan_overrides())
+                except ValueError as error:
+                    raise DatasetError(f"cannot plan training on {dataset.source}: {error}") from error
                 training, validation = split_cases(dataset.cases, config.validation, config.seed)
                 train_names, val_names = [c.name for c in training], [c.name for c in validation]
                 self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -625,7 +625,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flip-axes", nargs="*", choices=["x", "y", "z"],
                        help="axes where mirroring is allowed (default: all that no label name ties to a side; "
                             "give none to disable mirroring)")
-    group.add_argument("--normalization", choices=["zscore", "zscore-nonzero"])
+    group.add_argument("--normalization", choices=NORMALIZATION_SCHEMES,
+                       help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), ct (clip to the "
+                            "dataset's foreground 0.5-99.5 percentiles, then its mean/std); default: ct for CT "
+                            "datasets, else zscore")
     group = parser.add_argument_group("optimisation")
     group.add_argument("--epochs", type=int, default=100)
     group.add_argument("--iterations-per-epoch", type=int, default=250)
