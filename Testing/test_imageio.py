@@ -61,6 +61,18 @@ def test_oblique_anisotropic_round_trip_keeps_geometry_and_voxels(tmp_path, exte
     assert os.listdir(tmp_path) == [path.name]  # no partial file left behind
 
 
+@pytest.mark.parametrize("extension", [".nhdr", ".mhd"])
+def test_detached_header_formats_read_with_full_geometry(tmp_path, extension):
+    """Header + separate data file (NRRD .nhdr/.raw, MetaImage .mhd/.raw), as written by SimpleITK itself."""
+    image = oblique_image()
+    path = tmp_path / f"case{extension}"
+    sitk.WriteImage(image, str(path))
+    assert len(os.listdir(tmp_path)) == 2  # the header and its data file
+    back = read_image(path)
+    assert_same_geometry(image, back)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(image))
+
+
 def test_written_nifti_has_the_right_affine_for_nibabel(tmp_path):
     image = oblique_image()
     path = write_image(image, tmp_path / "case.nii.gz")

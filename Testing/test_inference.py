@@ -354,6 +354,37 @@ def test_progress_is_monotonic_and_cancel_stops_promptly(tiny_bundle):
     assert predictor.predict(image[:20, :20, :8]).labels.GetSize() == (20, 20, 8)  # still usable
 
 
+def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bundle, monkeypatch):
+    """Out-of-memory is injected where CUDA would raise it (the window loop), on a predictor that believes it runs
+    on a GPU with 4 windows per batch: 4 -> 2 -> 1 window(s), then the CPU in fp32 with the tuned CPU model."""
+    from AttentionUNetSegmentLib import inference
+    from AttentionUNetSegmentLib.acceleration import OneDNNConv3d, cpu_optimizations_available
+
+    real = inference.sliding_window_inference
+    attempts = []
+
+    def windows(volume, model, patch, overlap, batch_size, **options):
+        attempts.append((options["device"].type, batch_size, options["precision"]))
+        if options["device"].type == "cuda":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(volume, model, patch, overlap, batch_size, **options)
+
+    monkeypatch.setattr(inference, "sliding_window_inference", windows)
+    predictor = Predictor(tiny_bundle, device="cpu")
+    expected = predictor.predict(oblique_image(size=(14, 12, 10)), attention=False).labels
+    predictor.device, predictor.batch_size = torch.device("cuda"), 4
+    messages = []
+    prediction = predictor.predict(oblique_image(size=(14, 12, 10)), attention=False,
+                                   progress=lambda stage, fraction, message: messages.append(message))
+    assert attempts[1:] == [("cuda", 4, "auto"), ("cuda", 2, "auto"), ("cuda", 1, "auto"), ("cpu", 1, "fp32")]
+    assert any("retrying with 2 window(s)" in m for m in messages)
+    assert any("falling back to the CPU" in m for m in messages)
+    assert predictor.device.type == "cpu"
+    tuned = any(isinstance(module, OneDNNConv3d) for module in predictor.model.modules())
+    assert tuned == cpu_optimizations_available()
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(prediction.labels), sitk.GetArrayFromImage(expected))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_prediction_matches_the_cpu(tiny_bundle):
     """Autocast (bf16/fp16) and float16 accumulation on the GPU give the CPU's labels almost everywhere."""
