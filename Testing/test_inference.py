@@ -45,6 +45,20 @@ def hippocampus_image(hippocampus_dir) -> sitk.Image:
     return read_image(sorted((hippocampus_dir / "imagesTr").glob("*.nii.gz"))[0])
 
 
+@pytest.fixture(scope="module", params=["synthetic", "msd"])
+def one_mm_ras_image(request) -> sitk.Image:
+    """A 1 mm RAS volume, the tiny bundle's own grid, so gate voxels are exact blocks of input voxels: a synthetic
+    blob volume (always) and a real MSD hippocampus case (when ``../shared`` is present)."""
+    if request.param == "msd":
+        return request.getfixturevalue("hippocampus_image")
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in (35, 50, 36)], indexing="ij")
+    blob = 400 * np.exp(-(i**2 + (1.3 * j) ** 2 + k**2) * 3) + 20 * np.sin(7 * i + 3 * j)
+    image = sitk.GetImageFromArray(blob.astype(np.float32))
+    image.SetOrigin((13.0, 27.5, -40.0))
+    image.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))  # RAS (ITK directions are LPS)
+    return image
+
+
 def continuous_index(image: sitk.Image, point) -> np.ndarray:
     return np.array(image.TransformPhysicalPointToContinuousIndex(tuple(float(p) for p in point)))
 
@@ -223,10 +237,10 @@ def test_prediction_lives_on_the_input_grid_with_probabilities(predictor, hippoc
     assert {"preprocess", "inference", "resample", "postprocess", "total"} <= set(prediction.timings)
 
 
-@pytest.mark.shared_data
-def test_attention_maps_sit_on_each_gates_own_grid(predictor, hippocampus_image):
-    """Real MSD case (RAS, 1 mm): gate k's voxel j is the mean of a 2**k block of input voxels, and the coarse grid
-    covers the whole input."""
+def test_attention_maps_sit_on_each_gates_own_grid(predictor, one_mm_ras_image):
+    """On the bundle's own grid (RAS, 1 mm), gate k's voxel j is the mean of a 2**k block of input voxels, and the
+    coarse grid covers the whole input."""
+    hippocampus_image = one_mm_ras_image
     prediction = predictor.predict(hippocampus_image)
     assert len(prediction.attention) == 2
     size = np.array(hippocampus_image.GetSize())
@@ -249,9 +263,8 @@ def test_attention_maps_sit_on_each_gates_own_grid(predictor, hippocampus_image)
         assert np.all(start + n * f >= size) and np.all(start + (n - 1) * f < size)
 
 
-@pytest.mark.shared_data
-def test_attention_maps_equal_the_network_maps_when_one_window_fits(predictor, tiny_bundle, hippocampus_image):
-    region = sitk.RegionOfInterest(hippocampus_image, (32, 32, 32), (1, 5, 2))
+def test_attention_maps_equal_the_network_maps_when_one_window_fits(predictor, tiny_bundle, one_mm_ras_image):
+    region = sitk.RegionOfInterest(one_mm_ras_image, (32, 32, 32), (1, 5, 2))
     prediction = predictor.predict(region)
     x = torch.from_numpy(preprocess(region, tiny_bundle.preprocessing).array)[None, None]
     with torch.no_grad():
