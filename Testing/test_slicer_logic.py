@@ -584,3 +584,38 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
         assert labelmap.GetDisplayNode().GetColorNode().GetColorName(1) == "Wide labels"
     finally:
         env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])
+
+
+def test_sample_data_registration_points_at_the_bundled_sample(env, monkeypatch):
+    """``registerSampleData`` against a stand-in ``SampleData`` module whose ``registerCustomSampleDataSource`` has
+    Slicer's keyword signature (``Modules/Scripted/SampleData/SampleData.py``): the file URI exists, the checksum is
+    the file's SHA256 in Slicer's ``<algo>:<digest>`` form, the thumbnail exists."""
+    import hashlib
+    import types
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    calls = []
+
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                       loadFileType="VolumeFile", loadFiles=None, loadFileProperties={},
+                                       checksums=None):
+        calls.append(dict(category=category, sampleName=sampleName, uris=uris, fileNames=fileNames,
+                          nodeNames=nodeNames, thumbnailFileName=thumbnailFileName, checksums=checksums))
+
+    stub = types.ModuleType("SampleData")
+    stub.SampleDataLogic = type("SampleDataLogic", (), {
+        "registerCustomSampleDataSource": staticmethod(registerCustomSampleDataSource)})
+    monkeypatch.setitem(sys.modules, "SampleData", stub)
+    env["module"].registerSampleData()
+
+    assert len(calls) == 1
+    call = calls[0]
+    sample = Path(unquote(urlparse(call["uris"]).path))
+    assert sample.is_file() and sample.name == call["fileNames"]
+    assert sample.parent == env["module"].SAMPLE_DATA_DIR
+    algorithm, digest = call["checksums"].split(":")
+    assert algorithm == "SHA256" and digest == hashlib.sha256(sample.read_bytes()).hexdigest()
+    assert Path(call["thumbnailFileName"]).is_file()
+    assert call["category"] == "AttentionUNet" and call["nodeNames"]
