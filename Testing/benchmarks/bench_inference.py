@@ -7,10 +7,15 @@ write ``.nii.gz``.
 - ``ours``: ``imageio.read_image`` -> ``inference.Predictor(bundle, device, overlap=0.5).predict(image,
   attention=False)`` -> ``imageio.write_image(prediction.labels)``.
 - ``monai``: the MONAI tutorial recipe: ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
-  Spacingd(bilinear) -> NormalizeIntensityd``, ``monai.inferers.sliding_window_inference(roi_size=patch,
+  Spacingd(bilinear, scale_extent=True) -> NormalizeIntensityd``, ``monai.inferers.sliding_window_inference(roi_size=patch,
   sw_batch_size=1, overlap=0.5, mode="gaussian")`` on the same network (its windows permuted from MONAI's
   ``(x, y, z)`` arrays to the ``(z, y, x)`` tensors the bundle's network expects), ``Invertd`` (logits back to the input
   grid), ``AsDiscreted(argmax)``, ``SaveImaged``.
+  ``scale_extent=True`` gives the resampled grid our engine uses (it spans the input's extent and shares its
+  centre), so both pipelines compute the same thing.
+- ``monai-default`` (``--pipelines``): the same with ``Spacingd``'s default grid, which keeps the first voxel centre
+  and so sits up to half a target voxel away from ours (one more voxel per axis): a legitimate other grid, whose
+  labels differ from ours at boundaries (e.g. Dice 0.966 on ``aniso``), not from an error in either.
 - ``monai-sitk`` (``--pipelines``): a leaner hand-written alternative: SimpleITK read/resample (float32),
   ``sliding_window_inference`` as above, SimpleITK linear resampling of the logits back, argmax, SimpleITK write.
 
@@ -21,7 +26,7 @@ each foreground label between the two pipelines' label maps (plus voxel agreemen
 
 Weights (identical in both pipelines: both load the same bundle):
 
-- ``sample`` and ``aniso`` use a trained model: the default model shipped in ``Resources/Models`` (hippocampus,
+- ``sample``, ``aniso`` and ``head`` use a trained model: the default model shipped in ``Resources/Models`` (hippocampus,
   8-16-32-64, patch 40x56x40, 1 mm) or ``--bundle PATH``. Label agreement is only meaningful with a trained
   network (see ``fixed_seed_bundle``).
 - ``ct`` (and ``quick``) use an untrained fixed-seed ``AttentionUNet`` (16-32-64-128, patch 96^3, 1.5 mm
@@ -31,11 +36,16 @@ Cases:
 
 - ``sample``: the bundled sample image (``AttentionUNetSegment/Resources/SampleData``; an MSD hippocampus case
   when it is absent).
-- ``aniso``: a 192x192x160 head MRI at 0.9 x 1.1 x 1.2 mm: the MNI152 T1 template from the nilearn wheel,
-  resampled (see ``brain_volume``).
+- ``aniso``: 192x192x160 voxels of 0.19 x 0.26 x 0.23 mm: the bundled sample's field of view (the left medial
+  temporal lobe, 36 x 50 x 36 mm) resampled linearly, like a sub-millimetre hippocampus acquisition: a large
+  anisotropic volume on which the hippocampus model is in its domain, so label agreement is meaningful (see
+  ``hires_sample_volume``).
+- ``head``: a 192x192x160 whole-head MRI at 0.9 x 1.1 x 1.2 mm: the MNI152 T1 template from the nilearn wheel,
+  resampled (see ``head_volume``). The hippocampus model, trained on 36 x 50 x 36 mm crops, scatters labels over
+  the whole brain there: time and memory are meaningful, label agreement is not (near-tie voxels flip).
 - ``ct``: a synthetic CT-sized 512x512x300 int16 volume at 0.8 x 0.8 x 1.5 mm (body, organs, air).
 
-    .venv/bin/python Testing/benchmarks/bench_inference.py --cases sample aniso --repeats 2 --json out.json
+    .venv/bin/python Testing/benchmarks/bench_inference.py --cases sample aniso head --repeats 2 --json out.json
     .venv/bin/python Testing/benchmarks/bench_inference.py --cases ct --repeats 1
     .venv/bin/python Testing/benchmarks/bench_inference.py --quick      # tiny volumes, 32^3 patch: smoke test
 """
@@ -62,9 +72,9 @@ SYNTHETIC = {
     "ct": ((512, 512, 300), (0.8, 0.8, 1.5), "ct"),
     "quick": ((60, 52, 40), (1.0, 1.0, 2.0), "mr"),
 }
-PIPELINES = ("ours", "monai", "monai-sitk")
+PIPELINES = ("ours", "monai", "monai-default", "monai-sitk")
 #: Cases segmented with a trained model (default model or ``--bundle``), where label agreement is meaningful.
-TRAINED_CASES = ("sample", "aniso")
+TRAINED_CASES = ("sample", "aniso", "head")
 
 
 # --------------------------------------------------------------------------------------------- inputs and bundle
@@ -120,7 +130,9 @@ def case_image(case: str, work_dir: Path) -> Path:
             return MSD_CASE
         raise SystemExit(f"no sample image: neither {SAMPLE_DIR} nor {MSD_CASE} exists")
     if case == "aniso":
-        return brain_volume(work_dir)
+        return hires_sample_volume(case_image("sample", work_dir), work_dir)
+    if case == "head":
+        return head_volume(work_dir)
     import SimpleITK as sitk
 
     size, spacing, kind = SYNTHETIC[case]
@@ -168,10 +180,36 @@ def fixed_seed_bundle(work_dir: Path, patch: int, spacing: float, channels: Sequ
     return directory
 
 
-def brain_volume(work_dir: Path) -> Path:
+def hires_sample_volume(sample: Path, work_dir: Path) -> Path:
+    """``sample``'s field of view (the whole extent of its voxels) resampled linearly to 192 x 192 x 160 voxels:
+    0.19 x 0.26 x 0.23 mm for the bundled 36 x 50 x 36 mm sample, same orientation and world position."""
+    path = work_dir / "inputs" / f"{sample.name.split('.')[0]}_192x192x160.nii.gz"
+    if path.is_file():
+        return path
+    import numpy as np
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(sample), sitk.sitkFloat32)
+    size = np.array((192, 192, 160))
+    extent = np.array(image.GetSize()) * np.array(image.GetSpacing())
+    spacing = extent / size
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    # First voxel centre half a new voxel inside the first old voxel's outer face.
+    origin = np.array(image.GetOrigin()) + direction @ ((spacing - np.array(image.GetSpacing())) / 2)
+    resampled = sitk.Resample(image, [int(n) for n in size], sitk.Transform(), sitk.sitkLinear,
+                              [float(o) for o in origin], [float(s) for s in spacing], image.GetDirection(), 0.0,
+                              sitk.sitkFloat32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name("partial-" + path.name)
+    sitk.WriteImage(resampled, str(partial), useCompression=True)
+    partial.replace(path)
+    return path
+
+
+def head_volume(work_dir: Path) -> Path:
     """The MNI ICBM152 2009 T1 template shipped in the ``nilearn`` wheel (skull-stripped brain, 1 mm), resampled
-    linearly to 192 x 192 x 160 voxels of 0.9 x 1.1 x 1.2 mm around its centre: a real anisotropic head MRI on
-    which the hippocampus model finds both hippocampi."""
+    linearly to 192 x 192 x 160 voxels of 0.9 x 1.1 x 1.2 mm around its centre: a real anisotropic head MRI, far
+    larger than the crops the hippocampus model knows."""
     path = work_dir / "inputs" / "mni152_192x192x160_aniso.nii.gz"
     if path.is_file():
         return path
@@ -205,10 +243,6 @@ def run_ours(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str, 
     from AttentionUNetSegmentLib.inference import Predictor
 
     predictor = Predictor(load_bundle(bundle_path), device=spec.get("device", "cpu"), overlap=0.5)
-    if spec.get("optimise") is not None:  # prototype switch while inference.py does not apply it itself
-        from AttentionUNetSegmentLib.acceleration import optimize_for_inference
-
-        predictor.model = optimize_for_inference(predictor.model, predictor.device, **spec["optimise"])
     baseline = bc.current_rss_mb()
     started = time.perf_counter()
     prediction = predictor.predict(read_image(image_path), attention=bool(spec.get("attention", False)))
@@ -230,11 +264,13 @@ def run_monai(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str,
     bundle = load_bundle(bundle_path)
     model = bundle.build_model("cpu").eval()
     spacing = bundle.preprocessing.target_spacing
+    # align_corners=True: MONAI warns that scale_extent=True needs it.
+    grid = {} if spec["pipeline"] == "monai-default" else {"scale_extent": True, "align_corners": True}
     pre = Compose([
         LoadImaged(keys="image"),
         EnsureChannelFirstd(keys="image"),
         Orientationd(keys="image", axcodes="RAS"),
-        Spacingd(keys="image", pixdim=spacing, mode="bilinear"),
+        Spacingd(keys="image", pixdim=spacing, mode="bilinear", **grid),
         NormalizeIntensityd(keys="image"),
     ])
     post = Compose([
@@ -247,8 +283,9 @@ def run_monai(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str,
     started = time.perf_counter()
     data = pre({"image": str(image_path)})
     def network(windows: torch.Tensor) -> torch.Tensor:
-        # MONAI arrays are (x, y, z); the bundle's network was trained on (z, y, x) tensors (DESIGN.md).
-        return model(windows.permute(0, 1, 4, 3, 2)).permute(0, 1, 4, 3, 2)
+        # MONAI arrays are (x, y, z); the bundle's network was trained on (z, y, x) tensors (DESIGN.md). Softmax per
+        # window, as ours does: blended and resampled probabilities, not logits, decide the labels in both.
+        return torch.softmax(model(windows.permute(0, 1, 4, 3, 2)), dim=1).permute(0, 1, 4, 3, 2)
 
     with torch.no_grad():
         data["pred"] = sliding_window_inference(data["image"][None], roi_size=bundle.patch_size, sw_batch_size=1,
@@ -301,7 +338,7 @@ def run_monai_sitk(image_path: Path, bundle_path: Path, output: Path, spec: Dict
     return {"pipeline_s": round(seconds, 3), "rss_before_mb": round(baseline, 1)}
 
 
-RUNNERS = {"ours": run_ours, "monai": run_monai, "monai-sitk": run_monai_sitk}
+RUNNERS = {"ours": run_ours, "monai": run_monai, "monai-default": run_monai, "monai-sitk": run_monai_sitk}
 
 
 def work(spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -312,7 +349,7 @@ def work(spec: Dict[str, Any]) -> Dict[str, Any]:
     output = Path(spec["output"])
     output.parent.mkdir(parents=True, exist_ok=True)
     result = RUNNERS[spec["pipeline"]](Path(spec["image"]), Path(spec["bundle"]), output, spec)
-    if spec["pipeline"] == "monai":  # SaveImaged chose the name: <stem>_seg.nii.gz in the output folder
+    if spec["pipeline"] in ("monai", "monai-default"):  # SaveImaged chose the name: <stem>_seg.nii.gz in the output folder
         written = sorted(output.parent.glob("*_seg.nii.gz"), key=lambda p: p.stat().st_mtime)[-1]
         written.replace(output)
     result["pipeline"] = spec["pipeline"]
@@ -383,16 +420,15 @@ COLUMNS = ["case", "pipeline", "runs", "pipeline_s", "process_s", "peak_rss_mb",
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["sample", "aniso"], choices=["sample", "aniso", "ct", "quick"])
+    parser.add_argument("--cases", nargs="+", default=["sample", "aniso"],
+                        choices=["sample", "aniso", "head", "ct", "quick"])
     parser.add_argument("--pipelines", nargs="+", default=["ours", "monai"], choices=list(PIPELINES))
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per pipeline (default 2)")
-    parser.add_argument("--bundle", help="trained model bundle for the sample and aniso cases (default: the "
+    parser.add_argument("--bundle", help="trained model bundle for the sample, aniso and head cases (default: the "
                         "default model shipped in Resources/Models)")
     parser.add_argument("--patch", type=int, default=96, help="patch of the fixed-seed bundle (default 96)")
     parser.add_argument("--spacing", type=float, default=1.5, help="target spacing of the fixed-seed bundle, mm")
     parser.add_argument("--attention", action="store_true", help="ours also computes attention maps")
-    parser.add_argument("--no-optimise", action="store_true",
-                        help="prototype switch: do not apply acceleration.optimize_for_inference to ours")
     parser.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's own)")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="cache of inputs, bundles, outputs")
     parser.add_argument("--quick", action="store_true", help="a small synthetic case, 32^3 patch, one repeat")
@@ -403,8 +439,6 @@ def main(argv: List[str]) -> int:
     work_dir = Path(args.work_dir)
     synthetic_bundle = fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128))
     extra: Dict[str, Any] = {"attention": args.attention, "threads": args.threads}
-    if not args.no_optimise and not _engine_optimises():
-        extra["optimise"] = {}
 
     rows = []
     for case in args.cases:
@@ -422,15 +456,6 @@ def main(argv: List[str]) -> int:
     print(bc.format_table(rows, COLUMNS, "End-to-end inference (file in -> label file out), median over runs"))
     bc.write_json(args.json, {"benchmark": "inference", "args": vars(args), "rows": rows})
     return 0
-
-
-def _engine_optimises() -> bool:
-    """Whether ``Predictor`` already applies ``optimize_for_inference`` itself (then the benchmark must not)."""
-    import inspect
-
-    from AttentionUNetSegmentLib import inference
-
-    return "optimize_for_inference" in inspect.getsource(inference)
 
 
 if __name__ == "__main__":

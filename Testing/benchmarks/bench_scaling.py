@@ -62,8 +62,6 @@ def main(argv: List[str]) -> int:
     work_dir = Path(args.work_dir)
     bundle = bi.fixed_seed_bundle(work_dir, args.patch, args.spacing, (16, 32, 64, 128))
     extra: Dict[str, Any] = {"threads": args.threads}
-    if not bi._engine_optimises():
-        extra["optimise"] = {}
 
     rows: List[Dict[str, Any]] = []
     for text in args.sizes:

@@ -123,7 +123,7 @@ def inference_work(spec: Dict[str, Any]) -> Dict[str, Any]:
 def run_inference(args, work_dir: Path, device_name: Optional[str]) -> List[Dict[str, Any]]:
     channels = TUTORIAL_CHANNELS if not args.quick else (8, 16, 32, 64)
     patch = args.patch
-    bundle = tutorial_bundle(work_dir, channels, patch, args.spacing)
+    bundle = bi.fixed_seed_bundle(work_dir, patch, args.spacing, channels)
     image = bi.case_image("quick" if args.quick else "ct", work_dir)
     windows = count_windows(image, bundle)
     flops = window_flops(channels, patch) * windows
@@ -158,29 +158,6 @@ def run_inference(args, work_dir: Path, device_name: Optional[str]) -> List[Dict
     for row in rows:
         row["peak_used"] = peak_note
     return rows
-
-
-def tutorial_bundle(work_dir: Path, channels, patch: int, spacing: float) -> Path:
-    """Bundle of the (untrained, fixed-seed) tutorial-size network: speed does not depend on the weights."""
-    directory = work_dir / f"bundle_tutorial_{'-'.join(map(str, channels))}_p{patch}_s{spacing:g}"
-    if (directory / "model.json").is_file():
-        return directory
-    import torch
-
-    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
-    from AttentionUNetSegmentLib.network import AttentionUNet
-
-    torch.manual_seed(0)
-    metadata = create_metadata(
-        name="benchmark-tutorial",
-        labels=[{"value": 1, "name": "A", "color": [1.0, 0.0, 0.0]}, {"value": 2, "name": "B", "color": [0.0, 1.0, 0.0]}],
-        patch_size=[patch] * 3,
-        preprocessing={"orientation": "RAS", "target_spacing": [spacing] * 3, "normalization": {"scheme": "zscore"}},
-        overlap=0.5,
-        description="Untrained tutorial-size network for speed benchmarks only.",
-    )
-    save_bundle(AttentionUNet(1, 3, channels), metadata, directory, force=True)
-    return directory
 
 
 def work(spec: Dict[str, Any]) -> Dict[str, Any]:
