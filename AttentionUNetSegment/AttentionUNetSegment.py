@@ -1205,6 +1205,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         a CSV label table
         (value, name, colour), per-segment volumes in mL (CSV) and the provenance (JSON). Existing files are kept
         unless ``force``; nothing partial is left behind. Returns the written paths by kind."""
+        from AttentionUNetSegmentLib.imageio import check_written_image
+
         if fileFormat not in EXPORT_FORMATS:
             raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {EXPORT_FORMATS}.")
         outputDirectory = pathlib.Path(outputDirectory)
@@ -1242,12 +1244,17 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             segmentationPartial = paths["segmentation"].with_name(f"{names['segmentation']}.partial-{os.getpid()}"
                                                                    ".seg.nrrd")
             partials.append(segmentationPartial)
-            for node, partial in ((labelmap, labelPartial), (segmentationNode, segmentationPartial)):
+            for node, partial, final in ((labelmap, labelPartial, paths["labelmap"]),
+                                         (segmentationNode, segmentationPartial, paths["segmentation"])):
                 storage = node.CreateDefaultStorageNode()
                 storage.SetFileName(str(partial))
-                if not storage.WriteData(node):
-                    raise AttentionUNetSegmentError(f"Could not write {partial.name} in {outputDirectory}: check "
-                                                    "that the folder is writable and has free space.")
+                try:
+                    if not storage.WriteData(node):
+                        raise OSError(f"cannot write {partial.name}")
+                    check_written_image(partial, final)  # ITK's NIfTI writer does not report a full disk
+                except OSError as error:
+                    raise AttentionUNetSegmentError(f"Could not write {final.name} in {outputDirectory} ({error}): "
+                                                    "check that the folder is writable and has free space.")
             for kind, text in writes.items():
                 partial = paths[kind].with_name(f"{paths[kind].name}.partial-{os.getpid()}")
                 partials.append(partial)

@@ -56,6 +56,15 @@ def assert_same_grid(image: sitk.Image, reference: sitk.Image) -> None:
     np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), atol=1e-5)
 
 
+def ras_affine(image: sitk.Image) -> np.ndarray:
+    """The NIfTI (RAS) voxel-to-world affine of an ITK (LPS) image."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.array(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
 @pytest.fixture(scope="module")
 def segmented(tiny_bundle, tmp_path_factory):
     """One real subprocess run on two inputs: an oblique anisotropic NIfTI and a volume smaller than a patch."""
@@ -87,11 +96,11 @@ def test_segment_writes_every_output_on_the_input_grid(segmented, tiny_bundle):
             values = sitk.GetArrayViewFromImage(attention)
             assert attention.GetPixelID() == sitk.sitkFloat32 and attention.GetDimension() == 3
             assert values.min() >= 0.0 and values.max() <= 1.0
-            # The coarse grid overlays the input: the input's centre falls inside it.
-            centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()])
-            index = attention.TransformPhysicalPointToContinuousIndex(centre)
-            assert all(-0.5 <= i <= n - 0.5 for i, n in zip(index, attention.GetSize()))
+            # What another viewer sees: nibabel's affine of the written map is the map's ITK geometry.
+            np.testing.assert_allclose(nib.load(str(out / f"{stem}_attention_{k}.nii.gz")).affine,
+                                       ras_affine(attention), atol=1e-4)
         assert not (out / f"{stem}_attention_2.nii.gz").exists()
+        np.testing.assert_allclose(nib.load(str(out / f"{stem}_seg.nii.gz")).affine, ras_affine(image), atol=1e-4)
     assert not [p for p in out.iterdir() if ".partial-" in p.name]
 
 
@@ -143,6 +152,8 @@ def test_segment_json_progress_lines_parse(segmented):
         assert Path(paths["segmentation"]).is_file() and Path(paths["report"]).is_file()
         assert all(Path(p).is_file() for p in paths["attention"])
     assert result.stderr == ""
+    # Two inputs, one model load.
+    assert [r["stage"] for r in records].count("load") == 1
 
 
 # ----------------------------------------------------------------------------------------- bad input, in-process
@@ -338,6 +349,31 @@ def test_process_level_failure_has_one_error_line_and_no_traceback(tiny_bundle, 
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_failing_write_leaves_no_partial_files(tiny_bundle, tmp_path):
+    """A file-size limit makes writes fail as a full disk would. ITK's NIfTI writer does not notice (it leaves a
+    truncated file and no error), so the engine checks each file: one error line naming the file, nothing left."""
+    import resource
+
+    image = tmp_path / "case.nii.gz"
+    make_volume(image, (24, 20, 16), (1.0, 1.0, 1.5))
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4000, 4000))
+
+    result = subprocess.run([sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(image), "--output-dir",
+                             str(out), "--model", str(tiny_bundle.path), "--device", "cpu"], capture_output=True,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+                            preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write {out / 'case_attention_0.nii.gz'}: "), lines
+    assert "free space" in lines[0]
+    assert list(out.iterdir()) == []
 
 
 def test_demo_preview(tmp_path, capsys):

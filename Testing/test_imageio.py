@@ -205,3 +205,19 @@ def test_failed_write_leaves_no_partial_file(tmp_path):
 )
 def test_image_stem(name, stem):
     assert image_stem(name) == stem
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_is_caught(tmp_path, extension):
+    """ITK's NIfTI writer leaves a short file without an error when the disk fills up; the check catches it."""
+    from AttentionUNetSegmentLib.imageio import check_written_image, write_image
+
+    image = sitk.GetImageFromArray(np.random.default_rng(0).random((12, 10, 8)).astype(np.float32))
+    path = write_image(image, tmp_path / f"full{extension}")
+    check_written_image(path, path)  # complete: no error
+    data = path.read_bytes()
+    for cut in (200, len(data) // 2, len(data) - 1):
+        truncated = tmp_path / f"cut{extension}"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(OSError, match="cannot write"):
+            check_written_image(truncated, truncated)

@@ -8,7 +8,10 @@ converted to LPS. ``write_image`` is atomic and never overwrites without ``force
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -212,5 +215,45 @@ def write_image(image: sitk.Image, path: PathLike, force: bool = False) -> Path:
     if image_extension(path) not in WRITE_EXTENSIONS:
         raise ValueError(f"cannot write {path}: use one of {', '.join(WRITE_EXTENSIONS)}")
     with atomic_output(path, force) as partial:
-        sitk.WriteImage(image, str(partial), useCompression=image_extension(path) != ".nii")
+        write_partial(image, partial, path)
     return path
+
+
+def write_partial(image: sitk.Image, partial: Path, path: Path) -> None:
+    """Write ``image`` to ``partial`` (an ``atomic_output`` path for ``path``), compressed where the format allows.
+
+    Raises:
+        OSError: ITK could not write (disk full, file too large, folder unwritable); ITK reports that as a
+            ``RuntimeError``, which would otherwise read like a bug.
+    """
+    try:
+        sitk.WriteImage(image, str(partial), useCompression=image_extension(path) != ".nii")
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise OSError(f"cannot write {path} ({reason})") from None
+    check_written_image(partial, path)
+
+
+def check_written_image(written: Path, path: Path) -> None:
+    """Raise ``OSError`` if ``written`` (the file being written for ``path``) came out incomplete.
+
+    ITK's NIfTI writer ignores failed writes (a full disk leaves a truncated file and no error; its NRRD and
+    MetaImage writers do report them), so for .nii/.nii.gz the file's bytes (decompressed for .nii.gz) are counted
+    against what its header promises.
+    """
+    if image_extension(Path(path)) not in (".nii", ".nii.gz"):
+        return
+    opener = gzip.open if written.name.endswith(".gz") else open
+    try:
+        with opener(written, "rb") as stream:
+            header = stream.read(348)
+            total = len(header) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
+    except (OSError, EOFError, zlib.error) as error:
+        raise OSError(f"cannot write {path}: the file came out truncated ({error}; disk full?)") from None
+    endian = "<" if len(header) == 348 and struct.unpack("<i", header[:4])[0] == 348 else ">"
+    dims = struct.unpack(endian + "8h", header[40:56]) if len(header) == 348 else (0,)
+    bitpix = struct.unpack(endian + "h", header[72:74])[0] if len(header) == 348 else 0
+    vox_offset = struct.unpack(endian + "f", header[108:112])[0] if len(header) == 348 else 0.0
+    expected = int(vox_offset) + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    if len(header) < 348 or total < expected:
+        raise OSError(f"cannot write {path}: only {total} of {max(expected, 348)} bytes were written (disk full?)")

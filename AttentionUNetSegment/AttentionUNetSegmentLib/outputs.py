@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from . import __version__
 from .bundle import LabelInfo, ModelBundle
 from .errors import AttentionUNetError, OutputExistsError
-from .imageio import atomic_output
+from .imageio import atomic_output, write_partial
 
 if TYPE_CHECKING:
     from .inference import Prediction
@@ -213,6 +213,7 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
 
     Raises:
         OutputExistsError: an output exists and ``force`` is false (nothing is written).
+        OSError: a file could not be written (nothing of this input is kept).
     """
     by_value = {label.value: label.name for label in bundle.labels}
     paths = plan_outputs(output_dir, stem, bundle.labels, fmt, len(prediction.attention),
@@ -230,7 +231,10 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
     # unwinds the stack and removes all partials.
     with contextlib.ExitStack() as stack:
         for path, image in images:
-            sitk.WriteImage(image, str(stack.enter_context(atomic_output(path, force))), useCompression=True)
+            write_partial(image, stack.enter_context(atomic_output(path, force)), path)
         partial_report = stack.enter_context(atomic_output(paths.report, force))
-        partial_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        try:
+            partial_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        except OSError as error:
+            raise OSError(f"cannot write {paths.report} ({error.strerror or error})") from None
     return paths
