@@ -170,3 +170,67 @@ def test_evaluate_refuses_a_malformed_case_list_in_one_line(tmp_path, content):
     assert run.returncode == 2
     assert run.stderr.startswith("error:") and "is not a case list" in run.stderr
     assert "Traceback" not in run.stderr and not list(tmp_path.glob("scores*"))
+
+
+def _boxes(shape=(10, 12, 9)) -> np.ndarray:
+    label = np.zeros(shape, np.uint8)
+    label[2:6, 2:7, 2:5] = 1
+    label[6:9, 2:7, 2:5] = 2
+    return label
+
+
+def test_evaluate_a_csv_pairs_file_with_label_names(tmp_path, capsys):
+    from AttentionUNetSegmentLib.cli import main
+
+    (tmp_path / "pred").mkdir()
+    label = _boxes()
+    _write(label.astype(np.float32) * 10, tmp_path / "c1.nii.gz")
+    _write(label, tmp_path / "c1_label.nii.gz")
+    missed = label.copy()
+    missed[missed == 2] = 0
+    _write(missed, tmp_path / "pred" / "c1_seg.nii.gz")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,label\nc1.nii.gz,c1_label.nii.gz\n")
+    common = ["evaluate", str(pairs), "--predictions", str(tmp_path / "pred"), "--progress", "none"]
+
+    assert main([*common, "-o", str(tmp_path / "unnamed")]) == 2
+    assert "--label-names" in capsys.readouterr().err and not list(tmp_path.glob("unnamed*"))
+
+    assert main([*common, "--label-names", "1=Liver", "2=Tumour", "-o", str(tmp_path / "scores")]) == 0
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["labels"] == {"1": "Liver", "2": "Tumour"}
+    assert report["mean"]["Liver"]["dice"] == 1.0 and report["mean"]["Tumour"]["dice"] == 0.0
+
+
+def test_evaluate_a_csv_pairs_file_with_a_model_takes_the_models_names(tmp_path, tiny_bundle, capsys):
+    from AttentionUNetSegmentLib.cli import main
+
+    label = _boxes((20, 24, 22))
+    _write((np.random.default_rng(0).normal(size=label.shape) + label).astype(np.float32), tmp_path / "c1.nii.gz")
+    _write(label, tmp_path / "c1_label.nii.gz")
+    (tmp_path / "pairs.csv").write_text("image,label\nc1.nii.gz,c1_label.nii.gz\n")
+    status = main(["evaluate", str(tmp_path / "pairs.csv"), "--model", str(tiny_bundle.path), "--device", "cpu",
+                   "-o", str(tmp_path / "scores"), "--progress", "none"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert set(report["mean"]) == {"Anterior", "Posterior"}
+
+
+def test_evaluate_finds_segment_outputs_of_nnunet_v2_images(tmp_path, capsys):
+    """nnU-Net v2 names images ``<case>_0000``; ``segment`` writes ``<case>_0000_seg``; the case is ``<case>``."""
+    from AttentionUNetSegmentLib.cli import main
+
+    for folder in ("imagesTr", "labelsTr", "pred"):
+        (tmp_path / folder).mkdir()
+    label = _boxes()
+    _write(label.astype(np.float32), tmp_path / "imagesTr" / "hippo_007_0000.nii.gz")
+    _write(label, tmp_path / "labelsTr" / "hippo_007.nii.gz")
+    _write(label, tmp_path / "pred" / "hippo_007_0000_seg.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Anterior": 1, "Posterior": 2},
+                                                       "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz"}))
+    status = main(["evaluate", str(tmp_path), "--predictions", str(tmp_path / "pred"), "-o",
+                   str(tmp_path / "scores"), "--progress", "none"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert [case["case"] for case in report["cases"]] == ["hippo_007"]
+    assert report["mean"]["Anterior"]["dice"] == 1.0 and report["mean"]["Posterior"]["dice"] == 1.0

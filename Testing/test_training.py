@@ -213,3 +213,44 @@ def test_forced_ct_normalisation_reaches_the_bundle(boxes, tmp_path):
     bundle = load_bundle(train(_config(boxes, tmp_path, normalization="ct", epochs=1, iterations_per_epoch=1)))
     normalization = bundle.preprocessing.normalization
     assert normalization["scheme"] == "ct" and normalization["clip"][0] < normalization["clip"][1]
+
+
+def _train_fails(capsys, dataset: Path, output: Path, *options: str) -> str:
+    """Run ``attention-unet train`` expecting a clean refusal; returns its one error line."""
+    status = main(["train", str(dataset), "--output", str(output), "--channels", "4", "8", "--epochs", "1",
+                   "--progress", "none", *options])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and lines and lines[-1].startswith("error: "), lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--iterations-per-epoch", "0"], "--iterations-per-epoch must be positive"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--learning-rate", "-0.001"], "--learning-rate must be positive"),
+    (["--validation", "1.5"], "--validation 1.5"),
+    (["--foreground-fraction", "2"], "--foreground-fraction"),
+    (["--label-names", "0=background", "1=Bright", "2=Dark"], "0 is the background"),
+    (["--label-names", "1=Bright", "40000=Dark"], "1..32767"),
+    (["--label-names", "1=Bright", "1=Dark"], "label 1 twice"),
+])
+def test_unusable_options_are_refused_before_anything_is_written(boxes, tmp_path, capsys, options, expected):
+    message = _train_fails(capsys, boxes, tmp_path / "model", *options)
+    assert expected in message
+    assert not (tmp_path / "model").exists() and not (tmp_path / "model.work").exists()
+
+
+@pytest.mark.parametrize("output, options, expected", [
+    ("my model", [], "'name' 'my model'"),
+    ("model", ["--model-version", " "], "'version' must be a non-empty string"),
+    ("model", ["--label-names", "1=Same", "2=Same"], "repeats value 2 or name 'Same'"),
+    ("model", ["--channels", "8"], "--channels 8: channels needs at least two levels"),
+])
+def test_what_the_bundle_export_would_refuse_is_refused_before_training(boxes, tmp_path, capsys, output, options,
+                                                                          expected):
+    message = _train_fails(capsys, boxes, tmp_path / output, *options)
+    assert expected in message
+    work = tmp_path / f"{output}.work"
+    assert not (tmp_path / output).exists()
+    assert not (work / "cache").exists() and not (work / "checkpoints").exists()

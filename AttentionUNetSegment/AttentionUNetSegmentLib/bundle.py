@@ -401,6 +401,21 @@ def create_metadata(
     return metadata
 
 
+def complete_metadata(metadata: Mapping[str, Any], architecture: Mapping[str, Any],
+                      directory: PathLike) -> Dict[str, Any]:
+    """``metadata`` as ``save_bundle`` writes it for a network of ``architecture`` (``AttentionUNet.config()``),
+    checked against the schema; the weights' sha256 is a placeholder until the weights are written. A training run
+    calls this before it starts, so a name or label the bundle would refuse is reported before hours of training.
+
+    Raises ``ModelBundleError`` naming the offending key and how to fix it.
+    """
+    full = dict(metadata)
+    full.update(format=FORMAT, format_version=FORMAT_VERSION, engine_version=__version__,
+                architecture=dict(architecture))
+    full["weights"] = {"file": WEIGHTS_FILE, "sha256": "0" * 64}
+    return validate_metadata(full, Path(directory).expanduser())
+
+
 def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: PathLike,
                 force: bool = False) -> ModelBundle:
     """Write ``model`` and ``metadata`` as a bundle directory, atomically; returns the verified bundle.
@@ -414,11 +429,7 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
     directory = Path(directory).expanduser()
     if directory.exists() and not force:
         raise _fail(directory, "the directory already exists", "choose another directory or pass force=True")
-    full = dict(metadata)
-    full.update(format=FORMAT, format_version=FORMAT_VERSION, engine_version=__version__,
-                architecture=model.config())
-    full["weights"] = {"file": WEIGHTS_FILE, "sha256": "0" * 64}  # placeholder so the schema check can run
-    validate_metadata(full, directory)
+    full = complete_metadata(metadata, model.config(), directory)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=directory.parent))

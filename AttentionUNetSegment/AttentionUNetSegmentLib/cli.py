@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
+from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
@@ -97,13 +98,6 @@ def _overlap(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, metavar="NAME|PATH",
                         help=f"installed model name or bundle directory (default: {DEFAULT_MODEL})")
@@ -126,7 +120,7 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=_overlap, default=None,
                         help="sliding-window overlap as a fraction of the patch (default: the model's, usually 0.5)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower, smoother)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
                              "fp32 on the CPU (default: auto)")
@@ -265,14 +259,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ summary / gradcheck
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
-    parser.add_argument("--channels", type=_positive_int, nargs="+", metavar="C",
+    parser.add_argument("--channels", type=positive_int, nargs="+", metavar="C",
                         help="use an untrained network of these widths instead of a model, e.g. 64 128 256 512 "
                              "(the design tutorial's network)")
-    parser.add_argument("--in-channels", type=_positive_int, default=1)
-    parser.add_argument("--out-channels", type=_positive_int, default=2)
+    parser.add_argument("--in-channels", type=positive_int, default=1)
+    parser.add_argument("--out-channels", type=positive_int, default=2)
     parser.add_argument("--norm", choices=("instance", "batch"), default="instance")
     parser.add_argument("--deep-supervision", action="store_true")
-    parser.add_argument("--input-size", type=_positive_int, nargs=3, metavar=("X", "Y", "Z"),
+    parser.add_argument("--input-size", type=positive_int, nargs=3, metavar=("X", "Y", "Z"),
                         help="input size in voxels, ITK (x, y, z) order (default: the model's patch size, or 64^3)")
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .arguments import label_name, label_names as parse_label_names
 from .datasets import grid_differences, load_dataset
 from .errors import DatasetError, OutputExistsError
 from .imageio import READ_EXTENSIONS, image_stem, read_image
@@ -117,8 +118,9 @@ def evaluate_case(prediction: sitk.Image, reference: sitk.Image, labels: Mapping
 
 
 def find_prediction(directory: Path, name: str) -> Path:
-    """``<name>_seg<ext>`` or ``<name><ext>`` in ``directory`` (any readable image extension)."""
-    for stem in (f"{name}_seg", name):
+    """``<name>_seg<ext>`` or ``<name><ext>`` in ``directory`` (any readable image extension); also
+    ``<name>_0000_seg<ext>``, what ``segment`` writes for an nnU-Net v2 image ``<name>_0000``."""
+    for stem in (f"{name}_seg", name, f"{name}_0000_seg"):
         for extension in READ_EXTENSIONS:
             candidate = directory / f"{stem}{extension}"
             if candidate.is_file():
@@ -127,10 +129,11 @@ def find_prediction(directory: Path, name: str) -> Path:
                        "segment it first or remove it from the evaluation")
 
 
-def reference_cases(reference: Path, images: Optional[Path] = None) -> Tuple[List[EvaluationCase],
-                                                                              Dict[int, str]]:
+def reference_cases(reference: Path, images: Optional[Path] = None,
+                    label_names: Optional[Mapping[int, str]] = None) -> Tuple[List[EvaluationCase], Dict[int, str]]:
     """Cases and label names from a dataset (MSD folder / .json / .csv) or a plain label folder (names then
-    empty: they come from the model or the label values)."""
+    empty: they come from the model or the label values). ``label_names`` (``{value: name}``) override the
+    dataset's; a .csv pairs file has none of its own."""
     if reference.is_dir() and not (reference / "dataset.json").is_file():
         files = sorted(p for p in reference.iterdir() if p.is_file() and p.name.lower().endswith(READ_EXTENSIONS))
         if not files:
@@ -145,8 +148,8 @@ def reference_cases(reference: Path, images: Optional[Path] = None) -> Tuple[Lis
                     raise DatasetError(f"case {name}: no image named {name}.nii.gz (or .nrrd, ...) in {images}")
                 image = matches[0]
             cases.append(EvaluationCase(name, path, image))
-        return cases, {}
-    dataset = load_dataset(reference)
+        return cases, dict(label_names or {})
+    dataset = load_dataset(reference, label_names)
     return [EvaluationCase(c.name, c.label, c.image) for c in dataset.cases], dict(dataset.labels)
 
 
@@ -251,6 +254,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="run this model (installed name or bundle directory) on the images")
     parser.add_argument("--images", help="image folder (when the reference is a plain label folder and --model is "
                         "used; file names as the labels)")
+    parser.add_argument("--label-names", nargs="+", type=label_name, metavar="VALUE=NAME",
+                        help="label names, e.g. 1=Liver 2=Tumour (needed for a .csv pairs file without --model; "
+                        "with --model the model's names are used)")
     parser.add_argument("--cases", nargs="+", help="evaluate only these cases")
     parser.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
                         "validation_cases)")
@@ -265,15 +271,20 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``attention-unet evaluate``; prints the mean metrics per label."""
     from .progress import default_progress_kind, make_progress
 
-    cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None)
-    cases = _selected(cases, args.cases, args.cases_file)
-    predictor = None
+    names = parse_label_names(args.label_names)
+    bundle = None
     if args.model:
         from .bundle import ModelRegistry
-        from .inference import Predictor
 
         bundle = ModelRegistry().resolve(args.model)
-        labels = {label.value: label.name for label in bundle.labels}
+        if names is None:
+            names = {label.value: label.name for label in bundle.labels}
+    cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None, names)
+    cases = _selected(cases, args.cases, args.cases_file)
+    predictor = None
+    if bundle is not None:
+        from .inference import Predictor
+
         predictor = Predictor(bundle, device=args.device, tta=args.tta)
     if not labels:
         values = set()

@@ -37,10 +37,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import __version__
+from .arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
-from .bundle import create_metadata, save_bundle
+from .bundle import complete_metadata, create_metadata, save_bundle
 from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
-from .errors import AttentionUNetError, DatasetError, OutputExistsError
+from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
 from .network import AttentionUNet, NetworkOutput
@@ -292,11 +293,38 @@ def hardware_description(device: torch.device, world_size: int) -> str:
            f"{os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads each)"
 
 
+#: Config fields that must be positive when set, with the ``attention-unet train`` option that sets them.
+_POSITIVE_OPTIONS = {"epochs": "--epochs", "iterations_per_epoch": "--iterations-per-epoch",
+                     "learning_rate": "--learning-rate", "batch_size": "--batch-size", "threads": "--threads",
+                     "max_time": "--max-time", "validation": "--validation", "channels": "--channels",
+                     "patch_size": "--patch-size", "target_spacing": "--spacing"}
+
+
+def check_config(config: TrainingConfig) -> None:
+    """Refuse numbers no training can use, naming the option, before anything is read or written."""
+    for field_name, option in _POSITIVE_OPTIONS.items():
+        value = getattr(config, field_name)
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if value is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                         for v in values):
+            raise AttentionUNetError(f"{option} must be positive, got {value}")
+    if isinstance(config.validation, float) and config.validation >= 1:
+        raise AttentionUNetError(f"--validation {config.validation}: give a fraction below 1 or a whole number of "
+                                 "cases")
+    for field_name, option in (("weight_decay", "--weight-decay"),
+                               ("attention_loss_weight", "--attention-loss-weight")):
+        if not getattr(config, field_name) >= 0:
+            raise AttentionUNetError(f"{option} must be zero or positive, got {getattr(config, field_name)}")
+    if not 0.0 <= config.foreground_fraction <= 1.0:
+        raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
+
+
 class Trainer:
     """One training run; ``run()`` does everything and returns the exported bundle's directory (rank 0) or
     ``None`` (other ranks)."""
 
     def __init__(self, config: TrainingConfig) -> None:
+        check_config(config)
         if config.amp not in AMP_MODES:
             raise AttentionUNetError(f"--amp must be one of {AMP_MODES}, got {config.amp!r}")
         self.config = config
@@ -348,6 +376,7 @@ class Trainer:
                       f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
                       f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
                       "validation cases")
+            self._check_exportable(plan, dataset.labels)
             cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
             cache.load_all(dataset.cases)
             prepared = (plan.to_dict(), train_names, val_names)
@@ -541,6 +570,31 @@ class Trainer:
             dist.all_reduce(tensor)
         return {v: (float(tensor[i, 0] / tensor[i, 1]) if tensor[i, 1] > 0 else None) for i, v in enumerate(labels)}
 
+    def _bundle_metadata(self, plan: TrainingPlan, label_names: Dict[int, str],
+                         metrics: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        config = self.config
+        return create_metadata(
+            name=config.name, version=config.version,
+            labels=[{"value": v, "name": label_names[v], "color": list(LABEL_COLORS[i % len(LABEL_COLORS)])}
+                    for i, v in enumerate(sorted(label_names))],
+            patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
+            description=config.description or f"Attention U-Net trained on {config.dataset}",
+            license=config.license, citation=config.citation, training_data=config.training_data,
+            metrics=metrics)
+
+    def _check_exportable(self, plan: TrainingPlan, label_names: Dict[int, str]) -> None:
+        """Build the network and the bundle metadata now, so what the export would refuse is refused before any
+        training time is spent."""
+        try:
+            model = AttentionUNet(in_channels=1, out_channels=len(label_names) + 1, channels=plan.channels)
+        except ValueError as error:
+            raise AttentionUNetError(f"--channels {' '.join(map(str, plan.channels))}: {error}") from None
+        try:
+            complete_metadata(self._bundle_metadata(plan, label_names), model.config(), self.output)
+        except ModelBundleError as error:
+            raise AttentionUNetError(f"the trained model could not be saved: {error}. Fix it before training "
+                                     "(--name, --model-version, --label-names or the dataset's labels)") from None
+
     def _export(self, plan: TrainingPlan, label_names: Dict[int, str], best_path: Path, log: TrainingLog,
                 total_time: float, stopped_early: bool, n_train: int, n_val: int) -> Path:
         """Write the best weights (without the deep-supervision heads) as a bundle at ``--output``."""
@@ -553,7 +607,7 @@ class Trainer:
         row = best["dice"]
         metrics = {
             "validation": {
-                "method": "held-out cases, whole-case forward on the preprocessed grid, mean of per-case Dice",
+                "method": "held-out cases, sliding-window inference on the preprocessed grid, mean of per-case Dice",
                 "cases": n_val,
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
@@ -568,15 +622,8 @@ class Trainer:
                 "plan": plan.to_dict(),
             },
         }
-        metadata = create_metadata(
-            name=config.name, version=config.version,
-            labels=[{"value": v, "name": label_names[v], "color": list(LABEL_COLORS[i % len(LABEL_COLORS)])}
-                    for i, v in enumerate(labels)],
-            patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
-            description=config.description or f"Attention U-Net trained on {config.dataset}",
-            license=config.license, citation=config.citation, training_data=config.training_data,
-            metrics=metrics)
-        bundle = save_bundle(model, metadata, self.output, force=config.force or self._resumes_own_output())
+        bundle = save_bundle(model, self._bundle_metadata(plan, label_names, metrics), self.output,
+                             force=config.force or self._resumes_own_output())
         self._log(f"wrote bundle {bundle.path} (best epoch {best['epoch']}, validation mean Dice "
                   f"{row['val_dice_mean']})")
         return bundle.path
@@ -591,18 +638,6 @@ def train(config: TrainingConfig) -> Optional[Path]:
     return Trainer(config).run()
 
 
-def _label_names(items: Optional[Sequence[str]]) -> Optional[Dict[int, str]]:
-    if not items:
-        return None
-    names = {}
-    for item in items:
-        value, _, name = item.partition("=")
-        if not value.strip().isdigit() or not name.strip():
-            raise DatasetError(f"--label-names {item!r} must look like VALUE=NAME, e.g. 1=Liver")
-        names[int(value)] = name.strip()
-    return names
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``attention-unet train``."""
     parser.add_argument("dataset", help="MSD/nnU-Net folder (imagesTr/, labelsTr/, dataset.json) or a .json/.csv "
@@ -615,8 +650,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", default="", help="licence note for the weights (and the data they came from)")
     parser.add_argument("--citation", default="")
     parser.add_argument("--training-data", default="", help="what the model was trained on (for the model card)")
-    parser.add_argument("--label-names", nargs="+", metavar="VALUE=NAME", help="label names, e.g. 1=Liver 2=Tumour "
-                        "(required for a .csv pairs file; overrides dataset.json)")
+    parser.add_argument("--label-names", nargs="+", type=label_name, metavar="VALUE=NAME",
+                        help="label names, e.g. 1=Liver 2=Tumour (required for a .csv pairs file; overrides "
+                        "dataset.json)")
     group = parser.add_argument_group("plan overrides (derived from the dataset unless given)")
     group.add_argument("--channels", type=int, nargs="+", help="network widths per level, e.g. 16 32 64 128")
     group.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"))
@@ -663,10 +699,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         dataset=args.dataset, output=str(output), work_dir=args.work_dir or f"{output}.work",
         name=args.name or output.name, version=args.model_version, description=args.description,
         license=args.license, citation=args.citation, training_data=args.training_data,
-        label_names=_label_names(args.label_names), epochs=args.epochs,
+        label_names=parse_label_names(args.label_names), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
-        validation=int(args.validation) if args.validation >= 1 else args.validation, seed=args.seed,
+        validation=int(args.validation) if args.validation >= 1 and args.validation.is_integer() else args.validation,
+        seed=args.seed,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
         foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
