@@ -278,7 +278,7 @@ def test_attention_maps_equal_the_network_maps_when_one_window_fits(predictor, t
             np.testing.assert_allclose(gate.TransformIndexToPhysicalPoint(j), block_centre, atol=1e-6)
 
 
-def test_oblique_anisotropic_input_gets_labels_on_its_exact_grid(predictor):
+def test_oblique_anisotropic_input_gets_labels_on_its_exact_grid(predictor, tiny_bundle):
     image = oblique_image(size=(30, 26, 11))
     prediction = predictor.predict(image)
     labels = prediction.labels
@@ -286,13 +286,24 @@ def test_oblique_anisotropic_input_gets_labels_on_its_exact_grid(predictor):
     assert labels.GetOrigin() == image.GetOrigin()
     assert labels.GetSpacing() == image.GetSpacing()
     assert labels.GetDirection() == image.GetDirection()
+    # The network saw the resampled grid (bundle spacing, axes parallel to the input's); gate k's voxel j is the
+    # mean of a 2**k block of that grid's voxels, so its centre is the block's centre, and the blocks tile it.
+    grid = preprocess(image, tiny_bundle.preprocessing).grid
+    size = np.array(grid.GetSize())
     for k, gate in enumerate(prediction.attention):
-        # Gate grids are at the bundle's 1 mm spacing times 2**k, axes parallel to the input's.
+        f = 2**k
         np.testing.assert_allclose(gate.GetDirection(), image.GetDirection(), atol=1e-6)
-        np.testing.assert_allclose(gate.GetSpacing(), [2.0**k] * 3)
-        for corner in corner_indices(image.GetSize()):
-            inside = continuous_index(gate, image.TransformIndexToPhysicalPoint(corner))
-            assert np.all(inside >= -0.5) and np.all(inside <= np.array(gate.GetSize()) - 0.5)
+        np.testing.assert_allclose(gate.GetSpacing(), np.array(grid.GetSpacing()) * f)
+        starts = []
+        for j in corner_indices(gate.GetSize()):
+            centre = continuous_index(grid, gate.TransformIndexToPhysicalPoint(j))
+            start = centre - (f - 1) / 2  # the block's first fine voxel, in the resampled grid's index
+            np.testing.assert_allclose(start, np.round(start), atol=1e-5)
+            starts.append(np.round(start))
+        starts = np.array(starts)
+        assert len({tuple(s % f) for s in starts}) == 1  # one block lattice
+        assert np.all(starts.min(0) > -f) and np.all(starts.min(0) <= 0)
+        assert np.all(starts.max(0) < size) and np.all(starts.max(0) + f >= size)
 
 
 def test_image_smaller_than_one_patch_is_padded_and_segmented(predictor):

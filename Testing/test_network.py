@@ -50,12 +50,18 @@ def test_upsample_reaches_explicit_odd_size():
     assert up(torch.randn(1, 8, 4, 5, 3), (9, 11, 7)).shape == (1, 4, 9, 11, 7)
 
 
-def test_attention_maps_are_probabilities():
+def test_forward_can_return_every_gates_attention_map():
     model = _tiny().eval()
+    x = torch.randn(1, 1, 20, 24, 18) * 5
     with torch.no_grad():
-        maps = model.forward_with_aux(torch.randn(1, 1, 20, 24, 20) * 5).attention
-    for alpha in maps:
-        assert float(alpha.min()) >= 0.0 and float(alpha.max()) <= 1.0
+        logits, maps = model(x, return_attention=True)
+        plain = model(x)
+        aux = model.forward_with_aux(x)
+    assert torch.equal(logits, plain) and torch.equal(logits, aux.logits)
+    assert len(maps) == len(model.gates) and all(torch.equal(a, b) for a, b in zip(maps, aux.attention))
+    # Gate k sits on skip k's grid: full size halved (floor, MaxPool3d) k times.
+    for k, alpha in enumerate(maps):
+        assert alpha.shape == (1, 1, *(n // 2**k for n in x.shape[2:]))
 
 
 def test_gates_start_open():

@@ -11,7 +11,7 @@ and odd sizes round-trip exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -244,8 +244,12 @@ class AttentionUNet(nn.Module):
         deep = [head(decoded[k + 1]) for k, head in enumerate(self.deep_supervision_heads)]
         return NetworkOutput(logits=self.head(x), attention=attention, deep_supervision=deep)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_aux(x).logits
+    def forward(self, x: torch.Tensor, return_attention: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)`` logits; with ``return_attention``,
+        ``(logits, maps)``: every gate's ``(B, 1, D_k, H_k, W_k)`` map, finest first (see ``forward_with_aux``)."""
+        output = self.forward_with_aux(x)
+        return (output.logits, output.attention) if return_attention else output.logits
 
 
 class AttentionMapRecorder:
