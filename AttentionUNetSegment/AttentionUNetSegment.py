@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,10 +57,12 @@ ATTRIBUTE_PREFIX = "AttentionUNet."
 #: Node reference roles from a result segmentation to its attention / probability volumes.
 ATTENTION_ROLE = "AttentionUNetAttention"
 PROBABILITY_ROLE = "AttentionUNetProbability"
-ATTENTION_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+ATTENTION_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 #: Attention below this value is drawn transparent, so the overlay shows only where the network looked.
 ATTENTION_DISPLAY_THRESHOLD = 0.05
 ATTENTION_OPACITY = 0.4
+#: Highest sliding-window overlap the panel offers.
+MAX_OVERLAP = 0.9
 #: The engine writes NRRD for the scene: exact direction cosines (NIfTI stores them as float32 quaternions).
 ENGINE_FORMAT = "nrrd"
 ENGINE_INPUT_STEM = "input"
@@ -130,7 +133,7 @@ class AttentionUNetSegmentParameterNode:
     attentionMaps: bool = True
     probabilityMaps: bool = False
     device: Annotated[str, Choice(list(DEVICES))] = "auto"
-    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    overlap: Annotated[float, WithinRange(0.0, MAX_OVERLAP)] = 0.5
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     exportDirectory: pathlib.Path
@@ -278,7 +281,8 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if self._parameterNode and self._parameterNode.modelName != bundle.name:
             with slicer.util.NodeModify(self._parameterNode):
                 self._parameterNode.modelName = bundle.name
-                self._parameterNode.overlap = bundle.overlap  # each model's own default
+                # The model's own default, within the slider's range (a bundle may declare any overlap below 1).
+                self._parameterNode.overlap = min(bundle.overlap, MAX_OVERLAP)
 
     def onAdvancedCollapsed(self, collapsed: bool) -> None:
         if not collapsed and not self.ui.deviceInfoLabel.text:
@@ -383,19 +387,19 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if not directory:
             slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
             return
+        if node.outputSegmentation is None:
+            slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
+            return
+        existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat)
+        if existing and not slicer.util.confirmYesNoDisplay(
+                "These files exist already:\n" + "\n".join(existing) + "\n\nReplace them?"):
+            self.ui.statusLabel.text = "Export cancelled; the existing files were kept."
+            return
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
             files = self.logic.exportForReport(node.outputSegmentation, directory, fileFormat=node.exportFormat,
-                                               force=self._confirmOverwrite(node.outputSegmentation, directory))
+                                               force=bool(existing))
             self.appendLog("Exported: " + ", ".join(files.values()))
             self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
-
-    def _confirmOverwrite(self, segmentation, directory: str) -> bool:
-        existing = self.logic.existingExportFiles(segmentation, directory, self._parameterNode.exportFormat)
-        if not existing:
-            return False
-        if slicer.util.confirmYesNoDisplay("These files exist already:\n" + "\n".join(existing) + "\n\nReplace them?"):
-            return True
-        raise AttentionUNetSegmentError("Export cancelled: choose another folder to keep the existing files.")
 
     def onExportLabelmapButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Export to a label map failed.", waitCursor=True):
@@ -512,9 +516,10 @@ class SegmentationJob:
             else:
                 self.result = self.logic.importResults(self, outcome.outputs.get(ENGINE_INPUT_STEM, {}), outcome.log)
                 self._log("Results added to the scene.")
-        except AttentionUNetSegmentError as error:
-            self.error = str(error)
-            self._log(f"Failed: {error}")
+        except Exception as error:  # whatever goes wrong, the job ends with a message, never silently
+            self.error = str(error) if isinstance(error, AttentionUNetSegmentError) else \
+                f"Loading the results into the scene failed: {error}"
+            self._log(f"Failed: {self.error}")
         finally:
             self._cleanup()
             self.done = True
@@ -667,7 +672,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
         self._ensureTorch()
         requirements = _read_requirements(REQUIREMENTS_FILE)
-        missing = [req for req in requirements if not _distribution_installed(req)]
+        missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
             return
         try:
@@ -676,7 +681,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             packaging = None
         try:
             if packaging is not None:
-                packaging.pip_ensure(missing, requester="AttentionUNet")
+                # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
+                packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS_FILE)), requester="AttentionUNet")
             elif slicer.util.confirmOkCancelDisplay(
                     "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(missing), windowTitle="Install Python packages"):
@@ -687,6 +693,10 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                     "and accept the installation.")
         except AttentionUNetSegmentError:
             raise
+        except RuntimeError as error:  # pip_ensure: the user declined the installation
+            raise AttentionUNetSegmentError(
+                "The segmentation needs these Python packages: " + ", ".join(missing) + f" ({error}). Click Apply "
+                "again and accept the installation.")
         except Exception as error:
             raise AttentionUNetSegmentError(
                 f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
@@ -694,6 +704,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _ensureTorch(self) -> None:
         if _module_available("torch"):
+            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
+                import importlib.metadata
+
+                raise AttentionUNetSegmentError(
+                    f"PyTorch {importlib.metadata.version('torch')} is too old: the segmentation needs torch"
+                    f"{TORCH_REQUIREMENT}. Update it in the PyTorch Utils module (uninstall, then install), restart "
+                    "3D Slicer, then click Apply again.")
             return
         try:
             import PyTorchUtils
@@ -714,15 +731,22 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                                             "module (it shows the reason), then restart 3D Slicer.")
 
     def detectComputeDevice(self) -> str:
-        """What the engine will run on, in words (imports torch, so call it only when the user asks)."""
+        """What the engine will run on, in words. Asked of the engine in its own process (``devices --json``), so
+        torch and a CUDA context (hundreds of MB of GPU memory) never load into Slicer."""
         if not _module_available("torch"):
             return "PyTorch is not installed yet; it is installed on the first run. The CPU always works."
-        import torch
-
-        if torch.cuda.is_available():
-            properties = torch.cuda.get_device_properties(0)
-            return (f"GPU found: {properties.name} ({properties.total_memory / 2**30:.0f} GB), CUDA "
-                    f"{torch.version.cuda}. 'auto' uses it.")
+        options = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
+        try:
+            done = subprocess.run([self.pythonExecutable(), "-m", "AttentionUNetSegmentLib", "devices", "--json"],
+                                  capture_output=True, text=True, env=self.engineEnvironment(), timeout=120,
+                                  **options)
+            info = json.loads(done.stdout.strip().splitlines()[-1])
+            gpus = info["gpus"]
+        except (OSError, subprocess.TimeoutExpired, ValueError, IndexError, KeyError, TypeError):
+            return "Could not ask the engine which devices it sees; 'auto' uses a GPU if there is one, else the CPU."
+        if gpus:
+            return (f"GPU found: {gpus[0]['name']} ({gpus[0]['memory_gb']:.0f} GB), CUDA {info.get('cuda')}. "
+                    "'auto' uses it.")
         return "No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it)."
 
     # Models
@@ -765,16 +789,21 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         selection = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSelectionNode")
         if selection is not None and selection.GetActiveVolumeID():
             node = slicer.mrmlScene.GetNodeByID(selection.GetActiveVolumeID())
-            if node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            if node is not None and self.isInputVolume(node):
                 return node
         volumes = self.allInputVolumes()
         return volumes[-1] if volumes else None
 
     def allInputVolumes(self) -> List[Any]:
-        """Every intensity volume in the scene (label maps excluded)."""
-        nodes = slicer.mrmlScene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-        return [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())
-                if not nodes.GetItemAsObject(i).IsA("vtkMRMLLabelMapVolumeNode")]
+        """Every volume that can be segmented (see ``isInputVolume``), in scene order."""
+        return [node for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if self.isInputVolume(node)]
+
+    @staticmethod
+    def isInputVolume(node) -> bool:
+        """An intensity volume: not a label map, and not one of this module's outputs (attention and probability
+        maps are scalar volumes too, but segmenting them makes no sense)."""
+        return (node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+                and not node.GetAttribute(ATTRIBUTE_PREFIX + "Role"))
 
     @staticmethod
     def segmentationBelongsTo(segmentationNode, volumeNode) -> bool:
@@ -1270,8 +1299,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 def _node_ids(scene, className: str) -> set:
-    nodes = scene.GetNodesByClass(className)
-    return {nodes.GetItemAsObject(i).GetID() for i in range(nodes.GetNumberOfItems())}
+    return {node.GetID() for node in slicer.util.getNodesByClass(className, scene)}
 
 
 def _remove_nodes(nodes) -> None:
@@ -1328,17 +1356,23 @@ def _read_requirements(path: pathlib.Path) -> List[str]:
     return [line for line in lines if line]
 
 
-def _distribution_installed(requirement: str) -> bool:
-    """Whether the distribution a requirement names is installed (version pins are the installer's concern)."""
+def _requirement_satisfied(requirement: str) -> bool:
+    """Whether an installed distribution satisfies ``requirement`` (name and, where ``packaging`` is available,
+    its version specifier)."""
     import importlib.metadata
     import re
 
-    name = re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
     try:
-        importlib.metadata.version(name)
-        return True
+        from packaging.requirements import Requirement
+    except ImportError:  # only the name can be checked
+        Requirement = None
+    parsed = Requirement(requirement) if Requirement is not None else None
+    name = parsed.name if parsed is not None else re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+    try:
+        version = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return False
+    return parsed is None or parsed.specifier.contains(version, prereleases=True)
 
 
 def _module_available(name: str) -> bool:
@@ -1386,7 +1420,10 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
             self.assertEqual(segment.GetName(), label.name)
             self.assertEqual(segment.GetLabelValue(), label.value)
 
-        labelmap = logic.exportToLabelMapNode(result.segmentation, volume)
+        # No reference volume passed: the export uses the segmentation's own reference geometry, which the run must
+        # have set to the input's grid.
+        self.assertTrue(logic.segmentationBelongsTo(result.segmentation, volume))
+        labelmap = logic.exportToLabelMapNode(result.segmentation)
         self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         for actual, expected in zip(_ijk_to_ras(labelmap), _ijk_to_ras(volume)):
             self.assertAlmostEqual(actual, expected, places=4)

@@ -316,6 +316,16 @@ def test_models_lists_bundles_from_the_environment(tiny_bundle, capsys, monkeypa
     assert status == 0 and "tiny" in out and tiny_bundle.sha256[:12] in out
 
 
+def test_devices_reports_what_auto_uses(capsys):
+    import torch
+
+    status, out, _ = run_main(capsys, "devices", "--json")
+    info = json.loads(out)
+    assert status == 0 and info["torch"] == torch.__version__
+    assert len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    assert info["auto"] == ("cuda" if info["gpus"] else "cpu")
+
+
 def test_summary_and_gradcheck_commands(tiny_bundle, capsys):
     status, out, _ = run_main(capsys, "summary", "--model", str(tiny_bundle.path), "--input-size", "16", "12", "8")
     assert status == 0

@@ -6,6 +6,7 @@ import json
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,44 @@ def test_cancel_stops_a_busy_engine_promptly(tmp_path):
     assert time.monotonic() - started < 5
     assert result.cancelled and not result.ok and result.error is None
     assert not marker.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs a POSIX shell and /proc")
+def test_cancel_stops_the_engine_behind_a_launcher(tmp_path):
+    """Slicer runs the engine through its PythonSlicer launcher, which starts Python as a child: Cancel must end
+    that child too (it holds the output pipes), not only the launcher."""
+    pid_file = tmp_path / "engine.pid"
+    engine = _script(tmp_path, f"""
+        import os
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        print(json.dumps({{"stage": "inference", "fraction": 0.1, "message": "busy"}}), flush=True)
+        time.sleep(60)
+    """)
+    launcher = ["/bin/sh", "-c", '"$@"; echo launcher-exit', "launcher", *engine]  # a child, not an exec
+    run = EngineProcess(launcher).start()
+    deadline = time.monotonic() + 30
+    while run.progress.stage != "inference" and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.02)
+    started = time.monotonic()
+    run.cancel()
+    result = run.wait(timeout=10)
+    assert time.monotonic() - started < 5 and result.cancelled
+    assert not _alive(int(pid_file.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting for its new parent to reap it has ended)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM handling is POSIX-specific")

@@ -153,7 +153,7 @@ def test_attention_volumes_display_provenance_and_hierarchy(env, first_result):
     env["volume"].GetRASBounds(input_bounds)
     for index, node in enumerate(result.attentionVolumes):
         display = node.GetDisplayNode()
-        assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+        assert display.GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
         assert not display.GetAutoWindowLevel()
         assert display.GetWindowLevelMin() == pytest.approx(0.0)
         assert display.GetWindowLevelMax() == pytest.approx(1.0)
@@ -433,6 +433,41 @@ def test_roi_restricts_the_segmentation(env):
 
 
 @pytest.mark.slow
+def test_compute_device_is_asked_of_the_engine_process(env):
+    import torch
+
+    text = env["logic"].detectComputeDevice()
+    assert text.startswith("GPU found" if torch.cuda.is_available() else "No CUDA GPU found"), text
+    env["logic"].enginePython = "/nonexistent/python"
+    try:
+        assert env["logic"].detectComputeDevice().startswith("Could not ask the engine")
+    finally:
+        env["logic"].enginePython = sys.executable
+
+
+def test_the_modules_own_output_maps_are_not_offered_as_inputs(env, first_result):
+    logic, volume, result = env["logic"], env["volume"], first_result["result"]
+    assert result.attentionVolumes  # the run made scalar volumes of its own
+    inputs = logic.allInputVolumes()
+    assert volume in inputs
+    assert not {node.GetID() for node in result.attentionVolumes + result.probabilityVolumes} & {n.GetID() for n in inputs}
+    # An attention map shown as the active volume in the views is not the default input either.
+    scene = env["scene"]
+    selection = scene.GetFirstNodeByClass("vtkMRMLSelectionNode")
+    added = selection is None  # Slicer's application creates it; bare slicer-core does not
+    if added:
+        selection = scene.AddNewNodeByClass("vtkMRMLSelectionNode")
+    previous = selection.GetActiveVolumeID()
+    try:
+        selection.SetActiveVolumeID(result.attentionVolumes[0].GetID())
+        current = logic.currentVolume()
+        assert current is not None and current.GetID() != result.attentionVolumes[0].GetID()
+    finally:
+        selection.SetActiveVolumeID(previous)
+        if added:
+            scene.RemoveNode(selection)
+
+
 def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     scene = env["scene"]
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
@@ -619,3 +654,74 @@ def test_sample_data_registration_points_at_the_bundled_sample(env, monkeypatch)
     assert algorithm == "SHA256" and digest == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert Path(call["thumbnailFileName"]).is_file()
     assert call["category"] == "AttentionUNet" and call["nodeNames"]
+
+
+# Dependencies: Slicer's installers are absent from slicer-core, so they are stood in for by recorders; the
+# requirement checks run on the real installed distributions.
+
+
+@pytest.fixture
+def missing_requirement(env, tmp_path, monkeypatch):
+    """A requirements file with one package that is not installed and one that is."""
+    path = tmp_path / "requirements.txt"
+    path.write_text("# test\nattention-unet-no-such-package>=1.0\nnumpy>=1.0\n", encoding="utf-8")
+    monkeypatch.setattr(env["module"], "REQUIREMENTS_FILE", path)
+    return path
+
+
+def _fake_packaging(monkeypatch, pip_ensure):
+    import types
+
+    from packaging.requirements import Requirement
+
+    fake = types.ModuleType("slicer.packaging")
+    fake.loaded = []
+
+    def load_requirements(path):
+        lines = [line.split("#")[0].strip() for line in open(path, encoding="utf-8")]
+        fake.loaded.append([Requirement(line) for line in lines if line])
+        return fake.loaded[-1]
+
+    fake.load_requirements = load_requirements
+    fake.pip_ensure = pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", fake)
+    monkeypatch.setattr(slicer, "packaging", fake, raising=False)
+    return fake
+
+
+def test_dependencies_go_through_pip_ensure_as_requirement_objects(env, missing_requirement, monkeypatch):
+    calls = []
+    fake = _fake_packaging(monkeypatch, lambda requirements, **kwargs: calls.append((requirements, kwargs)))
+    env["logic"].ensureDependencies()
+    assert len(calls) == 1 and calls[0][0] is fake.loaded[0] and calls[0][1] == {"requester": "AttentionUNet"}
+
+    def declined(requirements, **kwargs):
+        raise RuntimeError("the user declined")
+
+    fake.pip_ensure = declined
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="accept the installation"):
+        env["logic"].ensureDependencies()
+
+
+def test_dependencies_on_slicer_before_5_11_are_confirmed_then_pip_installed(env, missing_requirement, monkeypatch):
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)  # no slicer.packaging: Slicer 5.8/5.10
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    installed, answers = [], [True]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: answers[0], raising=False)
+    monkeypatch.setattr(slicer.util, "pip_install", installed.append, raising=False)
+    env["logic"].ensureDependencies()
+    assert installed == [["attention-unet-no-such-package>=1.0"]]  # only what is missing (numpy is installed)
+    answers[0] = False
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="accept the installation"):
+        env["logic"].ensureDependencies()
+
+
+def test_an_installed_torch_older_than_required_is_refused(env, monkeypatch):
+    monkeypatch.setattr(env["module"], "TORCH_REQUIREMENT", ">=99")
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="too old.*PyTorch Utils"):
+        env["logic"].ensureDependencies()
+
+
+def test_requirement_checks_read_version_pins(env):
+    satisfied = env["module"]._requirement_satisfied
+    assert satisfied("numpy>=1.0") and not satisfied("numpy>=999") and not satisfied("attention-unet-no-such-package")

@@ -339,7 +339,7 @@ def test_mrml_classes_and_constants_exist(tree, api):
     for value in api["color_node_ids"].values():
         if isinstance(value, list):
             ids |= {v for v in value if isinstance(v, str)}
-    assert "vtkMRMLColorTableNodeFileColdToHotRainbow.txt" in ids
+    assert "vtkMRMLColorTableNodeFileInferno.txt" in ids
     for event in ("StartCloseEvent", "EndCloseEvent"):
         assert event in classes["vtkMRMLScene"]["constants"]
 

@@ -256,6 +256,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_devices(args: argparse.Namespace) -> int:
+    """What ``--device auto`` would use: the CUDA GPUs torch sees (the Slicer module asks this in a separate
+    process, so torch and a CUDA context never load into Slicer itself)."""
+    import torch
+
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            gpus.append({"name": properties.name, "memory_gb": round(properties.total_memory / 2**30, 1)})
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus, "auto": "cuda" if gpus else "cpu"}
+    if args.json:
+        print(json.dumps(info))
+        return EXIT_OK
+    print(f"torch {info['torch']}, CUDA {info['cuda'] or 'not in this build'}")
+    for index, gpu in enumerate(gpus):
+        print(f"cuda:{index}  {gpu['name']}  {gpu['memory_gb']} GB")
+    print(f"--device auto uses: {info['auto']}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ summary / gradcheck
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser)
@@ -357,6 +378,10 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     models = commands.add_parser("models", help="list installed models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
     models.set_defaults(handler=cmd_models)
+
+    devices = commands.add_parser("devices", help="show the GPUs torch sees and what --device auto uses")
+    devices.add_argument("--json", action="store_true", help="machine-readable output")
+    devices.set_defaults(handler=cmd_devices)
 
     summary = commands.add_parser("summary", help="layer-by-layer output shapes, parameters and FLOPs")
     _add_network_options(summary)

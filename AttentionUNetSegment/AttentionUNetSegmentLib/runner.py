@@ -195,6 +195,7 @@ class EngineProcess:
         self._open_streams = 0
         self._process: Optional[subprocess.Popen] = None
         self._cancelled = False
+        self._cancelled_at = 0.0
         self._eta = EtaEstimator()
         self._started_at = 0.0
 
@@ -245,10 +246,14 @@ class EngineProcess:
                 self._handle_stdout(line)
             else:
                 self._add_log(line)
-        if self._open_streams == 0 and self._process.poll() is not None:
+        if self._process.poll() is not None and (self._open_streams == 0 or self._abandon_streams()):
             self._finish()
             return False
         return True
+
+    def _abandon_streams(self) -> bool:
+        """After a cancel, stop waiting for output pipes a surviving grandchild might still hold open."""
+        return self._cancelled and time.monotonic() - self._cancelled_at > CANCEL_GRACE_SECONDS
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunResult:
         """Poll until the run ends (``TimeoutError`` after ``timeout`` seconds, the run keeps going)."""
@@ -266,6 +271,7 @@ class EngineProcess:
             self._cancelled = self._process is not None and self.result is None
             return
         self._cancelled = True
+        self._cancelled_at = time.monotonic()
         self._signal(signal.SIGTERM)
         try:
             self._process.wait(timeout=CANCEL_GRACE_SECONDS)
@@ -277,10 +283,13 @@ class EngineProcess:
         assert self._process is not None
         try:
             if sys.platform == "win32":
-                self._process.kill()
+                # The process is Slicer's launcher (PythonSlicer): kill() alone would leave the Python it started
+                # running, holding the output pipes. taskkill /T ends the whole tree.
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), timeout=30)
             else:
                 os.killpg(self._process.pid, signum)
-        except (ProcessLookupError, PermissionError):
+        except (ProcessLookupError, PermissionError, OSError, subprocess.TimeoutExpired):
             pass  # already gone
 
     def _handle_stdout(self, line: str) -> None:
