@@ -68,6 +68,18 @@ def test_hd95_matches_brute_force_on_random_blobs():
         assert hausdorff95(a, b, spacing) == pytest.approx(_brute_force_hd95(a, b, spacing), rel=1e-6)
 
 
+def test_hd95_of_a_small_structure_in_a_large_scan_is_unchanged():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    spacing = (2.0, 0.7, 0.9)
+    a = ndimage.binary_dilation(rng.random((12, 10, 14)) > 0.98, iterations=2)
+    b = ndimage.binary_dilation(rng.random((12, 10, 14)) > 0.98, iterations=2)
+    scan_a, scan_b = np.zeros((60, 50, 70), bool), np.zeros((60, 50, 70), bool)
+    scan_a[20:32, 5:15, 40:54], scan_b[20:32, 5:15, 40:54] = a, b
+    assert hausdorff95(scan_a, scan_b, spacing) == pytest.approx(_brute_force_hd95(a, b, spacing), rel=1e-6)
+
+
 def test_volumes_in_millilitres():
     reference = np.zeros((10, 10, 10), np.uint8)
     prediction = np.zeros_like(reference)

@@ -93,16 +93,25 @@ def test_nibabel_written_oblique_volume_reads_with_full_geometry(tmp_path):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(fallback), sitk.GetArrayFromImage(expected))
 
 
-def test_nifti_that_simpleitk_refuses_falls_back_to_nibabel(tmp_path):
+def test_a_sheared_nifti_is_refused_with_how_to_fix_it(tmp_path):
+    """ITK refuses a sheared affine; approximating it would misplace every output, so the reader says so."""
     sheared = np.array([[0.7, 0.2, 0.0, 5.0], [0.0, 0.9, 0.0, 6.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1.0]])
     data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, sheared), str(tmp_path / "shear.nii.gz"))
     with pytest.raises(RuntimeError):
         sitk.ReadImage(str(tmp_path / "shear.nii.gz"))
-    image = read_image(tmp_path / "shear.nii.gz")
+    with pytest.raises(InputImageError, match="sheared voxel grid.*resample it onto an unsheared grid"):
+        read_image(tmp_path / "shear.nii.gz")
+
+
+def test_rounding_level_shear_is_absorbed_by_the_nibabel_reader(tmp_path):
+    affine = np.array([[0.7, 1e-5, 0.0, 5.0], [0.0, 0.9, 0.0, 6.0], [0.0, 0.0, 2.5, 7.0], [0, 0, 0, 1.0]])
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "nearly.nii.gz"))
+    image = _read_with_nibabel(tmp_path / "nearly.nii.gz", RuntimeError("not used"))
     assert image.GetSize() == (6, 7, 8)
     np.testing.assert_allclose(image.GetOrigin(), (-5.0, -6.0, 7.0))
-    np.testing.assert_allclose(image.GetSpacing(), np.linalg.norm(sheared[:3, :3], axis=0))
+    np.testing.assert_allclose(ras_affine(image), affine, atol=1e-4)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     np.testing.assert_allclose(direction @ direction.T, np.eye(3), atol=1e-12)
 
@@ -221,3 +230,13 @@ def test_a_truncated_nifti_is_caught(tmp_path, extension):
         truncated.write_bytes(data[:cut])
         with pytest.raises(OSError, match="cannot write"):
             check_written_image(truncated, truncated)
+
+
+def test_nan_in_a_scaled_float_nifti_is_found(tmp_path):
+    data = np.random.default_rng(0).random((6, 7, 8)).astype(np.float32)
+    data[2, 3, 4] = np.nan
+    nifti = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    nifti.header.set_slope_inter(2.0, 1.0)  # the stored floats are scaled on reading
+    nib.save(nifti, str(tmp_path / "scaled.nii.gz"))
+    with pytest.raises(InputImageError, match="1 NaN/Inf voxels"):
+        read_image(tmp_path / "scaled.nii.gz")

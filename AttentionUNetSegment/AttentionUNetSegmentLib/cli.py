@@ -161,9 +161,14 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
 
     progress = progress or (lambda *_: None)
     stems = _input_stems(inputs)
+    first_image = None  # kept: the first input is segmented first, so it is read only once
     for index, path in enumerate(inputs):
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
-        read_image(path)
+        started = time.perf_counter()
+        image = read_image(path)
+        if index == 0:
+            first_image, first_read_seconds = image, time.perf_counter() - started
+    image = None
     progress("load", 0.0, "Loading the model")
     bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
     num_gates = len(bundle.architecture["channels"]) - 1
@@ -184,8 +189,12 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
         started = time.perf_counter()
         report("read", 0.0, f"Reading {Path(path).name}")
-        image = read_image(path)
-        read_seconds = time.perf_counter() - started
+        if index == 0:
+            image, first_image = first_image, None
+            read_seconds = first_read_seconds
+        else:
+            image = read_image(path)
+            read_seconds = time.perf_counter() - started
         prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
                                        largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
         prediction.timings = {"read": read_seconds, **prediction.timings}

@@ -55,6 +55,10 @@ def hausdorff95(prediction: np.ndarray, reference: np.ndarray, spacing_zyx: Sequ
     empty. ``spacing_zyx`` is the voxel size along the array axes."""
     if not prediction.any() or not reference.any():
         return None
+    # Both boundaries lie in the masks' joint bounding box, and voxels outside it belong to neither mask, so the
+    # distances are the same there; the float64 distance maps then cover the structure, not the whole scan.
+    box = ndimage.find_objects((prediction | reference).astype(np.uint8))[0]
+    prediction, reference = prediction[box], reference[box]
     prediction_boundary, reference_boundary = _boundary(prediction), _boundary(reference)
     to_reference = ndimage.distance_transform_edt(~reference_boundary, sampling=spacing_zyx)
     to_prediction = ndimage.distance_transform_edt(~prediction_boundary, sampling=spacing_zyx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import os
 import struct
 import zlib
@@ -71,6 +72,10 @@ def read_image(path: PathLike) -> sitk.Image:
         _check_nifti_finite(path)
     return validate_image(_squeeze_single_volume(image), str(path))
 
+#: Largest shear, as voxel displacement at the far corner over the smallest voxel size, that a NIfTI read through
+#: nibabel may have; ITK images have orthonormal axes only.
+SHEAR_TOLERANCE_VOXELS = 0.1
+
 
 def _check_nifti_finite(path: Path) -> None:
     """ITK's NIfTI reader silently turns NaN voxels into 0, so float NIfTI data is checked with nibabel."""
@@ -81,7 +86,7 @@ def _check_nifti_finite(path: Path) -> None:
     nifti = nib.load(str(path))
     if np.dtype(nifti.get_data_dtype()).kind != "f":
         return
-    data = np.asanyarray(nifti.dataobj)
+    data = nifti.dataobj.get_unscaled()  # the stored floats: scaling would make a float64 copy
     if not np.isfinite(data).all():
         bad = int(np.count_nonzero(~np.isfinite(data)))
         raise InputImageError(f"{path} has {bad} NaN/Inf voxels; replace them (e.g. with 0) before segmenting")
@@ -115,9 +120,18 @@ def _read_with_nibabel(path: Path, sitk_error: Exception) -> sitk.Image:
     spacing = np.linalg.norm(linear, axis=0)
     if np.any(spacing <= 0) or not np.all(np.isfinite(affine)):
         raise InputImageError(f"{path} has a degenerate affine (zero or non-finite voxel size); fix its header")
-    # Nearest orthonormal direction (polar decomposition); ITK images cannot represent shear.
+    # Nearest orthonormal direction (polar decomposition); ITK images cannot represent shear. Rounding-level shear
+    # (as DICOM converters leave) is absorbed; real shear would put every output off the input's grid.
     u, _, vt = np.linalg.svd(linear / spacing)
     direction = u @ vt
+    corners = np.array(list(itertools.product(*[(0, n - 1) for n in data.shape])), dtype=float).T
+    error_mm = float(np.abs((linear - direction * spacing) @ corners).max())
+    if error_mm > SHEAR_TOLERANCE_VOXELS * float(spacing.min()):
+        raise InputImageError(
+            f"{path} has a sheared voxel grid (its affine's axes are not perpendicular; approximating it would move "
+            f"voxels by up to {error_mm:.2f} mm); resample it onto an unsheared grid first, e.g. with "
+            "nibabel.processing.resample_to_output or 3D Slicer's Resample Scalar Volume"
+        )
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0))))
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(o) for o in LPS_FROM_RAS @ affine[:3, 3]])
