@@ -85,6 +85,14 @@ def test_cancel_stops_a_busy_engine_promptly(tmp_path):
         time.sleep(60)
         open({str(marker)!r}, "w").write("should never happen")
     """)
+    result, seconds = _cancel_during_inference(command)
+    assert seconds < 5
+    assert result.cancelled and not result.ok and result.error is None
+    assert not marker.exists()
+
+
+def _cancel_during_inference(command: list):
+    """Start ``command``, cancel it once it reports the inference stage; ``(result, seconds the cancel took)``."""
     run = EngineProcess(command).start()
     deadline = time.monotonic() + 30
     while run.progress.stage != "inference" and time.monotonic() < deadline:
@@ -93,9 +101,7 @@ def test_cancel_stops_a_busy_engine_promptly(tmp_path):
     started = time.monotonic()
     run.cancel()
     result = run.wait(timeout=10)
-    assert time.monotonic() - started < 5
-    assert result.cancelled and not result.ok and result.error is None
-    assert not marker.exists()
+    return result, time.monotonic() - started
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs a POSIX shell and /proc")
@@ -110,15 +116,8 @@ def test_cancel_stops_the_engine_behind_a_launcher(tmp_path):
         time.sleep(60)
     """)
     launcher = ["/bin/sh", "-c", '"$@"; echo launcher-exit', "launcher", *engine]  # a child, not an exec
-    run = EngineProcess(launcher).start()
-    deadline = time.monotonic() + 30
-    while run.progress.stage != "inference" and time.monotonic() < deadline:
-        run.poll()
-        time.sleep(0.02)
-    started = time.monotonic()
-    run.cancel()
-    result = run.wait(timeout=10)
-    assert time.monotonic() - started < 5 and result.cancelled
+    result, seconds = _cancel_during_inference(launcher)
+    assert seconds < 5 and result.cancelled
     assert not _alive(int(pid_file.read_text()))
 
 
