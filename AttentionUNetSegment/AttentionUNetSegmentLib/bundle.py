@@ -35,8 +35,13 @@ METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL = "hippocampus"
 MODELS_ENV = "ATTENTION_UNET_MODELS"
-#: Models shipped with the extension: ``AttentionUNetSegment/Resources/Models/<name>/``.
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+#: The extension's ``AttentionUNetSegment/Resources`` (source tree, Slicer install), or the copy of its models and
+#: sample that a wheel installs as ``AttentionUNetSegmentLib/resources``.
+_PACKAGED_RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES_DIR = (_PACKAGED_RESOURCES if _PACKAGED_RESOURCES.is_dir()
+                 else Path(__file__).resolve().parents[1] / "Resources")
+#: Models shipped with the extension: ``<RESOURCES_DIR>/Models/<name>/``.
+BUNDLED_MODELS_DIR = RESOURCES_DIR / "Models"
 
 #: File types that hold pickled Python objects; loading one could run arbitrary code.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar")

@@ -25,13 +25,13 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 
 from . import __version__
 from .arguments import positive_int
-from .bundle import DEFAULT_MODEL, ModelBundle, ModelRegistry
+from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
-#: Where the repository keeps the demo's sample volume.
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "Resources" / "SampleData"
+#: Where the demo's sample volume is (next to the bundled models).
+SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
 
