@@ -126,6 +126,9 @@ def test_resume_continues_identically(boxes, tmp_path):
     assert resumed["step"] == straight["step"] == 6
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
+    # The cut epoch is logged as the fraction it reached; the resumed run then logs the whole epochs.
+    assert [row["epoch"] for row in resumed["history"]] == [0.33, 1, 2]
+    assert [row["epoch"] for row in straight["history"]] == [1, 2]
 
 
 def test_cache_is_reused_and_rebuilt_when_a_source_changes(boxes, tmp_path):

@@ -498,7 +498,10 @@ class Trainer:
             scores = [d for d in dice.values() if d is not None]
             mean_dice = float(np.mean(scores)) if scores else 0.0
             last_dice = mean_dice
-            epoch = math.ceil(step / config.iterations_per_epoch)
+            # An epoch cut by the time budget is logged as a fraction (e.g. 21.81), so the resumed run's row for
+            # the completed epoch (22) does not look like a duplicate.
+            epoch = step // config.iterations_per_epoch if step % config.iterations_per_epoch == 0 \
+                else round(step / config.iterations_per_epoch, 2)
             train_loss = self._mean_loss(epoch_losses)
             epoch_losses = []
             if self.distributed.is_main:
