@@ -14,7 +14,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -260,14 +260,31 @@ def check_written_image(written: Path, path: Path) -> None:
     opener = gzip.open if written.name.endswith(".gz") else open
     try:
         with opener(written, "rb") as stream:
-            header = stream.read(348)
+            header = stream.read(540)
             total = len(header) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 20), b""))
     except (OSError, EOFError, zlib.error) as error:
         raise OSError(f"cannot write {path}: the file came out truncated ({error}; disk full?)") from None
-    endian = "<" if len(header) == 348 and struct.unpack("<i", header[:4])[0] == 348 else ">"
-    dims = struct.unpack(endian + "8h", header[40:56]) if len(header) == 348 else (0,)
-    bitpix = struct.unpack(endian + "h", header[72:74])[0] if len(header) == 348 else 0
-    vox_offset = struct.unpack(endian + "f", header[108:112])[0] if len(header) == 348 else 0.0
-    expected = int(vox_offset) + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
-    if len(header) < 348 or total < expected:
-        raise OSError(f"cannot write {path}: only {total} of {max(expected, 348)} bytes were written (disk full?)")
+    expected = _nifti_size(header)
+    if expected is None or total < expected:
+        raise OSError(f"cannot write {path}: only {total} of {expected or 'at least 348'} bytes were written "
+                      "(disk full?)")
+
+
+def _nifti_size(header: bytes) -> Optional[int]:
+    """Bytes of a complete uncompressed NIfTI-1 or NIfTI-2 file, from the start of its header (either byte
+    order); ``None`` if the header is cut short or is not NIfTI."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 348:
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        elif size == 540 and len(header) >= 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dims = struct.unpack(endian + "8q", header[16:80])
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+        else:
+            continue
+        rank = min(max(int(dims[0]), 0), 7)
+        return offset + int(np.prod(dims[1:rank + 1], dtype=np.int64)) * bitpix // 8
+    return None
