@@ -390,7 +390,11 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         if node.outputSegmentation is None:
             slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
             return
-        existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat)
+        existing = None
+        with slicer.util.tryWithErrorDisplay("Export failed."):
+            existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat)
+        if existing is None:  # the error was shown
+            return
         if existing and not slicer.util.confirmYesNoDisplay(
                 "These files exist already:\n" + "\n".join(existing) + "\n\nReplace them?"):
             self.ui.statusLabel.text = "Export cancelled; the existing files were kept."
@@ -704,13 +708,16 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def _ensureTorch(self) -> None:
         if _module_available("torch"):
-            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
-                import importlib.metadata
+            import importlib.metadata
 
+            try:
+                version = importlib.metadata.version("torch")
+            except importlib.metadata.PackageNotFoundError:  # a build without package metadata: cannot tell
+                return
+            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
                 raise AttentionUNetSegmentError(
-                    f"PyTorch {importlib.metadata.version('torch')} is too old: the segmentation needs torch"
-                    f"{TORCH_REQUIREMENT}. Update it in the PyTorch Utils module (uninstall, then install), restart "
-                    "3D Slicer, then click Apply again.")
+                    f"PyTorch {version} is too old: the segmentation needs torch{TORCH_REQUIREMENT}. Update it in "
+                    "the PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply again.")
             return
         try:
             import PyTorchUtils
@@ -738,7 +745,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         options = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
         try:
             done = subprocess.run([self.pythonExecutable(), "-m", "AttentionUNetSegmentLib", "devices", "--json"],
-                                  capture_output=True, text=True, env=self.engineEnvironment(), timeout=120,
+                                  capture_output=True, text=True, env=self.engineEnvironment(), timeout=60,
                                   **options)
             info = json.loads(done.stdout.strip().splitlines()[-1])
             gpus = info["gpus"]

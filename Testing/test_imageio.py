@@ -220,7 +220,7 @@ def test_image_stem(name, stem):
 @pytest.mark.parametrize("version", [1, 2])
 def test_a_truncated_nifti_is_caught(tmp_path, extension, version):
     """ITK's NIfTI writer leaves a short file without an error when the disk fills up; the check catches it (NIfTI-1
-    as ITK writes it, and NIfTI-2, which ITK writes for axes above 32767 voxels)."""
+    as ITK writes it; NIfTI-2, as other writers make it, is read too)."""
     from AttentionUNetSegmentLib.imageio import check_written_image
 
     data = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32)

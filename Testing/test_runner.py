@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import textwrap
 import time
@@ -119,6 +121,29 @@ def test_cancel_stops_the_engine_behind_a_launcher(tmp_path):
     result, seconds = _cancel_during_inference(launcher)
     assert seconds < 5 and result.cancelled
     assert not _alive(int(pid_file.read_text()))
+
+
+@pytest.mark.skipif(not hasattr(os, "setsid"), reason="POSIX sessions")
+def test_cancel_does_not_wait_for_a_grandchild_that_escaped_the_process_group(tmp_path, monkeypatch):
+    """A grandchild in its own session survives the group signal and keeps the output pipes open: the run must
+    still end once the engine itself has gone (after the grace period), not hang the GUI."""
+    import AttentionUNetSegmentLib.runner as runner
+
+    monkeypatch.setattr(runner, "CANCEL_GRACE_SECONDS", 0.5)
+    pid_file = tmp_path / "grandchild.pid"
+    command = _script(tmp_path, f"""
+        import os, subprocess
+        child = subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(60)"])
+        open({str(pid_file)!r}, "w").write(str(child.pid))
+        print(json.dumps({{"stage": "inference", "fraction": 0.1, "message": "busy"}}), flush=True)
+        time.sleep(60)
+    """)
+    try:
+        result, seconds = _cancel_during_inference(command)
+        assert result.cancelled and seconds < 5
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ from AttentionUNetSegmentLib.datasets import CaseCache, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError
 from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
 from AttentionUNetSegmentLib.inference import Predictor
-from AttentionUNetSegmentLib.training import TrainingConfig, to_channel_labels, train
+from AttentionUNetSegmentLib.training import TrainingConfig, epoch_label, to_channel_labels, train
 
 SHAPE = (20, 24, 20)  # (z, y, x)
 
@@ -253,7 +253,10 @@ def test_unusable_options_are_refused_before_anything_is_written(boxes, tmp_path
 def test_what_the_bundle_export_would_refuse_is_refused_before_training(boxes, tmp_path, capsys, output, options,
                                                                           expected):
     message = _train_fails(capsys, boxes, tmp_path / output, *options)
-    assert expected in message
-    work = tmp_path / f"{output}.work"
-    assert not (tmp_path / output).exists()
-    assert not (work / "cache").exists() and not (work / "checkpoints").exists()
+    assert expected in message and "model.json" not in message
+    assert not (tmp_path / output).exists() and not (tmp_path / f"{output}.work").exists()
+
+
+@pytest.mark.parametrize("step, label", [(1, 0.01), (5251, 21.01), (5499, 21.99), (5500, 22), (5360, 21.44)])
+def test_epoch_labels_of_time_budget_cuts_stay_between_whole_epochs(step, label):
+    assert epoch_label(step, 250) == label

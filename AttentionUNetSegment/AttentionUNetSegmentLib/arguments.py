@@ -1,10 +1,10 @@
-"""Command-line value parsers shared by ``segment``, ``train`` and ``evaluate``: a bad value is refused by
-argparse (exit status 2, one line naming the option) before any work starts."""
+"""Command-line value parsers shared by the commands (``positive_int``: ``segment``, ``summary``, ``gradcheck``;
+``label_name``/``label_names``: ``train``, ``evaluate``): a bad value is refused by argparse (exit status 2, one line
+naming the option) before any work starts."""
 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Dict, Optional, Sequence
 
 from .bundle import MAX_LABEL_VALUE
@@ -18,16 +18,6 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 

@@ -74,7 +74,7 @@ class LabelInfo:
 
 
 def _fail(directory: Path, problem: str, fix: str) -> ModelBundleError:
-    return ModelBundleError(f"model bundle {directory}: {problem}; {fix}")
+    return ModelBundleError(f"model bundle {directory}: {problem}; {fix}", problem=problem)
 
 
 def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:

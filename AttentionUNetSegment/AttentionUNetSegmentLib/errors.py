@@ -14,7 +14,12 @@ class InputImageError(AttentionUNetError):
 
 
 class ModelBundleError(AttentionUNetError):
-    """A model bundle is missing, corrupt, tampered with or incompatible with this engine."""
+    """A model bundle is missing, corrupt, tampered with or incompatible with this engine. ``problem`` is what is
+    wrong without the advice on fixing the bundle (for callers that give their own advice)."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
 
 
 class OutputExistsError(AttentionUNetError):

@@ -129,8 +129,8 @@ def find_prediction(directory: Path, name: str) -> Path:
             candidate = directory / f"{stem}{extension}"
             if candidate.is_file():
                 return candidate
-    raise DatasetError(f"case {name}: no prediction {name}_seg.nii.gz (or {name}.nii.gz, .nrrd, ...) in {directory}; "
-                       "segment it first or remove it from the evaluation")
+    raise DatasetError(f"case {name}: no prediction {name}_seg.nii.gz (or {name}.nii.gz, {name}_0000_seg.nii.gz, "
+                       f".nrrd, ...) in {directory}; segment it first or remove it from the evaluation")
 
 
 def reference_cases(reference: Path, images: Optional[Path] = None,
@@ -259,8 +259,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="image folder (when the reference is a plain label folder and --model is "
                         "used; file names as the labels)")
     parser.add_argument("--label-names", nargs="+", type=label_name, metavar="VALUE=NAME",
-                        help="label names, e.g. 1=Liver 2=Tumour (needed for a .csv pairs file without --model; "
-                        "with --model the model's names are used)")
+                        help="label names, e.g. 1=Liver 2=Tumour (needed for a .csv pairs file without --model); "
+                        "they override the dataset's and the model's names")
     parser.add_argument("--cases", nargs="+", help="evaluate only these cases")
     parser.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
                         "validation_cases)")

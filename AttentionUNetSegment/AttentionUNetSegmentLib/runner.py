@@ -277,16 +277,23 @@ class EngineProcess:
             self._process.wait(timeout=CANCEL_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             self._signal(getattr(signal, "SIGKILL", signal.SIGTERM))
-            self._process.wait()
+            try:
+                self._process.wait(timeout=CANCEL_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass  # poll() gives up on it after the grace period; the GUI must not hang here
 
     def _signal(self, signum: int) -> None:
         assert self._process is not None
         try:
             if sys.platform == "win32":
                 # The process is Slicer's launcher (PythonSlicer): kill() alone would leave the Python it started
-                # running, holding the output pipes. taskkill /T ends the whole tree.
-                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
-                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), timeout=30)
+                # running, holding the output pipes. taskkill /T ends the whole tree; kill() makes sure of the
+                # launcher should taskkill fail.
+                try:
+                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
+                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), timeout=10)
+                finally:
+                    self._process.kill()
             else:
                 os.killpg(self._process.pid, signum)
         except (ProcessLookupError, PermissionError, OSError, subprocess.TimeoutExpired):

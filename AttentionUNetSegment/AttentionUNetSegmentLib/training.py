@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -305,7 +306,7 @@ def check_config(config: TrainingConfig) -> None:
     for field_name, option in _POSITIVE_OPTIONS.items():
         value = getattr(config, field_name)
         values = value if isinstance(value, (tuple, list)) else [value]
-        if value is not None and not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+        if value is not None and not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
                                          for v in values):
             raise AttentionUNetError(f"{option} must be positive, got {value}")
     if isinstance(config.validation, float) and config.validation >= 1:
@@ -317,6 +318,16 @@ def check_config(config: TrainingConfig) -> None:
             raise AttentionUNetError(f"{option} must be zero or positive, got {getattr(config, field_name)}")
     if not 0.0 <= config.foreground_fraction <= 1.0:
         raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
+
+
+def epoch_label(step: int, iterations_per_epoch: int) -> Union[int, float]:
+    """The epoch a log row stands for: whole after a whole epoch; after a time-budget cut, the fraction reached,
+    kept strictly between the whole numbers (21.01 .. 21.99), so the resumed run's row for the completed epoch is
+    never mistaken for a duplicate."""
+    whole, rest = divmod(step, iterations_per_epoch)
+    if rest == 0:
+        return whole
+    return round(whole + min(max(math.floor(100 * rest / iterations_per_epoch) / 100, 0.01), 0.99), 2)
 
 
 class Trainer:
@@ -357,6 +368,7 @@ class Trainer:
                 saved = json.loads(plan_path.read_text(encoding="utf-8"))
                 plan, train_names, val_names = (TrainingPlan.from_dict(saved["plan"]), saved["training_cases"],
                                                 saved["validation_cases"])
+                self._check_exportable(plan, dataset.labels)
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
                 self._log(f"checking {len(dataset.cases)} cases of {dataset.source} ...")
@@ -367,6 +379,7 @@ class Trainer:
                     raise DatasetError(f"cannot plan training on {dataset.source}: {error}") from error
                 training, validation = split_cases(dataset.cases, config.validation, config.seed)
                 train_names, val_names = [c.name for c in training], [c.name for c in validation]
+                self._check_exportable(plan, dataset.labels)
                 self.work_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
                                                                            dataset.labels.items()},
@@ -376,7 +389,6 @@ class Trainer:
                       f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
                       f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
                       "validation cases")
-            self._check_exportable(plan, dataset.labels)
             cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
             cache.load_all(dataset.cases)
             prepared = (plan.to_dict(), train_names, val_names)
@@ -498,10 +510,7 @@ class Trainer:
             scores = [d for d in dice.values() if d is not None]
             mean_dice = float(np.mean(scores)) if scores else 0.0
             last_dice = mean_dice
-            # An epoch cut by the time budget is logged as a fraction (e.g. 21.81), so the resumed run's row for
-            # the completed epoch (22) does not look like a duplicate.
-            epoch = step // config.iterations_per_epoch if step % config.iterations_per_epoch == 0 \
-                else round(step / config.iterations_per_epoch, 2)
+            epoch = epoch_label(step, config.iterations_per_epoch)
             train_loss = self._mean_loss(epoch_losses)
             epoch_losses = []
             if self.distributed.is_main:
@@ -591,12 +600,14 @@ class Trainer:
         try:
             model = AttentionUNet(in_channels=1, out_channels=len(label_names) + 1, channels=plan.channels)
         except ValueError as error:
-            raise AttentionUNetError(f"--channels {' '.join(map(str, plan.channels))}: {error}") from None
+            source = "--channels" if self.config.channels is not None else "the planned channels"
+            raise AttentionUNetError(f"{source} {' '.join(map(str, plan.channels))}: {error}") from None
         try:
             complete_metadata(self._bundle_metadata(plan, label_names), model.config(), self.output)
         except ModelBundleError as error:
-            raise AttentionUNetError(f"the trained model could not be saved: {error}. Fix it before training "
-                                     "(--name, --model-version, --label-names or the dataset's labels)") from None
+            raise AttentionUNetError(f"the model bundle this training would write is invalid: {error.problem}. "
+                                     "Fix it before training with --name, --model-version or --label-names (or "
+                                     "the dataset's label names)") from None
 
     def _export(self, plan: TrainingPlan, label_names: Dict[int, str], best_path: Path, log: TrainingLog,
                 total_time: float, stopped_early: bool, n_train: int, n_val: int) -> Path:
