@@ -129,14 +129,21 @@ def test_evaluate_cli_on_prediction_folder(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_evaluate_refuses_prediction_on_another_grid(tmp_path):
+def _one_cube_case(tmp_path: Path, name: str, prediction_spacing=(1.0, 1.0, 1.0)):
+    """``ref/<name>.nii.gz`` and ``pred/<name>_seg.nii.gz``: the same 3-voxel cube, the prediction at
+    ``prediction_spacing``; returns the two folders."""
     references, predictions = tmp_path / "ref", tmp_path / "pred"
     references.mkdir()
     predictions.mkdir()
     reference = np.zeros((8, 8, 8), np.uint8)
     reference[2:5, 2:5, 2:5] = 1
-    _write(reference, references / "case7.nii.gz")
-    _write(reference, predictions / "case7_seg.nii.gz", spacing=(1.0, 1.0, 2.0))
+    _write(reference, references / f"{name}.nii.gz")
+    _write(reference, predictions / f"{name}_seg.nii.gz", spacing=prediction_spacing)
+    return references, predictions
+
+
+def test_evaluate_refuses_prediction_on_another_grid(tmp_path):
+    references, predictions = _one_cube_case(tmp_path, "case7", prediction_spacing=(1.0, 1.0, 2.0))
     run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions),
                           "-o", str(tmp_path / "scores")], capture_output=True, text=True)
     assert run.returncode == 2
@@ -167,13 +174,7 @@ def test_evaluate_runs_a_model(tmp_path, tiny_bundle):
 
 @pytest.mark.parametrize("content", ["{not json", '{"training_cases": ["a"]}', "[1, 2]"])
 def test_evaluate_refuses_a_malformed_case_list_in_one_line(tmp_path, content):
-    references, predictions = tmp_path / "ref", tmp_path / "pred"
-    references.mkdir()
-    predictions.mkdir()
-    reference = np.zeros((8, 8, 8), np.uint8)
-    reference[2:5, 2:5, 2:5] = 1
-    _write(reference, references / "a.nii.gz")
-    _write(reference, predictions / "a_seg.nii.gz")
+    references, predictions = _one_cube_case(tmp_path, "a")
     cases = tmp_path / "cases.json"
     cases.write_text(content)
     run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions), "--cases-file",

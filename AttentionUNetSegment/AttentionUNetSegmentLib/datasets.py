@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from .bundle import MAX_LABEL_VALUE
 from .errors import DatasetError, InputImageError
-from .imageio import READ_EXTENSIONS, image_stem, read_image
+from .imageio import READ_EXTENSIONS, image_stem, itk_error_reason, read_image
 from .planning import CaseFingerprint, DatasetFingerprint
 from .preprocessing import PreprocessingSpec, preprocess, reorient, resample_to_reference
 
@@ -215,7 +215,7 @@ def _read_case(case: CaseRecord) -> Tuple[sitk.Image, sitk.Image]:
         label = sitk.ReadImage(str(case.label))
     except RuntimeError as error:
         raise DatasetError(f"case {case.name}: label file {case.label} is unreadable "
-                           f"({str(error).strip().splitlines()[-1]}); re-export it as NIfTI or NRRD") from None
+                           f"({itk_error_reason(error)}); re-export it as NIfTI or NRRD") from None
     return image, label
 
 

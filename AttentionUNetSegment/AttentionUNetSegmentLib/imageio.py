@@ -92,11 +92,17 @@ def _check_nifti_finite(path: Path) -> None:
         raise InputImageError(f"{path} has {bad} NaN/Inf voxels; replace them (e.g. with 0) before segmenting")
 
 
+def itk_error_reason(error: Exception) -> str:
+    """The last line of an ITK exception (the reason; the lines before are ITK's source locations)."""
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
 def _read_with_nibabel(path: Path, sitk_error: Exception) -> sitk.Image:
     """NIfTI fallback: nibabel's RAS affine -> ITK LPS origin/spacing/direction (nearest orthonormal frame)."""
     import nibabel as nib
 
-    reason = str(sitk_error).strip().splitlines()[-1] if str(sitk_error).strip() else type(sitk_error).__name__
+    reason = itk_error_reason(sitk_error)
     try:
         nifti = nib.load(str(path))
         data = np.asanyarray(nifti.dataobj)
@@ -243,8 +249,7 @@ def write_partial(image: sitk.Image, partial: Path, path: Path) -> None:
     try:
         sitk.WriteImage(image, str(partial), useCompression=image_extension(path) != ".nii")
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise OSError(f"cannot write {path} ({reason})") from None
+        raise OSError(f"cannot write {path} ({itk_error_reason(error)})") from None
     check_written_image(partial, path)
 
 

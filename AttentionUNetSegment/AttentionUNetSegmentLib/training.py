@@ -716,7 +716,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         label_names=parse_label_names(args.label_names), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
-        validation=int(args.validation) if args.validation >= 1 and args.validation.is_integer() else args.validation,
+        validation=(int(args.validation) if args.validation >= 1 and args.validation.is_integer()
+                    else args.validation),
         seed=args.seed,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
