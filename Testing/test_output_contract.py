@@ -97,13 +97,13 @@ def _raw(path: Path, size: int = 16 * 20 * 24) -> None:
     (np.random.default_rng(0).normal(100, 10, size)).astype(np.float32).tofile(path)
 
 
-@pytest.mark.parametrize("header", ["mhd", "mhd-list", "nhdr"])
+@pytest.mark.parametrize("header", ["mhd", "mhd-list", "nhdr", "nrrd"])
 def test_an_output_over_the_data_file_an_input_header_names_is_refused(tiny_bundle, tmp_path, capsys, header):
     """A MetaImage or detached NRRD header reads another file; an output may not be that file either."""
     data = tmp_path / "scan_report.json"  # the name <stem>_report.json of the header's own report
     _raw(data)
-    if header == "nhdr":
-        path = tmp_path / "scan.nhdr"
+    if header in ("nhdr", "nrrd"):  # a .nrrd may name a detached data file too
+        path = tmp_path / f"scan.{header}"
         path.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 24 20 16\nencoding: raw\nendian: little\n"
                         f"data file: {data.name}\n")
     else:
@@ -139,6 +139,15 @@ def test_the_roi_file_and_the_python_api_are_protected_too(tiny_bundle, tmp_path
     with pytest.raises(AttentionUNetError, match="would overwrite"):
         cli.segment_files([str(case), str(manual)], tmp_path, tiny_bundle, device="cpu", force=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["case.nii.gz", "case_report.json", "case_seg.nii.gz"]
+
+
+def test_inputs_whose_stems_differ_only_in_case_are_refused(tiny_bundle, tmp_path, capsys):
+    """On a case-insensitive disk (macOS, Windows) Case_seg.nii.gz and case_seg.nii.gz are one file."""
+    (tmp_path / "a").mkdir()
+    inputs = [str(_volume(tmp_path / "case.nii.gz")), str(_volume(tmp_path / "a" / "Case.nrrd"))]
+    status, err = _in_process(capsys, "segment", *inputs, "--output-dir", str(tmp_path / "out"), "--model",
+                              str(tiny_bundle.path), "--device", "cpu")
+    assert status == 2 and "ignoring case" in _one_error_line(err) and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------- output names checked up front

@@ -146,10 +146,12 @@ def _input_stems(inputs: Sequence[str]) -> List[str]:
     from .imageio import image_stem
 
     stems = [image_stem(path) for path in inputs]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
+    repeated = sorted({stem for stem, key in zip(stems, folded) if folded.count(key) > 1})
     if repeated:
-        raise InputImageError(f"several inputs share the file name stem {repeated[0]!r}, so their outputs would "
-                              "collide; rename them or segment them into different --output-dir folders")
+        raise InputImageError(f"several inputs share the file name stem {repeated[0]!r} (ignoring case), so their "
+                              "outputs would collide; rename them or segment them into different --output-dir "
+                              "folders")
     return stems
 
 

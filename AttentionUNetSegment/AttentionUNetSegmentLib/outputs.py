@@ -95,21 +95,23 @@ class OutputPaths:
 
 
 def files_read_for(path: PathLike) -> List[Path]:
-    """``path`` and, for a MetaImage (``.mhd``/``.mha``) or detached NRRD (``.nhdr``) header, the data files its
-    ``ElementDataFile`` / ``data file`` field names (relative to the header's folder; ``LIST`` and
-    ``pattern min max step`` forms expanded): every file reading that input opens."""
+    """``path`` and, for a MetaImage (``.mhd``/``.mha``) or NRRD (``.nhdr``, or a ``.nrrd`` with a detached
+    data file) header, the data files its ``ElementDataFile`` / ``data file`` field names (relative to the header's
+    folder; ``LIST`` and ``pattern min max step`` forms expanded): every file reading that input opens."""
     path = Path(path)
     extension = image_extension(path)
-    if extension not in (".mhd", ".mha", ".nhdr"):
+    if extension not in (".mhd", ".mha", ".nhdr", ".nrrd"):
         return [path]
     try:
         with open(path, "rb") as stream:
             lines = stream.read(1 << 20).decode("latin-1").splitlines()
     except OSError:
         return [path]
-    separator = ":" if extension == ".nhdr" else "="
+    nrrd = extension in (".nhdr", ".nrrd")
     for index, line in enumerate(lines):
-        key, found, value = line.partition(separator)
+        if nrrd and not line:
+            break  # the header ends at the first empty line; attached data follows
+        key, found, value = line.partition(":" if nrrd else "=")
         if not found or key.strip().lower().replace(" ", "") not in ("elementdatafile", "datafile"):
             continue
         words = value.split()
