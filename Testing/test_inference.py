@@ -133,7 +133,8 @@ def test_mirror_axes_are_the_canonical_itk_axes_mapped_to_zyx_tensor_dims():
     tensor = torch.from_numpy(sitk.GetArrayFromImage(ramp))[None, None]
     np.testing.assert_array_equal(flipped_x, tensor.flip(mirror_sets(("x",))[1])[0, 0].numpy())
     # ... and training's "x" flip (augmentation on the same z, y, x arrays) is that same flip.
-    from AttentionUNetSegmentLib.augmentation import AugmentationConfig, extract_patch, random_spatial_matrix, sampling_grid
+    from AttentionUNetSegmentLib.augmentation import (AugmentationConfig, extract_patch, random_spatial_matrix,
+                                                      sampling_grid)
 
     config = AugmentationConfig(rotation_probability=0.0, scale_probability=0.0, flip_axes=("x",),
                                 flip_probability=1.0)

@@ -87,8 +87,8 @@ def test_an_output_that_resolves_to_a_file_of_the_run_is_refused(tiny_bundle, tm
     case = _volume(tmp_path / "case.nii.gz")
     more_inputs = [str(path) for path in link(tmp_path, case) or []]
     before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    status, err = _in_process(capsys, "segment", str(case), *more_inputs, "--output-dir", str(tmp_path / "out"), "--force",
-                              "--model", str(tiny_bundle.path), "--device", "cpu")
+    status, err = _in_process(capsys, "segment", str(case), *more_inputs, "--output-dir", str(tmp_path / "out"),
+                              "--force", "--model", str(tiny_bundle.path), "--device", "cpu")
     assert status == 2 and "would overwrite" in _one_error_line(err)
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
@@ -108,13 +108,11 @@ def test_an_output_over_the_data_file_an_input_header_names_is_refused(tiny_bund
                         f"data file: {data.name}\n")
     else:
         path = tmp_path / "scan.mhd"
-        element = f"LIST\n{data.name}" if header == "mhd-list" else data.name
-        # LIST reads one 2D slice per file, so give it 16 slices of which the report name is one.
-        if header == "mhd-list":
+        element = data.name
+        if header == "mhd-list":  # one 2D slice per listed file; the report's name is one of the 16
             names = [data.name] + [f"slice{k}.raw" for k in range(1, 16)]
-            for name in names[1:]:
+            for name in names:
                 _raw(tmp_path / name, 24 * 20)
-            _raw(data, 24 * 20)
             element = "LIST 2D\n" + "\n".join(names)
         path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 24 20 16\nElementType = MET_FLOAT\n"
                         f"ElementDataFile = {element}\n")
@@ -122,7 +120,7 @@ def test_an_output_over_the_data_file_an_input_header_names_is_refused(tiny_bund
     before = data.read_bytes()
     status, err = _in_process(capsys, "segment", str(path), "--output-dir", str(tmp_path), "--force", "--model",
                               str(tiny_bundle.path), "--device", "cpu")
-    assert status == 2 and "data file" in _one_error_line(err)
+    assert status == 2 and "would overwrite the data file" in _one_error_line(err)
     assert data.read_bytes() == before and not list(tmp_path.glob("scan_seg*"))
 
 

@@ -238,7 +238,8 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
-            force=args.force if force is None else force, progress=reporter, also_reads=_roi_files(getattr(args, "roi", None)))
+            force=args.force if force is None else force, progress=reporter,
+            also_reads=_roi_files(getattr(args, "roi", None)))
     finally:
         reporter.close()
     if kind == "json":
