@@ -126,8 +126,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser)
     parser.add_argument("--overlap", type=_overlap, default=None,
                         help="sliding-window overlap as a fraction of the patch (default: the model's, usually 0.5)")
-    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation along the axes the model was trained to be mirrored along "
-                             "(inference.mirror_axes; 2x slower per axis)")
+    parser.add_argument("--tta", action="store_true",
+                        help="mirror test-time augmentation along the axes the model was trained to be mirrored "
+                             "along (inference.mirror_axes; 2x slower per axis)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
@@ -193,7 +194,8 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
-                  "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size, "precision": precision, "roi": list(roi) if roi is not None else None,
+                  "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
+                  "precision": precision, "roi": list(roi) if roi is not None else None,
                   "attention": attention, "probabilities": probabilities, "largest_component": largest_component,
                   "format": fmt}
     written: Dict[str, OutputPaths] = {}
