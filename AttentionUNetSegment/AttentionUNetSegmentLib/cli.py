@@ -170,7 +170,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
     fails fast with nothing written.
     """
-    from .imageio import read_image
+    from .imageio import read_image, remove_stale_temporaries
 
     progress = progress or (lambda *_: None)
     stems = _input_stems(inputs)
@@ -189,6 +189,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
              for stem in stems]
     for plan in plans:
         plan.check_writable(force, [*inputs, *also_reads])
+    remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
 
     from .inference import Predictor
 
