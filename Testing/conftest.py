@@ -38,7 +38,8 @@ TINY_LABELS = (
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """A random-weight bundle (channels (4, 8, 16), 3 classes, patch (32, 32, 32) xyz, 1 mm RAS, z-score),
+    """A random-weight bundle (channels (4, 8, 16), 3 classes, patch (32, 32, 32) xyz, 1 mm RAS, z-score, TTA
+    mirror axes x),
     saved with ``save_bundle``: fast enough for any test that needs a real model. Returns the ``ModelBundle``;
     its directory is ``tiny_bundle.path``."""
     import torch
@@ -57,5 +58,6 @@ def tiny_bundle(tmp_path_factory):
                        "normalization": {"scheme": "zscore"}},
         description="random weights for tests",
         license="Apache-2.0",
+        mirror_axes=("x",),
     )
     return save_bundle(model, metadata, tmp_path_factory.mktemp("models") / "tiny")

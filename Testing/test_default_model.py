@@ -63,3 +63,31 @@ def test_reaches_reported_dice_on_held_out_cases(bundle, predictor, hippocampus_
     for name, values in scores.items():
         # A handful of cases scatter around the 40-case mean; 0.05 leaves room for that, not for a broken model.
         assert np.mean(values) > held_out["dice"][name] - 0.05, (name, values, held_out["dice"][name])
+
+
+def test_tta_mirrors_only_along_the_axes_training_flipped(bundle):
+    plan = bundle.metadata["metrics"]["training"]["plan"]
+    assert bundle.mirror_axes == tuple(plan["flip_axes"]) == ("x",)  # never y: it swaps anterior and posterior
+
+
+def test_tta_keeps_the_sample_volumes(bundle, predictor):
+    image = read_image(SAMPLE)
+    plain = sitk.GetArrayFromImage(predictor.predict(image, attention=False).labels)
+    mirrored = sitk.GetArrayFromImage(Predictor(bundle, device="cpu", tta=True).predict(image, attention=False).labels)
+    for value in (1, 2):
+        # Averaging over all eight flips shrank them to 0.75 and 0.20 of 2.20 and 1.91 mL.
+        assert (mirrored == value).sum() == pytest.approx((plain == value).sum(), rel=0.1), value
+        assert dice_score(mirrored == value, plain == value) > 0.9
+
+
+@pytest.mark.shared_data
+def test_tta_does_not_lower_dice_on_held_out_cases(bundle, predictor, hippocampus_dir):
+    mirrored_predictor = Predictor(bundle, device="cpu", tta=True)
+    plain, mirrored = [], []
+    for case in bundle.metadata["metrics"]["held_out"]["cases"][:CASES_CHECKED]:
+        image = read_image(hippocampus_dir / "imagesTr" / f"{case}.nii.gz")
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(hippocampus_dir / "labelsTr" / f"{case}.nii.gz")))
+        for scores, run in ((plain, predictor), (mirrored, mirrored_predictor)):
+            labels = sitk.GetArrayFromImage(run.predict(image, attention=False).labels)
+            scores.append(np.mean([dice_score(labels == value, reference == value) for value in (1, 2)]))
+    assert np.mean(mirrored) >= np.mean(plain) - 0.005, (plain, mirrored)

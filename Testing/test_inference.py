@@ -19,6 +19,7 @@ from AttentionUNetSegmentLib.inference import (
     autocast_dtype,
     gaussian_importance_map,
     label_dtype,
+    mirror_sets,
     resolve_device,
     sliding_window_inference,
     window_starts,
@@ -107,16 +108,53 @@ def test_one_window_equals_a_single_forward_pass(model):
     assert logits.attention == []
 
 
-def test_mirror_tta_averages_the_eight_flipped_predictions(model):
+def test_mirror_tta_averages_the_flipped_predictions_of_the_given_axes(model):
     x = torch.randn(1, 1, 16, 16, 16)
-    result = sliding_window_inference(x, model, (16, 16, 16), mirror=True)
-    flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
-    with torch.no_grad():
-        outputs = [model.forward_with_aux(x.flip(dims)) for dims in flips]
-    expected = torch.stack([torch.softmax(o.logits, 1).flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
-    torch.testing.assert_close(result.scores, expected[0], atol=1e-5, rtol=1e-5)
-    expected_alpha = torch.stack([o.attention[1].flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
-    torch.testing.assert_close(result.attention[1], expected_alpha[0, 0], atol=1e-5, rtol=1e-5)
+    for axes, flips in ((("x", "y", "z"), [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]),
+                        (("x",), [(), (4,)])):
+        result = sliding_window_inference(x, model, (16, 16, 16), mirror_axes=axes)
+        with torch.no_grad():
+            outputs = [model.forward_with_aux(x.flip(dims) if dims else x) for dims in flips]
+        expected = torch.stack([torch.softmax(o.logits, 1).flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
+        torch.testing.assert_close(result.scores, expected[0], atol=1e-5, rtol=1e-5)
+        expected_alpha = torch.stack([o.attention[1].flip(dims) for o, dims in zip(outputs, flips)]).mean(0)
+        torch.testing.assert_close(result.attention[1], expected_alpha[0, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_mirror_axes_are_the_canonical_itk_axes_mapped_to_zyx_tensor_dims():
+    assert mirror_sets(()) == [()]
+    assert mirror_sets(("x",)) == [(), (4,)]
+    assert mirror_sets(("z",)) == [(), (2,)]
+    assert mirror_sets(("x", "y")) == [(), (3,), (4,), (3, 4)]
+    # ITK's x index axis is the last array axis (GetArrayFromImage is z, y, x), so a flip of the image along ITK x
+    # is a flip of tensor dim 4 ...
+    ramp = sitk.GetImageFromArray(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6))
+    flipped_x = sitk.GetArrayFromImage(sitk.Flip(ramp, (True, False, False)))
+    tensor = torch.from_numpy(sitk.GetArrayFromImage(ramp))[None, None]
+    np.testing.assert_array_equal(flipped_x, tensor.flip(mirror_sets(("x",))[1])[0, 0].numpy())
+    # ... and training's "x" flip (augmentation on the same z, y, x arrays) is that same flip.
+    from AttentionUNetSegmentLib.augmentation import (AugmentationConfig, extract_patch, random_spatial_matrix,
+                                                      sampling_grid)
+
+    config = AugmentationConfig(rotation_probability=0.0, scale_probability=0.0, flip_axes=("x",),
+                                flip_probability=1.0)
+    matrix = random_spatial_matrix(config, np.random.default_rng(0))
+    grid = sampling_grid((4, 5, 6), np.array([1.5, 2.0, 2.5]), (4, 5, 6), matrix)
+    patch, _ = extract_patch(tensor, torch.zeros_like(tensor), grid)
+    np.testing.assert_allclose(patch[0].numpy(), flipped_x, atol=1e-4)
+
+
+def test_tta_is_refused_for_a_bundle_that_does_not_record_safe_mirror_axes(tiny_bundle, tmp_path):
+    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
+
+    for axes, match in ((None, "does not record which axes"), ((), "trained without mirroring")):
+        metadata = create_metadata("old", [label.to_dict() for label in tiny_bundle.labels], tiny_bundle.patch_size,
+                                   tiny_bundle.metadata["preprocessing"], mirror_axes=axes)
+        bundle = save_bundle(tiny_bundle.build_model(), metadata, tmp_path / f"old-{axes}")
+        assert bundle.mirror_axes == axes
+        with pytest.raises(AttentionUNetError, match=match):
+            Predictor(bundle, device="cpu", tta=True)
+        assert Predictor(bundle, device="cpu").mirror_axes == ()  # without TTA nothing changes
 
 
 def test_many_windows_blend_into_probabilities_and_batching_does_not_change_them(model):

@@ -112,6 +112,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_bundle(boxes, tmp_path)
     plan = json.loads((tmp_path / "work" / "plan.json").read_text())
     assert len(plan["validation_cases"]) == 2 and not set(plan["validation_cases"]) & set(plan["training_cases"])
     assert plan["plan"]["flip_axes"] == ["x", "y", "z"]
+    assert bundle.mirror_axes == ("x", "y", "z")  # what TTA may flip is what training flipped
 
 
 def test_resume_continues_identically(boxes, tmp_path):

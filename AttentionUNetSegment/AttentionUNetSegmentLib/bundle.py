@@ -49,6 +49,8 @@ _REQUIRED_KEYS = ("format", "format_version", "name", "version", "architecture",
                   "inference", "weights")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: Axes ``inference.mirror_axes`` may name: the canonical orientation's ITK axes (``x`` = last array axis).
+MIRROR_AXES = ("x", "y", "z")
 #: Largest label value: label maps are 16-bit signed (int16), which is also what 3D Slicer exports them as.
 MAX_LABEL_VALUE = 32767
 
@@ -163,6 +165,11 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     overlap = metadata["inference"].get("overlap", 0.5)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
         raise _fail(directory, f"inference.overlap must be a number in [0, 1), got {overlap!r}", "use e.g. 0.5")
+    mirror = metadata["inference"].get("mirror_axes", [])
+    if (not isinstance(mirror, list) or not all(axis in MIRROR_AXES for axis in mirror)
+            or len(set(mirror)) != len(mirror)):
+        raise _fail(directory, f"inference.mirror_axes must list distinct axes among {list(MIRROR_AXES)}, got "
+                    f"{mirror!r}", "copy the flip axes the model was trained with (plan.json's flip_axes)")
     weights = metadata["weights"]
     file_name, digest = weights.get("file"), weights.get("sha256")
     if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
@@ -274,6 +281,13 @@ class ModelBundle:
         return float(self.metadata["inference"].get("overlap", 0.5))
 
     @property
+    def mirror_axes(self) -> Optional[Tuple[str, ...]]:
+        """Axes (``"x"``, ``"y"``, ``"z"`` of the canonical orientation) the model was trained to be mirrored
+        along, which are the only ones test-time augmentation may flip; ``None`` when the bundle does not say."""
+        axes = self.metadata["inference"].get("mirror_axes")
+        return None if axes is None else tuple(axes)
+
+    @property
     def sha256(self) -> str:
         return self.metadata["weights"]["sha256"]
 
@@ -380,6 +394,7 @@ def create_metadata(
     citation: str = "",
     training_data: str = "",
     metrics: Optional[Mapping[str, Any]] = None,
+    mirror_axes: Optional[Sequence[str]] = None,
 ) -> Dict[str, Any]:
     """Metadata for ``save_bundle`` (which adds ``architecture``, ``engine_version`` and ``weights``).
 
@@ -387,6 +402,8 @@ def create_metadata(
         labels: foreground segments in output-channel order (``LabelInfo`` or ``{value, name, color}`` dicts).
         patch_size: sliding-window patch in voxels, ITK ``(x, y, z)`` order.
         preprocessing: ``{"orientation", "target_spacing" (x, y, z mm), "normalization": {...}}``.
+        mirror_axes: the axes training mirrored along (the plan's ``flip_axes``); ``None`` leaves them unrecorded,
+            and such a bundle refuses test-time augmentation.
     """
     metadata: Dict[str, Any] = {
         "format": FORMAT,
@@ -401,6 +418,8 @@ def create_metadata(
         "preprocessing": json.loads(json.dumps(dict(preprocessing))),
         "inference": {"patch_size": [int(p) for p in patch_size], "overlap": float(overlap)},
     }
+    if mirror_axes is not None:
+        metadata["inference"]["mirror_axes"] = [str(axis) for axis in mirror_axes]
     if metrics is not None:
         metadata["metrics"] = json.loads(json.dumps(dict(metrics)))
     return metadata

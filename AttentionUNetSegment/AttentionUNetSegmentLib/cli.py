@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -70,6 +71,11 @@ def _ras_box_from_markups(path: Path) -> Tuple[float, ...]:
     return tuple(v for i in range(3) for v in (center[i] - half[i], center[i] + half[i]))
 
 
+def _roi_files(values: Optional[Sequence[str]]) -> List[str]:
+    """The ``--roi`` Markups file, if one was given (the run reads it, so no output may replace it)."""
+    return list(values) if values and len(values) == 1 else []
+
+
 def parse_roi(values: Optional[Sequence[str]]) -> Optional[Tuple[float, ...]]:
     """``--roi`` as ``(r_min, r_max, a_min, a_max, s_min, s_max)`` in RAS mm: six numbers, or one markups file."""
     if not values:
@@ -109,7 +115,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None,
                         help="bar (terminal, with ETA), json (one object per line on stdout), none "
                              "(default: bar on a terminal, else none)")
-    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite existing outputs of this tool (never an input or a file it reads)")
 
 
 def _configure_segment(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +126,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     _add_run_options(parser)
     parser.add_argument("--overlap", type=_overlap, default=None,
                         help="sliding-window overlap as a fraction of the patch (default: the model's, usually 0.5)")
-    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (8x slower, smoother)")
+    parser.add_argument("--tta", action="store_true",
+                        help="mirror test-time augmentation along the axes the model was trained to be mirrored "
+                             "along (inference.mirror_axes; 2x slower per axis)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                         help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
@@ -138,10 +147,12 @@ def _input_stems(inputs: Sequence[str]) -> List[str]:
     from .imageio import image_stem
 
     stems = [image_stem(path) for path in inputs]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
+    repeated = sorted({stem for stem, key in zip(stems, folded) if folded.count(key) > 1})
     if repeated:
-        raise InputImageError(f"several inputs share the file name stem {repeated[0]!r}, so their outputs would "
-                              "collide; rename them or segment them into different --output-dir folders")
+        raise InputImageError(f"several inputs share the file name stem {repeated[0]!r} (ignoring case), so their "
+                              "outputs would collide; rename them or segment them into different --output-dir "
+                              "folders")
     return stems
 
 
@@ -150,14 +161,16 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
-                  progress=None) -> Dict[str, OutputPaths]:
+                  progress=None, also_reads: Sequence[Union[str, Path]] = ()) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
-    inference, so a bad input or an existing output fails fast with nothing written.
+    inference, so a bad input, an existing output, a name the file system cannot hold, or an output that would
+    overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
+    fails fast with nothing written.
     """
-    from .imageio import read_image
+    from .imageio import read_image, remove_stale_temporaries
 
     progress = progress or (lambda *_: None)
     stems = _input_stems(inputs)
@@ -175,13 +188,15 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     plans = [plan_outputs(output_dir, stem, bundle.labels, fmt, num_gates if attention else 0, probabilities)
              for stem in stems]
     for plan in plans:
-        plan.check_writable(force)
+        plan.check_writable(force, [*inputs, *also_reads])
+    remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
 
     from .inference import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
-                  "tta": tta, "batch_size": batch_size, "precision": precision, "roi": list(roi) if roi is not None else None,
+                  "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
+                  "precision": precision, "roi": list(roi) if roi is not None else None,
                   "attention": attention, "probabilities": probabilities, "largest_component": largest_component,
                   "format": fmt}
     written: Dict[str, OutputPaths] = {}
@@ -211,20 +226,23 @@ def _volumes_line(stem: str, paths: OutputPaths) -> str:
     return f"{stem}: {volumes} -> {paths.segmentation.parent}"
 
 
-def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output_dir: Path) -> Dict[str, OutputPaths]:
-    """Shared by ``segment`` and ``demo``: progress reporting, model resolution, the run and the final record."""
+def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output_dir: Path,
+                         model: Optional[ModelBundle] = None, force: Optional[bool] = None) -> Dict[str, OutputPaths]:
+    """Shared by ``segment`` and ``demo``: progress reporting, model resolution, the run and the final record
+    (``model``/``force`` replace ``--model``/``--force`` when given)."""
     roi = parse_roi(getattr(args, "roi", None))
     kind = args.progress or default_progress_kind()
     reporter = make_progress(kind)
     try:
         written = segment_files(
-            inputs, output_dir, args.model, device=args.device, overlap=getattr(args, "overlap", None),
+            inputs, output_dir, model or args.model, device=args.device, overlap=getattr(args, "overlap", None),
             tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", None),
             precision=getattr(args, "precision", "auto"),
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
-            force=args.force, progress=reporter)
+            force=args.force if force is None else force, progress=reporter,
+            also_reads=_roi_files(getattr(args, "roi", None)))
     finally:
         reporter.close()
     if kind == "json":
@@ -350,17 +368,42 @@ def find_sample() -> Path:
     return samples[0]
 
 
+def _check_demo_folder(folder: Path, stem: str, force: bool) -> None:
+    """The demo refreshes its own folder: it may hold nothing but what a demo run writes (``<stem>_seg.nii.gz``,
+    ``_seg.seg.nrrd``, ``_attention_<k>.nii.gz``, ``_report.json``, ``_preview.png`` and this tool's temporary
+    folders), or anything with ``force`` (then only the demo's own files are replaced)."""
+    from .imageio import TEMP_DIR_PREFIX
+
+    if not folder.exists() or force:
+        return
+    if not folder.is_dir():
+        raise OutputExistsError(f"--output-dir {folder} is a file, not a folder; choose another --output-dir")
+    own = re.compile(re.escape(stem) + r"_(seg\.nii\.gz|seg\.seg\.nrrd|attention_[0-9]+\.nii\.gz|report\.json|"
+                     r"preview\.png)")
+    foreign = sorted(entry.name for entry in folder.iterdir()
+                     if not entry.name.startswith(TEMP_DIR_PREFIX)
+                     and not (own.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink()))
+    if foreign:
+        names = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise OutputExistsError(f"--output-dir {folder} holds files the demo did not write ({names}); the demo only "
+                                "refreshes its own folder: choose another (or an empty) --output-dir, or pass "
+                                "--force to replace just the demo's files there")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Segment the bundled sample into ``--output-dir`` and draw the preview; run again, it refreshes the
+    folder's demo files (``_check_demo_folder``)."""
     from .imageio import image_stem
     from .preview import require_matplotlib, write_preview
 
     require_matplotlib()
     sample = find_sample()
-    preview = args.output_dir / f"{image_stem(sample)}_preview.png"
-    if preview.exists() and not args.force:
-        raise OutputExistsError(f"{preview} already exists; choose another --output-dir or pass --force")
-    written = _run_segment_command(args, [str(sample)], args.output_dir)
-    write_preview(sample, written[image_stem(sample)], preview, force=args.force)
+    stem = image_stem(sample)
+    _check_demo_folder(args.output_dir, stem, args.force)
+    bundle = ModelRegistry().resolve(args.model)
+    written = _run_segment_command(args, [str(sample)], args.output_dir, model=bundle, force=True)
+    preview = args.output_dir / f"{stem}_preview.png"
+    write_preview(sample, written[stem], preview, force=True)
     if (args.progress or default_progress_kind()) != "json":
         print(f"preview: {preview}")
     return EXIT_OK
@@ -438,8 +481,53 @@ def _sigterm_cancels() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Messages of allocation failures in host memory (torch's CPU allocator on Linux/macOS and Windows, ITK, numpy).
+_HOST_MEMORY_ERRORS = ("DefaultCPUAllocator", "can't allocate memory", "not enough memory",
+                       "Failed to allocate memory", "Unable to allocate")
+
+
+def _memory_error_kind(error: BaseException) -> Optional[str]:
+    """``"host"`` (RAM), ``"gpu"`` or ``None`` (not an allocation failure) for an exception that ended a run."""
+    if isinstance(error, MemoryError):
+        return "host"
+    text = str(error)
+    if any(marker in text for marker in _HOST_MEMORY_ERRORS):
+        return "host"
+    if "out of memory" in text.lower():
+        return "gpu" if any(word in text.lower() for word in ("cuda", "gpu", "mps", "hip")) else "host"
+    return None
+
+
+def _out_of_memory_message(error: BaseException, kind: str, args: Optional[argparse.Namespace]) -> str:
+    """One line on what ran out and the advice that fits the command and device (never "use --device cpu" for
+    RAM: the CPU is what already ran out)."""
+    command = getattr(args, "command", None)
+    amount = re.search(r"allocate (\d+) bytes", str(error))
+    needed = f" (an allocation of {int(amount.group(1)) / 2**30:.2f} GiB failed)" if amount else ""
+    advice: List[str] = []
+    if command == "segment":
+        if (getattr(args, "batch_size", None) or 1) > 1:
+            advice.append("a smaller --batch-size")
+        advice.append("a --roi around the structure")
+        if getattr(args, "probabilities", False):
+            advice.append("no --probabilities")
+        if kind == "gpu":
+            advice.append("--device cpu")
+    elif command == "train":
+        advice.append("a smaller --batch-size or --patch-size")
+        if kind == "gpu":
+            advice.append("--amp bf16 or --gradient-checkpointing")
+    elif kind == "gpu":
+        advice.append("--device cpu")
+    if kind == "host":
+        advice.append("closing other programs")
+        return f"out of memory (RAM){needed}; try {', '.join(advice)}, or a machine with more memory"
+    return f"the GPU ran out of memory{needed}; try {', '.join(advice)}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 a check found problems, 2 an error the user can fix)."""
+    args: Optional[argparse.Namespace] = None
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser(argv).parse_args(argv)
@@ -455,13 +543,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {error}; check that the output folder is writable and has free space (no partial "
               "outputs were kept)", file=sys.stderr)
         return EXIT_USAGE
-    except MemoryError:
-        print("error: out of memory; use --device cpu, a smaller --batch-size, or a --roi around the structure",
-              file=sys.stderr)
-        return EXIT_USAGE
-    except RuntimeError as error:
-        if "out of memory" not in str(error).lower():
+    except (MemoryError, RuntimeError) as error:
+        kind = _memory_error_kind(error)
+        if kind is None:
             raise
-        print("error: the GPU ran out of memory; use a smaller --batch-size, --device cpu, or a --roi around the "
-              "structure", file=sys.stderr)
+        print(f"error: {_out_of_memory_message(error, kind, args)} (no partial outputs were kept)", file=sys.stderr)
         return EXIT_USAGE

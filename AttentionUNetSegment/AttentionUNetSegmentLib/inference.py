@@ -148,24 +148,29 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _mirror_sets(mirror: bool) -> List[Tuple[int, ...]]:
-    """Spatial dims of a ``(B, C, D, H, W)`` tensor to flip: all 8 combinations with TTA, else none."""
-    if not mirror:
-        return [()]
-    return [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
+#: Tensor dim of a ``(B, C, D, H, W)`` = ``(B, C, z, y, x)`` batch that mirroring along a bundle axis flips (the
+#: axes are the canonical orientation's ITK axes, as training's ``flip_axes``: ``x`` is the last array axis).
+MIRROR_DIMS = {"z": 2, "y": 3, "x": 4}
+
+
+def mirror_sets(axes: Sequence[str]) -> List[Tuple[int, ...]]:
+    """Tensor dims to flip for TTA along ``axes`` (``"x"``, ``"y"``, ``"z"``): every combination, the unflipped
+    copy first; ``[()]`` (no mirroring) when ``axes`` is empty."""
+    dims = sorted(MIRROR_DIMS[axis] for axis in axes)
+    return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
 def _predict_tiles(
     model: AttentionUNet,
     tiles: torch.Tensor,
-    mirror: bool,
+    mirror_axes: Sequence[str],
     attention: bool,
     softmax: bool,
     compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """``tiles (B, C_in, d, h, w)`` -> ``(scores (B, C_out, d, h, w), [alpha_k (B, 1, d_k, h_k, w_k)])`` in float32,
-    averaged over the mirrored copies when ``mirror``."""
-    flips = _mirror_sets(mirror)
+    averaged over the copies mirrored along ``mirror_axes``."""
+    flips = mirror_sets(mirror_axes)
     scores: Optional[torch.Tensor] = None
     alphas: List[torch.Tensor] = []
     for dims in flips:
@@ -192,7 +197,7 @@ def sliding_window_inference(
     patch_size: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 1,
-    mirror: bool = False,
+    mirror_axes: Sequence[str] = (),
     attention: bool = True,
     softmax: bool = True,
     device: Union[str, torch.device, None] = None,
@@ -213,7 +218,8 @@ def sliding_window_inference(
         patch_size: window size ``(z, y, x)`` in voxels; rounded up to a multiple of ``min_input_size``.
         overlap: fraction of a window shared with its neighbour, in [0, 1).
         batch_size: windows per forward pass.
-        mirror: test-time augmentation: average the 8 mirrored copies of every window.
+        mirror_axes: test-time augmentation: average every window's copies mirrored along these axes (``"x"``,
+            ``"y"``, ``"z"`` of the volume, ``x`` = last axis): 2 copies per axis, ``2**len(axes)`` in all.
         attention: also blend every gate's attention map.
         softmax: blend softmax probabilities (``True``) or raw logits (``False``, e.g. to compare with MONAI).
         device: where the windows run (default: the model's device).
@@ -260,7 +266,7 @@ def sliding_window_inference(
                 raise CancelledError("segmentation cancelled; nothing was written")
             batch = starts[first : first + batch_size]
             tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in batch])
-            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror, num_gates > 0, softmax, compute_dtype)
+            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror_axes, num_gates > 0, softmax, compute_dtype)
             for i, (z, y, x) in enumerate(batch):
                 window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
                 scores[(slice(None), *window)] += (tile_scores[i] * importance).to(accumulate_dtype)
@@ -339,6 +345,21 @@ def _gate_image(array: np.ndarray, start_zyx: Sequence[int], level: int, grid: s
     return image
 
 
+def _tta_mirror_axes(bundle) -> Tuple[str, ...]:
+    """The axes TTA may mirror along for ``bundle``; ``AttentionUNetError`` when it cannot mirror safely."""
+    axes = bundle.mirror_axes
+    if axes is None:
+        raise AttentionUNetError(
+            f"model {bundle.name!r} ({bundle.path}) does not record which axes its training mirrored along "
+            "(inference.mirror_axes in model.json), so --tta cannot tell which flips keep the labels' meaning; run "
+            "without --tta, or add the plan's flip_axes as inference.mirror_axes (e.g. [\"x\"]) and re-save the "
+            "bundle with save_bundle")
+    if not axes:
+        raise AttentionUNetError(f"model {bundle.name!r} was trained without mirroring (inference.mirror_axes is "
+                                 "empty), so --tta has no safe flip to average; run without --tta")
+    return axes
+
+
 class Predictor:
     """Segments images with one model bundle; the model is built once and reused for every image.
 
@@ -347,7 +368,9 @@ class Predictor:
             ``overlap``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         overlap: sliding-window overlap in [0, 1) (default: the bundle's).
-        tta: mirror test-time augmentation (8 flipped copies per window: ~8x slower).
+        tta: mirror test-time augmentation along the bundle's ``mirror_axes`` only (the axes its training mirrored
+            along; a flip along any other axis would swap sided labels, e.g. anterior and posterior):
+            ``2**len(axes)`` copies per window. Refused for a bundle that does not record them or has none.
         batch_size: windows per forward pass (default 4 on CUDA, 1 on the CPU). On CUDA out-of-memory the batch is
             halved and retried, then the run falls back to the CPU in float32 (both logged).
         precision: arithmetic of the forward passes, one of ``PRECISIONS`` (default ``auto``).
@@ -372,6 +395,7 @@ class Predictor:
         if batch_size is not None and int(batch_size) < 1:
             raise AttentionUNetError(f"batch size {batch_size} must be a positive number of windows")
         self.tta = bool(tta)
+        self.mirror_axes = _tta_mirror_axes(bundle) if self.tta else ()
         self.batch_size = int(batch_size) if batch_size else DEFAULT_BATCH_SIZE[self.device.type]
         self.spec = bundle.preprocessing
         self.patch_size_zyx = tuple(int(p) for p in bundle.patch_size[::-1])
@@ -475,9 +499,9 @@ class Predictor:
         while True:
             try:
                 return sliding_window_inference(
-                    volume, self.model, self.patch_size_zyx, self.overlap, self.batch_size, mirror=self.tta,
-                    attention=attention, device=self.device, precision=self.precision, progress=windows_done,
-                    cancel=cancel,
+                    volume, self.model, self.patch_size_zyx, self.overlap, self.batch_size,
+                    mirror_axes=self.mirror_axes, attention=attention, device=self.device, precision=self.precision,
+                    progress=windows_done, cancel=cancel,
                 )
             except torch.cuda.OutOfMemoryError:
                 if self.device.type != "cuda":

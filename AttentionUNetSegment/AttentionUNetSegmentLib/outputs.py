@@ -28,10 +28,12 @@ import SimpleITK as sitk
 from . import __version__
 from .bundle import LabelInfo, ModelBundle
 from .errors import AttentionUNetError, OutputExistsError
-from .imageio import atomic_output, write_partial
+from .imageio import atomic_output, image_extension, temporary_path, write_partial
 
 if TYPE_CHECKING:
     from .inference import Prediction
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 OUTPUT_FORMATS = ("nii.gz", "nrrd")
 #: ``Segmentation_*`` fields Slicer's segmentation storage node (and ``slicerio``) read from a ``.seg.nrrd``.
@@ -65,11 +67,16 @@ class OutputPaths:
         return [self.segmentation, self.slicer_segmentation, *self.attention, *self.probabilities.values(),
                 self.report]
 
-    def check_writable(self, force: bool = False) -> None:
+    def check_writable(self, force: bool = False, reads: Sequence[PathLike] = ()) -> None:
         """Raise unless every file can be written: ``AttentionUNetError`` when the folder is not (and cannot
-        become) a writable folder, ``OutputExistsError`` naming the existing files unless ``force``. Checked
-        before inference, so no time is spent on a result that could not be written."""
+        become) a writable folder, when a name is too long or not UTF-8 (``check_output_name``), or when an output
+        is, or resolves to, a file the run reads (``reads``: the inputs, plus the data files their headers name),
+        ``--force`` or not; ``OutputExistsError`` naming the existing files unless ``force``. Checked before
+        inference, so no time is spent on a result that could not be written."""
+        for path in self.all():
+            check_output_name(path)
         _check_folder_writable(self.segmentation.parent)
+        check_not_read(self.all(), reads)
         existing = [path for path in self.all() if path.exists()]
         if existing and not force:
             names = ", ".join(path.name for path in existing[:3]) + (" ..." if len(existing) > 3 else "")
@@ -85,6 +92,119 @@ class OutputPaths:
             "probabilities": {name: str(path.resolve()) for name, path in self.probabilities.items()},
             "report": str(self.report.resolve()),
         }
+
+
+def files_read_for(path: PathLike) -> List[Path]:
+    """``path`` and, for a MetaImage (``.mhd``/``.mha``) or NRRD (``.nhdr``, or a ``.nrrd`` with a detached
+    data file) header, the data files its ``ElementDataFile`` / ``data file`` field names (relative to the header's
+    folder; ``LIST`` and ``pattern min max step`` forms expanded): every file reading that input opens."""
+    path = Path(path)
+    extension = image_extension(path)
+    if extension not in (".mhd", ".mha", ".nhdr", ".nrrd"):
+        return [path]
+    try:
+        with open(path, "rb") as stream:
+            lines = stream.read(1 << 20).decode("latin-1").splitlines()
+    except OSError:
+        return [path]
+    nrrd = extension in (".nhdr", ".nrrd")
+    for index, line in enumerate(lines):
+        if nrrd and not line:
+            break  # the header ends at the first empty line; attached data follows
+        key, found, value = line.partition(":" if nrrd else "=")
+        if not found or key.strip().lower().replace(" ", "") not in ("elementdatafile", "datafile"):
+            continue
+        words = value.split()
+        if not words or words[0].upper() == "LOCAL":
+            return [path]
+        if words[0].upper() == "LIST":
+            names = [name.strip() for name in lines[index + 1:] if name.strip()]
+        else:
+            names = _numbered_names(words) or [value.strip()]
+        return [path] + [path.parent / name for name in names]
+    return [path]
+
+
+def _numbered_names(words: Sequence[str]) -> List[str]:
+    """``pattern min max step`` (a printf ``%d`` pattern) -> the file names; ``[]`` when ``words`` is not one."""
+    try:
+        low, high, step = (int(word) for word in words[1:4])
+        numbers = range(low, high + 1, step) if len(words) >= 4 and "%" in words[0] and step else range(0)
+        return [words[0] % number for number in numbers] if len(numbers) <= 100_000 else []
+    except (ValueError, TypeError):
+        return []
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Same path (case-folded where the platform folds case), same target through links, or the same inode."""
+    if os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
+def check_not_read(outputs: Sequence[Path], reads: Sequence[PathLike]) -> None:
+    """Raise ``AttentionUNetError`` if an output is (or resolves to, through symbolic or hard links) one of the
+    files ``reads`` opens (``files_read_for`` each). Writing it would destroy that input, so ``--force`` does not
+    lift this."""
+    for source in reads:
+        for read in files_read_for(source):
+            for output in outputs:
+                if _same_file(output, read):
+                    what = "the input" if read == Path(source) else f"the data file of input {source}:"
+                    raise AttentionUNetError(
+                        f"output {output} would overwrite {what} {read}; an output is never written over a file "
+                        "the run reads, --force or not: choose another --output-dir or rename the input")
+
+
+#: Used where ``os.pathconf`` cannot tell (Windows, or file systems that do not say).
+_DEFAULT_NAME_MAX, _DEFAULT_PATH_MAX = 255, 4096 if os.name != "nt" else 260
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # e.g. ENAMETOOLONG: the name is what is being checked
+        return False
+
+
+def _path_limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(str(folder), name))
+    except (AttributeError, ValueError, OSError):
+        return default
+
+
+def check_output_name(path: Path) -> None:
+    """Raise ``AttentionUNetError`` unless ``path`` and the temporary path it is written through can exist here:
+    UTF-8 (ITK cannot open other names), each name within the file system's ``PC_NAME_MAX`` bytes and the whole
+    path within ``PC_PATH_MAX`` (asked of the nearest existing folder)."""
+    name = path.name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AttentionUNetError(f"output name {name!r} is not valid UTF-8 (its input's file name has bytes of "
+                                 "another encoding); rename the input") from None
+    written = temporary_path(path).absolute()
+    nearest = written.parent
+    while not _is_dir(nearest) and nearest != nearest.parent:
+        nearest = nearest.parent
+    name_max = _path_limit(nearest, "PC_NAME_MAX", _DEFAULT_NAME_MAX)
+    path_max = _path_limit(nearest, "PC_PATH_MAX", _DEFAULT_PATH_MAX)
+    for part in written.parts[1:]:
+        length = len(os.fsencode(part))
+        if length > name_max:
+            raise AttentionUNetError(
+                f"output name {part[:40]}... is {length} bytes long, more than the {name_max} this file system "
+                f"allows in one name; rename the input to a shorter name (outputs are named <stem>_seg..., "
+                "<stem>_attention_<k>...) or choose a shorter --output-dir")
+    length = len(os.fsencode(str(written)))
+    if length >= path_max:
+        raise AttentionUNetError(
+            f"output path {str(path)[:60]}... is {length} bytes long while writing it (through a temporary folder), more than "
+            f"the {path_max - 1} this file system allows; choose a shorter --output-dir or rename the input")
 
 
 def _check_folder_writable(folder: Path) -> None:
@@ -218,7 +338,7 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
     by_value = {label.value: label.name for label in bundle.labels}
     paths = plan_outputs(output_dir, stem, bundle.labels, fmt, len(prediction.attention),
                          bool(prediction.probabilities))
-    paths.check_writable(force)
+    paths.check_writable(force, [input_path] if input_path is not None else [])
     images = [(paths.segmentation, prediction.labels),
               (paths.slicer_segmentation,
                slicer_segmentation(prediction.labels, bundle.labels, f"AttentionUNet {bundle.name} {bundle.version}")),

@@ -592,7 +592,7 @@ class Trainer:
             patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
             description=config.description or f"Attention U-Net trained on {config.dataset}",
             license=config.license, citation=config.citation, training_data=config.training_data,
-            metrics=metrics)
+            metrics=metrics, mirror_axes=plan.flip_axes)
 
     def _check_exportable(self, plan: TrainingPlan, label_names: Dict[int, str]) -> None:
         """Build the network and the bundle metadata now, so what the export would refuse is refused before any

@@ -76,7 +76,7 @@ def main() -> int:
         patch_size=trained.patch_size, preprocessing=trained.metadata["preprocessing"], overlap=trained.overlap,
         description=DESCRIPTION.format(channels=tuple(trained.architecture["channels"])), license=LICENSE,
         citation=CITATION, training_data=TRAINING_DATA.format(n=n_train + n_val, train=n_train, val=n_val),
-        metrics=metrics)
+        metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
     bundle = save_bundle(trained.build_model(), metadata, args.output, force=True)
     print(f"wrote {bundle.path}: held-out Dice {metrics['held_out']['dice']}", file=sys.stderr)
     return 0
