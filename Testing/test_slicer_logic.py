@@ -10,6 +10,7 @@ import csv
 import io
 import itertools
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -774,7 +775,8 @@ def moved_volume(env):
     volume.SetAndObserveTransformNodeID(transform.GetID())
     sh = scene.GetSubjectHierarchyNode()
     sh.CreateItem(env["study"], volume)
-    return volume
+    yield volume
+    env["module"]._remove_nodes([volume, transform])
 
 
 def _local_box(volume, fraction_lo, fraction_hi):
@@ -850,7 +852,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     localisation labels), one Markups ROI per side over the report's box (in the input's coordinates, so under
     its transform) next to the segmentation, per-side totals and asymmetry in the statistics, the batch table
     and the export, the warnings in the panel's status text and the table. A user's ROI with the very name the
-    tool would choose is left alone."""
+    tool would choose is left alone. (The report is written here by hand with the contract's keys, see above.)"""
     module, logic, scene, volume = env["module"], env["logic"], env["scene"], moved_volume
     user_roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Head tiny box left")
     user_roi.SetXYZ(1.0, 2.0, 3.0)
@@ -1007,3 +1009,20 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
         assert logic.domainWarnings(head, env["bundle"]) == []  # no domain record: nothing to compare with
     finally:
         module._remove_nodes([along_a, head, coarse, roi])
+
+
+@pytest.mark.parametrize("damage", [
+    lambda report: report["localization"]["boxes"].update(left=[1.0, 2.0, 3.0]),
+    lambda report: report["localization"]["boxes"].update(right=[10.0, 0.0, 0.0, 1.0, 0.0, 1.0]),  # R_MIN > R_MAX
+    lambda report: report["localization"]["boxes"].update(left=["a"] * 6),
+    lambda report: report["segments"][2].update(value=True),
+    lambda report: report["segments"][0].pop("color"),
+])
+def test_a_report_the_module_cannot_read_adds_nothing(env, located_bundle, moved_volume, tmp_path, damage):
+    files, report, _, _ = _write_engine_outputs(env, moved_volume, tmp_path / "out")
+    damage(report)
+    pathlib.Path(files["report"]).write_text(json.dumps(report))
+    before = _node_ids(env["scene"])
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="reinstall the AttentionUNet extension"):
+        _import(env, located_bundle, moved_volume, files)
+    assert _node_ids(env["scene"]) == before
