@@ -281,11 +281,15 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._domainKey = key
         if volume is None or bundle is None:
             return
+        lines = []
         try:
-            warnings = self.logic.domainWarnings(volume, bundle, node.roi, node.locateAutomatically)
+            if self.logic.willLocalize(volume, bundle, node.roi, node.locateAutomatically):
+                lines.append(f"'{volume.GetName()}' is much larger than the model's field of view: Locate "
+                             "automatically will find the structure and segment each side in its own box.")
+            lines.append(warningText(self.logic.domainWarnings(volume, bundle, node.roi, node.locateAutomatically)))
         except AttentionUNetSegmentError as error:
-            warnings = [str(error)]
-        self.ui.statusLabel.text = warningText(warnings)
+            lines.append(warningText([str(error)]))
+        self.ui.statusLabel.text = "\n".join(line for line in lines if line)
 
     # Models
 
@@ -863,6 +867,20 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         ``roi``, with ``bundle``: what differs from the training data and what to do; empty when it looks alike
         or the bundle records no domain. Uses the volume's own grid (what the engine is given): sizes and spacings
         along i, j, k with the matching IJK-to-RAS direction columns."""
+        # the localiser cuts the model's field of view out of the volume: only the other checks apply
+        localizes = self.hasLocalizer(bundle) and locateAutomatically and not roi
+        return self._domainCheck(volumeNode, bundle, roi, fieldOfView=not localizes)
+
+    def willLocalize(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True) -> bool:
+        """Whether the engine will locate the structure (``--localize auto``): the model has a localiser, no
+        Region is chosen and the volume's field of view fails the domain guard's field-of-view check."""
+        return bool(self.hasLocalizer(bundle) and locateAutomatically and not roi
+                    and len(self._domainCheck(volumeNode, bundle, None, fieldOfView=True))
+                    > len(self._domainCheck(volumeNode, bundle, None, fieldOfView=False)))
+
+    def _domainCheck(self, volumeNode, bundle: "ModelBundle", roi, fieldOfView: bool) -> List[str]:
+        """``domain_warnings`` on the volume's grid (or the ROI's part of it); ``fieldOfView=False`` skips the
+        field-of-view check."""
         from AttentionUNetSegmentLib.domain import domain_warnings
 
         domain = bundle.metadata.get("domain")
@@ -870,16 +888,15 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         if not isinstance(domain, dict) or image is None:
             return []
         size = self._roiIndexSize(roi, volumeNode) if roi else list(image.GetDimensions())
-        localizer = self.hasLocalizer(bundle)
-        if localizer and locateAutomatically and not roi:
-            # the localiser cuts the model's field of view out of the volume: only the other checks apply
-            domain = {**domain, "thresholds": {**(domain.get("thresholds") or {}), "field_of_view_ratio": math.inf}}
         directions = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASDirectionMatrix(directions)
         try:
+            if not fieldOfView:
+                domain = {**domain, "thresholds": {**dict(domain.get("thresholds") or {}),
+                                                   "field_of_view_ratio": math.inf}}
             return domain_warnings(size, volumeNode.GetSpacing(),
                                    [directions.GetElement(r, c) for r in range(3) for c in range(3)], domain,
-                                   localizer=localizer)
+                                   localizer=self.hasLocalizer(bundle))
         except (KeyError, TypeError, ValueError) as error:
             return [f"the model '{bundle.name}' records its training domain in a form this version cannot read "
                     f"({error!r}); the input cannot be checked against it"]

@@ -1001,6 +1001,11 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
         assert len(outside) == 1 and "field of view" in outside[0] and "Locate automatically" in outside[0]
         assert module.warningText(outside).startswith("Warning: the input's field of view")
         assert logic.domainWarnings(head, located_bundle) == []  # the localiser cuts the model's view out
+        assert logic.willLocalize(head, located_bundle)  # ... which the panel says instead
+        assert not logic.willLocalize(head, located_bundle, locateAutomatically=False)
+        assert not logic.willLocalize(head, located_bundle, roi=roi)
+        assert not logic.willLocalize(along_a, located_bundle)  # the model's own field of view: no localisation
+        assert not logic.willLocalize(head, env["bundle"])  # no localiser
         assert logic.domainWarnings(head, located_bundle, roi=roi, locateAutomatically=False) == []
         roi.SetRadiusXYZ(40.0, 50.0, 40.0)  # a Region as large as the head warns like the head
         assert "field of view" in logic.domainWarnings(head, located_bundle, roi=roi)[0]
@@ -1026,3 +1031,17 @@ def test_a_report_the_module_cannot_read_adds_nothing(env, located_bundle, moved
     with pytest.raises(env["module"].AttentionUNetSegmentError, match="reinstall the AttentionUNet extension"):
         _import(env, located_bundle, moved_volume, files)
     assert _node_ids(env["scene"]) == before
+
+
+def test_a_domain_record_the_module_cannot_read_is_said_not_raised(env, tmp_path):
+    """The panel checks before Apply on every input change: a damaged ``domain`` section must give a message,
+    never an exception in the panel."""
+    path = tmp_path / "damaged"
+    shutil.copytree(env["model"], path)
+    metadata = json.loads((path / "model.json").read_text())
+    for damaged in ({"field_of_view_mm": {"median": "wide"}}, {**DOMAIN, "thresholds": [1, 2]}, {"spacing_mm": 1}):
+        metadata["domain"] = damaged
+        (path / "model.json").write_text(json.dumps(metadata))
+        bundle = env["logic"].resolveModel(str(path))
+        (message,) = env["logic"].domainWarnings(env["volume"], bundle)
+        assert "cannot read" in message
