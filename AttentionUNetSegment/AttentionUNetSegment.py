@@ -1023,11 +1023,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, roi=None,
                 attentionMaps: bool = True, probabilityMaps: bool = False, device: str = "auto",
                 overlap: Optional[float] = None, testTimeAugmentation: bool = False, largestComponent: bool = False,
-                waitForCompletion: bool = True, progressCallback=None, logCallback=None):
+                waitForCompletion: bool = True, progressCallback=None, logCallback=None,
+                locateAutomatically: bool = True):
         """Segment ``inputVolume``. ``outputSegmentation=None`` creates a segmentation named after the input; a
         given node has its segments replaced. With ``waitForCompletion`` returns a ``SegmentationResult`` (raises
         ``AttentionUNetSegmentError`` on failure), otherwise the running ``SegmentationJob``."""
-        options = SegmentationOptions(model=model, roi=roi, attentionMaps=attentionMaps,
+        options = SegmentationOptions(model=model, roi=roi, locateAutomatically=locateAutomatically,
+                                      attentionMaps=attentionMaps,
                                       probabilityMaps=probabilityMaps, device=device, overlap=overlap,
                                       testTimeAugmentation=testTimeAugmentation, largestComponent=largestComponent)
         job = self.startSegmentation(inputVolume, outputSegmentation, options, progressCallback, logCallback)
