@@ -909,6 +909,10 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     assert int(rows[4]["Voxels"]) == report["sides"]["left"]["voxels"]
     assert float(rows[5]["Asymmetry index"]) == pytest.approx(report["asymmetry_index"], abs=1e-4)
     assert rows[0]["Asymmetry index"] == ""
+    batch = module.BatchJob(logic, [volume], module.SegmentationOptions())
+    batch.results.append(result)
+    batch.rows.extend(logic.summaryRows(result))
+    assert batch.summary.endswith("1 with warnings (see the table)")  # the panel's status after the batch
 
     files = logic.exportForReport(result.segmentation, tmp_path / "export", referenceVolume=volume)
     with open(files["volumes"], newline="") as stream:
