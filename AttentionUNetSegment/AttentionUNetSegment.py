@@ -9,6 +9,7 @@ scene as it was. Torch is never imported at module scope.
 import datetime
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -54,9 +55,16 @@ TORCH_REQUIREMENT = ">=2.3"
 
 #: Node attributes carrying provenance (model, version, sha256, device, parameters, date).
 ATTRIBUTE_PREFIX = "AttentionUNet."
-#: Node reference roles from a result segmentation to its attention / probability volumes.
+#: Node reference roles from a result segmentation to its attention / probability volumes and to the Markups ROI
+#: boxes its run located the structure in (one per side).
 ATTENTION_ROLE = "AttentionUNetAttention"
 PROBABILITY_ROLE = "AttentionUNetProbability"
+LOCALIZATION_BOX_ROLE = "AttentionUNetLocalizationBox"
+#: Segment tag (and box attribute) naming the side of a located run's segment: one of SIDES.
+SIDE_TAG = ATTRIBUTE_PREFIX + "Side"
+SIDES = ("left", "right")
+#: ``AttentionUNet.Role`` of the Markups ROI boxes a located run used.
+BOX_ROLE = "localization box"
 ATTENTION_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 #: Attention below this value is drawn transparent, so the overlay shows only where the network looked.
 ATTENTION_DISPLAY_THRESHOLD = 0.05
@@ -129,6 +137,7 @@ class AttentionUNetSegmentParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     modelName: str = DEFAULT_MODEL
     roi: vtkMRMLMarkupsROINode
+    locateAutomatically: bool = True
     outputSegmentation: vtkMRMLSegmentationNode
     attentionMaps: bool = True
     probabilityMaps: bool = False
@@ -159,6 +168,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._lastResult = None
         self._pollTimer = None
         self._models: List["ModelBundle"] = []
+        self._domainKey = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -249,6 +259,37 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.exportButton.enabled = bool(segmentation)
         self.ui.exportLabelmapButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
+        bundle = self._currentBundle()
+        hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
+        self.ui.locateAutomaticallyCheckBox.visible = hasLocalizer
+        self.ui.locateAutomaticallyCheckBox.enabled = hasLocalizer and not (node and node.roi)
+        if not running:
+            self._updateDomainStatus(node, bundle)
+
+    def _currentBundle(self) -> Optional["ModelBundle"]:
+        name = self._parameterNode.modelName if self._parameterNode else None
+        return next((bundle for bundle in self._models if bundle.name == name), None)
+
+    def _updateDomainStatus(self, node, bundle) -> None:
+        """Before Apply, say in the status when the input is far outside the model's training domain. Only when
+        the input, model, Region or localisation choice changed: the status of a finished run stays until then."""
+        volume = node.inputVolume if node else None
+        key = (volume.GetID() if volume else None, bundle.name if bundle else None,
+               node.roi.GetID() if node and node.roi else None, bool(node and node.locateAutomatically))
+        if key == self._domainKey:
+            return
+        self._domainKey = key
+        if volume is None or bundle is None:
+            return
+        lines = []
+        try:
+            if self.logic.willLocalize(volume, bundle, node.roi, node.locateAutomatically):
+                lines.append(f"'{volume.GetName()}' is much larger than the model's field of view: Locate "
+                             "automatically will find the structure and segment each side in its own box.")
+            lines.append(warningText(self.logic.domainWarnings(volume, bundle, node.roi, node.locateAutomatically)))
+        except AttentionUNetSegmentError as error:
+            lines.append(warningText([str(error)]))
+        self.ui.statusLabel.text = "\n".join(line for line in lines if line)
 
     # Models
 
@@ -305,7 +346,8 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def _options(self) -> "SegmentationOptions":
         node = self._parameterNode
         return SegmentationOptions(
-            model=node.modelName, roi=node.roi, attentionMaps=node.attentionMaps,
+            model=node.modelName, roi=node.roi, locateAutomatically=node.locateAutomatically,
+            attentionMaps=node.attentionMaps,
             probabilityMaps=node.probabilityMaps, device=node.device, overlap=node.overlap,
             testTimeAugmentation=node.testTimeAugmentation, largestComponent=node.largestComponent)
 
@@ -369,7 +411,9 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._lastResult = result
         self._parameterNode.outputSegmentation = result.segmentation
         self.logic.showResults(result)
-        self.ui.statusLabel.text = f"Done in {format_duration(job.seconds)} on {result.device}."
+        self.ui.statusLabel.text = "\n".join(
+            line for line in (f"Done in {format_duration(job.seconds)} on {result.device}.",
+                              warningText(result.warnings)) if line)
 
     def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
@@ -418,10 +462,13 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
 @dataclass
 class SegmentationOptions:
-    """How to segment: model (installed name or bundle folder), optional ROI node and engine settings."""
+    """How to segment: model (installed name or bundle folder), optional ROI node and engine settings.
+    ``locateAutomatically``: let a model with a localiser find the structure in a larger volume (``--localize
+    auto``); an ROI always wins over it."""
 
     model: Optional[str] = None
     roi: Any = None
+    locateAutomatically: bool = True
     attentionMaps: bool = True
     probabilityMaps: bool = False
     device: str = "auto"
@@ -433,12 +480,18 @@ class SegmentationOptions:
         """JSON-able record of the settings (provenance)."""
         return {"device": self.device, "overlap": self.overlap, "tta": self.testTimeAugmentation,
                 "largest_component": self.largestComponent, "attention": self.attentionMaps,
-                "probabilities": self.probabilityMaps, "roi": self.roi.GetName() if self.roi else None}
+                "probabilities": self.probabilityMaps, "roi": self.roi.GetName() if self.roi else None,
+                "locate_automatically": self.locateAutomatically}
 
 
 @dataclass
 class SegmentationResult:
-    """What one run added to the scene (all nodes are in ``slicer.mrmlScene``)."""
+    """What one run added to the scene (all nodes are in ``slicer.mrmlScene``).
+
+    ``statistics``: one row per segment (value, name, side, voxels, volume_ml); ``sides``: per-side totals
+    ``{"left": {"voxels", "volume_ml"}, ...}`` and ``asymmetryIndex`` (L - R) / ((L + R) / 2), only when the run
+    located each side (else empty / ``None``); ``localizationBoxes``: the Markups ROI nodes of the boxes it used;
+    ``warnings``: the engine's (domain guard, localisation)."""
 
     inputVolume: Any
     segmentation: Any
@@ -447,6 +500,10 @@ class SegmentationResult:
     statistics: List[Dict[str, Any]] = field(default_factory=list)
     provenance: Dict[str, str] = field(default_factory=dict)
     log: List[str] = field(default_factory=list)
+    sides: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    asymmetryIndex: Optional[float] = None
+    localizationBoxes: List[Any] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def device(self) -> str:
@@ -475,17 +532,25 @@ class SegmentationJob:
         self._workDir: Optional[pathlib.Path] = None
         self._engine: Optional[EngineProcess] = None
 
+    def engineCommand(self, inputPath: pathlib.Path, outputDir: pathlib.Path) -> List[str]:
+        """The engine's command line for this run. An ROI is passed as ``--roi`` (the engine then never
+        localises); otherwise a model with a localiser gets ``--localize auto`` or ``off``."""
+        options = self.options
+        roiBox = self.logic.roiBoxInVolumeCoordinates(options.roi, self.inputVolume) if options.roi else None
+        localize = None
+        if roiBox is None and self.logic.hasLocalizer(self.bundle):
+            localize = "auto" if options.locateAutomatically else "off"
+        return build_segment_command(
+            [str(inputPath)], str(outputDir), python=self.logic.pythonExecutable(), model=str(self.bundle.path),
+            device=options.device, overlap=options.overlap, tta=options.testTimeAugmentation, roi=roiBox,
+            localize=localize, attention=options.attentionMaps, probabilities=options.probabilityMaps,
+            largest_component=options.largestComponent, output_format=ENGINE_FORMAT)
+
     def start(self) -> "SegmentationJob":
-        roiBox = self.logic.roiBoxInVolumeCoordinates(self.options.roi, self.inputVolume) if self.options.roi else None
         self._workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-"))
         try:
             inputPath = self.logic.writeVolumeForEngine(self.inputVolume, self._workDir / "in")
-            command = build_segment_command(
-                [str(inputPath)], str(self._workDir / "out"), python=self.logic.pythonExecutable(),
-                model=str(self.bundle.path), device=self.options.device, overlap=self.options.overlap,
-                tta=self.options.testTimeAugmentation, roi=roiBox, attention=self.options.attentionMaps,
-                probabilities=self.options.probabilityMaps, largest_component=self.options.largestComponent,
-                output_format=ENGINE_FORMAT)
+            command = self.engineCommand(inputPath, self._workDir / "out")
             self._log(f"Segmenting '{self.inputVolume.GetName()}' with {self.bundle.name} {self.bundle.version}")
             self._engine = EngineProcess(command, env=self.logic.engineEnvironment(), cwd=str(self._workDir),
                                          on_progress=self._onProgress, on_log=self._log).start()
@@ -574,7 +639,9 @@ class BatchJob:
     @property
     def summary(self) -> str:
         failed = sum(1 for row in self.rows if row["Status"] != "done")
-        return f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
+        warned = sum(1 for result in self.results if result.warnings)
+        return (f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
+                + (f"; {warned} with warnings (see the table)" if warned else ""))
 
     def start(self) -> "BatchJob":
         self._next()
@@ -789,6 +856,62 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             lines.append(f"Trained on: {meta['training_data']}")
         return "<br>".join(lines)
 
+    @staticmethod
+    def hasLocalizer(bundle: "ModelBundle") -> bool:
+        """Whether the model can locate its structure in a larger volume (a ``localization`` section)."""
+        return isinstance(bundle.metadata.get("localization"), dict)
+
+    def domainWarnings(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True
+                       ) -> List[str]:
+        """The domain guard (``domain.domain_warnings``) for segmenting ``volumeNode``, or the part of it in
+        ``roi``, with ``bundle``: what differs from the training data and what to do; empty when it looks alike
+        or the bundle records no domain. Uses the volume's own grid (what the engine is given): sizes and spacings
+        along i, j, k with the matching IJK-to-RAS direction columns."""
+        # the localiser cuts the model's field of view out of the volume: only the other checks apply
+        localizes = self.hasLocalizer(bundle) and locateAutomatically and not roi
+        return self._domainCheck(volumeNode, bundle, roi, fieldOfView=not localizes)
+
+    def willLocalize(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True) -> bool:
+        """Whether the engine will locate the structure (``--localize auto``): the model has a localiser, no
+        Region is chosen and the volume's field of view fails the domain guard's field-of-view check."""
+        return bool(self.hasLocalizer(bundle) and locateAutomatically and not roi
+                    and len(self._domainCheck(volumeNode, bundle, None, fieldOfView=True))
+                    > len(self._domainCheck(volumeNode, bundle, None, fieldOfView=False)))
+
+    def _domainCheck(self, volumeNode, bundle: "ModelBundle", roi, fieldOfView: bool) -> List[str]:
+        """``domain_warnings`` on the volume's grid (or the ROI's part of it); ``fieldOfView=False`` skips the
+        field-of-view check."""
+        from AttentionUNetSegmentLib.domain import domain_warnings
+
+        domain = bundle.metadata.get("domain")
+        image = volumeNode.GetImageData()
+        if not isinstance(domain, dict) or image is None:
+            return []
+        size = self._roiIndexSize(roi, volumeNode) if roi else list(image.GetDimensions())
+        directions = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(directions)
+        try:
+            if not fieldOfView:
+                domain = {**domain, "thresholds": {**dict(domain.get("thresholds") or {}),
+                                                   "field_of_view_ratio": math.inf}}
+            return domain_warnings(size, volumeNode.GetSpacing(),
+                                   [directions.GetElement(r, c) for r in range(3) for c in range(3)], domain,
+                                   localizer=self.hasLocalizer(bundle))
+        except (KeyError, TypeError, ValueError) as error:
+            return [f"the model '{bundle.name}' records its training domain in a form this version cannot read "
+                    f"({error!r}); the input cannot be checked against it"]
+
+    def _roiIndexSize(self, roiNode, volumeNode) -> List[int]:
+        """Voxels along i, j, k of the part of the volume's grid that holds the ROI (what the engine crops)."""
+        box = self.roiBoxInVolumeCoordinates(roiNode, volumeNode)
+        rasToIjk = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(rasToIjk)
+        corners = [rasToIjk.MultiplyPoint([r, a, s, 1.0])[:3]
+                   for r in box[0:2] for a in box[2:4] for s in box[4:6]]
+        dims = volumeNode.GetImageData().GetDimensions()
+        return [max(1, min(dims[axis], math.ceil(max(c[axis] for c in corners)) + 1)
+                    - max(0, math.floor(min(c[axis] for c in corners)))) for axis in range(3)]
+
     # Inputs
 
     def currentVolume(self):
@@ -900,11 +1023,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, outputSegmentation=None, model: Optional[str] = None, roi=None,
                 attentionMaps: bool = True, probabilityMaps: bool = False, device: str = "auto",
                 overlap: Optional[float] = None, testTimeAugmentation: bool = False, largestComponent: bool = False,
-                waitForCompletion: bool = True, progressCallback=None, logCallback=None):
+                waitForCompletion: bool = True, progressCallback=None, logCallback=None,
+                locateAutomatically: bool = True):
         """Segment ``inputVolume``. ``outputSegmentation=None`` creates a segmentation named after the input; a
         given node has its segments replaced. With ``waitForCompletion`` returns a ``SegmentationResult`` (raises
         ``AttentionUNetSegmentError`` on failure), otherwise the running ``SegmentationJob``."""
-        options = SegmentationOptions(model=model, roi=roi, attentionMaps=attentionMaps,
+        options = SegmentationOptions(model=model, roi=roi, locateAutomatically=locateAutomatically,
+                                      attentionMaps=attentionMaps,
                                       probabilityMaps=probabilityMaps, device=device, overlap=overlap,
                                       testTimeAugmentation=testTimeAugmentation, largestComponent=largestComponent)
         job = self.startSegmentation(inputVolume, outputSegmentation, options, progressCallback, logCallback)
@@ -937,11 +1062,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         labelPath = pathlib.Path(files.get("segmentation", ""))
         if not labelPath.is_file():
             raise AttentionUNetSegmentError("The engine did not report a label map for the input; see the log.")
-        report = _read_json(pathlib.Path(files.get("report", "")))
+        report = self._readReport(files)
+        labels, labelSides = _run_labels(job.bundle, report)
+        boxes = _localization_boxes(report)
         inputVolume = job.inputVolume
         provenance = self._provenance(job, report)
         probabilityFiles = files.get("probabilities") or {}
-        probabilityNames = [label.name for label in job.bundle.labels if label.name in probabilityFiles]
+        probabilityNames = [label.name for label in labels if label.name in probabilityFiles]
         scene = slicer.mrmlScene
         added: List[Any] = []
         try:
@@ -953,12 +1080,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AttentionUNet temporary labels")
             added.append(labelmap)
             self._readVolumeFile(labelPath, labelmap)
-            statistics = _label_statistics(labelmap, job.bundle)
+            statistics = _statistics_rows(labels, labelSides, _voxel_counts(labelmap), _voxel_volume_ml(labelmap))
             segmentation = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
             added.append(segmentation)
             segmentation.CreateDefaultDisplayNodes()
-            self._fillSegmentation(segmentation, labelmap, inputVolume, job.bundle, added)
+            self._fillSegmentation(segmentation, labelmap, inputVolume, labels, labelSides, added)
+            localizationBoxes = self._addBoxes(inputVolume, job.bundle, boxes, added)
         except Exception as error:
             _remove_nodes(reversed(added))
             if isinstance(error, AttentionUNetSegmentError):
@@ -970,22 +1098,77 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             attention = self._replaceMaps(previousOwner, ATTENTION_ROLE, attention)
             probabilities = self._replaceMaps(previousOwner, PROBABILITY_ROLE, probabilities)
             segmentation = self._replaceSegments(previousOwner, segmentation, inputVolume)
+            self._replaceBoxes(previousOwner, localizationBoxes, job.options.roi)
 
-        segmentation.RemoveNodeReferenceIDs(ATTENTION_ROLE)
-        segmentation.RemoveNodeReferenceIDs(PROBABILITY_ROLE)
-        for role, nodes in ((ATTENTION_ROLE, attention), (PROBABILITY_ROLE, probabilities)):
+        roles = ((ATTENTION_ROLE, attention), (PROBABILITY_ROLE, probabilities),
+                 (LOCALIZATION_BOX_ROLE, localizationBoxes))
+        for role, nodes in roles:
+            segmentation.RemoveNodeReferenceIDs(role)
             for node in nodes:
                 segmentation.AddNodeReferenceID(role, node.GetID())
         for node, role in [(segmentation, "segmentation")] + [(n, "attention") for n in attention] + \
-                [(n, "probability") for n in probabilities]:
+                [(n, "probability") for n in probabilities] + [(n, BOX_ROLE) for n in localizationBoxes]:
             for key, value in provenance.items():
                 node.SetAttribute(ATTRIBUTE_PREFIX + key, value)
             node.SetAttribute(ATTRIBUTE_PREFIX + "Role", role)
             node.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         for index, node in enumerate(attention):
             node.SetAttribute(ATTRIBUTE_PREFIX + "Gate", str(index))
-        self._placeInSubjectHierarchy(inputVolume, segmentation, attention + probabilities)
-        return SegmentationResult(inputVolume, segmentation, attention, probabilities, statistics, provenance, log)
+        self._placeInSubjectHierarchy(inputVolume, segmentation, attention + probabilities, localizationBoxes)
+        sides, asymmetry = _side_totals(statistics)
+        warnings = [w for w in report.get("warnings") or [] if isinstance(w, str)]
+        return SegmentationResult(inputVolume, segmentation, attention, probabilities, statistics, provenance, log,
+                                  sides, asymmetry, localizationBoxes, warnings)
+
+    @staticmethod
+    def _readReport(files: Dict[str, Any]) -> Dict[str, Any]:
+        """The engine's ``<stem>_report.json`` (empty when the engine listed none)."""
+        from AttentionUNetSegmentLib.errors import AttentionUNetError
+        from AttentionUNetSegmentLib.jsonfile import read_json
+
+        if not files.get("report"):
+            return {}
+        try:
+            report = read_json(files["report"], "the engine's report")
+        except AttentionUNetError as error:
+            raise AttentionUNetSegmentError(f"Loading the results failed: {error}.")
+        return report if isinstance(report, dict) else {}
+
+    @staticmethod
+    def _addBoxes(inputVolume, bundle: "ModelBundle", boxes: Dict[str, List[float]], added: List[Any]) -> List[Any]:
+        """One Markups ROI per located side over the box the engine segmented (RAS in the input's own
+        coordinates: the node goes under the input's transform like the other outputs), for the user to see,
+        move and choose as the Region of a new run."""
+        scene = slicer.mrmlScene
+        nodes = []
+        for side, box in boxes.items():
+            node = scene.AddNewNodeByClass(
+                "vtkMRMLMarkupsROINode", scene.GenerateUniqueName(f"{inputVolume.GetName()} {bundle.name} box {side}"))
+            added.append(node)
+            node.CreateDefaultDisplayNodes()
+            node.SetXYZ(*[(box[2 * a] + box[2 * a + 1]) / 2 for a in range(3)])
+            node.SetRadiusXYZ(*[(box[2 * a + 1] - box[2 * a]) / 2 for a in range(3)])
+            node.SetAttribute(SIDE_TAG, side)
+            nodes.append(node)
+        return nodes
+
+    @staticmethod
+    def _replaceBoxes(previousOwner, fresh: Sequence[Any], regionInUse) -> None:
+        """The user chose to overwrite ``previousOwner``'s run: the boxes that run added are removed and a new
+        box of the same side takes the old one's name. A box chosen as this run's Region is the user's now and is
+        left as it is (it only stops being listed as the run's box)."""
+        names = {}
+        previous = [previousOwner.GetNthNodeReference(LOCALIZATION_BOX_ROLE, i)  # removing one drops its reference
+                    for i in range(previousOwner.GetNumberOfNodeReferences(LOCALIZATION_BOX_ROLE))]
+        for old in previous:
+            if (old is None or old.GetAttribute(ATTRIBUTE_PREFIX + "Role") != BOX_ROLE
+                    or (regionInUse is not None and old.GetID() == regionInUse.GetID())):
+                continue
+            names[old.GetAttribute(SIDE_TAG)] = old.GetName()
+            _remove_nodes([old])
+        for node in fresh:
+            if node.GetAttribute(SIDE_TAG) in names:
+                node.SetName(names[node.GetAttribute(SIDE_TAG)])
 
     def _provenance(self, job: SegmentationJob, report: Dict[str, Any]) -> Dict[str, str]:
         model = report.get("model", {})
@@ -1077,9 +1260,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             table.SetColor(label.value, label.name, *label.color, 1.0)
         return table
 
-    def _fillSegmentation(self, segmentation, labelmap, inputVolume, bundle: "ModelBundle", added: List[Any]) -> None:
-        """One segment per bundle label (names, colours, label values, terminology), reference geometry = input."""
-        colors = self._labelColorTable(bundle.labels, "AttentionUNet temporary colors")
+    def _fillSegmentation(self, segmentation, labelmap, inputVolume, labels: Sequence[Any], sides: Dict[int, str],
+                          added: List[Any]) -> None:
+        """One segment per label of the run (names, colours, label values, terminology, side tag), reference
+        geometry = input."""
+        colors = self._labelColorTable(labels, "AttentionUNet temporary colors")
         added.append(colors)
         labelmap.CreateDefaultDisplayNodes()
         labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
@@ -1089,7 +1274,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             raise AttentionUNetSegmentError("Importing the label map into the segmentation failed; see the log.")
         byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegmentID(i)
                    for i in range(segments.GetNumberOfSegments())}
-        for index, label in enumerate(bundle.labels):
+        for index, label in enumerate(labels):
             segmentId = byValue.get(label.value)
             if segmentId is None:  # nothing predicted for this label: keep an empty segment so every label shows
                 segmentId = segments.AddEmptySegment("", label.name, list(label.color))
@@ -1099,13 +1284,16 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             segment.SetLabelValue(label.value)
             if label.terminology:
                 segment.SetTag(segment.GetTerminologyEntryTagName(), label.terminology)
+            if label.value in sides:
+                segment.SetTag(SIDE_TAG, sides[label.value])
             segments.SetSegmentIndex(segmentId, index)
         slicer.mrmlScene.RemoveNode(colors)
         added.remove(colors)
 
     @staticmethod
-    def _placeInSubjectHierarchy(inputVolume, segmentation, maps: Sequence[Any]) -> None:
-        """Outputs go under the input's study (its parent item); maps in a folder next to the segmentation."""
+    def _placeInSubjectHierarchy(inputVolume, segmentation, maps: Sequence[Any], boxes: Sequence[Any] = ()) -> None:
+        """Outputs go under the input's study (its parent item): the segmentation and its localisation boxes
+        there, maps in a folder next to them."""
         shNode = slicer.mrmlScene.GetSubjectHierarchyNode()
         inputItem = shNode.GetItemByDataNode(inputVolume)
         parent = shNode.GetItemParent(inputItem) if inputItem else shNode.GetSceneItemID()
@@ -1118,6 +1306,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 shNode.CreateItem(parentItem, node)
 
         place(segmentation, parent)
+        for node in boxes:
+            place(node, parent)
         if maps:
             folderName = f"{inputVolume.GetName()} attention maps"
             folder = shNode.GetItemChildWithName(parent, folderName) or shNode.CreateFolderItem(parent, folderName)
@@ -1136,18 +1326,29 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def summaryRow(volume, status: str, message: str = "", segment: str = "", value: str = "", voxels: str = "",
-                   volumeMl: str = "", segmentation: str = "") -> Dict[str, Any]:
+                   volumeMl: str = "", segmentation: str = "", side: str = "", asymmetry: str = "",
+                   warnings: str = "") -> Dict[str, Any]:
         return {"Volume": volume.GetName(), "Status": status, "Segment": segment, "Label value": value,
-                "Voxels": voxels, "Volume [mL]": volumeMl, "Segmentation": segmentation, "Message": message}
+                "Voxels": voxels, "Volume [mL]": volumeMl, "Side": side, "Asymmetry index": asymmetry,
+                "Segmentation": segmentation, "Warnings": warnings, "Message": message}
 
     def summaryRows(self, result: SegmentationResult) -> List[Dict[str, Any]]:
-        return [self.summaryRow(result.inputVolume, "done", "", row["name"], str(row["value"]), str(row["voxels"]),
-                                f"{row['volume_ml']:.3f}", result.segmentation.GetName())
+        """One row per segment, then (for a located run) one per side with its total and the asymmetry index;
+        the run's warnings on each row."""
+        name, warnings = result.segmentation.GetName(), "; ".join(result.warnings)
+        asymmetry = "" if result.asymmetryIndex is None else f"{result.asymmetryIndex:.4f}"
+        rows = [self.summaryRow(result.inputVolume, "done", "", row["name"], str(row["value"]), str(row["voxels"]),
+                                f"{row['volume_ml']:.3f}", name, row["side"] or "", warnings=warnings)
                 for row in result.statistics]
+        return rows + [self.summaryRow(result.inputVolume, "done", "", f"{side.capitalize()} (all segments)", "",
+                                       str(total["voxels"]), f"{total['volume_ml']:.3f}", name, side, asymmetry,
+                                       warnings)
+                       for side, total in result.sides.items()]
 
     @staticmethod
     def createSummaryTable(rows: Sequence[Dict[str, Any]]):
-        columns = ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]", "Segmentation", "Message"]
+        columns = ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]", "Side", "Asymmetry index",
+                   "Segmentation", "Warnings", "Message"]
         table = slicer.mrmlScene.AddNewNodeByClass(
             "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName("AttentionUNet batch summary"))
         for name in columns:
@@ -1188,6 +1389,17 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             labels.append(LabelInfo(value, segment.GetName(), tuple(segment.GetColor())))
         return labels
 
+    @staticmethod
+    def _segmentSides(segmentationNode) -> List[Optional[str]]:
+        """Each segment's side tag (``None`` where it has none), in segment order."""
+        segments = segmentationNode.GetSegmentation()
+        sides = []
+        for i in range(segments.GetNumberOfSegments()):
+            side = vtk.reference("")
+            found = segments.GetNthSegment(i).GetTag(SIDE_TAG, side)
+            sides.append(str(side) if found and str(side) in SIDES else None)
+        return sides
+
     def exportToLabelMapNode(self, segmentationNode, referenceVolume=None, labelmapNode=None):
         """All segments into a label map volume node with stable label values (each segment's label value) on the
         reference volume's grid, with a colour table of the segment names and colours."""
@@ -1222,13 +1434,16 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
         return labelmapNode
 
-    @staticmethod
-    def exportFileNames(segmentationNode, fileFormat: str) -> Dict[str, str]:
+    def exportFileNames(self, segmentationNode, fileFormat: str) -> Dict[str, str]:
+        """Names of the exported files by kind; ``sides`` (per-side totals) only for a segmentation with sides."""
         base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
         base = base or "segmentation"
-        return {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
-                "label_table": f"{base}_labels.csv",
-                "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
+        names = {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
+                 "label_table": f"{base}_labels.csv",
+                 "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
+        if any(self._segmentSides(segmentationNode)):
+            names["sides"] = f"{base}_sides.csv"
+        return names
 
     def existingExportFiles(self, segmentationNode, outputDirectory, fileFormat: str = "nii.gz") -> List[str]:
         names = self.exportFileNames(segmentationNode, fileFormat).values()
@@ -1238,9 +1453,10 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     def exportForReport(self, segmentationNode, outputDirectory, referenceVolume=None, fileFormat: str = "nii.gz",
                         force: bool = False) -> Dict[str, str]:
         """Write a label map (NIfTI or NRRD, label value = segment label value), the segmentation (.seg.nrrd),
-        a CSV label table
-        (value, name, colour), per-segment volumes in mL (CSV) and the provenance (JSON). Existing files are kept
-        unless ``force``; nothing partial is left behind. Returns the written paths by kind."""
+        a CSV label table (value, name, colour), per-segment volumes in mL (CSV; with a ``side`` column when the
+        segments have sides, plus per-side totals and the asymmetry index in ``<name>_sides.csv``) and the
+        provenance (JSON). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
+        written paths by kind."""
         from AttentionUNetSegmentLib.imageio import check_written_image
 
         if fileFormat not in EXPORT_FORMATS:
@@ -1258,14 +1474,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         partials: List[pathlib.Path] = []
         try:
             labels = self._segmentLabels(segmentationNode)
-            voxels = _voxel_counts(labelmap)
+            sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
             voxelMl = _voxel_volume_ml(labelmap)
+            rows = _statistics_rows(labels, sides, _voxel_counts(labelmap), voxelMl)
             writes = {
                 "label_table": "value,name,color\n" + "".join(
                     f"{label.value},{_csv(label.name)},{_hex(label.color)}\n" for label in labels),
-                "volumes": "value,name,voxels,volume_ml\n" + "".join(
-                    f"{label.value},{_csv(label.name)},{voxels.get(label.value, 0)},"
-                    f"{voxels.get(label.value, 0) * voxelMl:.6f}\n" for label in labels),
+                "volumes": _volumes_csv(rows, bool(sides)),
                 "provenance": json.dumps({
                     "segmentation": segmentationNode.GetName(),
                     "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -1275,6 +1490,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                     "voxel_volume_ml": voxelMl,
                     "files": names}, indent=2) + "\n",
             }
+            if sides:
+                writes["sides"] = _sides_csv(*_side_totals(rows))
             labelPartial = paths["labelmap"].with_name(f"{paths['labelmap'].name}.partial-{os.getpid()}.{fileFormat}")
             partials.append(labelPartial)
             segmentationPartial = paths["segmentation"].with_name(f"{names['segmentation']}.partial-{os.getpid()}"
@@ -1323,6 +1540,25 @@ def _remove_nodes(nodes) -> None:
         scene.RemoveNode(node)
 
 
+def _volumes_csv(rows: Sequence[Dict[str, Any]], withSides: bool) -> str:
+    """``value,name[,side],voxels,volume_ml`` per segment (the side column only for a located run)."""
+    return ("value,name,side,voxels,volume_ml\n" if withSides else "value,name,voxels,volume_ml\n") + "".join(
+        f"{row['value']},{_csv(row['name'])}," + (f"{row['side'] or ''}," if withSides else "")
+        + f"{row['voxels']},{row['volume_ml']:.6f}\n" for row in rows)
+
+
+def _sides_csv(sides: Dict[str, Dict[str, Any]], asymmetry: Optional[float]) -> str:
+    """One row: voxels and mL per side and the asymmetry index (L - R) / ((L + R) / 2) (empty when undefined),
+    so the files of several subjects concatenate into one table."""
+    empty = {"voxels": 0, "volume_ml": 0.0}
+    cells = []
+    for side in SIDES:
+        total = sides.get(side, empty)
+        cells += [str(total["voxels"]), f"{total['volume_ml']:.6f}"]
+    cells.append("" if asymmetry is None else f"{asymmetry:.6f}")
+    return ("left_voxels,left_volume_ml,right_voxels,right_volume_ml,asymmetry_index\n" + ",".join(cells) + "\n")
+
+
 def _csv(text: str) -> str:
     return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
 
@@ -1343,17 +1579,88 @@ def _voxel_counts(labelmapNode) -> Dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
 
 
-def _label_statistics(labelmapNode, bundle: "ModelBundle") -> List[Dict[str, Any]]:
-    counts, voxelMl = _voxel_counts(labelmapNode), _voxel_volume_ml(labelmapNode)
-    return [{"value": label.value, "name": label.name, "voxels": counts.get(label.value, 0),
-             "volume_ml": counts.get(label.value, 0) * voxelMl} for label in bundle.labels]
+def _statistics_rows(labels: Sequence[Any], sides: Dict[int, str], counts: Dict[int, int],
+                     voxelMl: float) -> List[Dict[str, Any]]:
+    """Per label: value, name, side (``None`` unless the run located each side), voxels and mL."""
+    return [{"value": label.value, "name": label.name, "side": sides.get(label.value),
+             "voxels": counts.get(label.value, 0), "volume_ml": counts.get(label.value, 0) * voxelMl}
+            for label in labels]
 
 
-def _read_json(path: pathlib.Path) -> Dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def _side_totals(rows: Sequence[Dict[str, Any]]):
+    """``(sides, asymmetry)``: voxels and mL per side (the sum of the side's segments) and the asymmetry index
+    (L - R) / ((L + R) / 2) of the whole-structure volumes; ``({}, None)`` when no row has a side (a crop)."""
+    sides = {}
+    for side in SIDES:
+        own = [row for row in rows if row.get("side") == side]
+        if own:
+            sides[side] = {"voxels": sum(row["voxels"] for row in own),
+                           "volume_ml": sum(row["volume_ml"] for row in own)}
+    if len(sides) < len(SIDES):
+        return sides, None
+    left, right = sides["left"]["volume_ml"], sides["right"]["volume_ml"]
+    return sides, ((left - right) / ((left + right) / 2) if left + right > 0 else None)
+
+
+def _run_labels(bundle: "ModelBundle", report: Dict[str, Any]):
+    """``(labels, sides)``: the label set that ran, as the report's ``segments`` list it (a located run has one
+    label per side and part), each with its terminology from the bundle's label lists, and ``{value: side}``;
+    the bundle's labels when the report lists none."""
+    from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE, LabelInfo
+
+    segments = report.get("segments")
+    if not segments:
+        return list(bundle.labels), {}
+    terminology = {(label.value, label.name): label.terminology for label in bundle.labels}
+    localization = bundle.metadata.get("localization")
+    for item in (localization.get("labels") if isinstance(localization, dict) else None) or []:
+        if isinstance(item, dict) and isinstance(item.get("terminology"), str):
+            terminology.setdefault((item.get("value"), item.get("name")), item["terminology"])
+    labels, sides = [], {}
+    for item in segments:
+        try:
+            value, name, color = item["value"], item["name"], tuple(float(c) for c in item["color"])
+            valid = (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LABEL_VALUE
+                     and isinstance(name, str) and len(color) == 3)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise AttentionUNetSegmentError(
+                f"The engine's report lists a segment the module cannot read ({str(item)[:200]}): reinstall the "
+                "AttentionUNet extension so that its engine and module match.")
+        labels.append(LabelInfo(value, name, color, terminology.get((value, name), "")))
+        if item.get("side") in SIDES:
+            sides[value] = item["side"]
+    return labels, sides
+
+
+def _localization_boxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
+    """``{side: [R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX]}`` of the boxes a located run segmented (the
+    report's ``localization.boxes``, RAS mm in the input's coordinates); empty without localisation."""
+    localization = report.get("localization")
+    boxes = localization.get("boxes") if isinstance(localization, dict) else None
+    if not isinstance(boxes, dict):
         return {}
+    result = {}
+    for side in SIDES:
+        if boxes.get(side) is None:
+            continue
+        try:
+            box = [float(v) for v in boxes[side]]
+        except (TypeError, ValueError):
+            box = []
+        if len(box) != 6 or not all(math.isfinite(v) for v in box) or any(box[2 * a] > box[2 * a + 1]
+                                                                             for a in range(3)):
+            raise AttentionUNetSegmentError(
+                f"The engine's report gives the {side} localisation box as {str(boxes[side])[:200]}, not six RAS "
+                "bounds: reinstall the AttentionUNet extension so that its engine and module match.")
+        result[side] = box
+    return result
+
+
+def warningText(warnings: Sequence[str]) -> str:
+    """The panel's status lines for warnings (the domain guard's before Apply, the engine's after a run)."""
+    return "\n".join(f"Warning: {warning}" for warning in warnings)
 
 
 def _read_requirements(path: pathlib.Path) -> List[str]:

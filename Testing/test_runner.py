@@ -211,6 +211,12 @@ def test_build_segment_command_follows_the_cli_contract():
                  "--largest-component"):
         assert part in text
     assert "--force" not in command
+    assert "--localize" not in command  # not asked for: the engine's default (and engines without the option work)
+    for mode in ("auto", "off"):
+        localized = build_segment_command(["a.nrrd"], "/out", localize=mode)
+        assert localized[localized.index("--localize") + 1] == mode
+    with pytest.raises(ValueError, match="localize"):
+        build_segment_command(["a.nrrd"], "/out", localize="on")
     with pytest.raises(ValueError):
         build_segment_command(["a.nrrd"], "/out", roi=(1, 2, 3))
     with pytest.raises(ValueError):

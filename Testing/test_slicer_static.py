@@ -493,3 +493,27 @@ def test_icons_are_128_pixel_pngs_and_urls_point_at_committed_files():
         for url in re.search(r'set\(%s "([^"]*)"\)' % variable, cmake).group(1).split():
             relative = url.split("/main/", 1)[1]
             assert (ROOT / relative).is_file(), f"{variable} points at {relative}, which is not in the repository"
+
+
+def test_locate_automatically_checkbox_is_bound_on_by_default_and_follows_the_model(tree):
+    """The "Locate automatically" checkbox: in the .ui, bound to a ``bool`` parameter that defaults to on, and shown
+    and enabled by the widget from the selected model (a localiser) and the Region (which wins over it)."""
+    assert _ui_widgets()["locateAutomaticallyCheckBox"] == "QCheckBox"
+    assert _ui_bindings()["locateAutomaticallyCheckBox"] == ("QCheckBox", "locateAutomatically")
+    element = next(w for w in ET.parse(UI_FILE).getroot().iter("widget")
+                   if w.get("name") == "locateAutomaticallyCheckBox")
+    assert element.find("property[@name='text']/string").text == "Locate automatically"
+    assert element.find("property[@name='checked']/bool").text == "true"
+    wrapper = next(node for node in tree.body
+                   if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode")
+    (field,) = [item for item in wrapper.body if isinstance(item, ast.AnnAssign)
+                and item.target.id == "locateAutomatically"]
+    assert ast.unparse(field.annotation) == "bool" and ast.literal_eval(field.value) is True
+    assigned = {node.targets[0].attr: ast.unparse(node.value) for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute)
+                and _dotted(node.targets[0].value) == "self.ui.locateAutomaticallyCheckBox"}
+    assert "hasLocalizer" in assigned["visible"]
+    assert "hasLocalizer" in assigned["enabled"] and "roi" in assigned["enabled"]
+    options = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _dotted(node.func) ==
+               "SegmentationOptions" and any(k.arg == "locateAutomatically" for k in node.keywords)]
+    assert options, "the panel's choice never reaches the run's options"

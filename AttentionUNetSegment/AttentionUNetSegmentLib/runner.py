@@ -27,6 +27,8 @@ ERROR_CONTEXT_LINES = 8
 #: The ETA is not shown before this fraction/elapsed time (early estimates are noise: imports, model loading).
 ETA_MIN_FRACTION = 0.03
 ETA_MIN_SECONDS = 2.0
+#: Values of ``segment --localize``: locate the structure with the bundle's localiser when the input needs it, or not.
+LOCALIZE_MODES = ("auto", "off")
 
 _STDOUT = "stdout"
 _STDERR = "stderr"
@@ -69,6 +71,7 @@ def build_segment_command(
     overlap: Optional[float] = None,
     tta: bool = False,
     roi: Optional[Sequence[float]] = None,
+    localize: Optional[str] = None,
     attention: bool = True,
     probabilities: bool = False,
     largest_component: bool = False,
@@ -77,7 +80,8 @@ def build_segment_command(
 ) -> List[str]:
     """The ``python -m AttentionUNetSegmentLib segment ... --progress json`` command (CLI contract in DESIGN.md).
 
-    ``roi`` is a RAS box ``(R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX)`` in millimetres.
+    ``roi`` is a RAS box ``(R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX)`` in millimetres. ``localize`` is
+    ``"auto"``/``"off"`` (``--localize``), or ``None`` to leave the engine's default (older engines lack the option).
     """
     if not inputs:
         raise ValueError("build_segment_command needs at least one input image")
@@ -94,6 +98,10 @@ def build_segment_command(
         if len(roi) != 6:
             raise ValueError(f"roi needs six numbers (R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX), got {len(roi)}")
         command += ["--roi", *(f"{float(v):.6g}" for v in roi)]
+    if localize is not None:
+        if localize not in LOCALIZE_MODES:
+            raise ValueError(f"localize must be one of {LOCALIZE_MODES}, got {localize!r}")
+        command += ["--localize", localize]
     if not attention:
         command.append("--no-attention")
     if probabilities:
