@@ -165,6 +165,23 @@ def test_metaimage_data_files_are_checked_against_the_header(tmp_path):
         read_image(local)
 
 
+def test_metaimage_slice_lists_are_checked_file_by_file(tmp_path):
+    volume = (np.arange(400) % 17).astype("<i2").reshape(4, 10, 10)
+    for index in range(4):
+        (tmp_path / f"s{index}.raw").write_bytes(volume[index].tobytes())
+    (tmp_path / "list.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 4\nElementType = MET_SHORT\n"
+                                       "ElementDataFile = LIST 2D\ns0.raw\ns1.raw\ns2.raw\ns3.raw\n")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(tmp_path / "list.mhd")), volume)
+    (tmp_path / "s2.raw").write_bytes(b"12")
+    with pytest.raises(InputImageError, match=r"the 4 data files \(.*s0.raw, ...\) hold 602 bytes of image data, "
+                                              r"but the header .*list.mhd declares 800"):
+        read_image(tmp_path / "list.mhd")
+    (tmp_path / "s2.raw").unlink()
+    os.mkfifo(tmp_path / "s2.raw")
+    with pytest.raises(InputImageError, match=r"data file .*s2.raw that .*list.mhd names is not a regular file"):
+        read_image(tmp_path / "list.mhd")
+
+
 def test_compressed_metaimage_and_nrrd_data_are_inflated_and_counted(tmp_path):
     image = sitk.GetImageFromArray(smooth_volume())
     for extension in (".mha", ".nrrd"):
@@ -360,6 +377,20 @@ def test_dataset_images_and_labels_go_through_the_reader_checks(tmp_path):
     with pytest.raises(DatasetError, match=r"case case1: label file .*case1.nii.gz is unusable: .*declares size "
                                            r"1300 x 1300 x 1300"):
         inspect_dataset(load_dataset(tmp_path))
+
+
+def test_a_pairs_csv_that_is_not_a_regular_file_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "pairs.csv")
+    with pytest.raises(DatasetError, match="not a regular file"):
+        load_dataset(tmp_path / "pairs.csv", {1: "Blob"})
+
+
+def test_evaluation_references_go_through_the_reader_checks(tmp_path):
+    from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate
+
+    (tmp_path / "case.nii.gz").write_bytes(gzip.compress(nifti_bytes((1300, 1300, 1300), np.uint8)))
+    with pytest.raises(DatasetError, match=r"case case: .*case.nii.gz declares size 1300 x 1300 x 1300"):
+        evaluate([EvaluationCase("case", tmp_path / "case.nii.gz")], {1: "Blob"}, predictions=tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- FreeSurfer .mgz

@@ -197,7 +197,8 @@ def _csv_rows(path: Path) -> List[Dict[str, str]]:
         raise DatasetError(f"dataset listing {path} is not a regular file; give the path of a .csv or .json file")
     if path.stat().st_size > MAX_JSON_BYTES:
         raise DatasetError(f"dataset listing {path} is {path.stat().st_size / 2**20:.1f} MiB, more than the "
-                           f"{MAX_JSON_BYTES / 2**20:.0f} MiB a listing may have; it is not a list of image/label pairs")
+                           f"{MAX_JSON_BYTES / 2**20:.0f} MiB a listing may have; it is not a list of image/label "
+                           "pairs")
     try:
         with open(path, newline="", encoding="utf-8") as stream:
             return list(csv.DictReader(stream))

@@ -114,16 +114,17 @@ def read_header(path: PathLike) -> _Header:
     """
     path = Path(path)
     extension = image_extension(path)
-    if extension in (".nii", ".nii.gz", ".mgz", ".mgh"):
-        header = _nibabel_header(path)
-    elif extension in (".mha", ".mhd"):
-        header = _metaimage_header(path)
-    elif extension in (".nrrd", ".nhdr"):
-        header = _nrrd_header(path)
-    else:
+    parsers = {".nii": _nibabel_header, ".nii.gz": _nibabel_header, ".mgz": _nibabel_header,
+               ".mgh": _nibabel_header, ".mha": _metaimage_header, ".mhd": _metaimage_header,
+               ".nrrd": _nrrd_header, ".nhdr": _nrrd_header}
+    if extension not in parsers:
         raise InputImageError(f"{path} is not a supported image file; give one of {', '.join(READ_EXTENSIONS)}")
-    _check_voxel_count(path, header.shape)
-    _check_data_present(path, header)
+    try:
+        header = parsers[extension](path)
+        _check_voxel_count(path, header.shape)
+        _check_data_present(path, header)
+    except OSError as error:  # e.g. no permission to read
+        raise InputImageError(f"cannot read {path} ({error.strerror or error})") from None
     return header
 
 
@@ -207,22 +208,23 @@ def _nifti_scaling(path: Path) -> Tuple[float, float]:
     return 1.0, 0.0
 
 
-def _text_header(path: Path, attached: bool) -> Tuple[List[str], int]:
-    """Lines of a text header and the byte offset where attached data starts (after ``attached``'s end marker:
-    the ``ElementDataFile`` line for MetaImage, the first blank line for NRRD); ``-1`` where the header has none."""
+def _text_header(path: Path, last: Optional[Callable[[str], bool]] = None) -> Tuple[List[str], int]:
+    """The lines of a text header (within its first ``MAX_HEADER_BYTES``), up to and including the first for which
+    ``last`` holds (MetaImage: the ``ElementDataFile`` line; NRRD: the first blank line), and the byte offset just
+    after that line, where attached data starts; ``-1`` when no line ends the header."""
     with open(path, "rb") as stream:
         head = stream.read(MAX_HEADER_BYTES)
     lines, position = [], 0
     while position < len(head):
-        end = head.find(b"\n", position)
-        if end < 0:
-            end = len(head) if len(head) < MAX_HEADER_BYTES else -1
-            if end < 0:
-                break
-        line = head[position:end].decode("latin-1").rstrip("\r")
-        position = end + 1
+        stop = head.find(b"\n", position)
+        if stop < 0:
+            if len(head) == MAX_HEADER_BYTES:
+                break  # a line cut by the cap
+            stop = len(head)
+        line = head[position:stop].decode("latin-1").rstrip("\r")
+        position = stop + 1
         lines.append(line)
-        if attached and (line.strip() == "" or line.strip().lower().startswith("elementdatafile")):
+        if last is not None and last(line):
             return lines, position
     return lines, -1
 
@@ -264,7 +266,7 @@ def _data_files(path: Path, value: str, key: str) -> List[Path]:
     header's folder."""
     words = value.split()
     if words and words[0].upper() == "LIST":
-        lines = _text_header(path, attached=False)[0]
+        lines = _text_header(path)[0]
         start = next(i for i, line in enumerate(lines) if line.strip().lower().startswith(key)) + 1
         names = [line.strip() for line in lines[start:] if line.strip()]
     elif len(words) >= 4 and "%" in words[0]:
@@ -284,7 +286,7 @@ _META_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT":
 
 
 def _metaimage_header(path: Path) -> _Header:
-    lines, data_start = _text_header(path, attached=True)
+    lines, data_start = _text_header(path, lambda line: line.strip().lower().startswith("elementdatafile"))
     fields = _fields(lines, "=")
     if "elementdatafile" not in fields or "dimsize" not in fields:
         raise InputImageError(f"cannot read {path}: it is not a MetaImage file (no DimSize/ElementDataFile in its "
@@ -331,7 +333,7 @@ def _nrrd_header(path: Path) -> _Header:
     if not magic.startswith(b"NRRD"):
         raise InputImageError(f"cannot read {path}: it is not a NRRD file (no NRRD magic line); give an uncorrupted "
                               f"volume in one of {', '.join(READ_EXTENSIONS)}")
-    lines, data_start = _text_header(path, attached=True)
+    lines, data_start = _text_header(path, lambda line: not line.strip())
     fields = {key: value for key, value in _fields(lines[1:], ":").items()
               if not value.startswith("=")}  # key:=value pairs are free-form metadata
     shape = _whole_numbers(path, fields.get("sizes"), "sizes")
@@ -380,8 +382,8 @@ def _check_data_present(path: Path, header: _Header) -> None:
         needed = math.prod(header.shape)  # at least one character per value
     if held < needed:
         files = [file for file, _ in header.files]
-        where = f"{path} holds" if files == [path] else f"data file {', '.join(map(str, files))} hold" + \
-            ("s" if len(files) == 1 else "")
+        where = f"{path} holds" if files == [path] else f"data file {files[0]} holds" if len(files) == 1 else \
+            f"the {len(files)} data files ({files[0]}, ...) hold"
         raise InputImageError(
             f"{where} {held:,} bytes of image data, but the header {path} declares {needed:,} (size "
             f"{' x '.join(map(str, header.shape))}); the file is truncated or its header is wrong — export the "
@@ -516,7 +518,9 @@ def _read_checked(path: Path) -> Tuple[sitk.Image, _Header]:
     except MemoryError:
         raise _too_large(path, header) from None
     if image.GetDimension() == 3:  # rounding-level shear becomes exactly orthonormal (the image is ours to change)
-        image.SetDirection([float(d) for d in _checked_direction(image, str(path)).ravel()])
+        direction = _checked_direction(image, str(path))
+        if np.abs(direction.ravel() - image.GetDirection()).max() > 1e-12:
+            image.SetDirection([float(d) for d in direction.ravel()])
     return image, header
 
 
