@@ -60,6 +60,7 @@ def nifti_bytes(shape, dtype=np.float32, data: bytes = b"", **header_fields) -> 
     header.set_sform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
     header.set_qform(np.diag([1.0, 1.0, 1.0, 1.0]), code=1)
     header["vox_offset"] = 352
+    header["scl_slope"], header["scl_inter"] = 1.0, 0.0
     for key, value in header_fields.items():
         header[key] = value
     return header.binaryblock + b"\0" * 4 + data
@@ -125,6 +126,23 @@ def test_an_image_larger_than_the_memory_gets_one_error_line(hostile, tmp_path):
     result = run_limited("segment", str(hostile / "bomb.nii.gz"), "--output-dir", str(tmp_path / "out"),
                          env={MAX_VOXELS_VARIABLE: str(2**31)}, limit=2**30)
     assert_one_error(result, r"does not fit in this machine's free memory", tmp_path / "out")
+
+
+@pytest.mark.parametrize("extension", [".nii", ".nii.gz"])
+def test_nifti_header_extensions_are_bounded(tmp_path, extension):
+    """nibabel reads each extension whole, whatever size it claims: a 2 GiB claim in a small file is refused."""
+    opener = gzip.compress if extension == ".nii.gz" else bytes
+    bomb = bytearray(nifti_bytes((8, 8, 8), data=bytes(2048), vox_offset=368))
+    bomb[348] = 1  # extensions follow
+    bomb[352:360] = np.array([2**31 - 16, 4], "<i4").tobytes()
+    (tmp_path / f"ext{extension}").write_bytes(opener(bytes(bomb)))
+    with pytest.raises(InputImageError, match=r"header extension of 2,147,483,632 bytes at byte 352, which does not "
+                                              r"fit before its data at byte 368"):
+        read_image(tmp_path / f"ext{extension}")
+    far = nifti_bytes((8, 8, 8), vox_offset=2.0**40)
+    (tmp_path / f"far{extension}").write_bytes(opener(far))
+    with pytest.raises(InputImageError, match=r"puts its data 1,099,511,627,776 bytes into the file"):
+        read_image(tmp_path / f"far{extension}")
 
 
 def test_the_voxel_limit_is_configurable_and_checked(tmp_path, monkeypatch):
@@ -286,6 +304,18 @@ def test_header_scaling_that_overflows_is_reported_as_the_headers_scaling(tmp_pa
     volume_nifti(tmp_path / "inf.nii.gz", np.int16, scl_slope=np.inf)
     with pytest.raises(InputImageError, match=r"non-finite intensity scaling in its header \(scl_slope=inf"):
         read_image(tmp_path / "inf.nii.gz")
+
+
+def test_the_nibabel_reader_scales_like_itk_in_float32(tmp_path):
+    from AttentionUNetSegmentLib.imageio import _read_with_nibabel
+
+    nifti = nib.Nifti1Image(smooth_volume().astype(np.int16).transpose(2, 1, 0), np.diag([1.0, 1.0, 2.0, 1.0]))
+    nifti.header.set_slope_inter(2.0, 1.0)
+    nib.save(nifti, str(tmp_path / "scaled.nii.gz"))
+    fallback = _read_with_nibabel(tmp_path / "scaled.nii.gz", None)
+    assert fallback.GetPixelID() == sitk.sitkFloat32
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fallback),
+                                  sitk.GetArrayFromImage(read_image(tmp_path / "scaled.nii.gz")))
 
 
 @pytest.mark.parametrize("normalization", [{"scheme": "zscore"}, {"scheme": "zscore", "nonzero": True}])

@@ -44,6 +44,8 @@ DEFAULT_MAX_VOXELS = 2**29
 MAX_VOXELS_VARIABLE = "ATTENTION_UNET_MAX_VOXELS"
 #: Bytes of a text header (MetaImage, NRRD) read before giving up on finding its end.
 MAX_HEADER_BYTES = 1 << 20
+#: Largest NIfTI extension area (header end to data): extensions are metadata, and nibabel reads each one whole.
+MAX_EXTENSION_BYTES = 16 << 20
 #: Largest shear, as voxel displacement at the far corner over the smallest voxel size, that an image may have;
 #: ITK images have orthonormal axes only, so up to this much (rounding, as DICOM converters leave) is absorbed.
 SHEAR_TOLERANCE_VOXELS = 0.1
@@ -153,6 +155,7 @@ def _nibabel_header(path: Path) -> _Header:
     """NIfTI-1/2 or FreeSurfer MGH header through nibabel (lazy: no voxel is read)."""
     import nibabel as nib
 
+    scaling = _nifti_preflight(path) if image_extension(path) in (".nii", ".nii.gz") else _mgh_preflight(path)
     try:
         loaded = nib.load(str(path))
         header = loaded.header
@@ -178,7 +181,7 @@ def _nibabel_header(path: Path) -> _Header:
         if code:
             _check_finite(path, np.asarray(affine).ravel(), f"{name} (voxel-to-world matrix, code {int(code)})")
     _check_finite(path, [float(v) for v in header["pixdim"][1:4]], "voxel size (pixdim)")
-    slope, inter = _nifti_scaling(path)
+    slope, inter = scaling
     if slope != 0 and not math.isnan(slope):  # 0 or NaN: no scaling (NIfTI standard)
         if not (math.isfinite(slope) and math.isfinite(inter)):
             raise InputImageError(f"{path} has a non-finite intensity scaling in its header (scl_slope={slope}, "
@@ -190,21 +193,64 @@ def _nibabel_header(path: Path) -> _Header:
     return result
 
 
-def _nifti_scaling(path: Path) -> Tuple[float, float]:
-    """``(scl_slope, scl_inter)`` as stored (nibabel's loaded header no longer holds them, and it ignores an
-    infinite slope that ITK would apply)."""
-    opener = gzip.open if image_extension(path) == ".nii.gz" else open
+def _prefix(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of ``path``, inflated for ``.gz``/``.mgz`` (fewer where it is shorter)."""
+    opener = gzip.open if image_extension(path) in (".nii.gz", ".mgz") else open
     try:
         with opener(path, "rb") as stream:
-            raw = stream.read(192)
-    except (OSError, EOFError, zlib.error):
-        return 1.0, 0.0  # unreachable in practice: nibabel has just read this header
+            return stream.read(size)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise InputImageError(f"cannot read {path}: its compressed data is damaged ({error}); export the volume "
+                              "again") from None
+
+
+def _nifti_preflight(path: Path) -> Tuple[float, float]:
+    """What must be checked before nibabel parses a NIfTI header: the declared size (nibabel would seek through a
+    bomb), the extension area (nibabel reads each extension whole, whatever size it claims). Returns the stored
+    ``(scl_slope, scl_inter)`` (nibabel's loaded header no longer holds them, and it drops an infinite slope that
+    ITK would apply)."""
+    raw = _prefix(path, 544)
     for endian in "<>":
-        size = struct.unpack(endian + "i", raw[:4])[0]
-        if size == 348:
-            return struct.unpack(endian + "2f", raw[112:120])
-        if size == 540:
-            return struct.unpack(endian + "2d", raw[176:192])
+        size = struct.unpack(endian + "i", raw[:4])[0] if len(raw) >= 4 else 0
+        if size == 348 and len(raw) >= 352:
+            dims = struct.unpack(endian + "8h", raw[40:56])
+            offset = struct.unpack(endian + "f", raw[108:112])[0]
+            offset = int(offset) if math.isfinite(offset) else 1 << 62  # refused below
+            scaling = struct.unpack(endian + "2f", raw[112:120])
+            break
+        if size == 540 and len(raw) >= 544:
+            dims = struct.unpack(endian + "8q", raw[16:80])
+            offset = struct.unpack(endian + "q", raw[168:176])[0]
+            scaling = struct.unpack(endian + "2d", raw[176:192])
+            break
+    else:
+        raise InputImageError(f"cannot read {path}: it does not start with a NIfTI-1 or NIfTI-2 header; give an "
+                              f"uncorrupted volume in one of {', '.join(READ_EXTENSIONS)}")
+    _check_voxel_count(path, dims[1:min(max(dims[0], 1), 7) + 1])
+    if offset - (size + 4) > MAX_EXTENSION_BYTES:
+        raise InputImageError(f"{path} puts its data {offset:,} bytes into the file, leaving {offset - size - 4:,} "
+                              f"bytes of header extensions, more than the {MAX_EXTENSION_BYTES:,} read here; the "
+                              "header is damaged or hostile — export the volume again")
+    if raw[size] != 0 and offset > size + 4:  # extensions present: each must end within the extension area
+        area = _prefix(path, offset)
+        position = size + 4
+        while position + 8 <= offset:
+            length = struct.unpack(endian + "i", area[position:position + 4])[0] if len(area) >= position + 4 else 0
+            if length < 16 or position + length > offset:
+                raise InputImageError(f"{path} has a header extension of {length:,} bytes at byte {position:,}, "
+                                      f"which does not fit before its data at byte {offset:,}; the header is "
+                                      "damaged — export the volume again")
+            position += length
+    return scaling
+
+
+def _mgh_preflight(path: Path) -> Tuple[float, float]:
+    """The declared size of a FreeSurfer MGH header (big-endian width, height, depth, frames), checked before
+    nibabel seeks past the data to its footer. MGH has no intensity scaling: returns ``(1, 0)``."""
+    raw = _prefix(path, 284)
+    if len(raw) < 284:
+        raise InputImageError(f"cannot read {path}: it is shorter than a FreeSurfer MGH header (284 bytes)")
+    _check_voxel_count(path, struct.unpack(">4i", raw[4:20]))
     return 1.0, 0.0
 
 
@@ -543,7 +589,9 @@ def _read_with_nibabel(path: Path, sitk_error: Optional[Exception]) -> sitk.Imag
 
     try:
         loaded = nib.load(str(path))
-        data = np.asanyarray(loaded.dataobj)
+        proxy = loaded.dataobj
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+        data = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy)
         affine = np.asarray(loaded.affine, dtype=float)
     except MemoryError:
         raise
@@ -562,6 +610,11 @@ def _read_with_nibabel(path: Path, sitk_error: Optional[Exception]) -> sitk.Imag
     if data.ndim != 3:
         raise _dimension_error(path, data.ndim, tuple(data.shape))
     data = data.astype(np.float32 if data.dtype == np.float64 else data.dtype.newbyteorder("="), copy=False)
+    if (slope, inter) != (1.0, 0.0):  # scaled in float32 (nibabel would make a float64 volume)
+        data = data.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by validate_image
+            data *= np.float32(slope)
+            data += np.float32(inter)
     linear = LPS_FROM_RAS @ affine[:3, :3]
     spacing = np.linalg.norm(linear, axis=0)
     direction = _orthonormal_direction(str(path), data.shape, spacing, linear / np.where(spacing > 0, spacing, 1))
