@@ -200,6 +200,20 @@ def test_metaimage_slice_lists_are_checked_file_by_file(tmp_path):
         read_image(tmp_path / "list.mhd")
 
 
+def test_a_data_file_pattern_naming_billions_of_files_is_refused(tmp_path):
+    (tmp_path / "pattern.mhd").write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 4\nElementType = MET_SHORT\n"
+                                          "ElementDataFile = s%09d.raw 0 999999999 1 2\n")
+    with pytest.raises(InputImageError, match=r"names 1,000,000,000 data files, more than its size 10 x 10 x 4"):
+        read_image(tmp_path / "pattern.mhd")
+
+
+def test_a_misnamed_uncompressed_nifti_is_told_to_be_renamed(tmp_path):
+    volume_nifti(tmp_path / "plain.nii").rename(tmp_path / "plain.nii.gz")
+    with pytest.raises(InputImageError, match=r"plain.nii.gz is named .nii.gz but is not gzip-compressed; rename it "
+                                              r"\(e.g. to .nii\)"):
+        read_image(tmp_path / "plain.nii.gz")
+
+
 def test_compressed_metaimage_and_nrrd_data_are_inflated_and_counted(tmp_path):
     image = sitk.GetImageFromArray(smooth_volume())
     for extension in (".mha", ".nrrd"):

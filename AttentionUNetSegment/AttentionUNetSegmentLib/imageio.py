@@ -200,6 +200,11 @@ def _prefix(path: Path, size: int) -> bytes:
         with opener(path, "rb") as stream:
             return stream.read(size)
     except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        with open(path, "rb") as stream:
+            if stream.read(2) != b"\x1f\x8b":
+                raise InputImageError(f"{path} is named {image_extension(path)} but is not gzip-compressed; rename it "
+                                      f"(e.g. to {image_extension(path).replace('.gz', '').replace('.mgz', '.mgh')})"
+                                      ) from None
         raise InputImageError(f"cannot read {path}: its compressed data is damaged ({error}); export the volume "
                               "again") from None
 
@@ -306,23 +311,32 @@ def _check_spacing(path: Path, spacing: Sequence[float]) -> None:
         raise _geometry_error(path, f"a zero or negative voxel spacing {list(spacing)}")
 
 
-def _data_files(path: Path, value: str, key: str) -> List[Path]:
+def _data_files(path: Path, value: str, key: str, shape: Sequence[int]) -> List[Path]:
     """The data file(s) a detached header names in its ``key`` field: one file, ``LIST`` (one name a line after
     that field) or a printf pattern ``name%03d.raw first last step``; relative names are relative to the
-    header's folder."""
+    header's folder. More files than the image's largest axis has slices is refused (a pattern could name
+    billions)."""
     words = value.split()
     if words and words[0].upper() == "LIST":
         lines = _text_header(path)[0]
         start = next(i for i, line in enumerate(lines) if line.strip().lower().startswith(key)) + 1
-        names = [line.strip() for line in lines[start:] if line.strip()]
+        names: Sequence[str] = [line.strip() for line in lines[start:] if line.strip()]
     elif len(words) >= 4 and "%" in words[0]:
         try:
             first, last, step = (int(w) for w in words[1:4])
-            names = [words[0] % i for i in range(first, last + (1 if step > 0 else -1), step or 1)]
-        except (TypeError, ValueError):
+            names = range(first, last + (1 if step > 0 else -1), step or 1)  # formatted below, once counted
+        except ValueError:
             names = [value]
     else:
         names = [value]
+    if len(names) > max(list(shape) + [1]):
+        raise InputImageError(f"{path} names {len(names):,} data files, more than its size "
+                              f"{' x '.join(map(str, shape))} has slices; fix the header's {key} field")
+    if isinstance(names, range):
+        try:
+            names = [words[0] % i for i in names]
+        except (TypeError, ValueError):
+            names = [value]
     return [Path(name) if Path(name).is_absolute() else path.parent / name for name in names]
 
 
@@ -356,7 +370,7 @@ def _metaimage_header(path: Path) -> _Header:
         files = [(path, data_start)]
     else:
         skip = (_whole_numbers(path, fields.get("headersize", "0"), "HeaderSize") or [0])[0]
-        files = [(file, skip) for file in _data_files(path, value, "elementdatafile")]
+        files = [(file, skip) for file in _data_files(path, value, "elementdatafile", shape)]
     encoding = "deflate" if compressed else ("raw" if binary else "text")
     return _Header(tuple(shape), files, encoding, math.prod(shape) * item)
 
@@ -400,7 +414,7 @@ def _nrrd_header(path: Path) -> _Header:
     if key not in fields:
         files = [(path, data_start + skip if skip >= 0 and data_start >= 0 else -1)]
     else:
-        files = [(file, skip) for file in _data_files(path, fields[key], key)]
+        files = [(file, skip) for file in _data_files(path, fields[key], key, shape)]
     return _Header(tuple(shape), files, encoding, math.prod(shape) * _nrrd_type_bytes(fields.get("type", "")))
 
 
