@@ -12,7 +12,6 @@ import gzip
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,12 @@ from AttentionUNetSegmentLib.imageio import (DEFAULT_MAX_VOXELS, LPS_FROM_RAS, M
                                              read_label)
 from AttentionUNetSegmentLib.preprocessing import normalize
 
+try:
+    import resource
+except ImportError:  # Windows: no address-space limits, no FIFOs or /dev/urandom
+    resource = None
+posix_only = pytest.mark.skipif(resource is None, reason="needs POSIX resource limits and FIFOs")
+
 #: Address-space limit of the hostile-file subprocesses: the engine's imports take about 0.45 GB; each hostile
 #: file would take from 1 GB (the gzip bomb) to 5 GB (1100^3 float32) if its header were trusted.
 MEMORY_LIMIT = 2 * 2**30
@@ -36,6 +41,9 @@ MEMORY_LIMIT = 2 * 2**30
 
 def run_limited(*args: str, env: dict = None, limit: int = MEMORY_LIMIT) -> subprocess.CompletedProcess:
     """``attention-unet ARGS`` in a subprocess whose address space is capped at ``limit`` bytes."""
+    if resource is None:
+        pytest.skip("needs POSIX resource limits")
+
     def cap_memory() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
@@ -183,6 +191,7 @@ def test_metaimage_data_files_are_checked_against_the_header(tmp_path):
         read_image(local)
 
 
+@posix_only
 def test_metaimage_slice_lists_are_checked_file_by_file(tmp_path):
     volume = (np.arange(400) % 17).astype("<i2").reshape(4, 10, 10)
     for index in range(4):
@@ -380,7 +389,7 @@ def test_negative_roi_numbers_in_scientific_notation_are_accepted(tiny_bundle, t
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.write_text("[" * 100000 + "]" * 100000), "nests too deeply"),
     (lambda p: p.mkdir(), "not a regular file"),
-    (lambda p: os.mkfifo(p), "not a regular file"),
+    pytest.param(lambda p: os.mkfifo(p), "not a regular file", marks=posix_only),
     (lambda p: p.write_bytes(b"\xff\xfe{}"), "not UTF-8"),
     (lambda p: p.write_text('{"markups": [{"type": "ROI", "center": [1, 2], "size": [1, 1, 1]}]}'),
      "not a readable Slicer Markups ROI file"),
@@ -423,6 +432,7 @@ def test_dataset_images_and_labels_go_through_the_reader_checks(tmp_path):
         inspect_dataset(load_dataset(tmp_path))
 
 
+@posix_only
 def test_a_pairs_csv_that_is_not_a_regular_file_is_refused(tmp_path):
     os.mkfifo(tmp_path / "pairs.csv")
     with pytest.raises(DatasetError, match="not a regular file"):

@@ -89,7 +89,7 @@ def image_stem(path: PathLike) -> str:
 
 
 @dataclass
-class _Header:
+class ImageHeader:
     """What a file's header declares, read before any voxel is: the shape (header order), the data's location
     (``files``: ``(path, offset)`` pairs, offset -1 = the data ends the file), encoding (``raw``, ``deflate``,
     ``bzip2``, ``text``, ``hex``), bytes, and the stored dtype where non-finite stored floats must be counted
@@ -105,7 +105,7 @@ class _Header:
     scaling: Optional[Tuple[float, float]] = None
 
 
-def read_header(path: PathLike) -> _Header:
+def read_header(path: PathLike) -> ImageHeader:
     """Check ``path``'s header against the input contract without reading its voxels.
 
     Raises:
@@ -151,7 +151,7 @@ def _check_finite(path: Path, values: Sequence[float], what: str) -> None:
         raise _geometry_error(path, f"a non-finite (NaN/Inf) {what}")
 
 
-def _nibabel_header(path: Path) -> _Header:
+def _nibabel_header(path: Path) -> ImageHeader:
     """NIfTI-1/2 or FreeSurfer MGH header through nibabel (lazy: no voxel is read)."""
     import nibabel as nib
 
@@ -170,9 +170,9 @@ def _nibabel_header(path: Path) -> _Header:
                               f"({error}); give an uncorrupted volume in one of {', '.join(READ_EXTENSIONS)}") from None
     data_bytes = math.prod(shape) * dtype.itemsize
     if image_extension(path) in (".nii.gz", ".mgz"):
-        result = _Header(shape, [(path, 0)], "deflate", data_bytes, skip=offset)
+        result = ImageHeader(shape, [(path, 0)], "deflate", data_bytes, skip=offset)
     else:
-        result = _Header(shape, [(path, offset)], "raw", data_bytes)
+        result = ImageHeader(shape, [(path, offset)], "raw", data_bytes)
     if image_extension(path) in _NIBABEL_ONLY:
         _check_finite(path, np.asarray(loaded.affine).ravel(), "affine (voxel-to-world matrix)")
         return result
@@ -345,7 +345,7 @@ _META_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT":
                     "MET_DOUBLE": 8}
 
 
-def _metaimage_header(path: Path) -> _Header:
+def _metaimage_header(path: Path) -> ImageHeader:
     lines, data_start = _text_header(path, lambda line: line.strip().lower().startswith("elementdatafile"))
     fields = _fields(lines, "=")
     if "elementdatafile" not in fields or "dimsize" not in fields:
@@ -372,7 +372,7 @@ def _metaimage_header(path: Path) -> _Header:
         skip = (_whole_numbers(path, fields.get("headersize", "0"), "HeaderSize") or [0])[0]
         files = [(file, skip) for file in _data_files(path, value, "elementdatafile", shape)]
     encoding = "deflate" if compressed else ("raw" if binary else "text")
-    return _Header(tuple(shape), files, encoding, math.prod(shape) * item)
+    return ImageHeader(tuple(shape), files, encoding, math.prod(shape) * item)
 
 
 #: NRRD type names (spaces, ``signed``/``unsigned`` and ``_t`` removed) -> bytes per value.
@@ -387,7 +387,7 @@ def _nrrd_type_bytes(name: str) -> int:
     return _NRRD_TYPE_BYTES.get("".join(words) or "int", 1)  # unknown (e.g. block): ITK decides
 
 
-def _nrrd_header(path: Path) -> _Header:
+def _nrrd_header(path: Path) -> ImageHeader:
     with open(path, "rb") as stream:
         magic = stream.read(8)
     if not magic.startswith(b"NRRD"):
@@ -415,10 +415,10 @@ def _nrrd_header(path: Path) -> _Header:
         files = [(path, data_start + skip if skip >= 0 and data_start >= 0 else -1)]
     else:
         files = [(file, skip) for file in _data_files(path, fields[key], key, shape)]
-    return _Header(tuple(shape), files, encoding, math.prod(shape) * _nrrd_type_bytes(fields.get("type", "")))
+    return ImageHeader(tuple(shape), files, encoding, math.prod(shape) * _nrrd_type_bytes(fields.get("type", "")))
 
 
-def _check_data_present(path: Path, header: _Header) -> None:
+def _check_data_present(path: Path, header: ImageHeader) -> None:
     """Every data file is a regular file and together they hold the bytes the header declares."""
     held = 0
     needed = header.data_bytes
@@ -464,9 +464,9 @@ def _raw_chunks(file: Path, offset: int, needed: int) -> Iterator[bytes]:
             yield chunk
 
 
-def _inflated_bytes(path: Path, file: Path, offset: int, needed: int, header: _Header) -> int:
+def _inflated_bytes(path: Path, file: Path, offset: int, needed: int, header: ImageHeader) -> int:
     """Bytes the compressed stream(s) at ``offset`` of ``file`` inflate to, counted up to ``needed`` (nothing is
-    kept); stored floats are counted for non-finite values on the way (see ``_Header.scan_dtype``)."""
+    kept); stored floats are counted for non-finite values on the way (see ``ImageHeader.scan_dtype``)."""
     produced = 0
     try:
         inflated = _inflate(file, offset, header.skip + needed, header.encoding == "bzip2")
@@ -556,7 +556,7 @@ def read_label(path: PathLike) -> sitk.Image:
     return _read_checked(Path(path))[0]
 
 
-def _read_checked(path: Path) -> Tuple[sitk.Image, _Header]:
+def _read_checked(path: Path) -> Tuple[sitk.Image, ImageHeader]:
     if not path.exists():
         raise InputImageError(f"input image {path} does not exist; check the path")
     if not path.is_file():
@@ -584,7 +584,7 @@ def _read_checked(path: Path) -> Tuple[sitk.Image, _Header]:
     return image, header
 
 
-def _too_large(path: Path, header: _Header) -> InputImageError:
+def _too_large(path: Path, header: ImageHeader) -> InputImageError:
     return InputImageError(
         f"{path} (size {' x '.join(map(str, header.shape))}) does not fit in this machine's free memory; close "
         "other programs, crop or downsample it first, or segment it on a machine with more memory")

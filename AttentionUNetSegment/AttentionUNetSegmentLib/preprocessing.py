@@ -18,6 +18,8 @@ from .errors import InputImageError, ModelBundleError
 NORMALIZATION_SCHEMES = ("zscore", "ct")
 
 _AXIS_LETTERS = ("RL", "AP", "SI")
+#: Voxels per float64 chunk of ``normalize`` (8 MiB).
+_CHUNK = 1 << 20
 
 
 def _default_normalization() -> Dict[str, object]:
@@ -235,10 +237,6 @@ def normalize(array: np.ndarray, normalization: Mapping[str, object]) -> np.ndar
         part = flat[start:start + _CHUNK]
         part[...] = (part.astype(np.float64) - mean) / scale
     return out
-
-
-#: Voxels per float64 chunk of ``normalize`` (8 MiB).
-_CHUNK = 1 << 20
 
 
 def _float64_chunks(values: np.ndarray) -> Iterator[np.ndarray]:
