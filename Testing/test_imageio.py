@@ -160,7 +160,7 @@ BAD_INPUTS = {
     "zero bytes": (lambda p: _bytes(p / "zero.nii.gz", b""), "empty file"),
     "corrupt": (lambda p: _bytes(p / "junk.nii.gz", b"\x1f\x8b junk" * 50), "cannot read"),
     "truncated": (lambda p: _bytes(p / "cut.nrrd", b"NRRD0004\ntype: float\ndimension: 3\nsizes: 9 9 9\n"
-                                                   b"encoding: raw\n\n\x00\x00"), "cannot read"),
+                                                   b"encoding: raw\n\n\x00\x00"), "holds 2 bytes of image data"),
     "2d": (lambda p: _write(sitk.Image([8, 9], sitk.sitkFloat32) + sitk.GaussianSource(sitk.sitkFloat32, [8, 9]),
                             p / "flat.nrrd"), "2D image"),
     "single slice": (lambda p: _write(sitk.GaussianSource(sitk.sitkFloat32, [8, 9, 1]), p / "slice.nrrd"),

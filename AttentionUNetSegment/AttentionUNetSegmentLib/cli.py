@@ -28,6 +28,7 @@ from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
+from .jsonfile import read_json
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
@@ -41,7 +42,13 @@ class UsageError(AttentionUNetError):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    """argparse whose misuse errors follow the engine's rule: one ``error:`` line, exit status 2."""
+    """argparse whose misuse errors follow the engine's rule: one ``error:`` line, exit status 2, and that takes
+    every negative number as a value, not an option (argparse's own test misses ``-1e3``, so ``--roi -1e3 ...``
+    failed; no option of this tool starts with a digit or a dot)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$")
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
@@ -51,8 +58,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _ras_box_from_markups(path: Path) -> Tuple[float, ...]:
     """The RAS bounding box ``(r_min, r_max, a_min, a_max, s_min, s_max)`` of the first ROI in a Slicer
     ``.mrk.json`` file (rotated ROIs give the box that encloses them)."""
+    document = read_json(path, "--roi file", UsageError)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
         roi = next(m for m in document["markups"] if m.get("type") == "ROI")
         center = [float(c) for c in roi["center"]]
         size = [float(s) for s in roi["size"]]
@@ -60,8 +67,7 @@ def _ras_box_from_markups(path: Path) -> Tuple[float, ...]:
         rotation = [[float(rows[3 * i + j]) for j in range(3)] for i in range(3)]
         if len(center) != 3 or len(size) != 3:
             raise ValueError("center and size need three values")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, StopIteration, TypeError, ValueError,
-            IndexError) as error:
+    except (KeyError, StopIteration, TypeError, ValueError, IndexError, AttributeError) as error:
         raise UsageError(f"--roi {path} is not a readable Slicer Markups ROI file ({error}); save the ROI from "
                          "Slicer as .mrk.json or give six numbers R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX") from None
     # Half-extent along each world axis of a box whose axes are the rotation's columns.
@@ -82,7 +88,7 @@ def parse_roi(values: Optional[Sequence[str]]) -> Optional[Tuple[float, ...]]:
         return None
     if len(values) == 1:
         path = Path(values[0])
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"--roi file {path} does not exist; give a Slicer .mrk.json ROI file or six numbers "
                              "R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm)")
         return _ras_box_from_markups(path)

@@ -29,7 +29,8 @@ import SimpleITK as sitk
 
 from .bundle import MAX_LABEL_VALUE
 from .errors import DatasetError, InputImageError
-from .imageio import READ_EXTENSIONS, image_stem, itk_error_reason, read_image
+from .imageio import READ_EXTENSIONS, image_stem, read_image, read_label
+from .jsonfile import MAX_JSON_BYTES, read_json
 from .planning import CaseFingerprint, DatasetFingerprint
 from .preprocessing import PreprocessingSpec, preprocess, reorient, resample_to_reference
 
@@ -158,27 +159,23 @@ def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None
     path = Path(path).expanduser()
     if path.is_dir():
         listing = path / "dataset.json"
-        if not listing.is_file():
+        if not listing.exists():
             raise DatasetError(f"{path} has no dataset.json; use the Medical Segmentation Decathlon layout "
                                "(imagesTr/, labelsTr/, dataset.json) or pass a .json/.csv file of image/label pairs")
         path = listing
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"dataset {path} does not exist; pass an MSD folder or a .json/.csv file of pairs")
     base = path.parent
     source = str(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as stream:
-            rows = list(csv.DictReader(stream))
+        rows = _csv_rows(path)
         if not rows or not {"image", "label"} <= set(rows[0]):
             raise DatasetError(f"{source}: a pairs CSV needs an 'image,label' header and one row per case")
         pairs = [(_resolve(base, row["image"]), _resolve(base, row["label"])) for row in rows]
         if not label_names:
             raise DatasetError(f"{source}: a CSV has no label names; pass them (e.g. --label-names 1=Liver 2=Tumour)")
         return Dataset(_records(pairs, source), dict(label_names), "MRI", source)
-    try:
-        listing = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"{source} is not readable JSON ({error})") from None
+    listing = read_json(path, "dataset listing", DatasetError)
     if not isinstance(listing, Mapping):
         raise DatasetError(f"{source}: expected an object with 'labels' and a 'training' list of "
                            "{'image', 'label'} pairs")
@@ -192,6 +189,21 @@ def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None
     modality = listing.get("modality", listing.get("channel_names", {}))
     modality = str(modality.get("0", "MRI")) if isinstance(modality, Mapping) else str(modality or "MRI")
     return Dataset(_records(pairs, source), labels, modality, source)
+
+
+def _csv_rows(path: Path) -> List[Dict[str, str]]:
+    """The rows of a pairs CSV, under the limits of a JSON listing (a regular file of at most MAX_JSON_BYTES)."""
+    if not path.is_file():
+        raise DatasetError(f"dataset listing {path} is not a regular file; give the path of a .csv or .json file")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise DatasetError(f"dataset listing {path} is {path.stat().st_size / 2**20:.1f} MiB, more than the "
+                           f"{MAX_JSON_BYTES / 2**20:.0f} MiB a listing may have; it is not a list of image/label "
+                           "pairs")
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            return list(csv.DictReader(stream))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DatasetError(f"dataset listing {path} is not a readable UTF-8 CSV ({error})") from None
 
 
 def _listed_pairs(entries: List[Any], base: Path, source: str) -> List[Tuple[Path, Path]]:
@@ -212,10 +224,9 @@ def _read_case(case: CaseRecord) -> Tuple[sitk.Image, sitk.Image]:
     if not case.label.is_file():
         raise DatasetError(f"case {case.name}: label file {case.label} does not exist; check the listing")
     try:
-        label = sitk.ReadImage(str(case.label))
-    except RuntimeError as error:
-        raise DatasetError(f"case {case.name}: label file {case.label} is unreadable "
-                           f"({itk_error_reason(error)}); re-export it as NIfTI or NRRD") from None
+        label = read_label(case.label)
+    except InputImageError as error:
+        raise DatasetError(f"case {case.name}: label file {case.label} is unusable: {error}") from None
     return image, label
 
 
@@ -354,11 +365,11 @@ class CaseCache:
         signature = self._signature(case)
         if arrays_path.is_file() and info_path.is_file():
             try:
-                if json.loads(info_path.read_text(encoding="utf-8")) == signature:
+                if read_json(info_path, "cache entry", DatasetError) == signature:
                     with np.load(arrays_path) as data:
                         foreground = {int(key[3:]): data[key] for key in data.files if key.startswith("fg_")}
                         return PreprocessedCase(case.name, data["image"], data["label"], foreground)
-            except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            except (OSError, ValueError, KeyError, DatasetError):
                 pass  # a damaged entry is simply rebuilt
         prepared = preprocess_case(case, self.spec, seed)
         self._store(prepared, signature)

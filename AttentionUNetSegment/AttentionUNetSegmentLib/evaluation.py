@@ -29,8 +29,8 @@ from scipy import ndimage
 
 from .arguments import label_name, label_names as parse_label_names
 from .datasets import grid_differences, load_dataset
-from .errors import DatasetError, OutputExistsError
-from .imageio import READ_EXTENSIONS, image_stem, itk_error_reason, read_image
+from .errors import DatasetError, InputImageError, OutputExistsError
+from .imageio import READ_EXTENSIONS, image_stem, read_image, read_label
 
 METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
            "volume_difference_percent")
@@ -161,9 +161,9 @@ def _read_label(path: Path, case: str) -> sitk.Image:
     if not path.is_file():
         raise DatasetError(f"case {case}: label file {path} does not exist")
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise DatasetError(f"case {case}: {path} is unreadable ({itk_error_reason(error)})") from None
+        return read_label(path)
+    except InputImageError as error:
+        raise DatasetError(f"case {case}: {error}") from None
 
 
 def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predictions: Optional[Path] = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Sequence, Tuple
+from typing import Dict, Iterator, Mapping, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,10 +17,9 @@ from .errors import InputImageError, ModelBundleError
 
 NORMALIZATION_SCHEMES = ("zscore", "ct")
 
-#: Smallest standard deviation used by the z-score normalisation (guards against division by ~0).
-MIN_STD = 1e-8
-
 _AXIS_LETTERS = ("RL", "AP", "SI")
+#: Voxels per float64 chunk of ``normalize`` (8 MiB).
+_CHUNK = 1 << 20
 
 
 def _default_normalization() -> Dict[str, object]:
@@ -216,23 +215,33 @@ def normalize(array: np.ndarray, normalization: Mapping[str, object]) -> np.ndar
 
     ``zscore``: ``(x - mean) / std`` over all voxels, or over the non-zero ones with ``"nonzero": true``.
     ``ct``: clip to ``clip`` then ``(x - mean) / std`` with the dataset statistics from the bundle.
-    Statistics accumulate in float64 scalars; no float64 volume is created.
+    Statistics and the affine map run in float64 over chunks of ``_CHUNK`` voxels: float32 overflows there for
+    intensities near its limit (a variance of 1e38-scale values is 1e76), while no float64 volume is created.
     """
     spec = _validated_normalization(normalization)
-    out = np.asarray(array, dtype=np.float32).copy()
+    out = np.array(array, dtype=np.float32, order="C")
+    flat = out.reshape(-1)
     if spec["scheme"] == "ct":
         low, high = spec["clip"]  # type: ignore[misc]
-        np.clip(out, low, high, out=out)
+        np.clip(flat, low, high, out=flat)
         mean, std = float(spec["mean"]), float(spec["std"])  # type: ignore[arg-type]
     else:
-        values = out[out != 0] if spec.get("nonzero", False) else out
+        values = flat[flat != 0] if spec.get("nonzero", False) else flat
         if values.size == 0:
-            values = out
+            values = flat
         mean = float(values.mean(dtype=np.float64))
-        std = math.sqrt(float(np.square(values - np.float32(mean)).mean(dtype=np.float64)))
-    out -= np.float32(mean)
-    out /= np.float32(max(std, MIN_STD))
+        variance = sum(float(np.square(chunk - mean).sum()) for chunk in _float64_chunks(values)) / values.size
+        std = math.sqrt(variance)
+    scale = std if std > 0 else 1.0  # one distinct value: nothing to scale
+    for start in range(0, flat.size, _CHUNK):
+        part = flat[start:start + _CHUNK]
+        part[...] = (part.astype(np.float64) - mean) / scale
     return out
+
+
+def _float64_chunks(values: np.ndarray) -> Iterator[np.ndarray]:
+    for start in range(0, values.size, _CHUNK):
+        yield values[start:start + _CHUNK].astype(np.float64)
 
 
 def preprocess(image: sitk.Image, spec: PreprocessingSpec) -> PreparedImage:
