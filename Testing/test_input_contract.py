@@ -269,6 +269,22 @@ def test_a_nan_sform_with_the_qform_off_is_refused(tmp_path):
     assert_one_error(result, r"nan.nii.gz has a non-finite \(NaN/Inf\) sform", tmp_path / "out")
 
 
+def test_a_nifti_whose_sform_and_qform_disagree_is_refused(tmp_path):
+    # ITK (and so Slicer) reads this qform, nibabel and FSL the sform: 10 mm apart, so no output can be right.
+    image = nib.Nifti1Image(smooth_volume().transpose(2, 1, 0), np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 10.0
+    image.set_sform(shifted, code=2)
+    image.set_qform(np.eye(4), code=1)
+    nib.save(image, str(tmp_path / "two.nii.gz"))
+    result = run_limited("segment", str(tmp_path / "two.nii.gz"), "--output-dir", str(tmp_path / "out"))
+    assert_one_error(result, r"two.nii.gz has two voxel-to-world transforms .* 10 mm apart.*copysform2qform",
+                     tmp_path / "out")
+    image.set_qform(shifted, code=1)  # the same transform twice (as most writers store it): read as usual
+    nib.save(image, str(tmp_path / "agree.nii.gz"))
+    assert read_image(tmp_path / "agree.nii.gz").GetOrigin()[0] == pytest.approx(-10.0)
+
+
 def _sheared(path: Path, shear: float) -> Path:
     """``path``'s image with the y axis tilted ``shear`` (tangent) towards x, written by ITK (which keeps it)."""
     image = sitk.GetImageFromArray(smooth_volume())

@@ -26,7 +26,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -185,6 +185,7 @@ def _nibabel_header(path: Path) -> ImageHeader:
         if code:
             _check_finite(path, np.asarray(affine).ravel(), f"{name} (voxel-to-world matrix, code {int(code)})")
     _check_finite(path, [float(v) for v in header["pixdim"][1:4]], "voxel size (pixdim)")
+    _check_transforms_agree(path, header, shape)
     slope, inter = scaling
     if slope != 0 and not math.isnan(slope):  # 0 or NaN: no scaling (NIfTI standard)
         if not (math.isfinite(slope) and math.isfinite(inter)):
@@ -195,6 +196,28 @@ def _nibabel_header(path: Path) -> ImageHeader:
     if dtype.kind == "f":
         result.scan_dtype = dtype
     return result
+
+
+def _check_transforms_agree(path: Path, header: Any, shape: Sequence[int]) -> None:
+    """Refuse a NIfTI whose sform and qform are both switched on but place the grid differently.
+
+    Readers choose between them by different rules (ITK, and so 3D Slicer, may take the qform where nibabel and FSL
+    take the sform), so such a file has no single geometry and outputs would sit elsewhere in another program.
+    """
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if not (sform_code and qform_code):
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1 if len(shape) > 2 else 0)]).T
+    apart_mm = float(np.linalg.norm((np.asarray(sform, float) - np.asarray(qform, float)) @ corners, axis=0).max())
+    voxel_mm = float(np.min(np.abs(np.asarray(header["pixdim"][1:4], float))) or 1.0)
+    if apart_mm > SHEAR_TOLERANCE_VOXELS * voxel_mm:
+        raise InputImageError(
+            f"{path} has two voxel-to-world transforms in its header that disagree (sform code {int(sform_code)} and "
+            f"qform code {int(qform_code)} place its corners up to {apart_mm:.3g} mm apart); programs choose between "
+            "them differently, so its geometry is ambiguous. Make them agree (e.g. FSL's `fslorient "
+            "-copysform2qform`, or nibabel's `img.set_qform(img.get_sform())`) or switch the wrong one off (code 0)")
 
 
 def _prefix(path: Path, size: int) -> bytes:
