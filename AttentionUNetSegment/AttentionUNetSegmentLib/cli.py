@@ -150,12 +150,14 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
-                  progress=None) -> Dict[str, OutputPaths]:
+                  progress=None, log=None) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
-    inference, so a bad input or an existing output fails fast with nothing written.
+    inference, so a bad input or an existing output fails fast with nothing written. After a successful run,
+    ``log(line)`` receives the line naming the bundle that ran (its path: a model on ``ATTENTION_UNET_MODELS`` may
+    override an installed one) and any warning about it; each report records the path as ``model.path``.
     """
     from .imageio import read_image
 
@@ -202,6 +204,10 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
                                          parameters=parameters, force=force)
         report("write", 1.0, f"Wrote outputs of {stem}")
+    if log is not None:
+        log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
+        if bundle.integrity_warning:
+            log(f"warning: {bundle.integrity_warning}")
     return written
 
 
@@ -224,7 +230,9 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
-            force=args.force, progress=reporter)
+            force=args.force, progress=reporter,
+            # --progress json keeps stderr for errors only; the report's model.path names the bundle
+            log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         reporter.close()
     if kind == "json":
@@ -245,23 +253,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
     bundles, problems = registry.scan()
-    for path, reason in problems:
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     rows = [{"name": b.name, "version": b.version, "labels": [label.name for label in b.labels],
-             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path)}
-            for b in bundles]
+             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path),
+             "status": "ok"} for b in bundles]
+    broken = [{"name": path.name, "path": str(path), "status": "broken", "problem": reason}
+              for path, reason in problems]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + broken, indent=2))
         return EXIT_OK
     if not rows:
         print("no models installed; searched " + ", ".join(str(p) for p in registry.search_path))
-        return EXIT_OK
-    table = [("name", "version", "labels", "size", "sha256", "path")] + [
-        (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB", r["sha256"][:12],
-         r["path"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    else:
+        table = [("name", "version", "labels", "size", "sha256", "path")] + [
+            (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB",
+             r["sha256"][:12], r["path"]) for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for entry in broken:
+        print(f"broken: {entry['path']}: {entry['problem']}")
     return EXIT_OK
 
 
