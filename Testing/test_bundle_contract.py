@@ -392,6 +392,14 @@ def test_resampling_to_a_grid_too_large_is_refused_with_its_size():
         resample_to_spacing(image, (0.01, 0.01, 0.01))
 
 
+def test_segment_refuses_a_batch_of_windows_larger_than_memory(tiny_bundle, image, tmp_path, capsys):
+    status = main(["segment", str(image), "--output-dir", str(tmp_path / "out"), "--model", str(tiny_bundle.path),
+                   "--device", "cpu", "--batch-size", "100000000", "--progress", "none"])
+    line = one_error_line(capsys.readouterr().err)
+    assert status == 2 and "GiB (estimate), more than the" in line and "--batch-size" in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 @pytest.mark.parametrize("deep_supervision", [False, True])
 def test_parameter_count_is_exact(deep_supervision):
     architecture = {"in_channels": 1, "out_channels": 4, "channels": [5, 12, 20], "inter_channels_ratio": 0.3,

@@ -213,6 +213,18 @@ def estimate_memory(architecture: Mapping[str, Any], patch_size: Sequence[int], 
     return 4 * (batch_size * activations + parameters)
 
 
+def device_memory(device: "torch.device") -> Optional[int]:
+    """Bytes of memory on ``device``: the GPU's, or the machine's RAM (``None`` where unknown)."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
 def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     """Check ``model.json`` content against the bundle schema (no torch needed); returns it unchanged.
 

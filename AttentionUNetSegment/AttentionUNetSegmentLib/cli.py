@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 
 from . import __version__
 from .arguments import positive_int
-from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry
+from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
@@ -182,6 +182,14 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     from .inference import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
+    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size)
+    available = device_memory(predictor.device)
+    if available is not None and needed > available:
+        raise AttentionUNetError(
+            f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
+            f"{bundle.name} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
+            f"of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a smaller --batch-size"
+            + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
                   "tta": tta, "batch_size": batch_size, "precision": precision, "roi": list(roi) if roi is not None else None,
                   "attention": attention, "probabilities": probabilities, "largest_component": largest_component,

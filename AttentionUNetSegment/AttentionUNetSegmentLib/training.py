@@ -43,7 +43,7 @@ from . import __version__
 from .arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
-                     create_metadata, estimate_memory, save_bundle)
+                     create_metadata, device_memory, estimate_memory, save_bundle)
 from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from .jsonfile import read_json
@@ -333,16 +333,6 @@ def read_plan(work_dir: Path) -> Dict[str, Any]:
         raise AttentionUNetError(f"training plan {path} is damaged ({type(error).__name__}: {error}); restore it, "
                                  "or start the run over without --resume (pass --force to replace it)") from None
     return saved
-
-
-def device_memory(device: torch.device) -> Optional[int]:
-    """Bytes of memory training can use on ``device``: the GPU's, or the machine's RAM (``None`` if unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (AttributeError, ValueError, OSError):  # not a POSIX system
-        return None
 
 
 def hardware_description(device: torch.device, world_size: int) -> str:
