@@ -115,7 +115,8 @@ def test_segment_report_volumes_match_voxel_counts(segmented, tiny_bundle):
             count = int((labels == segment["value"]).sum())
             assert segment["voxels"] == count
             assert segment["volume_ml"] == pytest.approx(count * voxel_ml)
-        assert report["model"] == {"name": "tiny", "version": "0.0.1", "sha256": tiny_bundle.sha256}
+        assert report["model"] == {"name": "tiny", "version": "0.0.1", "sha256": tiny_bundle.sha256,
+                                   "path": str(tiny_bundle.path.resolve())}
         assert report["device"] == "cpu" and report["parameters"]["probabilities"] is True
         assert report["timings"]["read"] >= 0
         assert report["files"]["segmentation"] == f"{stem}_seg.nii.gz"

@@ -25,6 +25,7 @@ sitk = pytest.importorskip("SimpleITK")
 slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
+from AttentionUNetSegmentLib.bundle import DIGEST_KEY, metadata_digest  # noqa: E402
 from AttentionUNetSegmentLib.runner import EtaEstimator  # noqa: E402
 from slicer_module_shims import load_module  # noqa: E402
 
@@ -397,6 +398,7 @@ def test_bundle_terminology_reaches_the_segments(env, tmp_path):
     shutil.copytree(env["model"], bundle_dir)
     metadata = json.loads((bundle_dir / "model.json").read_text())
     metadata["labels"][0]["terminology"] = TERMINOLOGY
+    metadata[DIGEST_KEY] = metadata_digest(metadata)  # as the author's re-export would
     (bundle_dir / "model.json").write_text(json.dumps(metadata))
     result = env["logic"].process(env["volume"], model=str(bundle_dir), device="cpu", attentionMaps=False)
     segments = result.segmentation.GetSegmentation()

@@ -249,7 +249,7 @@ def test_unusable_options_are_refused_before_anything_is_written(boxes, tmp_path
     ("my model", [], "'name' 'my model'"),
     ("model", ["--model-version", " "], "'version' must be a non-empty string"),
     ("model", ["--label-names", "1=Same", "2=Same"], "repeats value 2 or name 'Same'"),
-    ("model", ["--channels", "8"], "--channels 8: channels needs at least two levels"),
+    ("model", ["--channels", "8"], "--channels 8: give 2..8 levels"),
 ])
 def test_what_the_bundle_export_would_refuse_is_refused_before_training(boxes, tmp_path, capsys, output, options,
                                                                           expected):

@@ -1,8 +1,10 @@
 """Model bundles (a directory with ``model.json`` + ``model.safetensors``) and the registry of installed models.
 
-A bundle is self-describing: architecture, labels (values, names, colours), preprocessing, patch size, provenance
-and the sha256 of its weights (format in ``DESIGN.md``). Loading never executes code from a model file: weights are
-read with safetensors only, after their sha256 has been checked, and pickle-based checkpoints are refused.
+A bundle is self-describing: architecture, labels (values, names, colours), preprocessing, patch size, provenance,
+the sha256 of its weights and a digest over the whole metadata (format in ``DESIGN.md``). Loading never executes
+code from a model file: weights are read with safetensors only, after their sha256 has been checked, and
+pickle-based checkpoints are refused. The digests detect corruption and a metadata file that no longer matches its
+weights (e.g. hand-edited label names); they are no signature, so they cannot tell who made a bundle.
 
 This module imports neither torch nor safetensors at module scope, so the Slicer panel (and ``attention-unet
 models``) can list installed models without paying for, or needing, torch.
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, 
 
 from . import __version__
 from .errors import ModelBundleError
+from .jsonfile import read_json
 from .preprocessing import PreprocessingSpec
 
 if TYPE_CHECKING:  # imported for annotations only; torch stays out of module scope
@@ -30,7 +35,10 @@ if TYPE_CHECKING:  # imported for annotations only; torch stays out of module sc
     from .network import AttentionUNet
 
 FORMAT = "attention-unet-bundle"
-FORMAT_VERSION = 1
+#: 2 added ``metadata_sha256``; format_version 1 bundles (without it) still load, with their weights checked only.
+FORMAT_VERSION = 2
+#: The key of the digest over the canonical metadata (``metadata_digest``).
+DIGEST_KEY = "metadata_sha256"
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 DEFAULT_MODEL = "hippocampus"
@@ -53,6 +61,20 @@ _BUNDLE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MIRROR_AXES = ("x", "y", "z")
 #: Largest label value: label maps are 16-bit signed (int16), which is also what 3D Slicer exports them as.
 MAX_LABEL_VALUE = 32767
+#: Largest ``model.json`` read: metadata is kilobytes; anything bigger is not a bundle this tool wrote.
+MAX_METADATA_BYTES = 1 << 20
+#: Architecture bounds: input channels the engine can feed (it segments scalar volumes), levels, widths, patch.
+SUPPORTED_IN_CHANNELS = 1
+MAX_DEPTH = 8
+MAX_CHANNELS = 4096
+MAX_PATCH_VOXELS_PER_AXIS = 1024
+#: Largest estimated memory of one inference window (batch 1) plus the parameters (``estimate_memory``).
+MAX_WINDOW_BYTES = 32 << 30
+#: Digests of the bundles shipped in ``BUNDLED_MODELS_DIR``: a shipped bundle whose metadata does not hash to its pin
+#: is refused, even when its own digests are consistent. ``finalize_hippocampus.py --refresh-digest`` updates this.
+SHIPPED_DIGESTS = {
+    "hippocampus": "219326b17416f65a862e2ca303352d1cee817428d6479b9fc0b5548368f7203f",
+}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -114,6 +136,97 @@ def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
                     f"(background + {out_channels - 1} classes)", "list exactly one label per foreground channel")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_ARCHITECTURE_KEYS = {"in_channels", "out_channels", "channels", "norm", "inter_channels_ratio", "deep_supervision"}
+
+
+def _validate_architecture(directory: Path, architecture: Dict[str, Any]) -> None:
+    """Bounds on what ``network.build_network`` receives, so a hostile bundle cannot ask for an absurd network."""
+    fix = "copy the architecture the weights were trained with"
+    unknown = sorted(set(architecture) - _ARCHITECTURE_KEYS)
+    if unknown:
+        raise _fail(directory, f"architecture has unknown keys {unknown}", f"allowed are {sorted(_ARCHITECTURE_KEYS)}")
+    if architecture.get("in_channels") != SUPPORTED_IN_CHANNELS:
+        raise _fail(directory, f"architecture.in_channels is {architecture.get('in_channels')!r}, but this engine "
+                    f"feeds the network scalar volumes ({SUPPORTED_IN_CHANNELS} channel)",
+                    "use a model trained on single-channel images")
+    out_channels = architecture.get("out_channels")
+    if not _is_int(out_channels) or not 2 <= out_channels <= MAX_LABEL_VALUE + 1:
+        raise _fail(directory, f"architecture.out_channels must be an integer in 2..{MAX_LABEL_VALUE + 1} "
+                    f"(background + the classes), got {out_channels!r}", fix)
+    channels = architecture.get("channels")
+    if (not isinstance(channels, list) or not 2 <= len(channels) <= MAX_DEPTH
+            or not all(_is_int(c) and 1 <= c <= MAX_CHANNELS for c in channels)):
+        raise _fail(directory, f"architecture.channels must be a list of 2..{MAX_DEPTH} integers in "
+                    f"1..{MAX_CHANNELS} (the width of each level), got {channels!r}", fix)
+    ratio = architecture.get("inter_channels_ratio", 0.25)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 4:
+        raise _fail(directory, f"architecture.inter_channels_ratio must be a number in (0, 4], got {ratio!r}", fix)
+    if architecture.get("norm", "instance") not in ("instance", "batch"):
+        raise _fail(directory, f"architecture.norm must be 'instance' or 'batch', got {architecture.get('norm')!r}",
+                    fix)
+    if not isinstance(architecture.get("deep_supervision", False), bool):
+        raise _fail(directory, "architecture.deep_supervision must be true or false", fix)
+
+
+def parameter_count(architecture: Mapping[str, Any]) -> int:
+    """Number of parameters of ``AttentionUNet(**architecture)`` (exact for instance norm), without torch."""
+    channels = [int(c) for c in architecture["channels"]]
+    out = int(architecture["out_channels"])
+    ratio = float(architecture.get("inter_channels_ratio", 0.25))
+
+    def conv_norm(c_in: int, c_out: int) -> int:  # 3x3x3 convolution without bias, affine norm
+        return 27 * c_in * c_out + 2 * c_out
+
+    count, previous = 0, int(architecture["in_channels"])
+    for width in channels:
+        count += conv_norm(previous, width) + conv_norm(width, width)
+        previous = width
+    for k in range(len(channels) - 1):
+        inter = max(1, int(round(channels[k] * ratio)))
+        count += (channels[k + 1] + 1) * inter + channels[k] * inter + inter + 1  # attention gate
+        count += conv_norm(channels[k + 1], channels[k])  # upsampling convolution
+        count += conv_norm(2 * channels[k], channels[k]) + conv_norm(channels[k], channels[k])  # decoder
+    count += (channels[0] + 1) * out
+    if architecture.get("deep_supervision"):
+        count += sum((channels[k] + 1) * out for k in range(1, len(channels) - 1))
+    return count
+
+
+def estimate_memory(architecture: Mapping[str, Any], patch_size: Sequence[int], batch_size: int = 1,
+                    training: bool = False) -> int:
+    """Rough bytes (float32) of the parameters plus one forward pass over ``batch_size`` windows of
+    ``patch_size`` voxels: inference keeps every level's skip plus a few full-resolution tensors; training keeps
+    every intermediate for the backward pass (about 20 tensors per level) and AdamW's state (4 copies of the
+    parameters). Python integers throughout, so absurd values give an absurd number, never an overflow."""
+    channels = [int(c) for c in architecture["channels"]]
+    out = int(architecture["out_channels"])
+    per_level = [math.prod(max(1, int(p) // 2 ** k) for p in patch_size) for k in range(len(channels))]
+    features = sum(width * voxels for width, voxels in zip(channels, per_level))
+    if training:
+        activations = 20 * features + 4 * out * per_level[0]
+        parameters = 4 * parameter_count(architecture)
+    else:
+        activations = features + (8 * channels[0] + 2 * out) * per_level[0]
+        parameters = parameter_count(architecture)
+    return 4 * (batch_size * activations + parameters)
+
+
+def device_memory(device: "torch.device") -> Optional[int]:
+    """Bytes of memory on ``device``: the GPU's, or the machine's RAM (``None`` where unknown)."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
 def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     """Check ``model.json`` content against the bundle schema (no torch needed); returns it unchanged.
 
@@ -144,24 +257,24 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
         if not isinstance(metadata[key], dict):
             raise _fail(directory, f"'{key}' must be a JSON object", "re-export the bundle with save_bundle")
     architecture = metadata["architecture"]
-    for key in ("in_channels", "out_channels"):
-        value = architecture.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _fail(directory, f"architecture.{key} must be a positive integer, got {value!r}",
-                        "copy the architecture the weights were trained with")
-    if architecture["out_channels"] < 2:
-        raise _fail(directory, "architecture.out_channels must be at least 2 (background + one class)",
-                    "copy the architecture the weights were trained with")
+    _validate_architecture(directory, architecture)
     _validate_labels(directory, metadata["labels"], architecture["out_channels"])
     try:
         PreprocessingSpec.from_dict(metadata["preprocessing"])
     except ModelBundleError as error:
         raise _fail(directory, str(error), "use the preprocessing the model was trained with") from None
     patch = metadata["inference"].get("patch_size")
+    smallest = 2 ** (len(architecture["channels"]) - 1)
     if (not isinstance(patch, list) or len(patch) != 3
-            or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch)):
-        raise _fail(directory, f"inference.patch_size must be three positive integers (x, y, z), got {patch!r}",
-                    "set the patch size the model was trained with")
+            or not all(_is_int(p) and smallest <= p <= MAX_PATCH_VOXELS_PER_AXIS for p in patch)):
+        raise _fail(directory, f"inference.patch_size must be three integers (x, y, z) in {smallest}.."
+                    f"{MAX_PATCH_VOXELS_PER_AXIS} (this network pools {len(architecture['channels']) - 1} times), "
+                    f"got {patch!r}", "set the patch size the model was trained with")
+    needed = estimate_memory(architecture, patch)
+    if needed > MAX_WINDOW_BYTES:
+        raise _fail(directory, f"one inference window of patch {patch} with channels {architecture['channels']} "
+                    f"needs about {needed / 2**30:.1f} GiB, more than the {MAX_WINDOW_BYTES / 2**30:.0f} GiB a "
+                    "bundle may ask for", "use a smaller patch size or fewer channels")
     overlap = metadata["inference"].get("overlap", 0.5)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
         raise _fail(directory, f"inference.overlap must be a number in [0, 1), got {overlap!r}", "use e.g. 0.5")
@@ -182,6 +295,9 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     if not isinstance(digest, str) or not _SHA256.match(digest):
         raise _fail(directory, "weights.sha256 must be 64 lower-case hex digits",
                     "re-export the bundle with save_bundle")
+    if DIGEST_KEY in metadata and (not isinstance(metadata[DIGEST_KEY], str)
+                                   or not _SHA256.match(metadata[DIGEST_KEY])):
+        raise _fail(directory, f"{DIGEST_KEY} must be 64 lower-case hex digits", "re-export the bundle with save_bundle")
     return metadata
 
 
@@ -202,19 +318,56 @@ def _bundle_directory(path: PathLike) -> Path:
                            "an installed model (see `attention-unet models`)")
 
 
+def metadata_digest(metadata: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of ``metadata`` without ``DIGEST_KEY``. The
+    metadata holds ``weights.sha256``, so this digest covers the weights too."""
+    body = {key: value for key, value in metadata.items() if key != DIGEST_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _shipped_pin(directory: Path) -> Optional[str]:
+    """The digest this engine pins for ``directory`` when it is one of the shipped bundles, else ``None``."""
+    try:
+        shipped = directory.resolve().parent == BUNDLED_MODELS_DIR.resolve()
+    except OSError:
+        return None
+    return SHIPPED_DIGESTS.get(directory.name) if shipped else None
+
+
+def _check_digest(directory: Path, metadata: Dict[str, Any]) -> None:
+    """Refuse metadata that does not hash to its ``metadata_sha256`` (or, for a shipped bundle, to the pin)."""
+    recorded = metadata.get(DIGEST_KEY)
+    if recorded is None and metadata["format_version"] >= 2:
+        raise _fail(directory, f"{METADATA_FILE} lacks {DIGEST_KEY}, which format_version "
+                    f"{metadata['format_version']} bundles carry", "re-export the bundle with save_bundle")
+    try:
+        actual = metadata_digest(metadata)
+    except (ValueError, RecursionError) as error:  # NaN/Infinity literals, nesting json cannot write back
+        raise _fail(directory, f"{METADATA_FILE} cannot be put in canonical form ({type(error).__name__})",
+                    "re-export the bundle with save_bundle") from None
+    if recorded is not None and actual != recorded:
+        raise _fail(directory, f"{METADATA_FILE} does not match its {DIGEST_KEY} (computed {actual[:12]}..., "
+                    f"recorded {recorded[:12]}...): it was edited or damaged after the bundle was written",
+                    "reinstall the bundle from its original source, or re-export it with save_bundle")
+    pin = _shipped_pin(directory)
+    if pin is not None and actual != pin:
+        raise _fail(directory, f"this shipped model's {METADATA_FILE} hashes to {actual[:12]}..., not to the "
+                    f"{pin[:12]}... this engine release pins", "reinstall the AttentionUNet extension")
+
+
 def read_metadata(path: PathLike) -> Dict[str, Any]:
-    """Read and validate a bundle's ``model.json`` without touching its weights (and without torch)."""
+    """Read and validate a bundle's ``model.json`` without touching its weights (and without torch): at most
+    ``MAX_METADATA_BYTES``, a regular file, the schema, and the metadata digest."""
     directory = _bundle_directory(path)
     metadata_path = directory / METADATA_FILE
-    if not metadata_path.is_file():
+    if not (metadata_path.exists() or metadata_path.is_symlink()):
         raise _fail(directory, f"{METADATA_FILE} is missing", f"a bundle directory holds {METADATA_FILE} and "
                     f"{WEIGHTS_FILE}; re-export it with save_bundle")
-    try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _fail(directory, f"{METADATA_FILE} is not readable JSON ({error})",
-                    "restore the file or re-export the bundle") from None
-    return validate_metadata(metadata, directory)
+    metadata = read_json(metadata_path, "model metadata", ModelBundleError, max_bytes=MAX_METADATA_BYTES)
+    validate_metadata(metadata, directory)
+    _check_digest(directory, metadata)
+    return metadata
 
 
 def file_sha256(path: PathLike) -> str:
@@ -292,13 +445,25 @@ class ModelBundle:
         return self.metadata["weights"]["sha256"]
 
     @property
+    def integrity_warning(self) -> str:
+        """Why only the weights of this bundle are checked (a format_version 1 bundle without a metadata digest),
+        or ``""``."""
+        if DIGEST_KEY in self.metadata:
+            return ""
+        return (f"model bundle {self.path} predates {DIGEST_KEY} (format_version 1): its weights are checked but "
+                f"its {METADATA_FILE} is not; re-export it with save_bundle")
+
+    @property
     def weights_path(self) -> Path:
         return self.path / self.metadata["weights"]["file"]
 
     @property
     def size_bytes(self) -> int:
         """Size of the weights file (0 when it is missing)."""
-        return self.weights_path.stat().st_size if self.weights_path.is_file() else 0
+        try:
+            return _weights_size(self)
+        except ModelBundleError:
+            return 0
 
     @property
     def state_dict(self) -> Dict[str, "torch.Tensor"]:
@@ -316,15 +481,61 @@ class ModelBundle:
         return model.to(device).eval()
 
 
+def _weights_size(bundle: ModelBundle) -> int:
+    """Size of the weights file; ``ModelBundleError`` when it is missing or not a regular file."""
+    weights_path = bundle.weights_path
+    try:
+        info = os.stat(weights_path)
+    except OSError:
+        raise _fail(bundle.path, f"weights file {weights_path.name} is missing",
+                    "restore it or re-export the bundle") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _fail(bundle.path, f"weights file {weights_path.name} is not a regular file",
+                    "restore it or re-export the bundle")
+    return info.st_size
+
+
+def _expected_tensors(bundle: ModelBundle) -> Dict[str, Tuple[int, ...]]:
+    """The tensor shapes ``architecture`` produces (built on torch's meta device: nothing is allocated)."""
+    import torch
+
+    from .network import build_network
+
+    try:
+        with torch.device("meta"):
+            model = build_network(bundle.architecture)
+    except (TypeError, ValueError) as error:
+        raise _fail(bundle.path, f"architecture {bundle.architecture} is invalid ({error})",
+                    "copy the architecture the weights were trained with") from None
+    return {key: tuple(value.shape) for key, value in model.state_dict().items()}
+
+
 def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
-    """Read the weights with safetensors after verifying their sha256 (no pickle is ever involved)."""
+    """Read the weights with safetensors after verifying their sha256 (no pickle is ever involved). The file is
+    read in chunks, and only when its size fits the architecture (float32 tensors plus a safetensors header)."""
     from safetensors.torch import load as load_safetensors
 
     weights_path = bundle.weights_path
-    if not weights_path.is_file():
-        raise _fail(bundle.path, f"weights file {weights_path.name} is missing", "restore it or re-export the bundle")
-    data = weights_path.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
+    size = _weights_size(bundle)
+    shapes = _expected_tensors(bundle)
+    largest = 4 * sum(math.prod(shape) for shape in shapes.values()) + 1024 * len(shapes) + (1 << 20)
+    if size > largest:
+        raise _fail(bundle.path, f"weights file {weights_path.name} is {size / 2**20:.1f} MiB, but the "
+                    f"architecture's {len(shapes)} tensors take at most {largest / 2**20:.1f} MiB (it was replaced "
+                    "or damaged)", "reinstall the bundle from its original source")
+    digest, chunks = hashlib.sha256(), []
+    try:
+        with open(weights_path, "rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+                chunks.append(chunk)
+                if len(chunks) << 20 > largest + (1 << 20):  # the file grew while being read
+                    break
+    except OSError as error:
+        raise _fail(bundle.path, f"weights file {weights_path.name} cannot be read ({error.strerror or error})",
+                    "check its permissions, or reinstall the bundle") from None
+    data = b"".join(chunks)
+    actual = digest.hexdigest()
     if actual != bundle.sha256:
         raise _fail(bundle.path, f"sha256 of {weights_path.name} is {actual[:12]}..., but model.json expects "
                     f"{bundle.sha256[:12]}... (the weights were modified or corrupted)",
@@ -338,16 +549,7 @@ def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
 
 def _check_architecture(bundle: ModelBundle) -> None:
     """Refuse a bundle whose ``architecture`` does not produce exactly the tensors stored in its weights."""
-    import torch
-
-    from .network import build_network
-
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-            expected = {key: tuple(value.shape) for key, value in build_network(bundle.architecture).state_dict().items()}
-    except (TypeError, ValueError) as error:
-        raise _fail(bundle.path, f"architecture {bundle.architecture} is invalid ({error})",
-                    "copy the architecture the weights were trained with") from None
+    expected = _expected_tensors(bundle)
     stored = {key: tuple(value.shape) for key, value in bundle.state_dict.items()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
@@ -440,19 +642,52 @@ def complete_metadata(metadata: Mapping[str, Any], architecture: Mapping[str, An
     return validate_metadata(full, Path(directory).expanduser())
 
 
+def check_replaceable(directory: PathLike) -> None:
+    """Refuse to replace ``directory`` unless it is an empty folder or a model bundle: a real folder (not a link)
+    whose ``model.json`` says ``"format": "attention-unet-bundle"`` and which holds nothing but that file and its
+    weights. ``--force`` may replace what this tool wrote, never a dataset, a work folder or other files."""
+    directory = Path(directory).expanduser()
+    advice = "choose another output folder (nothing was changed)"
+    if directory.is_symlink() or not directory.is_dir():
+        raise ModelBundleError(f"{directory} is not a model bundle folder (it is a file or a link); force replaces "
+                               f"only a model bundle; {advice}")
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as error:
+        raise ModelBundleError(f"{directory} cannot be listed ({error.strerror or error}); {advice}") from None
+    if not entries:
+        return
+    try:
+        metadata = read_json(directory / METADATA_FILE, "model metadata", ModelBundleError,
+                             max_bytes=MAX_METADATA_BYTES)
+    except ModelBundleError:
+        metadata = None
+    weights = metadata.get("weights") if isinstance(metadata, dict) else None
+    allowed = {METADATA_FILE, WEIGHTS_FILE, weights.get("file") if isinstance(weights, dict) else WEIGHTS_FILE}
+    others = [p.name for p in entries if p.name not in allowed or p.is_symlink() or not p.is_file()]
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or others:
+        held = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ModelBundleError(f"{directory} is not a model bundle (it holds {held}); force replaces only a model "
+                               f"bundle (a folder of {METADATA_FILE} with format {FORMAT!r} and its weights, "
+                               f"nothing else); {advice}")
+
+
 def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: PathLike,
                 force: bool = False) -> ModelBundle:
     """Write ``model`` and ``metadata`` as a bundle directory, atomically; returns the verified bundle.
 
     ``architecture`` comes from ``model.config()``, so it always fits the weights. Everything is written into a
     temporary directory next to ``directory`` and renamed into place at the end, so a failure leaves nothing
-    behind. An existing ``directory`` is replaced only with ``force=True``.
+    behind. An existing ``directory`` is replaced only with ``force=True``, and only when it is a model bundle or an
+    empty folder (``check_replaceable``).
     """
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
-    if directory.exists() and not force:
-        raise _fail(directory, "the directory already exists", "choose another directory or pass force=True")
+    if directory.exists() or directory.is_symlink():
+        if not force:
+            raise _fail(directory, "the directory already exists", "choose another directory or pass force=True")
+        check_replaceable(directory)
     full = complete_metadata(metadata, model.config(), directory)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -462,6 +697,7 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
                    for key, value in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
         full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
+        full[DIGEST_KEY] = metadata_digest(full)
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _apply_umask_permissions(staging)
         if directory.exists():
@@ -500,20 +736,30 @@ class ModelRegistry:
         self.search_path: List[Path] = [Path(p).expanduser() for p in search_path]
 
     def scan(self) -> Tuple[List[ModelBundle], List[Tuple[Path, str]]]:
-        """``(bundles, problems)``: valid bundles (metadata checked, weights not yet read) and, for every
-        directory that has a ``model.json`` but is not a valid bundle, its path and the reason."""
+        """``(bundles, problems)``: valid bundles (metadata checked, weights file present but not yet read) and,
+        for every folder on the search path that cannot be listed and every directory that has a ``model.json``
+        but is not a valid bundle, its path and the reason. One broken bundle never hides the others."""
         bundles: Dict[str, ModelBundle] = {}
         problems: List[Tuple[Path, str]] = []
         for folder in self.search_path:
-            if not folder.is_dir():
+            try:
+                candidates = sorted(folder.iterdir()) if folder.is_dir() else []
+            except OSError as error:
+                problems.append((folder, f"model folder {folder} cannot be listed ({error.strerror or error})"))
                 continue
-            for candidate in sorted(folder.iterdir()):
-                if candidate.name.startswith(".") or not (candidate / METADATA_FILE).is_file():
-                    continue
+            for candidate in candidates:
                 try:
+                    if (candidate.name.startswith(".") or not candidate.is_dir()
+                            or not ((candidate / METADATA_FILE).exists() or (candidate / METADATA_FILE).is_symlink())):
+                        continue
                     bundle = ModelBundle(read_metadata(candidate), candidate)
+                    _weights_size(bundle)
                 except ModelBundleError as error:
                     problems.append((candidate, str(error)))
+                    continue
+                except OSError as error:
+                    problems.append((candidate, f"model bundle {candidate} cannot be read "
+                                                f"({error.strerror or error})"))
                     continue
                 bundles.setdefault(bundle.name, bundle)
         return sorted(bundles.values(), key=lambda b: b.name), problems
@@ -527,13 +773,16 @@ class ModelRegistry:
         validated; its weights are verified when first used (``resolve`` verifies them now)."""
         target = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
         looks_like_path = os.sep in target or (os.altsep or os.sep) in target or target.endswith(".json")
-        installed = [] if looks_like_path else self.list()
+        installed, problems = ([], []) if looks_like_path else self.scan()
         for bundle in installed:
             if bundle.name == target:
                 return bundle
         if looks_like_path or Path(target).expanduser().exists():
             directory = _bundle_directory(target)
             return ModelBundle(read_metadata(directory), directory)
+        for path, reason in problems:
+            if path.name == target:
+                raise ModelBundleError(f"the installed model {target!r} is broken: {reason}")
         available = ", ".join(f"{b.name} ({b.version})" for b in installed) or "none"
         searched = os.pathsep.join(str(p) for p in self.search_path)
         raise ModelBundleError(

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 
 from . import __version__
 from .arguments import positive_int
-from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry
+from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .jsonfile import read_json
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
@@ -167,14 +167,16 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
-                  progress=None, also_reads: Sequence[Union[str, Path]] = ()) -> Dict[str, OutputPaths]:
+                  progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
     inference, so a bad input, an existing output, a name the file system cannot hold, or an output that would
     overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
-    fails fast with nothing written.
+    fails fast with nothing written. After a successful run,
+    ``log(line)`` receives the line naming the bundle that ran (its path: a model on ``ATTENTION_UNET_MODELS`` may
+    override an installed one) and any warning about it; each report records the path as ``model.path``.
     """
     from .imageio import read_image, remove_stale_temporaries
 
@@ -200,6 +202,14 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     from .inference import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
+    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size)
+    available = device_memory(predictor.device)
+    if available is not None and needed > available:
+        raise AttentionUNetError(
+            f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
+            f"{bundle.name} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
+            f"of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a smaller --batch-size"
+            + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
                   "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
                   "precision": precision, "roi": list(roi) if roi is not None else None,
@@ -223,6 +233,10 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
                                          parameters=parameters, force=force)
         report("write", 1.0, f"Wrote outputs of {stem}")
+    if log is not None:
+        log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
+        if bundle.integrity_warning:
+            log(f"warning: {bundle.integrity_warning}")
     return written
 
 
@@ -248,7 +262,9 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
             force=args.force if force is None else force, progress=reporter,
-            also_reads=_roi_files(getattr(args, "roi", None)))
+            also_reads=_roi_files(getattr(args, "roi", None)),
+            # --progress json keeps stderr for errors only; the report's model.path names the bundle
+            log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True))
     finally:
         reporter.close()
     if kind == "json":
@@ -269,23 +285,25 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
     bundles, problems = registry.scan()
-    for path, reason in problems:
-        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     rows = [{"name": b.name, "version": b.version, "labels": [label.name for label in b.labels],
-             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path)}
-            for b in bundles]
+             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path),
+             "status": "ok"} for b in bundles]
+    broken = [{"name": path.name, "path": str(path), "status": "broken", "problem": reason}
+              for path, reason in problems]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + broken, indent=2))
         return EXIT_OK
     if not rows:
         print("no models installed; searched " + ", ".join(str(p) for p in registry.search_path))
-        return EXIT_OK
-    table = [("name", "version", "labels", "size", "sha256", "path")] + [
-        (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB", r["sha256"][:12],
-         r["path"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    else:
+        table = [("name", "version", "labels", "size", "sha256", "path")] + [
+            (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB",
+             r["sha256"][:12], r["path"]) for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for row in table:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for entry in broken:
+        print(f"broken: {entry['path']}: {entry['problem']}")
     return EXIT_OK
 
 

@@ -157,13 +157,19 @@ def reference_cases(reference: Path, images: Optional[Path] = None,
     return [EvaluationCase(c.name, c.label, c.image) for c in dataset.cases], dict(dataset.labels)
 
 
-def _read_label(path: Path, case: str) -> sitk.Image:
+def _read_label(path: Path, case: str, what: str = "reference label") -> sitk.Image:
+    """A 3D scalar label map (``what`` names it in messages: reference label or prediction)."""
     if not path.is_file():
-        raise DatasetError(f"case {case}: label file {path} does not exist")
+        raise DatasetError(f"case {case}: {what} file {path} does not exist")
     try:
-        return read_label(path)
+        label = read_label(path)
     except InputImageError as error:
         raise DatasetError(f"case {case}: {error}") from None
+    if label.GetDimension() != 3 or label.GetNumberOfComponentsPerPixel() != 1:
+        raise DatasetError(f"case {case}: the {what} {path} is a {label.GetDimension()}D image with "
+                           f"{label.GetNumberOfComponentsPerPixel()} component(s) per voxel (size {label.GetSize()}); "
+                           "evaluate compares 3D label maps of one value per voxel")
+    return label
 
 
 def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predictions: Optional[Path] = None,
@@ -180,7 +186,7 @@ def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predict
                 raise DatasetError(f"case {case.name}: running a model needs its image; pass --images DIR")
             prediction = predictor.predict(read_image(case.image), attention=False).labels
         else:
-            prediction = _read_label(find_prediction(predictions, case.name), case.name)
+            prediction = _read_label(find_prediction(predictions, case.name), case.name, "prediction")
         results.append(evaluate_case(prediction, reference, labels, case))
         if progress is not None:
             progress("evaluate", (index + 1) / len(cases), case.name)

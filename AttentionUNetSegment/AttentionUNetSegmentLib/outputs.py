@@ -303,7 +303,8 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
     return {
         "input": str(Path(input_path).resolve()) if input_path is not None else None,
         "engine_version": __version__,
-        "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256},
+        "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256,
+                  "path": str(bundle.path.resolve())},
         "device": prediction.device,
         "parameters": dict(parameters or {}),
         "image": _geometry(prediction.labels),

@@ -20,6 +20,10 @@ NORMALIZATION_SCHEMES = ("zscore", "ct")
 _AXIS_LETTERS = ("RL", "AP", "SI")
 #: Voxels per float64 chunk of ``normalize`` (8 MiB).
 _CHUNK = 1 << 20
+#: Target spacings a model may ask for (mm): finer than 10 micrometres or coarser than 10 cm is no imaging resolution.
+MIN_SPACING_MM, MAX_SPACING_MM = 0.01, 100.0
+#: Largest grid an image may be resampled to (2**30 voxels = 4 GiB per float32 copy, and inference holds several).
+MAX_RESAMPLED_VOXELS = 2 ** 30
 
 
 def _default_normalization() -> Dict[str, object]:
@@ -96,9 +100,10 @@ def _validated_spacing(value: object) -> Tuple[float, float, float]:
         spacing = tuple(float(v) for v in value)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         spacing = ()
-    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+    if len(spacing) != 3 or not all(math.isfinite(s) and MIN_SPACING_MM <= s <= MAX_SPACING_MM for s in spacing):
         raise ModelBundleError(
-            f"preprocessing target_spacing {value!r} must be three positive numbers (x, y, z in mm)"
+            f"preprocessing target_spacing {value!r} must be three numbers (x, y, z in mm) in "
+            f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm"
         )
     return spacing  # type: ignore[return-value]
 
@@ -177,7 +182,16 @@ def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], is_label: b
     if np.allclose(old_spacing, new_spacing, rtol=1e-5, atol=0):
         return image
     old_size = np.array(image.GetSize())
-    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing)).astype(int)
+    new_size = np.maximum(1, np.round(old_size * old_spacing / new_spacing))
+    voxels = float(np.prod(new_size))
+    if voxels > MAX_RESAMPLED_VOXELS:
+        raise InputImageError(
+            f"resampling this image ({' x '.join(map(str, old_size))} voxels of "
+            f"{' x '.join(f'{s:g}' for s in old_spacing)} mm) to {' x '.join(f'{s:g}' for s in new_spacing)} mm "
+            f"would make {voxels:.3g} voxels (about {voxels * 4 / 2**30:.3g} GiB per float32 copy), more than the "
+            f"{MAX_RESAMPLED_VOXELS:.3g} voxels allowed; the image or the model's target spacing does not fit (crop "
+            "the image to the structure, or use a model made for this resolution)")
+    new_size = new_size.astype(int)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     centre = np.array(image.GetOrigin()) + direction @ ((old_size - 1) * old_spacing / 2)
     new_origin = centre - direction @ ((new_size - 1) * new_spacing / 2)

@@ -26,8 +26,10 @@ import numbers
 import os
 import platform
 import re
+import stat
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -40,14 +42,16 @@ from torch import nn
 from . import __version__
 from .arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
-from .bundle import complete_metadata, create_metadata, save_bundle
+from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
+                     create_metadata, device_memory, estimate_memory, save_bundle)
 from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
+from .jsonfile import read_json
 from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
 from .network import AttentionUNet, NetworkOutput
 from .planning import NORMALIZATION_SCHEMES, TrainingPlan, plan_training
-from .preprocessing import PreprocessingSpec
+from .preprocessing import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
 
 #: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
@@ -283,8 +287,52 @@ def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _load_checkpoint(path: Path) -> Dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_checkpoint(path: Path, max_bytes: int) -> Dict[str, Any]:
+    """A checkpoint this tool wrote: a regular file of at most ``max_bytes``, plain tensors and numbers only
+    (``weights_only``: a pickle of anything else is refused without running it). Anything else is one user error."""
+    advice = (f"the checkpoint is damaged or not one this tool wrote; restore it, or start the run over with "
+              f"--force (the work folder {path.parent.parent} is left as it is)")
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise AttentionUNetError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        raise AttentionUNetError(f"checkpoint {path} is not a regular file of at most {max_bytes / 2**20:.0f} MiB "
+                                 f"(what this model's checkpoints can hold); {advice}")
+    try:
+        with warnings.catch_warnings():  # a foreign pickle makes torch warn; the error line below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load reports a damaged or foreign file with many exception types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AttentionUNetError(f"checkpoint {path} cannot be loaded ({reason[:200]}); {advice}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise AttentionUNetError(f"checkpoint {path} does not hold a training state; {advice}")
+    return state
+
+
+def _checkpoint_limit(model: nn.Module) -> int:
+    """Most bytes a checkpoint of ``model`` can take: weights, two AdamW moments, the log and RNG state."""
+    return 4 * 4 * sum(p.numel() for p in model.parameters()) + (64 << 20)
+
+
+def read_plan(work_dir: Path) -> Dict[str, Any]:
+    """The work folder's ``plan.json`` (plan, split, config), checked; anything else is one user error."""
+    path = work_dir / "plan.json"
+    saved = read_json(path, "training plan")
+    try:
+        if not isinstance(saved, dict):
+            raise TypeError("not a JSON object")
+        TrainingPlan.from_dict(saved["plan"])
+        for key in ("training_cases", "validation_cases"):
+            if not isinstance(saved[key], list) or not all(isinstance(name, str) for name in saved[key]):
+                raise TypeError(f"{key} is not a list of case names")
+        if not isinstance(saved["config"], dict) or not isinstance(saved["config"].get("output"), str):
+            raise TypeError("config.output is not a path")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise AttentionUNetError(f"training plan {path} is damaged ({type(error).__name__}: {error}); restore it, "
+                                 "or start the run over without --resume (pass --force to replace it)") from None
+    return saved
 
 
 def hardware_description(device: torch.device, world_size: int) -> str:
@@ -309,6 +357,17 @@ def check_config(config: TrainingConfig) -> None:
         if value is not None and not all(isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
                                          for v in values):
             raise AttentionUNetError(f"{option} must be positive, got {value}")
+    if config.channels is not None and (not 2 <= len(config.channels) <= MAX_DEPTH
+                                        or max(config.channels) > MAX_CHANNELS):
+        raise AttentionUNetError(f"--channels {' '.join(map(str, config.channels))}: give 2..{MAX_DEPTH} levels of "
+                                 f"at most {MAX_CHANNELS} channels each")
+    if config.patch_size is not None and max(config.patch_size) > MAX_PATCH_VOXELS_PER_AXIS:
+        raise AttentionUNetError(f"--patch-size {' '.join(map(str, config.patch_size))}: at most "
+                                 f"{MAX_PATCH_VOXELS_PER_AXIS} voxels per axis")
+    if config.target_spacing is not None and not all(MIN_SPACING_MM <= s <= MAX_SPACING_MM
+                                                     for s in config.target_spacing):
+        raise AttentionUNetError(f"--spacing {' '.join(f'{s:g}' for s in config.target_spacing)}: give "
+                                 f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm per axis")
     if isinstance(config.validation, float) and config.validation >= 1:
         raise AttentionUNetError(f"--validation {config.validation}: give a fraction below 1 or a whole number of "
                                  "cases")
@@ -364,10 +423,15 @@ class Trainer:
         dataset = load_dataset(config.dataset, config.label_names)
         if self.distributed.is_main:
             plan_path = self.work_dir / "plan.json"
-            if config.resume and plan_path.is_file():
-                saved = json.loads(plan_path.read_text(encoding="utf-8"))
+            if config.resume and (plan_path.exists() or plan_path.is_symlink()):
+                saved = read_plan(self.work_dir)
                 plan, train_names, val_names = (TrainingPlan.from_dict(saved["plan"]), saved["training_cases"],
                                                 saved["validation_cases"])
+                unknown = sorted(set(train_names + val_names) - {case.name for case in dataset.cases})
+                if unknown:
+                    raise AttentionUNetError(f"training plan {plan_path} names cases the dataset does not have "
+                                             f"({', '.join(unknown[:3])}); resume with the dataset the run started "
+                                             "with, or start over with --force")
                 self._check_exportable(plan, dataset.labels)
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
@@ -401,15 +465,30 @@ class Trainer:
         """True when ``--resume`` continues the run that exported ``--output`` (a time-budget stop exports a
         bundle; finishing the run replaces it)."""
         plan_path = self.work_dir / "plan.json"
-        if not self.config.resume or not plan_path.is_file():
+        if not self.config.resume or not (plan_path.exists() or plan_path.is_symlink()):
             return False
-        recorded = json.loads(plan_path.read_text(encoding="utf-8"))["config"]["output"]
+        recorded = read_plan(self.work_dir)["config"]["output"]
         return Path(recorded).expanduser().resolve() == self.output.resolve()
 
     def _check_output(self) -> None:
-        if self.output.exists() and not self.config.force and not self._resumes_own_output():
-            raise OutputExistsError(f"output bundle {self.output} already exists; choose another --output or pass "
-                                    "--force to replace it when training finishes")
+        """Refuse, before anything is read or written, an ``--output`` the final export must not replace: the
+        dataset or a folder holding it, the work folder or a folder holding it, and (even with ``--force``)
+        anything existing that is not a model bundle."""
+        output = self.output.resolve()
+        dataset = Path(self.config.dataset).expanduser().resolve()
+        work_dir = self.work_dir.resolve()
+        for what, path in (("the training dataset", dataset), ("the training work folder", work_dir)):
+            if path == output or output in path.parents:
+                raise AttentionUNetError(f"--output {self.output} is (or holds) {what} {path}; the bundle would "
+                                         "replace it. Choose another --output (nothing was changed)")
+        if self.output.exists() or self.output.is_symlink():
+            if not self.config.force and not self._resumes_own_output():
+                raise OutputExistsError(f"output bundle {self.output} already exists; choose another --output or "
+                                        "pass --force to replace it when training finishes")
+            try:
+                check_replaceable(self.output)
+            except ModelBundleError as error:
+                raise OutputExistsError(f"--output: {error}") from None
         last = self.work_dir / "checkpoints" / "last.pt"
         if last.exists() and not self.config.resume and not self.config.force:
             raise OutputExistsError(f"{self.work_dir} already holds a training run; pass --resume to continue it, "
@@ -453,17 +532,28 @@ class Trainer:
         step, best_score, best_epoch, trained_seconds = 0, -1.0, 0, 0.0
         if config.resume:
             last = checkpoints / "last.pt"
-            if not last.is_file():
+            if not (last.exists() or last.is_symlink()):
                 raise AttentionUNetError(f"--resume: no checkpoint at {last}; start without --resume")
-            state = _load_checkpoint(last)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            sampler.load_state_dict(state["samplers"][rank])
-            torch.set_rng_state(state["torch_rng"])
-            step, best_score, best_epoch = state["step"], state["best_score"], state["best_epoch"]
-            trained_seconds = state["trained_seconds"]
-            log = TrainingLog(self.work_dir, state["history"])
+            state = _load_checkpoint(last, _checkpoint_limit(model))
+            try:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                for parameter, moments in optimizer.state.items():
+                    if any(torch.is_tensor(v) and v.dim() and v.shape != parameter.shape for v in moments.values()):
+                        raise ValueError(f"optimizer state of shape {parameter.shape} does not fit its parameter")
+                scaler.load_state_dict(state["scaler"])
+                sampler.load_state_dict(state["samplers"][rank])
+                torch.set_rng_state(state["torch_rng"])
+                step, best_score, best_epoch = int(state["step"]), float(state["best_score"]), state["best_epoch"]
+                trained_seconds = float(state["trained_seconds"])
+                if not isinstance(state["history"], list) or not 0 <= step <= config.epochs * config.iterations_per_epoch:
+                    raise ValueError(f"step {step} or the history does not fit this run")
+                log = TrainingLog(self.work_dir, state["history"])
+            except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                raise AttentionUNetError(f"checkpoint {last} does not fit this run ({reason}); resume with the "
+                                         "options the run started with, or start over with --force (nothing was "
+                                         "changed)") from None
             self._log(f"resumed at step {step} (epoch {step // config.iterations_per_epoch})")
         if self.distributed.is_main:
             checkpoints.mkdir(parents=True, exist_ok=True)
@@ -597,8 +687,19 @@ class Trainer:
     def _check_exportable(self, plan: TrainingPlan, label_names: Dict[int, str]) -> None:
         """Build the network and the bundle metadata now, so what the export would refuse is refused before any
         training time is spent."""
+        architecture = {"in_channels": 1, "out_channels": len(label_names) + 1, "channels": list(plan.channels)}
+        needed = estimate_memory(architecture, plan.patch_size, plan.batch_size, training=True)
+        available = device_memory(self.device)
+        if available is not None and needed > available:
+            memory = "this GPU's memory" if self.device.type == "cuda" else "this machine's RAM"
+            raise AttentionUNetError(
+                f"training patches of {' x '.join(map(str, plan.patch_size))} voxels, batch {plan.batch_size}, "
+                f"channels {' '.join(map(str, plan.channels))} need about {needed / 2**30:.1f} GiB (estimate), more "
+                f"than the {available / 2**30:.1f} GiB of {memory}; use a smaller --patch-size, --batch-size or "
+                "--channels")
         try:
-            model = AttentionUNet(in_channels=1, out_channels=len(label_names) + 1, channels=plan.channels)
+            with torch.device("meta"):  # the architecture only: nothing is allocated
+                model = AttentionUNet(**architecture)
         except ValueError as error:
             source = "--channels" if self.config.channels is not None else "the planned channels"
             raise AttentionUNetError(f"{source} {' '.join(map(str, plan.channels))}: {error}") from None
@@ -613,20 +714,25 @@ class Trainer:
                 total_time: float, stopped_early: bool, n_train: int, n_val: int) -> Path:
         """Write the best weights (without the deep-supervision heads) as a bundle at ``--output``."""
         config = self.config
-        best = _load_checkpoint(best_path)
         labels = sorted(label_names)
         model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels)
-        model.load_state_dict({k: v for k, v in best["model"].items()
-                               if not k.startswith("deep_supervision_heads.")}, strict=True)
-        row = best["dice"]
-        metrics = {
-            "validation": {
+        best = _load_checkpoint(best_path, _checkpoint_limit(model))
+        try:
+            model.load_state_dict({k: v for k, v in best["model"].items()
+                                   if not k.startswith("deep_supervision_heads.")}, strict=True)
+            row = best["dice"]
+            validation = {
                 "method": "held-out cases, sliding-window inference on the preprocessed grid, mean of per-case Dice",
                 "cases": n_val,
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
                 "epoch": best["epoch"],
-            },
+            }
+        except (KeyError, TypeError, RuntimeError) as error:
+            raise AttentionUNetError(f"checkpoint {best_path} does not fit this run ({type(error).__name__}); "
+                                     "it is damaged: start the run over with --force") from None
+        metrics = {
+            "validation": validation,
             "training": {
                 "training_cases": n_train, "epochs_completed": log.rows[-1]["epoch"] if log.rows else 0,
                 "steps": log.rows[-1]["step"] if log.rows else 0, "stopped_by_time_budget": stopped_early,

@@ -9,16 +9,28 @@ the model card metadata (licence, citation, training data, those held-out metric
 
 Arguments: the bundle written by ``attention-unet train``, its work directory (``plan.json`` holds the split and
 ``training_log.json`` the curves) and the MSD Task04 folder.
+
+After any edit of the shipped ``model.json`` (a new key, a merged branch), refresh its ``metadata_sha256`` and the
+digest ``bundle.SHIPPED_DIGESTS`` pins for it, leaving the weights (and their sha256) untouched::
+
+    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py --refresh-digest
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Optional
 
-from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, create_metadata, load_bundle, save_bundle
+from AttentionUNetSegmentLib import bundle as bundle_module
+from AttentionUNetSegmentLib.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, FORMAT_VERSION, METADATA_FILE,
+                                            create_metadata, file_sha256, load_bundle, metadata_digest, save_bundle)
+from AttentionUNetSegmentLib.errors import ModelBundleError
+from AttentionUNetSegmentLib.imageio import atomic_output
+from AttentionUNetSegmentLib.jsonfile import read_json
 from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate, write_report
 from AttentionUNetSegmentLib.inference import Predictor
 
@@ -42,13 +54,46 @@ DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a s
                "hippocampus at about 1 mm; whole-brain volumes need an ROI.")
 
 
+def refresh_digest(directory: Path, name: str = "hippocampus", pin_file: Optional[Path] = None) -> str:
+    """Rewrite ``directory/model.json`` with the current format version and a fresh ``metadata_sha256`` (the
+    weights must still match their recorded sha256), pin that digest for ``name`` in ``pin_file`` (default: the
+    engine's ``bundle.py``, ``SHIPPED_DIGESTS``), and return it."""
+    metadata = read_json(directory / METADATA_FILE, "model metadata", ModelBundleError)
+    weights = directory / metadata["weights"]["file"]
+    if file_sha256(weights) != metadata["weights"]["sha256"]:
+        raise ModelBundleError(f"{weights} does not match weights.sha256 in {directory / METADATA_FILE}; restore the "
+                               "weights (this command never changes them)")
+    metadata["format_version"] = FORMAT_VERSION
+    metadata.pop(DIGEST_KEY, None)
+    metadata[DIGEST_KEY] = digest = metadata_digest(metadata)
+    with atomic_output(directory / METADATA_FILE, force=True) as partial:
+        partial.write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    source = Path(pin_file or bundle_module.__file__)
+    text, count = re.subn(rf'("{re.escape(name)}": )"[0-9a-f]{{64}}"', rf'\g<1>"{digest}"',
+                          source.read_text(encoding="utf-8"))
+    if count != 1:
+        raise ModelBundleError(f"no SHIPPED_DIGESTS entry for {name!r} in {source}; add one by hand")
+    with atomic_output(source, force=True) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return digest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trained", type=Path)
-    parser.add_argument("work_dir", type=Path)
-    parser.add_argument("dataset", type=Path)
+    parser.add_argument("trained", type=Path, nargs="?")
+    parser.add_argument("work_dir", type=Path, nargs="?")
+    parser.add_argument("dataset", type=Path, nargs="?")
     parser.add_argument("--output", type=Path, default=BUNDLED_MODELS_DIR / "hippocampus")
+    parser.add_argument("--refresh-digest", action="store_true",
+                        help="only refresh --output's metadata digest and its pin in bundle.py")
     args = parser.parse_args()
+    if args.refresh_digest:
+        digest = refresh_digest(args.output, args.output.name)
+        print(f"{args.output / METADATA_FILE}: {DIGEST_KEY} {digest} (pinned in {bundle_module.__file__})",
+              file=sys.stderr)
+        return 0
+    if args.dataset is None:
+        parser.error("give the trained bundle, its work directory and the dataset (or --refresh-digest)")
 
     trained = load_bundle(args.trained)
     plan = json.loads((args.work_dir / "plan.json").read_text(encoding="utf-8"))
@@ -78,6 +123,7 @@ def main() -> int:
         citation=CITATION, training_data=TRAINING_DATA.format(n=n_train + n_val, train=n_train, val=n_val),
         metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
     bundle = save_bundle(trained.build_model(), metadata, args.output, force=True)
+    refresh_digest(bundle.path, bundle.path.name)
     print(f"wrote {bundle.path}: held-out Dice {metrics['held_out']['dice']}", file=sys.stderr)
     return 0
 
