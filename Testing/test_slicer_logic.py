@@ -761,6 +761,7 @@ def located_bundle(env, tmp_path_factory):
                                           "right": {"box_ras": [10, 40, -40, 10, -30, 0]}},
                                 "labels": labels}
     metadata["domain"] = DOMAIN
+    metadata[DIGEST_KEY] = metadata_digest(metadata)
     (path / "model.json").write_text(json.dumps(metadata))
     return env["logic"].resolveModel(str(path))
 
@@ -1047,6 +1048,7 @@ def test_a_domain_record_the_module_cannot_read_is_said_not_raised(env, tmp_path
     metadata = json.loads((path / "model.json").read_text())
     for damaged in ({"field_of_view_mm": {"median": "wide"}}, {**DOMAIN, "thresholds": [1, 2]}, {"spacing_mm": 1}):
         metadata["domain"] = damaged
+        metadata[DIGEST_KEY] = metadata_digest(metadata)
         (path / "model.json").write_text(json.dumps(metadata))
         bundle = env["logic"].resolveModel(str(path))
         (message,) = env["logic"].domainWarnings(env["volume"], bundle)
