@@ -1,0 +1,391 @@
+"""Automatic localisation: where the structure a model was trained on lies in a whole-head image.
+
+A bundle may declare a ``localization`` section (format in ``DESIGN.md``). The one method, ``template-affine``,
+registers the input to a T1 template shipped in the bundle folder (affine, SimpleITK's registration framework:
+an upper-head initialiser, a few starting rotations, multi-resolution Mattes mutual information over the template's
+brain) and maps each side's template-space box into the input. ``segment`` then resamples the input onto each box's
+grid in template space (the model's spacing, upright as the training crops were), segments it with the usual
+sliding window and maps the class probabilities back onto the input grid (see ``inference.Predictor.localize``).
+
+Registration that fails or looks implausible (mutual information too low, a determinant or scaling no head has, a
+box outside the image) raises ``LocalizationError`` with what to do: give an ROI.
+
+Geometry: the registration transform maps template points to input points (ITK LPS mm, fixed = template, moving =
+input), so resampling the input through it yields the input on a template-space grid.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import AttentionUNetError
+
+METHODS = ("template-affine",)
+SIDES = ("left", "right")
+#: Plausibility limits where a bundle's ``localization.plausibility`` does not set them.
+DEFAULT_PLAUSIBILITY = {
+    # Mattes mutual information (ITK reports it negated) must reach at least this; unrelated images stay near 0.
+    "min_mutual_information": 0.15,
+    # Determinant of the template -> input linear map (head volume ratio) and the per-axis scalings.
+    "determinant": [0.5, 2.0],
+    "scale": [0.7, 1.45],
+    # Share of each box (in template space) that must lie inside the input.
+    "min_box_inside": 0.9,
+}
+#: Starting rotations (degrees about the R-L, A-P, S-I axes) tried at the coarsest level; the best one is refined.
+START_ROTATIONS_DEG = ((0.0, 0.0, 0.0), (-20.0, 0.0, 0.0), (20.0, 0.0, 0.0), (0.0, 0.0, -15.0), (0.0, 0.0, 15.0),
+                       (0.0, -15.0, 0.0), (0.0, 15.0, 0.0))
+COARSE_ITERATIONS, FINE_ITERATIONS = 60, 80
+#: Subsampling of the template's grid for the starting rotations.
+COARSE_FACTOR = 4
+#: Depth of the head (from its top, in mm) used to place the initial translation: skull to the skull base, so a
+#: neck or shoulders in the field of view do not pull the start away.
+HEAD_DEPTH_MM = 110.0
+#: Grid of the moving image during registration (mm): finer inputs are smoothed and subsampled to it.
+REGISTRATION_SPACING_MM = 2.0
+
+
+class LocalizationError(AttentionUNetError):
+    """Automatic localisation failed or gave an implausible result; the message says what to do."""
+
+
+@dataclass
+class LocalizerSpec:
+    """A bundle's ``localization`` section.
+
+    Attributes:
+        method: ``"template-affine"``.
+        template: path of the template image (in the bundle folder).
+        boxes: side -> ``(r_min, r_max, a_min, a_max, s_min, s_max)`` in template RAS mm.
+        labels: the segments with localisation: dicts ``{value, name, color, terminology, side, source}`` where
+            ``source`` is the model label value the segment comes from.
+        plausibility: limits (``DEFAULT_PLAUSIBILITY`` keys).
+    """
+
+    method: str
+    template: Path
+    boxes: Dict[str, Tuple[float, ...]]
+    labels: List[Dict[str, Any]]
+    plausibility: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_PLAUSIBILITY))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], directory: Path) -> "LocalizerSpec":
+        """Build from ``model.json``'s ``localization`` (``ValueError`` naming the problem when malformed)."""
+        if not isinstance(data, Mapping):
+            raise ValueError("'localization' must be an object")
+        method = data.get("method")
+        if method not in METHODS:
+            raise ValueError(f"localization.method {method!r} is not one of {', '.join(METHODS)}")
+        template = data.get("template")
+        if not isinstance(template, str) or Path(template).name != template:
+            raise ValueError("localization.template must be a file name in the bundle folder")
+        sides = data.get("sides")
+        if not isinstance(sides, Mapping) or not sides or not set(sides) <= set(SIDES):
+            raise ValueError("localization.sides must map 'left' and/or 'right' to {\"box_ras\": [6 numbers]}")
+        boxes = {}
+        for side, entry in sides.items():
+            box = entry.get("box_ras") if isinstance(entry, Mapping) else None
+            if (not isinstance(box, list) or len(box) != 6
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+                    or any(box[2 * i] >= box[2 * i + 1] for i in range(3))):
+                raise ValueError(f"localization.sides.{side}.box_ras must be six numbers R_MIN R_MAX A_MIN A_MAX "
+                                 "S_MIN S_MAX with each minimum below its maximum")
+            boxes[side] = tuple(float(v) for v in box)
+        labels = data.get("labels")
+        if not isinstance(labels, list) or not labels or not all(
+                isinstance(label, Mapping) and label.get("side") in boxes and isinstance(label.get("source"), int)
+                for label in labels):
+            raise ValueError("localization.labels must list {value, name, color, side, source} per side and "
+                             "model label")
+        plausibility = {**DEFAULT_PLAUSIBILITY, **dict(data.get("plausibility") or {})}
+        return cls(method=method, template=directory / template, boxes=boxes, labels=[dict(x) for x in labels],
+                   plausibility=plausibility)
+
+
+@dataclass
+class Registration:
+    """An affine ``transform`` mapping template points to input points (LPS mm) and how good it looks."""
+
+    transform: sitk.AffineTransform
+    metric: float
+    determinant: float
+    scales: Tuple[float, float, float]
+    seconds: float
+    start_rotation_deg: Tuple[float, float, float]
+
+    def quality(self) -> Dict[str, Any]:
+        """The report's ``localization.registration``."""
+        return {"metric": round(self.metric, 4), "mutual_information": round(-self.metric, 4),
+                "determinant": round(self.determinant, 4), "scales": [round(s, 4) for s in self.scales],
+                "start_rotation_deg": list(self.start_rotation_deg), "seconds": round(self.seconds, 3)}
+
+
+# ------------------------------------------------------------------------------------------------- registration
+def _as_float(image: sitk.Image) -> sitk.Image:
+    return sitk.Cast(image, sitk.sitkFloat32)
+
+
+def _registration_copy(image: sitk.Image) -> sitk.Image:
+    """``image`` as float32 on a grid no finer than ``REGISTRATION_SPACING_MM`` (smoothed first, so no aliasing),
+    intensities clipped to their 0.5-99.5 percentiles (bright fat or vessels would squeeze the histogram)."""
+    image = _as_float(image)
+    spacing = np.array(image.GetSpacing())
+    factor = np.maximum(1, np.floor(REGISTRATION_SPACING_MM / spacing + 1e-6)).astype(int)
+    if np.any(factor > 1):
+        sigma = [float(s * (f - 1) / 2.0) if f > 1 else 0.0 for s, f in zip(spacing, factor)]
+        image = sitk.SmoothingRecursiveGaussian(image, [max(s, 1e-3) for s in sigma])
+        image = sitk.Shrink(image, [int(f) for f in factor])
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = np.percentile(array[::2, ::2, ::2], [0.5, 99.5])
+    return sitk.Clamp(image, lowerBound=float(low), upperBound=float(max(high, low + 1e-3)))
+
+
+def _physical_points(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
+    """World (LPS mm) points ``(N, 3)`` of the voxels where ``mask`` ``(z, y, x)`` is true."""
+    index_zyx = np.argwhere(mask).astype(float)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return (direction @ (index_zyx[:, ::-1] * np.array(image.GetSpacing())).T).T + np.array(image.GetOrigin())
+
+
+def _largest_component(mask: sitk.Image) -> sitk.Image:
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    return components == 1
+
+
+def head_mask(image: sitk.Image) -> sitk.Image:
+    """The largest connected region above Otsu's threshold (the head, or a skull-stripped brain)."""
+    return _largest_component(sitk.OtsuThreshold(image, 0, 1, 128))
+
+
+#: Erosion radius (mm) that separates the brain from the scalp (through the dark skull) in ``brain_mask``.
+STRIP_RADIUS_MM = 6.0
+
+
+def brain_mask(image: sitk.Image) -> sitk.Image:
+    """A rough brain mask of a T1 head: the foreground within ``HEAD_DEPTH_MM`` of the top, eroded until the
+    scalp comes off through the dark skull, its largest part, grown back. The template is skull-stripped, so the
+    input is matched to it stripped too (with the skull, the template's brain can grow onto the scalp)."""
+    head = head_mask(image)
+    array = sitk.GetArrayFromImage(head)
+    points = _physical_points(image, array > 0)
+    if len(points) == 0:
+        raise LocalizationError("the image has no foreground to register")
+    superior = _physical_points(image, np.ones(array.shape, bool))[:, 2].reshape(array.shape)
+    array[superior < points[:, 2].max() - HEAD_DEPTH_MM] = 0
+    upper = sitk.GetImageFromArray(array)
+    upper.CopyInformation(head)
+    radius = [max(1, int(round(STRIP_RADIUS_MM / s))) for s in image.GetSpacing()]
+    core = _largest_component(sitk.BinaryErode(upper, radius))
+    return sitk.And(sitk.BinaryDilate(core, radius), upper)
+
+
+def _upper_centroid(image: sitk.Image, mask: sitk.Image, depth_mm: float) -> Tuple[np.ndarray, float]:
+    """The centroid of ``mask`` within ``depth_mm`` of its highest (superior, LPS +z) point, and that point's z."""
+    points = _physical_points(image, sitk.GetArrayViewFromImage(mask) > 0)
+    if len(points) == 0:
+        raise LocalizationError("the image has no foreground to register")
+    top = float(points[:, 2].max())
+    upper = points[points[:, 2] > top - depth_mm]
+    return upper.mean(axis=0), top
+
+
+def _rotation_matrix(degrees_ras: Sequence[float]) -> np.ndarray:
+    """Rotation by the given angles about the world R-L, A-P and S-I axes (applied in that order)."""
+    ax, ay, az = (math.radians(d) for d in degrees_ras)
+    rx = np.array([[1, 0, 0], [0, math.cos(ax), -math.sin(ax)], [0, math.sin(ax), math.cos(ax)]])
+    ry = np.array([[math.cos(ay), 0, math.sin(ay)], [0, 1, 0], [-math.sin(ay), 0, math.cos(ay)]])
+    rz = np.array([[math.cos(az), -math.sin(az), 0], [math.sin(az), math.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _method(fixed_mask: sitk.Image, shrink: Sequence[int], sigmas: Sequence[float], iterations: int,
+            sampling: float) -> sitk.ImageRegistrationMethod:
+    method = sitk.ImageRegistrationMethod()
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.REGULAR)
+    method.SetMetricSamplingPercentage(sampling, seed=1)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetShrinkFactorsPerLevel(list(shrink))
+    method.SetSmoothingSigmasPerLevel(list(sigmas))
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return method
+
+
+def _coarse(image: sitk.Image, factor: int, is_mask: bool = False) -> sitk.Image:
+    """``image`` smoothed and subsampled by ``factor`` (computed once for all starting rotations)."""
+    if is_mask:
+        return sitk.Shrink(image, [factor] * 3)
+    sigma = [float(s * factor / 2.0) for s in image.GetSpacing()]
+    return sitk.Shrink(sitk.SmoothingRecursiveGaussian(image, sigma), [factor] * 3)
+
+
+#: Layers painted around the skull-stripped template's brain so that it looks like a head: (from, to) mm outside
+#: the brain and the intensity as a fraction of white matter's (CSF, bone: dark; scalp and fat: bright on T1).
+HEAD_LAYERS = ((0.0, 3.0, 0.15), (3.0, 7.0, 0.08), (7.0, 12.0, 0.75))
+#: The metric samples the template up to this far outside the brain (mm), but not below ``MASK_FLOOR_S_MM``
+#: (template S coordinate), where a real head continues into the skull base and neck.
+MASK_MARGIN_MM = 14.0
+MASK_FLOOR_S_MM = -45.0
+
+
+def template_head(template: sitk.Image) -> Tuple[sitk.Image, sitk.Image]:
+    """A head-like copy of the (skull-stripped, RAS-oriented) template and the mask the metric samples.
+
+    Inputs have skull, scalp and neck; matching them to a bare brain lets the brain's outline slide onto the
+    scalp (an affine 1.5x too large). Painting CSF, bone and scalp layers around the brain gives those tissues
+    something to match; the mask leaves out the neck, which the template does not have.
+    """
+    array = sitk.GetArrayFromImage(template).astype(np.float32)
+    brain = sitk.BinaryFillhole(sitk.Cast(template > 0, sitk.sitkUInt8))
+    outside = sitk.GetArrayViewFromImage(
+        sitk.SignedMaurerDistanceMap(brain, insideIsPositive=False, squaredDistance=False, useImageSpacing=True))
+    white = float(np.percentile(array[array > 0], 90))
+    for low, high, share in HEAD_LAYERS:
+        array[(outside > low) & (outside <= high)] = share * white
+    head = sitk.GetImageFromArray(array)
+    head.CopyInformation(template)
+    superior = (np.array(template.GetOrigin())[2] + np.arange(array.shape[0]) * template.GetSpacing()[2]
+                * template.GetDirection()[8])
+    mask = outside <= MASK_MARGIN_MM
+    mask[superior < MASK_FLOOR_S_MM] &= outside[superior < MASK_FLOOR_S_MM] <= 0
+    mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_image.CopyInformation(template)
+    return head, mask_image
+
+
+def register(image: sitk.Image, template: sitk.Image) -> Registration:
+    """Affine registration of ``image`` (the moving image) to ``template``; ``Registration.transform`` maps template
+    points to image points. Raises ``LocalizationError`` when ITK's optimiser fails."""
+    started = time.perf_counter()
+    moving = _registration_copy(image)
+    fixed = _as_float(template)
+    brain = sitk.Cast(template > 0, sitk.sitkUInt8)
+    mask = sitk.BinaryDilate(brain, [1, 1, 1])
+    fixed_centre, fixed_top = _upper_centroid(template, mask, HEAD_DEPTH_MM - 10.0)
+    moving_centre, moving_top = _upper_centroid(moving, head_mask(moving), HEAD_DEPTH_MM)
+    # The template has no scalp: its top is ~5 mm below a head's (half-way between a head and a stripped brain).
+    shift = moving_centre - fixed_centre
+    shift[2] = (moving_top - 5.0) - fixed_top
+    try:
+        best: Optional[Tuple[float, sitk.Similarity3DTransform, Tuple[float, float, float]]] = None
+        for degrees in START_ROTATIONS_DEG:
+            start = sitk.Similarity3DTransform()
+            start.SetCenter([float(c) for c in fixed_centre])
+            lps_degrees = (-degrees[0], -degrees[1], degrees[2])  # a rotation about -x equals minus one about +x
+            start.SetMatrix([float(v) for v in _rotation_matrix(lps_degrees).ravel()])
+            start.SetTranslation([float(v) for v in shift])
+            method = _method(mask, shrink=[COARSE_FACTOR], sigmas=[4.0], iterations=COARSE_ITERATIONS,
+                             sampling=0.25)
+            method.SetInitialTransform(start, inPlace=True)
+            method.Execute(fixed, moving)
+            # Judged on the full grid: coarsely, a brain grown onto the scalp can look as good as the right fit.
+            value = method.MetricEvaluate(fixed, moving)
+            if best is None or value < best[0]:
+                best = (value, start, degrees)
+        assert best is not None
+        affine = sitk.AffineTransform(3)
+        affine.SetCenter(best[1].GetCenter())
+        affine.SetMatrix(best[1].GetMatrix())
+        affine.SetTranslation(best[1].GetTranslation())
+        method = _method(mask, shrink=[2, 1], sigmas=[2.0, 1.0], iterations=FINE_ITERATIONS, sampling=0.25)
+        method.SetInitialTransform(affine, inPlace=True)
+        method.Execute(fixed, moving)
+        method.SetMetricSamplingPercentage(1.0)
+        metric = float(method.MetricEvaluate(fixed, moving))
+    except RuntimeError as error:
+        raise LocalizationError(f"the registration to the model's template failed ({str(error).strip()[-200:]}); "
+                                "give a Region (--roi) around the structure instead") from None
+    linear = np.array(affine.GetMatrix()).reshape(3, 3)
+    scales = tuple(float(s) for s in np.linalg.svd(linear, compute_uv=False))
+    return Registration(transform=affine, metric=metric, determinant=float(np.linalg.det(linear)),
+                        scales=scales, seconds=time.perf_counter() - started, start_rotation_deg=best[2])
+
+
+# ---------------------------------------------------------------------------------------------------- boxes
+def box_corners_lps(box_ras: Sequence[float]) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` of a RAS box, in LPS mm."""
+    return np.array([[-r, -a, s] for r in box_ras[0:2] for a in box_ras[2:4] for s in box_ras[4:6]], dtype=float)
+
+
+def map_box(transform: sitk.Transform, box_ras: Sequence[float]) -> Tuple[float, ...]:
+    """The RAS bounding box, in the input's world, of a template-space RAS box mapped by ``transform``."""
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in box_corners_lps(box_ras)])
+    ras = mapped * np.array([-1.0, -1.0, 1.0])
+    low, high = ras.min(axis=0), ras.max(axis=0)
+    return tuple(round(float(v), 2) for pair in zip(low, high) for v in pair)
+
+
+def box_grid(box_ras: Sequence[float], spacing_xyz: Sequence[float]) -> sitk.Image:
+    """An empty RAS-oriented grid covering ``box_ras`` (template space) at ``spacing_xyz``."""
+    spacing = np.asarray(spacing_xyz, float)
+    low = np.array(box_ras[0::2], float)
+    high = np.array(box_ras[1::2], float)
+    size = np.maximum(1, np.round((high - low) / spacing)).astype(int)
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing([float(s) for s in spacing])
+    grid.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    first_ras = low + spacing / 2.0
+    grid.SetOrigin([float(-first_ras[0]), float(-first_ras[1]), float(first_ras[2])])
+    return grid
+
+
+def fraction_inside(image: sitk.Image, transform: sitk.Transform, box_ras: Sequence[float],
+                    step_mm: float = 4.0) -> float:
+    """Share of a template-space box whose mapped points lie inside ``image``'s voxel grid."""
+    grid = box_grid(box_ras, [step_mm] * 3)
+    size = np.array(grid.GetSize())
+    inside = 0
+    points = [grid.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+              for i in range(size[0]) for j in range(size[1]) for k in range(size[2])]
+    limit = np.array(image.GetSize()) - 0.5
+    for point in points:
+        index = np.array(image.TransformPhysicalPointToContinuousIndex(transform.TransformPoint(point)))
+        inside += bool(np.all(index >= -0.5) and np.all(index <= limit))
+    return inside / len(points)
+
+
+def check_plausible(registration: Registration, image: sitk.Image, spec: LocalizerSpec) -> Dict[str, float]:
+    """Raise ``LocalizationError`` unless the registration looks like a head's; returns each box's share inside
+    the image."""
+    limits = spec.plausibility
+    advice = "give a Region (--roi R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX around the structure) instead"
+    information = -registration.metric
+    if information < float(limits["min_mutual_information"]):
+        raise LocalizationError(
+            f"automatic localisation failed: the image does not match the model's head template (mutual "
+            f"information {information:.3f} < {limits['min_mutual_information']}); is it a T1-weighted head MRI? "
+            f"{advice}")
+    low, high = limits["determinant"]
+    scale_low, scale_high = limits["scale"]
+    if not low <= registration.determinant <= high or not all(scale_low <= s <= scale_high
+                                                              for s in registration.scales):
+        raise LocalizationError(
+            f"automatic localisation gave an implausible head size (volume ratio {registration.determinant:.2f}, "
+            f"scalings {', '.join(f'{s:.2f}' for s in registration.scales)} against the template); {advice}")
+    inside = {side: fraction_inside(image, registration.transform, box) for side, box in spec.boxes.items()}
+    for side, share in inside.items():
+        if share < float(limits["min_box_inside"]):
+            raise LocalizationError(
+                f"automatic localisation placed the {side} box {100 * (1 - share):.0f}% outside the image (is the "
+                f"structure in the field of view?); {advice}")
+    return inside
+
+
+def read_template(spec: LocalizerSpec) -> sitk.Image:
+    """The bundle's template image."""
+    try:
+        return sitk.ReadImage(str(spec.template))
+    except RuntimeError:
+        raise LocalizationError(f"the model's localisation template {spec.template} cannot be read; reinstall "
+                                "the model, or give a Region (--roi)") from None
