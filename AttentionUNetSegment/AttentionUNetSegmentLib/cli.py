@@ -251,15 +251,13 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         if localized[index]:
             prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
                                             largest_component, scaled(report, 0.0, 0.95))
-            warnings: List[str] = []
         else:
-            warnings = domain_warnings(*geometries[index], bundle.domain,
-                                       localizer=bundle.has_localizer and roi is None)
-            for text in warnings:
-                warn(f"{stem}: {text}")
             prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
                                            largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
-        prediction.warnings = warnings + prediction.warnings
+            prediction.warnings = domain_warnings(*geometries[index], bundle.domain,
+                                                  localizer=bundle.has_localizer and roi is None)
+        for text in prediction.warnings:
+            warn(f"{stem}: {text}")
         prediction.timings = {"read": read_seconds, **prediction.timings}
         report("write", 0.95, f"Writing outputs of {stem}")
         written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
@@ -275,7 +273,7 @@ def _predict_localized(predictor, image, spec, template, attention: bool, probab
 
     report("localize", 0.0, "Locating the structure (registration to the model's template)")
     registration = register(image, template)
-    inside = check_plausible(registration, image, spec)
+    inside, warnings = check_plausible(registration, image, spec)
     report("localize", 0.3, "Segmenting each side")
     prediction = predictor.predict_localized(image, spec, registration, attention=attention,
                                              probabilities=probabilities, largest_component=largest_component,
@@ -289,6 +287,7 @@ def _predict_localized(predictor, image, spec, template, attention: bool, probab
         "registration": registration.quality(),
     }
     prediction.timings = {"localize": registration.seconds, **prediction.timings}
+    prediction.warnings = warnings
     return prediction
 
 
