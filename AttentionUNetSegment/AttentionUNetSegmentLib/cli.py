@@ -198,6 +198,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     """
     from .domain import domain_warnings
     from .imageio import read_image
+    from .preprocessing import crop_to_roi
 
     if localize not in LOCALIZE_MODES:
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
@@ -210,7 +211,8 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
         started = time.perf_counter()
         image = read_image(path)
-        geometries.append(_geometry(image))
+        # With an ROI the model sees that region: the domain guard compares it, not the whole input.
+        geometries.append(_geometry(image if roi is None else crop_to_roi(image, roi)[0]))
         if index == 0:
             first_image, first_read_seconds = image, time.perf_counter() - started
     image = None
