@@ -131,9 +131,8 @@ def run_hippodeep(head: Path, work: Path) -> Dict[str, Any]:
     shutil.copyfile(head, copy)
     wall, peak, result = timed([sys.executable, str(HIPPODEEP), str(copy)], cwd=folder)
     stem = head.name[:-len(".nii.gz")]
-    row: Dict[str, Any] = {"seconds": round(wall, 2), "peak_mb": round(peak, 1), "exit": result.returncode,
-                           "masks": {"left": folder / f"{stem}_mask_L.nii.gz", "right": folder / f"{stem}_mask_R.nii.gz"}}
-    return row
+    masks = {"left": folder / f"{stem}_mask_L.nii.gz", "right": folder / f"{stem}_mask_R.nii.gz"}
+    return {"seconds": round(wall, 2), "peak_mb": round(peak, 1), "exit": result.returncode, "masks": masks}
 
 
 def score(case: str, ours: Dict[str, Any], peer: Dict[str, Any], oracle: Dict[str, Optional[float]],
@@ -145,7 +144,8 @@ def score(case: str, ours: Dict[str, Any], peer: Dict[str, Any], oracle: Dict[st
             row[name]["error"] = result["error"]
     if "report" in ours:
         report = ours["report"]
-        row["ours"]["volume_ml"] = {side: round(total["volume_ml"], 3) for side, total in (report["sides"] or {}).items()}
+        sides = report["sides"] or {}
+        row["ours"]["volume_ml"] = {side: round(total["volume_ml"], 3) for side, total in sides.items()}
         row["ours"]["registration"] = {k: report["localization"]["registration"][k]
                                        for k in ("interior_mutual_information", "determinant", "seconds")}
         row["ours"]["boxes_ras"] = report["localization"]["boxes"]

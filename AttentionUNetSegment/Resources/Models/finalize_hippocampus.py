@@ -15,8 +15,9 @@ It also adds the domain guard's ``domain`` (measured on the training cases, i.e.
 wheel at 2 mm, the template-space boxes of both hippocampi and the per-side labels). ``--refresh`` redoes only
 that on the shipped bundle, keeping its weights (same sha256) and metrics::
 
-    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py --refresh \
-        --dataset ../shared/data/msd-hippocampus --nilearn-template /tmp/nilearn/.../mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
+    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py --refresh \\
+        --dataset ../shared/data/msd-hippocampus \\
+        --nilearn-template /tmp/nilearn/nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
 
 (the template file is inside the nilearn wheel: ``pip download --no-deps nilearn`` and unzip
 ``nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz``).
