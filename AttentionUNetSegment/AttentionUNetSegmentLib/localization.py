@@ -47,7 +47,8 @@ DEFAULT_PLAUSIBILITY = {
 START_ROTATIONS_DEG = ((0.0, 0.0, 0.0), (-20.0, 0.0, 0.0), (20.0, 0.0, 0.0), (0.0, 0.0, -15.0), (0.0, 0.0, 15.0),
                        (0.0, -15.0, 0.0), (0.0, 15.0, 0.0))
 #: Optimiser iterations and the share of the template's brain voxels the metric samples: at 8 mm (similarity,
-#: every start) and at 4 + 2 mm (affine, the ``REFINED_STARTS`` best after judging every start at 2 mm).
+#: every start), at 4 mm (affine, the ``REFINED_STARTS`` best after judging every start at 2 mm) and at 2 mm (the
+#: best of those).
 COARSE_ITERATIONS, FINE_ITERATIONS = 40, 40
 COARSE_SAMPLING, FINE_SAMPLING = 0.25, 0.15
 REFINED_STARTS = 2
@@ -265,7 +266,7 @@ def register(image: sitk.Image, template: sitk.Image) -> Registration:
     points to image points. Raises ``LocalizationError`` when ITK's optimiser fails.
 
     Every starting rotation is fitted (similarity) at 8 mm and judged at 2 mm; the ``REFINED_STARTS`` best
-    become affine fits at 2 mm and the one with the highest mutual information wins. (A single start sometimes
+    become affine fits at 4 mm, and the one with the highest mutual information is refined at 2 mm. (A single start sometimes
     ends with the template's brain stretched onto the skull, a fit that smoothed images favour; at 2 mm its
     mutual information is clearly lower, so competing candidates catch it.)
     """
@@ -304,9 +305,11 @@ def register(image: sitk.Image, template: sitk.Image) -> Registration:
             affine.SetCenter(start.GetCenter())
             affine.SetMatrix(start.GetMatrix())
             affine.SetTranslation(start.GetTranslation())
-            _optimise(affine, full, FINE_ITERATIONS, FINE_SAMPLING, shrink=[2, 1], sigmas=[2.0, 1.0])
+            _optimise(affine, full, FINE_ITERATIONS, FINE_SAMPLING, shrink=[2], sigmas=[2.0])
             refined.append((-mutual_information(affine, fixed, moving, interior), degrees, affine))
-        metric, best_degrees, affine = min(refined, key=lambda item: item[0])
+        _, best_degrees, affine = min(refined, key=lambda item: item[0])
+        _optimise(affine, full, FINE_ITERATIONS, FINE_SAMPLING, shrink=[1], sigmas=[1.0])
+        metric = -mutual_information(affine, fixed, moving, interior)
     except RuntimeError as error:
         raise LocalizationError(f"the registration to the model's template failed ({str(error).strip()[-200:]}); "
                                 "give a Region (--roi) around the structure instead") from None
