@@ -113,6 +113,11 @@ def test_training_lowers_the_loss_and_exports_a_loadable_bundle(boxes, tmp_path)
     assert len(plan["validation_cases"]) == 2 and not set(plan["validation_cases"]) & set(plan["training_cases"])
     assert plan["plan"]["flip_axes"] == ["x", "y", "z"]
     assert bundle.mirror_axes == ("x", "y", "z")  # what TTA may flip is what training flipped
+    # The domain guard's record of the training data: every case's field of view and spacing, along world axes.
+    size_xyz = [float(n) for n in SHAPE[::-1]]
+    assert bundle.domain["field_of_view_mm"]["median"] == size_xyz
+    assert bundle.domain["spacing_mm"]["max"] == [1.0, 1.0, 1.0] and bundle.domain["modality"] == "MRI"
+    assert plan["domain"] == bundle.domain
 
 
 def test_resume_continues_identically(boxes, tmp_path):

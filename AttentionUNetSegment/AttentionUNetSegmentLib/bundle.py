@@ -32,6 +32,8 @@ from .preprocessing import PreprocessingSpec
 if TYPE_CHECKING:  # imported for annotations only; torch stays out of module scope
     import torch
 
+    from .localization import LocalizerSpec
+
     from .network import AttentionUNet
 
 FORMAT = "attention-unet-bundle"
@@ -73,7 +75,7 @@ MAX_WINDOW_BYTES = 32 << 30
 #: Digests of the bundles shipped in ``BUNDLED_MODELS_DIR``: a shipped bundle whose metadata does not hash to its pin
 #: is refused, even when its own digests are consistent. ``finalize_hippocampus.py --refresh-digest`` updates this.
 SHIPPED_DIGESTS = {
-    "hippocampus": "219326b17416f65a862e2ca303352d1cee817428d6479b9fc0b5548368f7203f",
+    "hippocampus": "2d7d8ad5dce1f24232f2bdd40e0c6401d830e0d10188896e8f69dca329292313",
 }
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -89,11 +91,15 @@ class LabelInfo:
     name: str
     color: Tuple[float, float, float]
     terminology: str = ""
+    #: ``"left"``/``"right"`` for the per-side segments of a localised run (``localization.labels``), else None.
+    side: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         entry: Dict[str, Any] = {"value": self.value, "name": self.name, "color": list(self.color)}
         if self.terminology:
             entry["terminology"] = self.terminology
+        if self.side:
+            entry["side"] = self.side
         return entry
 
 
@@ -414,6 +420,36 @@ class ModelBundle:
                           item.get("terminology", "")) for item in self.metadata["labels"]]
 
     @property
+    def domain(self) -> Optional[Dict[str, Any]]:
+        """The training data's domain (``domain.measure_domain``), or None for bundles that do not record it."""
+        return self.metadata.get("domain")
+
+    @property
+    def localization(self) -> Optional["LocalizerSpec"]:
+        """The bundle's localiser (``localization.LocalizerSpec``), or None when it declares none."""
+        if "localization" not in self.metadata:
+            return None
+        from .localization import LocalizerSpec
+
+        try:
+            return LocalizerSpec.from_dict(self.metadata["localization"], self.path)
+        except ValueError as error:
+            raise _fail(self.path, str(error), "fix the 'localization' section or re-export the bundle") from None
+
+    @property
+    def has_localizer(self) -> bool:
+        return "localization" in self.metadata
+
+    @property
+    def localized_labels(self) -> List[LabelInfo]:
+        """The segments of a localised run (``localization.labels``), or ``[]`` without a localiser."""
+        spec = self.localization
+        if spec is None:
+            return []
+        return [LabelInfo(int(item["value"]), str(item["name"]), tuple(float(c) for c in item["color"]),
+                          item.get("terminology", ""), item["side"]) for item in spec.labels]
+
+    @property
     def architecture(self) -> Dict[str, Any]:
         """Keyword arguments of ``network.build_network``."""
         return dict(self.metadata["architecture"])
@@ -581,6 +617,10 @@ def load_bundle(path: PathLike) -> ModelBundle:
     bundle = ModelBundle(read_metadata(directory), directory)
     bundle.state_dict  # noqa: B018 - reads and verifies the weights now, not at first inference
     _check_architecture(bundle)
+    spec = bundle.localization
+    if spec is not None and not spec.template.is_file():
+        raise _fail(directory, f"the localisation template {spec.template.name} is missing",
+                    "reinstall the model (its folder must hold the template model.json names)")
     return bundle
 
 
@@ -597,6 +637,8 @@ def create_metadata(
     training_data: str = "",
     metrics: Optional[Mapping[str, Any]] = None,
     mirror_axes: Optional[Sequence[str]] = None,
+    domain: Optional[Mapping[str, Any]] = None,
+    localization: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Metadata for ``save_bundle`` (which adds ``architecture``, ``engine_version`` and ``weights``).
 
@@ -606,6 +648,9 @@ def create_metadata(
         preprocessing: ``{"orientation", "target_spacing" (x, y, z mm), "normalization": {...}}``.
         mirror_axes: the axes training mirrored along (the plan's ``flip_axes``); ``None`` leaves them unrecorded,
             and such a bundle refuses test-time augmentation.
+        domain: the training data's domain (``domain.measure_domain``), for the domain guard.
+        localization: a localiser (``localization.LocalizerSpec`` format; its template goes in with
+            ``save_bundle(extra_files=...)``).
     """
     metadata: Dict[str, Any] = {
         "format": FORMAT,
@@ -624,6 +669,9 @@ def create_metadata(
         metadata["inference"]["mirror_axes"] = [str(axis) for axis in mirror_axes]
     if metrics is not None:
         metadata["metrics"] = json.loads(json.dumps(dict(metrics)))
+    for key, section in (("domain", domain), ("localization", localization)):
+        if section is not None:
+            metadata[key] = json.loads(json.dumps(dict(section)))
     return metadata
 
 
@@ -673,8 +721,11 @@ def check_replaceable(directory: PathLike) -> None:
 
 
 def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: PathLike,
-                force: bool = False) -> ModelBundle:
+                force: bool = False, extra_files: Optional[Mapping[str, PathLike]] = None) -> ModelBundle:
     """Write ``model`` and ``metadata`` as a bundle directory, atomically; returns the verified bundle.
+
+    ``extra_files`` (name in the bundle -> source file) are copied in too, e.g. a localisation template and its
+    licence.
 
     ``architecture`` comes from ``model.config()``, so it always fits the weights. Everything is written into a
     temporary directory next to ``directory`` and renamed into place at the end, so a failure leaves nothing
@@ -696,6 +747,8 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
         tensors = {key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().contiguous()
                    for key, value in model.state_dict().items()}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / Path(name).name)
         full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
         full[DIGEST_KEY] = metadata_digest(full)
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")

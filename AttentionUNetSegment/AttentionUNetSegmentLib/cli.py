@@ -32,6 +32,7 @@ from .jsonfile import read_json
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
+LOCALIZE_MODES = ("auto", "off")
 #: Where the demo's sample volume is (next to the bundled models).
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -142,6 +143,11 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--roi", nargs="+", metavar="V",
                         help="process only this box: R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm) or a Slicer "
                              ".mrk.json ROI file")
+    parser.add_argument("--localize", choices=LOCALIZE_MODES, default="auto",
+                        help="auto: when the model has a localiser and the input's field of view is larger than "
+                             "the model's training data (a whole head), find the structure by registration to the "
+                             "model's template and segment each side (left and right labels); off: segment the "
+                             "whole input as given. --roi overrides it (default: auto)")
     parser.add_argument("--no-attention", action="store_true", help="do not write attention maps")
     parser.add_argument("--probabilities", action="store_true", help="also write per-class probability maps")
     parser.add_argument("--largest-component", action="store_true",
@@ -162,42 +168,92 @@ def _input_stems(inputs: Sequence[str]) -> List[str]:
     return stems
 
 
+Geometry = Tuple[Tuple[int, ...], Tuple[float, ...], Tuple[float, ...]]
+
+
+def _geometry(image) -> Geometry:
+    return image.GetSize(), image.GetSpacing(), image.GetDirection()
+
+
+def _larger_than_domain(geometry: Geometry, bundle: ModelBundle) -> bool:
+    """Whether an input's field of view exceeds the model's domain (the guard's field-of-view test; a bundle
+    without a ``domain`` compares with its patch)."""
+    from .domain import DEFAULT_THRESHOLDS, world_extent
+
+    size, spacing, direction = geometry
+    domain = bundle.domain or {}
+    if domain.get("field_of_view_mm"):
+        trained = domain["field_of_view_mm"]["median"]
+    else:
+        trained = [p * s for p, s in zip(bundle.patch_size, bundle.preprocessing.target_spacing)]
+    ratio = {**DEFAULT_THRESHOLDS, **dict(domain.get("thresholds") or {})}["field_of_view_ratio"]
+    extent = world_extent(size, spacing, direction)
+    return any(e > ratio * t for e, t in zip(extent, trained))
+
+
+def will_localize(geometry: Geometry, bundle: ModelBundle, localize: str = "auto",
+                  roi: Optional[Sequence[float]] = None) -> bool:
+    """``--localize auto``: the bundle has a localiser, no ROI was given and the input is larger than the
+    model's domain."""
+    return localize == "auto" and roi is None and bundle.has_localizer and _larger_than_domain(geometry, bundle)
+
+
 def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Path, ModelBundle, None] = None, *,
                   device: str = "auto",
                   overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
-                  largest_component: bool = False, fmt: str = "nii.gz", force: bool = False,
-                  progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None) -> Dict[str, OutputPaths]:
+                  largest_component: bool = False, fmt: str = "nii.gz", force: bool = False, localize: str = "auto",
+                  progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None,
+                  warn=None) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
     inference, so a bad input, an existing output, a name the file system cannot hold, or an output that would
     overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
-    fails fast with nothing written. After a successful run,
-    ``log(line)`` receives the line naming the bundle that ran (its path: a model on ``ATTENTION_UNET_MODELS`` may
-    override an installed one) and any warning about it; each report records the path as ``model.path``.
+    fails fast with nothing written. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
+    between the localised run (per-side labels) and the plain one; an input that is not localised is checked
+    against the model's domain and ``warn(text)`` is called for every warning (which also goes into the report).
+    After a successful run, ``log(line)`` receives the line naming the bundle that ran (its path: a model on
+    ``ATTENTION_UNET_MODELS`` may override an installed one) and any warning about it; each report records the
+    path as ``model.path``.
     """
+    from .domain import domain_warnings
     from .imageio import read_image, remove_stale_temporaries
+    from .preprocessing import crop_to_roi
 
+    if localize not in LOCALIZE_MODES:
+        raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
+    warn = warn or (lambda _text: None)
     stems = _input_stems(inputs)
     first_image = None  # kept: the first input is segmented first, so it is read only once
+    geometries: List[Geometry] = []
     for index, path in enumerate(inputs):
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
         started = time.perf_counter()
         image = read_image(path)
+        # With an ROI the model sees that region: the domain guard compares it, not the whole input.
+        geometries.append(_geometry(image if roi is None else crop_to_roi(image, roi)[0]))
         if index == 0:
             first_image, first_read_seconds = image, time.perf_counter() - started
     image = None
     progress("load", 0.0, "Loading the model")
     bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
     num_gates = len(bundle.architecture["channels"]) - 1
-    plans = [plan_outputs(output_dir, stem, bundle.labels, fmt, num_gates if attention else 0, probabilities)
-             for stem in stems]
+    localized = [will_localize(geometry, bundle, localize, roi) for geometry in geometries]
+    plans = [plan_outputs(output_dir, stem, bundle.localized_labels if local else bundle.labels, fmt,
+                          num_gates if attention else 0, probabilities)
+             for stem, local in zip(stems, localized)]
     for plan in plans:
         plan.check_writable(force, [*inputs, *also_reads])
     remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
+    spec = bundle.localization if any(localized) else None
+    template = None
+    if spec is not None:
+        from .localization import read_template
+
+        template = read_template(spec)
 
     from .inference import Predictor
 
@@ -213,8 +269,8 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
                   "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
                   "precision": precision, "roi": list(roi) if roi is not None else None,
-                  "attention": attention, "probabilities": probabilities, "largest_component": largest_component,
-                  "format": fmt}
+                  "localize": localize, "attention": attention, "probabilities": probabilities,
+                  "largest_component": largest_component, "format": fmt}
     written: Dict[str, OutputPaths] = {}
     for index, (path, stem) in enumerate(zip(inputs, stems)):
         report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
@@ -226,8 +282,16 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         else:
             image = read_image(path)
             read_seconds = time.perf_counter() - started
-        prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
-                                       largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
+        if localized[index]:
+            prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
+                                            largest_component, scaled(report, 0.0, 0.95))
+        else:
+            prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
+                                           largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
+            prediction.warnings = domain_warnings(*geometries[index], bundle.domain,
+                                                  localizer=bundle.has_localizer and roi is None)
+        for text in prediction.warnings:
+            warn(f"{stem}: {text}")
         prediction.timings = {"read": read_seconds, **prediction.timings}
         report("write", 0.95, f"Writing outputs of {stem}")
         written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
@@ -240,9 +304,40 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     return written
 
 
+def _predict_localized(predictor, image, spec, template, attention: bool, probabilities: bool,
+                       largest_component: bool, report):
+    """Register ``image`` to the bundle's template, check the result, and segment each side's box."""
+    from .localization import check_plausible, map_box, register
+
+    report("localize", 0.0, "Locating the structure (registration to the model's template)")
+    registration = register(image, template)
+    inside, warnings = check_plausible(registration, image, spec)
+    report("localize", 0.3, "Segmenting each side")
+    prediction = predictor.predict_localized(image, spec, registration, attention=attention,
+                                             probabilities=probabilities, largest_component=largest_component,
+                                             progress=scaled(report, 0.3, 1.0))
+    prediction.segments = predictor.bundle.localized_labels
+    prediction.localization = {
+        "method": spec.method,
+        "boxes": {side: list(map_box(registration.transform, box)) for side, box in spec.boxes.items()},
+        "template_boxes": {side: list(box) for side, box in spec.boxes.items()},
+        "box_inside_image": {side: round(share, 3) for side, share in inside.items()},
+        "registration": registration.quality(),
+    }
+    prediction.timings = {"localize": registration.seconds, **prediction.timings}
+    prediction.warnings = warnings
+    return prediction
+
+
 def _volumes_line(stem: str, paths: OutputPaths) -> str:
     report = json.loads(paths.report.read_text(encoding="utf-8"))
     volumes = ", ".join(f"{s['name']} {s['volume_ml']:.3f} mL" for s in report["segments"])
+    if report.get("sides"):
+        volumes += "; " + ", ".join(f"{side} {total['volume_ml']:.3f} mL" for side, total in report["sides"].items())
+        if report.get("asymmetry_index") is not None:
+            volumes += f", asymmetry {report['asymmetry_index']:+.3f}"
+    if report.get("warnings"):
+        volumes += f" ({len(report['warnings'])} warning(s): see the warning lines above and the report)"
     return f"{stem}: {volumes} -> {paths.segmentation.parent}"
 
 
@@ -261,10 +356,11 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             roi=roi, attention=not getattr(args, "no_attention", False),
             probabilities=getattr(args, "probabilities", False),
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
-            force=args.force if force is None else force, progress=reporter,
-            also_reads=_roi_files(getattr(args, "roi", None)),
+            force=args.force if force is None else force, localize=getattr(args, "localize", "auto"),
+            progress=reporter, also_reads=_roi_files(getattr(args, "roi", None)),
             # --progress json keeps stderr for errors only; the report's model.path names the bundle
-            log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True))
+            log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True),
+            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
     finally:
         reporter.close()
     if kind == "json":

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,11 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from .acceleration import optimize_for_inference
+from .bundle import LabelInfo
 from .errors import AttentionUNetError, CancelledError
 from .imageio import validate_image
 from .network import AttentionUNet
 from .postprocessing import keep_largest_component
 from .preprocessing import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
+
+if TYPE_CHECKING:
+    from .localization import LocalizerSpec, Registration
 
 LOGGER = logging.getLogger(__name__)
 
@@ -69,6 +73,12 @@ class Prediction:
     probabilities: Dict[int, sitk.Image] = field(default_factory=dict)
     timings: Dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    #: The label set that ran when it is not the bundle's own (the per-side segments of a localised run).
+    segments: Optional[List[LabelInfo]] = None
+    #: The report's ``localization`` (boxes in the input's RAS mm, registration quality), or None.
+    localization: Optional[Dict[str, object]] = None
+    #: Domain-guard and localisation warnings for the report.
+    warnings: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -486,6 +496,101 @@ class Predictor:
             device=str(self.device),
         )
 
+    def predict_localized(
+        self,
+        image: sitk.Image,
+        spec: "LocalizerSpec",
+        registration: "Registration",
+        attention: bool = True,
+        probabilities: bool = False,
+        largest_component: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        cancel: Optional[CancelCallback] = None,
+    ) -> Prediction:
+        """Segment each side's template-space box of ``spec`` located by ``registration`` (template -> input).
+
+        Per side, the input is resampled through the registration onto the box's grid in template space (the
+        model's spacing, upright like the training crops, plus ``ROI_MARGIN_VOXELS`` of context), segmented with
+        ``predict`` (ROI = the box), and its class probabilities are mapped back linearly onto the input grid
+        around the box, where the argmax gives that side's labels (``spec.labels``: value per side and model
+        label). Attention maps: gate ``k`` of both sides on the input grid pooled by ``2**k`` (maximum where
+        they meet; 0 outside the boxes). Probabilities (when asked): per side label on the input grid.
+        """
+        from .localization import box_grid, map_box
+
+        report = progress or (lambda stage, fraction, message: None)
+        started = time.perf_counter()
+        image = validate_image(image)
+        inverse = registration.transform.GetInverse()
+        source = sitk.Cast(image, sitk.sitkFloat32)
+        label_dtype_ = label_dtype([int(item["value"]) for item in spec.labels])
+        canvas = np.zeros(image.GetSize()[::-1], dtype=label_dtype_)
+        kept: Dict[int, np.ndarray] = {}
+        gates: List[Optional[np.ndarray]] = []
+        gate_grids: List[sitk.Image] = []
+        timings: Dict[str, float] = {}
+        margin = np.array(self.spec.target_spacing) * ROI_MARGIN_VOXELS
+        for number, (side, box) in enumerate(spec.boxes.items()):
+            share = (number / len(spec.boxes), (number + 1) / len(spec.boxes))
+            side_report = functools.partial(_scaled_report, report, share)
+            clock = time.perf_counter()
+            context = [v - m if i % 2 == 0 else v + m for i, (v, m) in enumerate(zip(box, np.repeat(margin, 2)))]
+            grid = box_grid(context, self.spec.target_spacing)
+            region = sitk.Resample(source, grid, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            timings["localize_resample"] = timings.get("localize_resample", 0.0) + time.perf_counter() - clock
+            result = self.predict(region, roi=box, attention=attention, probabilities=True,
+                                  largest_component=False, progress=side_report, cancel=cancel)
+            for stage, seconds in result.timings.items():
+                if stage != "total":
+                    timings[stage] = timings.get(stage, 0.0) + seconds
+            clock = time.perf_counter()
+            target, start, stop = crop_to_roi(image, map_box(registration.transform, box), 1)
+            offset = np.array(image.TransformPhysicalPointToIndex(target.GetOrigin()))
+            window = tuple(slice(o, o + n) for o, n in zip(offset[::-1], target.GetSize()[::-1]))
+            values = {int(item["source"]): int(item["value"]) for item in spec.labels if item["side"] == side}
+            best: Optional[np.ndarray] = None
+            winner = np.zeros(target.GetSize()[::-1], dtype=label_dtype_)
+            for model_value in self.label_values:
+                outside = 1.0 if model_value == 0 else 0.0
+                mapped = sitk.GetArrayFromImage(sitk.Resample(result.probabilities[model_value], target, inverse,
+                                                              sitk.sitkLinear, outside, sitk.sitkFloat32))
+                if best is None:
+                    best = mapped
+                else:
+                    better = mapped > best
+                    best[better] = mapped[better]
+                    winner[better] = values.get(model_value, 0)
+                if probabilities and model_value in values:
+                    full = kept.setdefault(values[model_value], np.zeros(canvas.shape, np.float32))
+                    full[window] = mapped
+            region_labels = canvas[window]
+            region_labels[winner > 0] = winner[winner > 0]
+            for level, gate in enumerate(result.attention):
+                if level == len(gates):
+                    gate_grids.append(_pooled_grid(image, level))
+                    gates.append(None)
+                mapped = sitk.GetArrayFromImage(sitk.Resample(gate, gate_grids[level], inverse, sitk.sitkLinear, 0.0,
+                                                              sitk.sitkFloat32))
+                gates[level] = mapped if gates[level] is None else np.maximum(gates[level], mapped)
+            timings["localize_paste"] = timings.get("localize_paste", 0.0) + time.perf_counter() - clock
+        labels = sitk.GetImageFromArray(canvas)
+        labels.CopyInformation(image)
+        if largest_component:
+            labels = keep_largest_component(labels, [int(item["value"]) for item in spec.labels])
+        probability_images = {}
+        for value, array in kept.items():
+            probability_images[value] = sitk.GetImageFromArray(array)
+            probability_images[value].CopyInformation(image)
+        gate_images = []
+        for array, grid in zip(gates, gate_grids):
+            gate_image = sitk.GetImageFromArray(array)
+            gate_image.CopyInformation(grid)
+            gate_images.append(gate_image)
+        timings["total"] = time.perf_counter() - started
+        report("postprocess", 1.0, "Segmentation finished")
+        return Prediction(labels=labels, attention=gate_images, probabilities=probability_images, timings=timings,
+                          device=str(self.device))
+
     def _run_windows(
         self, prepared: PreparedImage, attention: bool, report: ProgressCallback, cancel: Optional[CancelCallback]
     ) -> SlidingWindowResult:
@@ -544,6 +649,24 @@ class Predictor:
         labels = sitk.GetImageFromArray(lookup[winner])
         labels.CopyInformation(reference)
         return labels, kept
+
+
+def _scaled_report(report: ProgressCallback, share: Tuple[float, float], stage: str, fraction: float,
+                   message: str) -> None:
+    report(stage, share[0] + (share[1] - share[0]) * fraction, message)
+
+
+def _pooled_grid(image: sitk.Image, level: int) -> sitk.Image:
+    """``image``'s grid pooled by ``2**level`` (the same block geometry as a gate map, see the module docstring)."""
+    factor = 2**level
+    size = [int(math.ceil(n / factor)) for n in image.GetSize()]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    spacing = np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    grid.SetSpacing([float(s) for s in spacing * factor])
+    grid.SetOrigin([float(o) for o in np.array(image.GetOrigin()) + direction @ (spacing * (factor - 1) / 2)])
+    grid.SetDirection(image.GetDirection())
+    return grid
 
 
 def _paste(

@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -246,15 +246,33 @@ def _probability_names(labels: Sequence[LabelInfo]) -> List[str]:
 
 
 def segment_statistics(labels: sitk.Image, segments: Sequence[LabelInfo]) -> List[Dict[str, Any]]:
-    """Per segment: value, name, colour, voxel count and volume in millilitres (voxels x voxel volume)."""
+    """Per segment: value, name, colour, side (``"left"``/``"right"``/None), voxel count and volume in
+    millilitres (voxels x voxel volume)."""
     counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel())
     voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
     rows = []
     for label in segments:
         voxels = int(counts[label.value]) if label.value < len(counts) else 0
-        rows.append({"value": label.value, "name": label.name, "color": list(label.color), "voxels": voxels,
-                     "volume_ml": voxels * voxel_ml})
+        rows.append({"value": label.value, "name": label.name, "color": list(label.color), "side": label.side,
+                     "voxels": voxels, "volume_ml": voxels * voxel_ml})
     return rows
+
+
+def side_statistics(rows: Sequence[Mapping[str, Any]]) -> Tuple[Optional[Dict[str, Any]], Optional[float]]:
+    """Per-side totals ``{side: {"volume_ml", "voxels"}}`` of ``segment_statistics`` rows and the asymmetry
+    index ``(L - R) / ((L + R) / 2)`` of the whole-structure volumes; ``(None, None)`` when no row has a side
+    (the index is None when both sides are empty)."""
+    sides: Dict[str, Dict[str, Any]] = {}
+    for row in rows:
+        if row.get("side"):
+            total = sides.setdefault(row["side"], {"volume_ml": 0.0, "voxels": 0})
+            total["volume_ml"] += row["volume_ml"]
+            total["voxels"] += row["voxels"]
+    if not sides:
+        return None, None
+    left, right = (sides.get(side, {}).get("volume_ml", 0.0) for side in ("left", "right"))
+    asymmetry = (left - right) / ((left + right) / 2.0) if left + right > 0 else None
+    return sides, asymmetry
 
 
 def slicer_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], source: str = "") -> sitk.Image:
@@ -300,6 +318,8 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
                  input_path: Optional[Union[str, Path]] = None,
                  parameters: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The ``<stem>_report.json`` content; ``files`` are names relative to the report's folder."""
+    segments = segment_statistics(prediction.labels, prediction.segments or bundle.labels)
+    sides, asymmetry = side_statistics(segments)
     return {
         "input": str(Path(input_path).resolve()) if input_path is not None else None,
         "engine_version": __version__,
@@ -308,7 +328,11 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
         "device": prediction.device,
         "parameters": dict(parameters or {}),
         "image": _geometry(prediction.labels),
-        "segments": segment_statistics(prediction.labels, bundle.labels),
+        "warnings": list(prediction.warnings),
+        "segments": segments,
+        "sides": sides,
+        "asymmetry_index": round(asymmetry, 4) if asymmetry is not None else None,
+        "localization": prediction.localization,
         "timings": {stage: round(float(seconds), 4) for stage, seconds in prediction.timings.items()},
         "files": {
             "segmentation": paths.segmentation.name,
@@ -336,13 +360,14 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
         OutputExistsError: an output exists and ``force`` is false (nothing is written).
         OSError: a file could not be written (nothing of this input is kept).
     """
-    by_value = {label.value: label.name for label in bundle.labels}
-    paths = plan_outputs(output_dir, stem, bundle.labels, fmt, len(prediction.attention),
+    segments = prediction.segments or bundle.labels
+    by_value = {label.value: label.name for label in segments}
+    paths = plan_outputs(output_dir, stem, segments, fmt, len(prediction.attention),
                          bool(prediction.probabilities))
     paths.check_writable(force, [input_path] if input_path is not None else [])
     images = [(paths.segmentation, prediction.labels),
               (paths.slicer_segmentation,
-               slicer_segmentation(prediction.labels, bundle.labels, f"AttentionUNet {bundle.name} {bundle.version}")),
+               slicer_segmentation(prediction.labels, segments, f"AttentionUNet {bundle.name} {bundle.version}")),
               *zip(paths.attention, prediction.attention),
               *((paths.probabilities[name], prediction.probabilities[value]) for value, name in by_value.items()
                 if prediction.probabilities)]

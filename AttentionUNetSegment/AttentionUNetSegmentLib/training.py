@@ -44,6 +44,7 @@ from .arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
                      create_metadata, device_memory, estimate_memory, save_bundle)
+from .domain import measure_domain
 from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from .jsonfile import read_json
@@ -394,6 +395,7 @@ class Trainer:
     ``None`` (other ranks)."""
 
     def __init__(self, config: TrainingConfig) -> None:
+        self.domain: Optional[Dict[str, Any]] = None  # measured in _prepare, written into the bundle
         check_config(config)
         if config.amp not in AMP_MODES:
             raise AttentionUNetError(f"--amp must be one of {AMP_MODES}, got {config.amp!r}")
@@ -432,6 +434,7 @@ class Trainer:
                     raise AttentionUNetError(f"training plan {plan_path} names cases the dataset does not have "
                                              f"({', '.join(unknown[:3])}); resume with the dataset the run started "
                                              "with, or start over with --force")
+                self.domain = saved.get("domain")
                 self._check_exportable(plan, dataset.labels)
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
@@ -441,6 +444,9 @@ class Trainer:
                     plan = plan_training(fingerprint, list(dataset.labels.values()), config.plan_overrides())
                 except ValueError as error:
                     raise DatasetError(f"cannot plan training on {dataset.source}: {error}") from error
+                # What segment's domain guard compares inputs with (RAS-reoriented grids: world = index axes).
+                self.domain = measure_domain([c.size for c in fingerprint.cases],
+                                             [c.spacing for c in fingerprint.cases], modality=fingerprint.modality)
                 training, validation = split_cases(dataset.cases, config.validation, config.seed)
                 train_names, val_names = [c.name for c in training], [c.name for c in validation]
                 self._check_exportable(plan, dataset.labels)
@@ -448,7 +454,7 @@ class Trainer:
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
                                                                            dataset.labels.items()},
                                         "training_cases": train_names, "validation_cases": val_names,
-                                        "config": _jsonable(asdict(config))})
+                                        "domain": self.domain, "config": _jsonable(asdict(config))})
             self._log(f"plan: spacing {plan.target_spacing} mm, patch {plan.patch_size} (x, y, z), channels "
                       f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
                       f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
@@ -682,7 +688,7 @@ class Trainer:
             patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
             description=config.description or f"Attention U-Net trained on {config.dataset}",
             license=config.license, citation=config.citation, training_data=config.training_data,
-            metrics=metrics, mirror_axes=plan.flip_axes)
+            metrics=metrics, mirror_axes=plan.flip_axes, domain=self.domain)
 
     def _check_exportable(self, plan: TrainingPlan, label_names: Dict[int, str]) -> None:
         """Build the network and the bundle metadata now, so what the export would refuse is refused before any

@@ -10,6 +10,18 @@ the model card metadata (licence, citation, training data, those held-out metric
 Arguments: the bundle written by ``attention-unet train``, its work directory (``plan.json`` holds the split and
 ``training_log.json`` the curves) and the MSD Task04 folder.
 
+It also adds the domain guard's ``domain`` (measured on the training cases, i.e. those not in
+``metrics.held_out.cases``) and the localiser (``localization``: the MNI ICBM152 2009a template from the nilearn
+wheel at 2 mm, the template-space boxes of both hippocampi and the per-side labels). ``--refresh`` redoes only
+that on the shipped bundle, keeping its weights (same sha256) and metrics::
+
+    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py --refresh \\
+        --dataset ../shared/data/msd-hippocampus \\
+        --nilearn-template /tmp/nilearn/nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
+
+(the template file is inside the nilearn wheel: ``pip download --no-deps nilearn`` and unzip
+``nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz``).
+
 After any edit of the shipped ``model.json`` (a new key, a merged branch), refresh its ``metadata_sha256`` and the
 digest ``bundle.SHIPPED_DIGESTS`` pins for it, leaving the weights (and their sha256) untouched::
 
@@ -22,17 +34,117 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import bundle as bundle_module
 from AttentionUNetSegmentLib.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, FORMAT_VERSION, METADATA_FILE,
                                             create_metadata, file_sha256, load_bundle, metadata_digest, save_bundle)
+from AttentionUNetSegmentLib.domain import measure_domain
 from AttentionUNetSegmentLib.errors import ModelBundleError
 from AttentionUNetSegmentLib.imageio import atomic_output
 from AttentionUNetSegmentLib.jsonfile import read_json
 from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate, write_report
 from AttentionUNetSegmentLib.inference import Predictor
+
+TEMPLATE_FILE, TEMPLATE_LICENSE_FILE = "template.nii.gz", "LICENSE-MNI152.txt"
+#: Template voxel size (mm): registration works at 2 mm, and the file stays ~250 KB.
+TEMPLATE_SPACING_MM = 2.0
+#: Hippocampus centroids in the (symmetric) template, RAS mm (the sample's crop centre and its mirror).
+CENTROIDS_RAS = {"left": (-26.0, -22.0, -14.0), "right": (26.0, -22.0, -14.0)}
+#: Box size (mm, R-L A-P S-I): the training crops' median field of view (~35 x 50 x 36 mm) plus ~4-5 mm a side
+#: for registration error.
+BOX_SIZE_MM = (44.0, 60.0, 44.0)
+#: Per-side segments with localisation (model label value -> value, name, colour per side).
+SIDE_LABELS = (
+    {"value": 1, "name": "Left anterior hippocampus", "color": [0.9, 0.6, 0.2], "side": "left", "source": 1},
+    {"value": 2, "name": "Left posterior hippocampus", "color": [0.2, 0.6, 0.9], "side": "left", "source": 2},
+    {"value": 3, "name": "Right anterior hippocampus", "color": [0.85, 0.3, 0.55], "side": "right", "source": 1},
+    {"value": 4, "name": "Right posterior hippocampus", "color": [0.3, 0.8, 0.4], "side": "right", "source": 2},
+)
+#: 3D Slicer terminology: SNOMED CT hippocampus (5976002) with laterality Left (7771000) / Right (24028007).
+TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+               "~SCT^5976002^Hippocampus~{modifier}~Anatomic codes - DICOM master list~^^~^^")
+LATERALITY = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
+TEMPLATE_NOTICE = """template.nii.gz
+===============
+
+What it is: the MNI ICBM152 2009a nonlinear symmetric T1-weighted template, as distributed (skull-stripped and
+rescaled to 0..255) inside the nilearn Python package (nilearn/datasets/data/
+mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz), reoriented to RAS, smoothed (sigma 0.8 mm) and resampled to
+2 mm by finalize_hippocampus.py in the extension's Resources/Models folder. The engine registers whole-head
+inputs to it to locate both hippocampi. It is an average of 152 brains and holds no patient information.
+
+"""
+
+
+def template_notice() -> str:
+    """The notice shipped next to the template: what it is, then the sample's ICBM copyright notice."""
+    sample_notice = (BUNDLED_MODELS_DIR.parent / "SampleData" / "LICENSE-MNI152.txt").read_text(encoding="utf-8")
+    return TEMPLATE_NOTICE + sample_notice[sample_notice.index("Copyright notice"):]
+
+
+def make_template(nilearn_template: Path, output: Path) -> None:
+    """The nilearn ICBM152 2009a T1 at ``TEMPLATE_SPACING_MM`` (RAS, uint8), covering the same extent."""
+    image = sitk.DICOMOrient(sitk.ReadImage(str(nilearn_template)), "RAS")
+    spacing = TEMPLATE_SPACING_MM
+    smoothed = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), 0.8)
+    size = [int(n // spacing) for n in image.GetSize()]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ np.full(3, (spacing - 1.0) / 2.0)
+    reduced = sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing] * 3,
+                            image.GetDirection(), 0.0)
+    reduced = sitk.Cast(sitk.Clamp(sitk.Round(reduced), lowerBound=0, upperBound=255), sitk.sitkUInt8)
+    sitk.WriteImage(reduced, str(output), useCompression=True)
+
+
+def localization_section() -> Dict[str, Any]:
+    """The bundle's ``localization``: template, per-side boxes (template RAS mm) and per-side labels."""
+    boxes = {side: [round(c + sign * s / 2.0, 2) for c, s in zip(centre, BOX_SIZE_MM) for sign in (-1, 1)]
+             for side, centre in CENTROIDS_RAS.items()}
+    labels = [dict(label, terminology=TERMINOLOGY.format(modifier=LATERALITY[label["side"]]))
+              for label in SIDE_LABELS]
+    return {"method": "template-affine", "template": TEMPLATE_FILE,
+            "sides": {side: {"box_ras": box} for side, box in boxes.items()}, "labels": labels}
+
+
+def training_domain(dataset: Path, held_out: Sequence[str]) -> Dict[str, Any]:
+    """``measure_domain`` over the MSD training cases (those not held out), from their headers."""
+    sizes, spacings, directions = [], [], []
+    for path in sorted((dataset / "imagesTr").glob("*.nii.gz")):
+        if path.name.startswith(".") or path.name[:-len(".nii.gz")] in held_out:
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        sizes.append(reader.GetSize())
+        spacings.append(reader.GetSpacing())
+        directions.append(reader.GetDirection())
+    return measure_domain(sizes, spacings, directions, modality="MRI (T1-weighted)")
+
+
+def refresh(bundle_dir: Path, dataset: Path, nilearn_template: Path) -> None:
+    """Rewrite the shipped bundle with ``domain`` and ``localization``, the same weights and metrics."""
+    bundle = load_bundle(bundle_dir)
+    metadata = {key: value for key, value in bundle.metadata.items()
+                if key not in ("architecture", "engine_version", "weights")}
+    metadata["domain"] = training_domain(dataset, metadata["metrics"]["held_out"]["cases"])
+    metadata["localization"] = localization_section()
+    metadata["description"] = DESCRIPTION.format(channels=tuple(bundle.architecture["channels"]))
+    with tempfile.TemporaryDirectory() as scratch:
+        template, notice = Path(scratch) / TEMPLATE_FILE, Path(scratch) / TEMPLATE_LICENSE_FILE
+        make_template(nilearn_template, template)
+        notice.write_text(template_notice(), encoding="utf-8")
+        saved = save_bundle(bundle.build_model(), metadata, bundle_dir, force=True,
+                            extra_files={TEMPLATE_FILE: template, TEMPLATE_LICENSE_FILE: notice})
+    if saved.sha256 != bundle.sha256:
+        raise SystemExit(f"the weights' sha256 changed ({bundle.sha256} -> {saved.sha256})")
+    print(f"wrote {saved.path}: domain from {len(metadata['domain'])} keys, weights {saved.sha256[:12]} kept",
+          file=sys.stderr)
 
 LICENSE = ("Weights: CC-BY-SA 4.0, because they are derived from the Medical Segmentation Decathlon Task04 "
            "Hippocampus training data (CC-BY-SA 4.0; data from Vanderbilt University Medical Center). Credit the "
@@ -50,8 +162,10 @@ TRAINING_DATA = ("Medical Segmentation Decathlon Task04 Hippocampus: {n} labelle
                  "(hippocampus head), 2 = posterior (body and tail). {train} cases trained, {val} held out "
                  "(seeded split recorded in metrics.held_out.cases).")
 DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a small 3D Attention U-Net "
-               "(channels {channels}, instance norm) trained on MSD Task04. Expects a T1 crop (or ROI) around one "
-               "hippocampus at about 1 mm; whole-brain volumes need an ROI.")
+               "(channels {channels}, instance norm) trained on MSD Task04. On a T1 crop (or ROI) around one "
+               "hippocampus at about 1 mm it segments that hippocampus (1 Anterior, 2 Posterior); on a whole "
+               "head it locates both hippocampi by affine registration to the MNI ICBM152 template and segments "
+               "each side (1-2 left, 3-4 right anterior/posterior).")
 
 
 def refresh_digest(directory: Path, name: str = "hippocampus", pin_file: Optional[Path] = None) -> str:
@@ -86,14 +200,25 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=BUNDLED_MODELS_DIR / "hippocampus")
     parser.add_argument("--refresh-digest", action="store_true",
                         help="only refresh --output's metadata digest and its pin in bundle.py")
+    parser.add_argument("--refresh", action="store_true",
+                        help="only (re)write domain and localization of the bundle at --output")
+    parser.add_argument("--dataset", dest="dataset_option", type=Path)
+    parser.add_argument("--nilearn-template", type=Path,
+                        help="the ICBM152 2009a T1 from the nilearn wheel (needed except with --refresh-digest)")
     args = parser.parse_args()
     if args.refresh_digest:
         digest = refresh_digest(args.output, args.output.name)
         print(f"{args.output / METADATA_FILE}: {DIGEST_KEY} {digest} (pinned in {bundle_module.__file__})",
               file=sys.stderr)
         return 0
+    if args.nilearn_template is None:
+        parser.error("give --nilearn-template (the localiser's template comes from it)")
+    if args.refresh:
+        refresh(args.output, args.dataset_option or args.dataset, args.nilearn_template)
+        refresh_digest(args.output, args.output.name)
+        return 0
     if args.dataset is None:
-        parser.error("give the trained bundle, its work directory and the dataset (or --refresh-digest)")
+        parser.error("give the trained bundle, its work directory and the dataset (or --refresh / --refresh-digest)")
 
     trained = load_bundle(args.trained)
     plan = json.loads((args.work_dir / "plan.json").read_text(encoding="utf-8"))
@@ -123,6 +248,7 @@ def main() -> int:
         citation=CITATION, training_data=TRAINING_DATA.format(n=n_train + n_val, train=n_train, val=n_val),
         metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
     bundle = save_bundle(trained.build_model(), metadata, args.output, force=True)
+    refresh(bundle.path, args.dataset, args.nilearn_template)
     refresh_digest(bundle.path, bundle.path.name)
     print(f"wrote {bundle.path}: held-out Dice {metrics['held_out']['dice']}", file=sys.stderr)
     return 0
