@@ -263,6 +263,11 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
         self.ui.locateAutomaticallyCheckBox.visible = hasLocalizer
         self.ui.locateAutomaticallyCheckBox.enabled = hasLocalizer and not (node and node.roi)
+        # The engine refuses --tta for a model that records no mirror axes: do not offer it.
+        canMirror = bool(bundle and bundle.mirror_axes)
+        self.ui.ttaCheckBox.enabled = canMirror
+        self.ui.ttaCheckBox.toolTip = ("" if canMirror or not bundle else
+                                       "This model records no mirror axes from its training, so it cannot be mirrored")
         if not running:
             self._updateDomainStatus(node, bundle)
 
@@ -324,6 +329,8 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                 self._parameterNode.modelName = bundle.name
                 # The model's own default, within the slider's range (a bundle may declare any overlap below 1).
                 self._parameterNode.overlap = min(bundle.overlap, MAX_OVERLAP)
+                if not bundle.mirror_axes:
+                    self._parameterNode.testTimeAugmentation = False
 
     def onAdvancedCollapsed(self, collapsed: bool) -> None:
         if not collapsed and not self.ui.deviceInfoLabel.text:

@@ -27,12 +27,12 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
+from .domain import LOCALIZE_MODES
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .jsonfile import read_json
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
-LOCALIZE_MODES = ("auto", "off")
 #: Where the demo's sample volume is (next to the bundled models).
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2

@@ -14,6 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+#: Values of ``segment --localize``: locate the structure with the bundle's localiser when the input needs it, or not.
+LOCALIZE_MODES = ("auto", "off")
+
 #: Thresholds used where a bundle's ``domain.thresholds`` does not set them.
 DEFAULT_THRESHOLDS = {
     # Input field of view / the training median, along any world axis, above which the input is "a larger view".

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from .domain import LOCALIZE_MODES
+
 #: Seconds a cancelled engine gets to exit after SIGTERM before it is killed.
 CANCEL_GRACE_SECONDS = 3.0
 #: Lines of engine output kept for error messages.
@@ -27,8 +29,6 @@ ERROR_CONTEXT_LINES = 8
 #: The ETA is not shown before this fraction/elapsed time (early estimates are noise: imports, model loading).
 ETA_MIN_FRACTION = 0.03
 ETA_MIN_SECONDS = 2.0
-#: Values of ``segment --localize``: locate the structure with the bundle's localiser when the input needs it, or not.
-LOCALIZE_MODES = ("auto", "off")
 
 _STDOUT = "stdout"
 _STDERR = "stderr"
