@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import shutil
@@ -13,16 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from bundle_edits import edit_metadata
 from AttentionUNetSegmentLib.bundle import (
     DEFAULT_MODEL,
-    DIGEST_KEY,
     FORMAT_VERSION,
     MODELS_ENV,
     LabelInfo,
     ModelRegistry,
     create_metadata,
     load_bundle,
-    metadata_digest,
     save_bundle,
 )
 from AttentionUNetSegmentLib.errors import ModelBundleError
@@ -33,17 +31,6 @@ from AttentionUNetSegmentLib.network import AttentionUNet
 def bundle_copy(tiny_bundle, tmp_path) -> Path:
     """A private copy of the tiny bundle that a test may damage."""
     return Path(shutil.copytree(tiny_bundle.path, tmp_path / "tiny"))
-
-
-def _edit_metadata(directory: Path, edit, redigest: bool = True) -> None:
-    """Apply ``edit`` to the bundle's model.json; ``redigest`` recomputes its metadata_sha256, as an author who
-    re-exports would, so the check under test is the schema's, not the digest's."""
-    path = directory / "model.json"
-    metadata = json.loads(path.read_text())
-    edit(metadata)
-    if redigest and DIGEST_KEY in metadata:
-        metadata[DIGEST_KEY] = metadata_digest(metadata)
-    path.write_text(json.dumps(metadata))
 
 
 def test_round_trip_reproduces_outputs_and_metadata(tiny_bundle):
@@ -132,13 +119,13 @@ def test_missing_weights_are_refused(bundle_copy):
     ],
 )
 def test_malformed_metadata_is_refused(bundle_copy, edit, message):
-    _edit_metadata(bundle_copy, edit)
+    edit_metadata(bundle_copy, edit)
     with pytest.raises(ModelBundleError, match=message):
         load_bundle(bundle_copy)
 
 
 def test_architecture_mismatch_names_the_tensor(bundle_copy):
-    _edit_metadata(bundle_copy, lambda m: m["architecture"].update(channels=[4, 8, 32]))
+    edit_metadata(bundle_copy, lambda m: m["architecture"].update(channels=[4, 8, 32]))
     with pytest.raises(ModelBundleError) as caught:
         load_bundle(bundle_copy)
     assert "shape mismatch" in str(caught.value) and "architecture (" in str(caught.value)

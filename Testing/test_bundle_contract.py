@@ -25,6 +25,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from bundle_edits import edit_metadata
 from AttentionUNetSegmentLib import bundle as bundle_module
 from AttentionUNetSegmentLib.bundle import (
     BUNDLED_MODELS_DIR,
@@ -87,16 +88,6 @@ def snapshot(folder: Path) -> Dict[str, str]:
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     return {str(p.relative_to(folder)): state(p) for p in sorted(folder.rglob("*"))}
-
-
-def edit_metadata(directory: Path, edit, redigest: bool = True) -> None:
-    """Apply ``edit`` to ``model.json``; ``redigest`` keeps the digest consistent (an author's re-export)."""
-    path = directory / "model.json"
-    metadata = json.loads(path.read_text())
-    edit(metadata)
-    if redigest and DIGEST_KEY in metadata:
-        metadata[DIGEST_KEY] = metadata_digest(metadata)
-    path.write_text(json.dumps(metadata))
 
 
 def deep_json(depth: int = 100_000) -> str:
@@ -168,6 +159,20 @@ def test_save_bundle_force_replaces_a_bundle_or_an_empty_folder_only(tiny_bundle
     save_bundle(model, tiny_bundle.metadata, tmp_path / "empty", force=True)  # a bundle replaces a bundle
     check_replaceable(tmp_path / "empty")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_force_replaces_a_localised_bundle_with_its_template_but_nothing_else(tmp_path):
+    """The shipped bundle holds its localiser's template and notice besides the weights: still a bundle."""
+    shipped = load_bundle(BUNDLED_MODELS_DIR / "hippocampus")
+    copy = tmp_path / "hippocampus"
+    shutil.copytree(shipped.path, copy)
+    check_replaceable(copy)
+    extras = {name: shipped.path / name for name in ("template.nii.gz", "LICENSE-MNI152.txt")}
+    saved = save_bundle(shipped.build_model(), shipped.metadata, copy, force=True, extra_files=extras)
+    assert saved.sha256 == shipped.sha256 and saved.has_localizer
+    (copy / "notes.txt").write_text("the user's")
+    with pytest.raises(ModelBundleError, match="is not a model bundle"):
+        check_replaceable(copy)
 
 
 # ------------------------------------------------------------------------------------- integrity digests

@@ -75,7 +75,7 @@ MAX_WINDOW_BYTES = 32 << 30
 #: Digests of the bundles shipped in ``BUNDLED_MODELS_DIR``: a shipped bundle whose metadata does not hash to its pin
 #: is refused, even when its own digests are consistent. ``finalize_hippocampus.py --refresh-digest`` updates this.
 SHIPPED_DIGESTS = {
-    "hippocampus": "2d7d8ad5dce1f24232f2bdd40e0c6401d830e0d10188896e8f69dca329292313",
+    "hippocampus": "102cf704ddf483acf34857855ae03273c63eedd32149d1147e93ab15b252894c",
 }
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -693,7 +693,8 @@ def complete_metadata(metadata: Mapping[str, Any], architecture: Mapping[str, An
 def check_replaceable(directory: PathLike) -> None:
     """Refuse to replace ``directory`` unless it is an empty folder or a model bundle: a real folder (not a link)
     whose ``model.json`` says ``"format": "attention-unet-bundle"`` and which holds nothing but that file and its
-    weights. ``--force`` may replace what this tool wrote, never a dataset, a work folder or other files."""
+    weights (and the localisation template and notice it names). ``--force`` may replace what this tool wrote,
+    never a dataset, a work folder or other files."""
     directory = Path(directory).expanduser()
     advice = "choose another output folder (nothing was changed)"
     if directory.is_symlink() or not directory.is_dir():
@@ -712,6 +713,11 @@ def check_replaceable(directory: PathLike) -> None:
         metadata = None
     weights = metadata.get("weights") if isinstance(metadata, dict) else None
     allowed = {METADATA_FILE, WEIGHTS_FILE, weights.get("file") if isinstance(weights, dict) else WEIGHTS_FILE}
+    # A localiser's template and its notice belong to the bundle too (the files model.json names).
+    localization = metadata.get("localization") if isinstance(metadata, dict) else None
+    if isinstance(localization, dict):
+        allowed |= {name for name in (localization.get("template"), localization.get("template_notice"))
+                    if isinstance(name, str) and Path(name).name == name}
     others = [p.name for p in entries if p.name not in allowed or p.is_symlink() or not p.is_file()]
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT or others:
         held = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")

@@ -23,7 +23,6 @@ Writes ``<out>/gpu_benchmark.md`` and ``<out>/gpu_benchmark.json`` (default ``--
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

@@ -108,7 +108,7 @@ def localization_section() -> Dict[str, Any]:
              for side, centre in CENTROIDS_RAS.items()}
     labels = [dict(label, terminology=TERMINOLOGY.format(modifier=LATERALITY[label["side"]]))
               for label in SIDE_LABELS]
-    return {"method": "template-affine", "template": TEMPLATE_FILE,
+    return {"method": "template-affine", "template": TEMPLATE_FILE, "template_notice": TEMPLATE_LICENSE_FILE,
             "sides": {side: {"box_ras": box} for side, box in boxes.items()}, "labels": labels}
 
 
