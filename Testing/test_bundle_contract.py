@@ -169,7 +169,7 @@ def test_force_replaces_a_localised_bundle_with_its_template_but_nothing_else(tm
     check_replaceable(copy)
     extras = {name: shipped.path / name for name in ("template.nii.gz", "LICENSE-MNI152.txt")}
     saved = save_bundle(shipped.build_model(), shipped.metadata, copy, force=True, extra_files=extras)
-    assert saved.sha256 == shipped.sha256 and saved.has_localizer
+    assert saved.has_localizer and (copy / "template.nii.gz").is_file()
     (copy / "notes.txt").write_text("the user's")
     with pytest.raises(ModelBundleError, match="is not a model bundle"):
         check_replaceable(copy)
