@@ -880,10 +880,28 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
 
     def willLocalize(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True) -> bool:
         """Whether the engine will locate the structure (``--localize auto``): the model has a localiser, no
-        Region is chosen and the volume's field of view fails the domain guard's field-of-view check."""
-        return bool(self.hasLocalizer(bundle) and locateAutomatically and not roi
-                    and len(self._domainCheck(volumeNode, bundle, None, fieldOfView=True))
-                    > len(self._domainCheck(volumeNode, bundle, None, fieldOfView=False)))
+        Region is chosen and the volume's field of view exceeds the model's (the engine's own test)."""
+        from AttentionUNetSegmentLib.domain import exceeds_field_of_view
+
+        image = volumeNode.GetImageData()
+        if not (self.hasLocalizer(bundle) and locateAutomatically and not roi and image is not None):
+            return False
+        domain = bundle.metadata.get("domain")
+        patchMm = [p * s for p, s in zip(bundle.patch_size, bundle.preprocessing.target_spacing)]
+        try:
+            return exceeds_field_of_view(list(image.GetDimensions()), volumeNode.GetSpacing(),
+                                         self._ijkToRasDirection(volumeNode),
+                                         domain if isinstance(domain, dict) else None, patchMm)
+        except (KeyError, TypeError, ValueError):
+            return False  # the domain record is unreadable: domainWarnings says so
+
+    @staticmethod
+    def _ijkToRasDirection(volumeNode) -> List[float]:
+        """The volume's IJK-to-RAS direction cosines, row-major (the domain guard uses their absolute values, so
+        RAS vs LPS signs do not matter; the i, j, k column order does)."""
+        directions = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASDirectionMatrix(directions)
+        return [directions.GetElement(r, c) for r in range(3) for c in range(3)]
 
     def _domainCheck(self, volumeNode, bundle: "ModelBundle", roi, fieldOfView: bool) -> List[str]:
         """``domain_warnings`` on the volume's grid (or the ROI's part of it); ``fieldOfView=False`` skips the
@@ -895,14 +913,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         if not isinstance(domain, dict) or image is None:
             return []
         size = self._roiIndexSize(roi, volumeNode) if roi else list(image.GetDimensions())
-        directions = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASDirectionMatrix(directions)
         try:
             if not fieldOfView:
                 domain = {**domain, "thresholds": {**dict(domain.get("thresholds") or {}),
                                                    "field_of_view_ratio": math.inf}}
-            return domain_warnings(size, volumeNode.GetSpacing(),
-                                   [directions.GetElement(r, c) for r in range(3) for c in range(3)], domain,
+            return domain_warnings(size, volumeNode.GetSpacing(), self._ijkToRasDirection(volumeNode), domain,
                                    localizer=self.hasLocalizer(bundle))
         except (KeyError, TypeError, ValueError) as error:
             return [f"the model '{bundle.name}' records its training domain in a form this version cannot read "

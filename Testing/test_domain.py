@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from AttentionUNetSegmentLib.domain import domain_warnings, measure_domain, world_extent
+from AttentionUNetSegmentLib.domain import domain_warnings, exceeds_field_of_view, measure_domain, world_extent
 
 CROPS = measure_domain([(36, 50, 36), (34, 52, 38), (38, 48, 34)], [(1.0, 1.0, 1.0)] * 3, modality="MRI")
 
@@ -44,3 +44,12 @@ def test_thresholds_come_from_the_bundle_and_no_domain_means_no_warning():
     strict = {**CROPS, "thresholds": {"field_of_view_ratio": 1.05}}
     assert domain_warnings((40, 52, 40), (1.0, 1.0, 1.0), None, strict)
     assert domain_warnings((400, 400, 400), (3.0, 3.0, 3.0), None, None) == []
+
+
+def test_the_localisation_test_uses_the_training_median_or_else_the_patch():
+    head, crop = ((197, 233, 189), (1.0,) * 3, None), ((40, 52, 40), (1.0,) * 3, None)
+    patch_mm = (40.0, 56.0, 40.0)
+    assert exceeds_field_of_view(*head, CROPS, patch_mm) and not exceeds_field_of_view(*crop, CROPS, patch_mm)
+    # No domain recorded: the patch's extent stands in for it (a 100 mm cube is 2.5x the patch along x and z).
+    assert exceeds_field_of_view((100, 100, 100), (1.0,) * 3, None, None, patch_mm)
+    assert not exceeds_field_of_view((60, 60, 60), (1.0,) * 3, None, None, patch_mm)

@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
-from .domain import LOCALIZE_MODES
+from .domain import LOCALIZE_MODES, exceeds_field_of_view
 from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
 from .jsonfile import read_json
 from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
@@ -175,27 +175,14 @@ def _geometry(image) -> Geometry:
     return image.GetSize(), image.GetSpacing(), image.GetDirection()
 
 
-def _larger_than_domain(geometry: Geometry, bundle: ModelBundle) -> bool:
-    """Whether an input's field of view exceeds the model's domain (the guard's field-of-view test; a bundle
-    without a ``domain`` compares with its patch)."""
-    from .domain import DEFAULT_THRESHOLDS, world_extent
-
-    size, spacing, direction = geometry
-    domain = bundle.domain or {}
-    if domain.get("field_of_view_mm"):
-        trained = domain["field_of_view_mm"]["median"]
-    else:
-        trained = [p * s for p, s in zip(bundle.patch_size, bundle.preprocessing.target_spacing)]
-    ratio = {**DEFAULT_THRESHOLDS, **dict(domain.get("thresholds") or {})}["field_of_view_ratio"]
-    extent = world_extent(size, spacing, direction)
-    return any(e > ratio * t for e, t in zip(extent, trained))
-
-
 def will_localize(geometry: Geometry, bundle: ModelBundle, localize: str = "auto",
                   roi: Optional[Sequence[float]] = None) -> bool:
     """``--localize auto``: the bundle has a localiser, no ROI was given and the input is larger than the
     model's domain."""
-    return localize == "auto" and roi is None and bundle.has_localizer and _larger_than_domain(geometry, bundle)
+    if not (localize == "auto" and roi is None and bundle.has_localizer):
+        return False
+    patch_mm = [p * s for p, s in zip(bundle.patch_size, bundle.preprocessing.target_spacing)]
+    return exceeds_field_of_view(*geometry, bundle.domain, patch_mm)
 
 
 def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Path, ModelBundle, None] = None, *,

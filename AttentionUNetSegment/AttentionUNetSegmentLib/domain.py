@@ -66,6 +66,19 @@ def measure_domain(sizes_xyz: Sequence[Sequence[int]], spacings_xyz: Sequence[Se
             "thresholds": dict(DEFAULT_THRESHOLDS)}
 
 
+def exceeds_field_of_view(size_xyz: Sequence[int], spacing_xyz: Sequence[float],
+                          direction: Optional[Sequence[float]], domain: Optional[Mapping[str, Any]],
+                          fallback_extent_mm: Sequence[float]) -> bool:
+    """Whether an input's world extent exceeds ``field_of_view_ratio`` x the model's field of view along some axis:
+    the test ``--localize auto`` (and the Slicer panel) apply. The model's field of view is the training median,
+    or ``fallback_extent_mm`` (its patch in mm) for a bundle that records no ``domain``."""
+    domain = domain or {}
+    trained = (domain.get("field_of_view_mm") or {}).get("median") or fallback_extent_mm
+    ratio = {**DEFAULT_THRESHOLDS, **dict(domain.get("thresholds") or {})}["field_of_view_ratio"]
+    extent = world_extent(size_xyz, spacing_xyz, direction)
+    return bool(np.any(extent > ratio * np.asarray(trained, float)))
+
+
 def _triple(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.3g}" for v in values)
 
