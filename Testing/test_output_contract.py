@@ -23,8 +23,9 @@ import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import cli
 from AttentionUNetSegmentLib.errors import AttentionUNetError
-from AttentionUNetSegmentLib.imageio import TEMP_DIR_PREFIX, atomic_output, remove_stale_temporaries, temporary_path
-from AttentionUNetSegmentLib.outputs import check_output_name, files_read_for
+from AttentionUNetSegmentLib.imageio import (TEMP_DIR_PREFIX, atomic_output, files_read_for, remove_stale_temporaries,
+                                             temporary_path)
+from AttentionUNetSegmentLib.outputs import check_output_name
 
 SAMPLE = sorted(cli.SAMPLE_DATA_DIR.glob("*.nii.gz"))
 

@@ -120,13 +120,10 @@ def read_header(path: PathLike) -> ImageHeader:
     """
     path = Path(path)
     extension = image_extension(path)
-    parsers = {".nii": _nibabel_header, ".nii.gz": _nibabel_header, ".mgz": _nibabel_header,
-               ".mgh": _nibabel_header, ".mha": _metaimage_header, ".mhd": _metaimage_header,
-               ".nrrd": _nrrd_header, ".nhdr": _nrrd_header}
-    if extension not in parsers:
+    if extension not in _HEADER_PARSERS:
         raise InputImageError(f"{path} is not a supported image file; give one of {', '.join(READ_EXTENSIONS)}")
     try:
-        header = parsers[extension](path)
+        header = _HEADER_PARSERS[extension](path)
         _check_voxel_count(path, header.shape)
         _check_data_present(path, header)
     except OSError as error:  # e.g. no permission to read
@@ -443,6 +440,25 @@ def _nrrd_header(path: Path) -> ImageHeader:
     else:
         files = [(file, skip) for file in _data_files(path, fields[key], key, shape)]
     return ImageHeader(tuple(shape), files, encoding, math.prod(shape) * _nrrd_type_bytes(fields.get("type", "")))
+
+
+_HEADER_PARSERS: Dict[str, Callable[[Path], ImageHeader]] = {
+    ".nii": _nibabel_header, ".nii.gz": _nibabel_header, ".mgz": _nibabel_header, ".mgh": _nibabel_header,
+    ".mha": _metaimage_header, ".mhd": _metaimage_header, ".nrrd": _nrrd_header, ".nhdr": _nrrd_header}
+
+
+def files_read_for(path: PathLike) -> List[Path]:
+    """``path`` and, for a MetaImage or NRRD header, the detached data files it names (``ElementDataFile`` /
+    ``data file``, also in ``LIST`` and pattern form, as ``read_header`` finds them): every file reading that input
+    opens. Any other file (another format, the ROI file, a header that cannot be parsed) is just ``[path]``."""
+    path = Path(path)
+    if image_extension(path) not in (".mha", ".mhd", ".nrrd", ".nhdr"):
+        return [path]
+    try:
+        files = [file for file, _ in _HEADER_PARSERS[image_extension(path)](path).files]
+    except (InputImageError, OSError):
+        return [path]  # unreadable: nothing reads it, so nothing else is at stake
+    return [path] + [file for file in files if file != path]
 
 
 def _check_data_present(path: Path, header: ImageHeader) -> None:

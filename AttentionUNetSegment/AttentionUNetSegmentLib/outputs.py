@@ -28,7 +28,7 @@ import SimpleITK as sitk
 from . import __version__
 from .bundle import LabelInfo, ModelBundle
 from .errors import AttentionUNetError, OutputExistsError
-from .imageio import atomic_output, image_extension, temporary_path, write_partial
+from .imageio import atomic_output, files_read_for, temporary_path, write_partial
 
 if TYPE_CHECKING:
     from .inference import Prediction
@@ -92,47 +92,6 @@ class OutputPaths:
             "probabilities": {name: str(path.resolve()) for name, path in self.probabilities.items()},
             "report": str(self.report.resolve()),
         }
-
-
-def files_read_for(path: PathLike) -> List[Path]:
-    """``path`` and, for a MetaImage (``.mhd``/``.mha``) or NRRD (``.nhdr``, or a ``.nrrd`` with a detached
-    data file) header, the data files its ``ElementDataFile`` / ``data file`` field names (relative to the header's
-    folder; ``LIST`` and ``pattern min max step`` forms expanded): every file reading that input opens."""
-    path = Path(path)
-    extension = image_extension(path)
-    if extension not in (".mhd", ".mha", ".nhdr", ".nrrd"):
-        return [path]
-    try:
-        with open(path, "rb") as stream:
-            lines = stream.read(1 << 20).decode("latin-1").splitlines()
-    except OSError:
-        return [path]
-    nrrd = extension in (".nhdr", ".nrrd")
-    for index, line in enumerate(lines):
-        if nrrd and not line:
-            break  # the header ends at the first empty line; attached data follows
-        key, found, value = line.partition(":" if nrrd else "=")
-        if not found or key.strip().lower().replace(" ", "") not in ("elementdatafile", "datafile"):
-            continue
-        words = value.split()
-        if not words or words[0].upper() == "LOCAL":
-            return [path]
-        if words[0].upper() == "LIST":
-            names = [name.strip() for name in lines[index + 1:] if name.strip()]
-        else:
-            names = _numbered_names(words) or [value.strip()]
-        return [path] + [path.parent / name for name in names]
-    return [path]
-
-
-def _numbered_names(words: Sequence[str]) -> List[str]:
-    """``pattern min max step`` (a printf ``%d`` pattern) -> the file names; ``[]`` when ``words`` is not one."""
-    try:
-        low, high, step = (int(word) for word in words[1:4])
-        numbers = range(low, high + 1, step) if len(words) >= 4 and "%" in words[0] and step else range(0)
-        return [words[0] % number for number in numbers] if len(numbers) <= 100_000 else []
-    except (ValueError, TypeError):
-        return []
 
 
 def _same_file(a: Path, b: Path) -> bool:
