@@ -33,6 +33,7 @@ from .imageio import validate_image
 from .network import AttentionUNet
 from .postprocessing import keep_largest_component
 from .preprocessing import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
+from .progress import scaled
 
 if TYPE_CHECKING:
     from .localization import LocalizerSpec, Registration
@@ -532,7 +533,7 @@ class Predictor:
         margin = np.array(self.spec.target_spacing) * ROI_MARGIN_VOXELS
         for number, (side, box) in enumerate(spec.boxes.items()):
             share = (number / len(spec.boxes), (number + 1) / len(spec.boxes))
-            side_report = functools.partial(_scaled_report, report, share)
+            side_report = scaled(report, *share)
             clock = time.perf_counter()
             context = [v - m if i % 2 == 0 else v + m for i, (v, m) in enumerate(zip(box, np.repeat(margin, 2)))]
             grid = box_grid(context, self.spec.target_spacing)
@@ -651,22 +652,11 @@ class Predictor:
         return labels, kept
 
 
-def _scaled_report(report: ProgressCallback, share: Tuple[float, float], stage: str, fraction: float,
-                   message: str) -> None:
-    report(stage, share[0] + (share[1] - share[0]) * fraction, message)
-
-
 def _pooled_grid(image: sitk.Image, level: int) -> sitk.Image:
-    """``image``'s grid pooled by ``2**level`` (the same block geometry as a gate map, see the module docstring)."""
-    factor = 2**level
-    size = [int(math.ceil(n / factor)) for n in image.GetSize()]
-    grid = sitk.Image(size, sitk.sitkUInt8)
-    spacing = np.array(image.GetSpacing())
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    grid.SetSpacing([float(s) for s in spacing * factor])
-    grid.SetOrigin([float(o) for o in np.array(image.GetOrigin()) + direction @ (spacing * (factor - 1) / 2)])
-    grid.SetDirection(image.GetDirection())
-    return grid
+    """``image``'s grid pooled by ``2**level``: the geometry ``_gate_image`` gives gate ``level`` of a window at
+    index 0."""
+    size_zyx = [int(math.ceil(n / 2**level)) for n in image.GetSize()[::-1]]
+    return _gate_image(np.zeros(size_zyx, np.uint8), (0, 0, 0), level, image)
 
 
 def _paste(
