@@ -1610,18 +1610,14 @@ def _statistics_rows(labels: Sequence[Any], sides: Dict[int, str], counts: Dict[
 
 
 def _side_totals(rows: Sequence[Dict[str, Any]]):
-    """``(sides, asymmetry)``: voxels and mL per side (the sum of the side's segments) and the asymmetry index
-    (L - R) / ((L + R) / 2) of the whole-structure volumes; ``({}, None)`` when no row has a side (a crop)."""
-    sides = {}
-    for side in SIDES:
-        own = [row for row in rows if row.get("side") == side]
-        if own:
-            sides[side] = {"voxels": sum(row["voxels"] for row in own),
-                           "volume_ml": sum(row["volume_ml"] for row in own)}
-    if len(sides) < len(SIDES):
-        return sides, None
-    left, right = sides["left"]["volume_ml"], sides["right"]["volume_ml"]
-    return sides, ((left - right) / ((left + right) / 2) if left + right > 0 else None)
+    """``(sides, asymmetry)``: the engine's ``side_statistics`` of the segment rows (voxels and mL per side, the
+    asymmetry index (L - R) / ((L + R) / 2)), sides in left/right order; ``({}, None)`` when no row has a side (a
+    crop), and no index unless both sides are present."""
+    from AttentionUNetSegmentLib.outputs import side_statistics
+
+    totals, asymmetry = side_statistics(rows)
+    sides = {side: totals[side] for side in SIDES if side in (totals or {})}
+    return sides, (asymmetry if len(sides) == len(SIDES) else None)
 
 
 def _run_labels(bundle: "ModelBundle", report: Dict[str, Any]):
