@@ -132,6 +132,16 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
 
 
+def tiled_size(minimum: int, patch: int, overlap: float, align: int) -> int:
+    """The largest size (voxels, a multiple of ``align``) that ``window_starts`` covers with as few windows as
+    ``minimum`` voxels need: room a region can fill with context for free."""
+    size = max(_round_up(patch, align), _round_up(minimum, align))
+    count = len(window_starts(size, _round_up(patch, align), overlap, align))
+    while len(window_starts(size + align, _round_up(patch, align), overlap, align)) == count:
+        size += align
+    return size
+
+
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype ``precision`` (one of ``PRECISIONS``) means on ``device``; ``None`` for float32.
 
@@ -511,8 +521,8 @@ class Predictor:
         """Segment each side's template-space box of ``spec`` located by ``registration`` (template -> input).
 
         Per side, the input is resampled through the registration onto the box's grid in template space (the
-        model's spacing, upright like the training crops, plus ``ROI_MARGIN_VOXELS`` of context), segmented with
-        ``predict`` (ROI = the box), and its class probabilities are mapped back linearly onto the input grid
+        model's spacing, upright like the training crops, plus the context ``_context_box`` adds), segmented with
+        ``predict``, and its class probabilities are mapped back linearly onto the input grid
         around the box, where the argmax gives that side's labels (``spec.labels``: value per side and model
         label). Attention maps: gate ``k`` of both sides on the input grid pooled by ``2**k`` (maximum where
         they meet; 0 outside the boxes). Probabilities (when asked): per side label on the input grid.
@@ -530,17 +540,15 @@ class Predictor:
         gates: List[Optional[np.ndarray]] = []
         gate_grids: List[sitk.Image] = []
         timings: Dict[str, float] = {}
-        margin = np.array(self.spec.target_spacing) * ROI_MARGIN_VOXELS
         for number, (side, box) in enumerate(spec.boxes.items()):
             share = (number / len(spec.boxes), (number + 1) / len(spec.boxes))
             side_report = scaled(report, *share)
             clock = time.perf_counter()
-            context = [v - m if i % 2 == 0 else v + m for i, (v, m) in enumerate(zip(box, np.repeat(margin, 2)))]
-            grid = box_grid(context, self.spec.target_spacing)
+            grid = box_grid(self._context_box(box), self.spec.target_spacing)
             region = sitk.Resample(source, grid, registration.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
             timings["localize_resample"] = timings.get("localize_resample", 0.0) + time.perf_counter() - clock
-            result = self.predict(region, roi=box, attention=attention, probabilities=True,
-                                  largest_component=False, progress=side_report, cancel=cancel)
+            result = self.predict(region, attention=attention, probabilities=True, largest_component=False,
+                                  progress=side_report, cancel=cancel)
             for stage, seconds in result.timings.items():
                 if stage != "total":
                     timings[stage] = timings.get(stage, 0.0) + seconds
@@ -591,6 +599,18 @@ class Predictor:
         report("postprocess", 1.0, "Segmentation finished")
         return Prediction(labels=labels, attention=gate_images, probabilities=probability_images, timings=timings,
                           device=str(self.device))
+
+    def _context_box(self, box: Sequence[float]) -> List[float]:
+        """``box`` (RAS mm, template space) grown on each side by the context that the windows it needs anyway
+        can hold, at least ``ROI_MARGIN_VOXELS // 2`` model voxels (a fixed ``ROI_MARGIN_VOXELS`` would cost the
+        shipped model a third window along two axes: 18 windows per side, not 8)."""
+        grown = list(box)
+        for axis, (spacing, patch) in enumerate(zip(self.spec.target_spacing, self.patch_size_zyx[::-1])):
+            voxels = int(round((box[2 * axis + 1] - box[2 * axis]) / spacing))
+            size = tiled_size(voxels + 2 * (ROI_MARGIN_VOXELS // 2), patch, self.overlap, self.model.min_input_size)
+            grown[2 * axis] -= (size - voxels) / 2 * spacing
+            grown[2 * axis + 1] += (size - voxels) / 2 * spacing
+        return grown
 
     def _run_windows(
         self, prepared: PreparedImage, attention: bool, report: ProgressCallback, cancel: Optional[CancelCallback]

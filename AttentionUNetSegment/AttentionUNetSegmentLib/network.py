@@ -212,6 +212,8 @@ class AttentionUNet(nn.Module):
         }
 
     def _initialise(self) -> None:
+        if any(parameter.is_meta for parameter in self.parameters()):
+            return  # shapes only (bundle checks): meta tensors hold no values, and torch's meta init costs ~1.5 s
         for module in self.modules():
             if isinstance(module, nn.Conv3d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
