@@ -410,6 +410,37 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------------------------------- dicom-seg
+def _configure_dicom_seg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS", help="label map on the series' grid (.nrrd, .nii.gz, ...)")
+    parser.add_argument("--source", nargs="+", required=True, metavar="PATH",
+                        help="the DICOM series: its folder, or its files (@FILE reads one argument per line)")
+    parser.add_argument("--series", metavar="UID", default=None, help="the series to use in a folder of several")
+    parser.add_argument("--segments", required=True, type=Path, metavar="JSON",
+                        help='the segments: [{"value": 1, "name": "...", "color": [r, g, b], "terminology": '
+                             '"<3D Slicer terminology string>"}, ...]')
+    parser.add_argument("--algorithm", nargs=2, required=True, metavar=("NAME", "VERSION"),
+                        help="the algorithm that made the labels (model name and version)")
+    parser.add_argument("--output", required=True, type=Path, help="the DICOM SEG file to write (.dcm)")
+    parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None,
+                        help="json: one object per line on stdout, ending with the 'done' record (default: none)")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+
+
+def cmd_dicom_seg(args: argparse.Namespace) -> int:
+    """Write a DICOM SEG of an existing label map (the Slicer module's Export > DICOM SEG runs this)."""
+    from .dicomseg import write_dicom_seg
+
+    path = write_dicom_seg(args.labels, args.source, args.segments, args.output, tuple(args.algorithm),
+                           series_uid=args.series, force=args.force)
+    if args.progress == "json":
+        make_progress("json").emit({"stage": "done", "fraction": 1.0, "message": "Done",
+                                    "outputs": {"dicom_segmentation": str(path.resolve())}})
+    else:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 # -------------------------------------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
@@ -579,6 +610,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     segment = commands.add_parser("segment", help="segment volumes and write labels, attention maps and a report")
     _configure_segment(segment)
     segment.set_defaults(handler=cmd_segment)
+
+    dicom_seg = commands.add_parser("dicom-seg", fromfile_prefix_chars="@",
+                                    help="write a DICOM Segmentation of a label map on a DICOM series' grid")
+    _configure_dicom_seg(dicom_seg)
+    dicom_seg.set_defaults(handler=cmd_dicom_seg)
 
     models = commands.add_parser("models", help="list installed models")
     models.add_argument("--json", action="store_true", help="machine-readable output")

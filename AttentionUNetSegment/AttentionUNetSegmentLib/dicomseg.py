@@ -6,29 +6,32 @@ recommended display CIELab value, its terminology codes (category, type, type mo
 region) parsed from the bundle's 3D Slicer terminology string (a generic "Tissue" code where it has none), and the
 algorithm identification (model name and version, engine version). It copies the patient and study modules from
 the source (the standard requires them); nothing else this tool writes carries them. highdicom and pydicom are the
-``[dicom]`` extra: ``require_highdicom`` says how to install them.
+``[dicom]`` extra: ``require_highdicom`` says how to install them. ``write_dicom_seg`` (the ``dicom-seg`` command,
+which the Slicer module's Export runs) writes one from a label map file, e.g. an edited segmentation.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .bundle import LabelInfo
-from .dicomio import DicomSeries
-from .errors import AttentionUNetError
+from .bundle import MAX_LABEL_VALUE, LabelInfo
+from .dicomio import DicomSeries, find_series, is_series_input, series_from_files
+from .errors import AttentionUNetError, OutputExistsError
+from .imageio import SHEAR_TOLERANCE_VOXELS, atomic_output, read_label
+from .jsonfile import read_json
 
 #: The distribution name the ``[dicom]`` extra belongs to (pyproject ``[project] name``).
 DISTRIBUTION = "attention-unet-segment"
 #: Category and type of a segment whose label has no terminology (DICOM's generic "Tissue").
 GENERIC_CODE = ("SCT", "85756007", "Tissue")
-#: Largest difference, in mm, between the label map's grid and the series' that is still the same grid.
-GRID_TOLERANCE_MM = 1e-3
 
 
 def require_highdicom() -> None:
@@ -60,19 +63,36 @@ def terminology_codes(entry: str) -> dict:
             "region_modifier": _code(parts[6])}
 
 
-def _check_grid(labels: sitk.Image, series: DicomSeries) -> None:
-    corners = [(0, 0, 0), tuple(n - 1 for n in series.size)]
+def _world_corners(size: Sequence[int], origin, spacing, direction) -> np.ndarray:
+    """The 8 corner voxel centres (8, 3) in mm."""
+    index = np.array(list(itertools.product(*[(0, n - 1) for n in size])), dtype=float)
+    return np.asarray(origin) + (np.asarray(direction).reshape(3, 3) @ (index * np.asarray(spacing)).T).T
 
-    def world(origin, spacing, direction, index):
-        return np.asarray(origin) + np.asarray(direction).reshape(3, 3) @ (np.asarray(spacing) * index)
 
-    apart = max(float(np.linalg.norm(world(labels.GetOrigin(), labels.GetSpacing(), labels.GetDirection(), c)
-                                     - world(series.origin, series.spacing, series.direction, c))) for c in corners)
-    if tuple(labels.GetSize()) != series.size or apart > GRID_TOLERANCE_MM:
-        raise AttentionUNetError(
-            f"the label map ({' x '.join(map(str, labels.GetSize()))} voxels) is not on the grid of {series.name} "
-            f"({' x '.join(map(str, series.size))} voxels, corners up to {apart:.3g} mm apart); a DICOM SEG needs the "
-            "labels on the series' own grid: export them with the DICOM volume as the reference")
+def on_series_grid(labels: sitk.Image, series: DicomSeries) -> sitk.Image:
+    """``labels`` on ``series``' grid: as is, or, when it is the same lattice of voxels indexed along other axes
+    (e.g. slices in the opposite order), moved onto it voxel for voxel (nearest neighbour, exact). Corners may
+    differ by ``imageio.SHEAR_TOLERANCE_VOXELS`` of the smallest voxel (rounding in the tags and file headers).
+
+    Raises:
+        AttentionUNetError: ``labels`` covers other voxels.
+    """
+    own = _world_corners(labels.GetSize(), labels.GetOrigin(), labels.GetSpacing(), labels.GetDirection())
+    theirs = _world_corners(series.size, series.origin, series.spacing, series.direction)
+    tolerance = SHEAR_TOLERANCE_VOXELS * min(series.spacing)
+    if tuple(labels.GetSize()) == series.size and np.linalg.norm(own - theirs, axis=1).max() <= tolerance:
+        return labels
+    nearest = np.linalg.norm(own[:, None, :] - theirs[None, :, :], axis=2).min(axis=0).max()
+    if sorted(labels.GetSize()) == sorted(series.size) and nearest <= tolerance:
+        reference = sitk.Image(list(series.size), labels.GetPixelID())
+        reference.SetOrigin(series.origin)
+        reference.SetSpacing(series.spacing)
+        reference.SetDirection(series.direction)
+        return sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    raise AttentionUNetError(
+        f"the label map ({' x '.join(map(str, labels.GetSize()))} voxels) is not on the grid of {series.name} "
+        f"({' x '.join(map(str, series.size))} voxels; corners up to {nearest:.3g} mm apart); a DICOM SEG needs the "
+        "labels on the series' own grid: export them with the DICOM volume as the reference")
 
 
 def build_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], series: DicomSeries,
@@ -80,7 +100,7 @@ def build_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], series
     """The ``highdicom.seg.Segmentation`` of ``labels`` (on ``series``' grid, slice ``k`` = ``series.files[k]``).
 
     Raises:
-        AttentionUNetError: highdicom is missing, the grids differ, a voxel holds a value no segment has, or the
+        AttentionUNetError: highdicom is missing, the grids differ (``on_series_grid``), a voxel holds a value no segment has, or the
             source files cannot be read by pydicom.
     """
     require_highdicom()
@@ -88,7 +108,7 @@ def build_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], series
     import pydicom
     from pydicom.sr.codedict import codes
 
-    _check_grid(labels, series)
+    labels = on_series_grid(labels, series)
     array = sitk.GetArrayViewFromImage(labels)  # (z, y, x) = (frames, rows, columns)
     values = [label.value for label in segments]
     present = np.unique(array)
@@ -148,3 +168,63 @@ def save_segmentation(segmentation: Any, partial: Path, path: Path) -> None:
         segmentation.save_as(str(partial), enforce_file_format=True)
     except OSError as error:
         raise OSError(f"cannot write {path} ({error.strerror or error})") from None
+
+
+def read_segments(path: Union[str, Path]) -> List[LabelInfo]:
+    """The segments of a ``--segments`` file: a JSON list of ``{"value", "name", "color" (RGB 0..1),
+    "terminology" (optional 3D Slicer terminology string)}``, values unique in 1..32767."""
+    document = read_json(path, "--segments file")
+    segments: List[LabelInfo] = []
+    try:
+        for entry in document:
+            value, name, color = entry["value"], entry["name"], [float(c) for c in entry["color"]]
+            terminology = entry.get("terminology") or ""
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LABEL_VALUE:
+                raise ValueError(f"value {value!r} is not an integer in 1..{MAX_LABEL_VALUE}")
+            if not isinstance(name, str) or not name.strip() or not isinstance(terminology, str):
+                raise ValueError(f"segment {value}: name and terminology must be text")
+            if len(color) != 3 or not all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in color):
+                raise ValueError(f"segment {value}: color must be three numbers in 0..1")
+            segments.append(LabelInfo(value, name, tuple(color), terminology))
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise AttentionUNetError(f"--segments file {path} is not a list of segments ({error}); give "
+                                 '[{"value": 1, "name": "...", "color": [r, g, b]}, ...]') from None
+    if not segments or len({s.value for s in segments}) < len(segments):
+        raise AttentionUNetError(f"--segments file {path} lists no segments, or a label value twice; give each "
+                                 "segment once")
+    return segments
+
+
+def write_dicom_seg(labels_path: Union[str, Path], sources: Sequence[Union[str, Path]],
+                    segments_path: Union[str, Path], output: Union[str, Path], algorithm: Tuple[str, str],
+                    series_uid: Optional[str] = None, force: bool = False) -> Path:
+    """Write ``output`` (``.dcm``): the DICOM SEG of the label map ``labels_path`` on the series ``sources`` (its
+    folder, or its files in any order) with the segments of ``segments_path`` (``read_segments``) and
+    ``algorithm`` = (name, version). Atomic; an existing ``output`` is replaced only with ``force``, a file the
+    command reads never.
+
+    Raises:
+        AttentionUNetError: highdicom is missing, an input is unreadable or breaks its rules, ``output`` exists
+            (``OutputExistsError``) or is a file this command reads.
+    """
+    from .outputs import check_not_read, check_output_name
+
+    require_highdicom()
+    output = Path(output)
+    if output.suffix.lower() != ".dcm":
+        raise AttentionUNetError(f"--output {output} must end with .dcm (a DICOM file)")
+    segments = read_segments(segments_path)
+    if len(sources) == 1 and is_series_input(sources[0]):
+        series = find_series(sources[0], series_uid)
+    else:
+        series = series_from_files([Path(source) for source in sources])
+        if series_uid is not None and series.uid != series_uid:
+            raise AttentionUNetError(f"the DICOM files given are series {series.uid}, not --series {series_uid}")
+    check_output_name(output)
+    check_not_read([output], [labels_path, segments_path, *series.files])
+    if output.exists() and not force:
+        raise OutputExistsError(f"{output} already exists; remove it or pass --force to overwrite")
+    segmentation = build_segmentation(read_label(labels_path), segments, series, *algorithm)
+    with atomic_output(output, force) as partial:
+        save_segmentation(segmentation, partial, output)
+    return output
