@@ -232,13 +232,19 @@ def _broken(tmp_path: Path, kind: str) -> Path:
         (folder / "scan.nii").write_bytes(b"\0" * 400)
     elif kind == "single image":
         write_series(folder, volume[:1])
+    elif kind == "multi-frame":
+        path = write_series(folder, volume[:1])[0]
+        ds = pydicom.dcmread(path)
+        ds.NumberOfFrames = 10
+        ds.PixelData = np.ascontiguousarray(volume, dtype="<i2").tobytes()
+        ds.save_as(path, enforce_file_format=True)
     return folder
 
 
 BROKEN = {"missing slice": "slices are missing", "uneven spacing": "uneven slice positions",
           "mixed orientation": "mixes image orientations", "differing sizes": "differ in size",
           "repeated position": "several images at one position", "gantry tilt": "not stacked along its slice normal",
-          "no series": "no DICOM image series", "single image": "single image"}
+          "no series": "no DICOM image series", "single image": "single image", "multi-frame": "multi-frame image"}
 
 
 @pytest.mark.parametrize("kind", sorted(BROKEN))
@@ -248,13 +254,14 @@ def test_broken_series_are_refused_with_what_and_how(tmp_path, kind):
         dicomio.find_series(folder)
 
 
-def test_broken_series_cli_gives_one_error_line_and_writes_nothing(tmp_path, tiny_bundle):
-    folder = _broken(tmp_path, "missing slice")
+@pytest.mark.parametrize("kind", ["missing slice", "no series", "mixed orientation"])
+def test_broken_series_cli_gives_one_error_line_and_writes_nothing(tmp_path, tiny_bundle, kind):
+    folder = _broken(tmp_path, kind)
     out = tmp_path / "out"
     done = _cli("segment", folder, "--output-dir", out, "--model", tiny_bundle.path, "--device", "cpu")
     assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "slices are missing" in lines[0]
+    lines = done.stderr.strip().splitlines()  # nothing of ITK's own warnings
+    assert len(lines) == 1 and lines[0].startswith("error: ") and BROKEN[kind] in lines[0], done.stderr
     assert not out.exists()
 
 

@@ -11,10 +11,11 @@ source files and, when asked for, the DICOM SEG (``dicomseg.py``) and ``patient_
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -99,6 +100,17 @@ class DicomSeries:
         return {key: fields.get(tag, "").strip() for key, tag in PATIENT_TAGS.items()}
 
 
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """ITK prints warnings (e.g. "No Series were found") to stderr; a failed run's stderr is its one error line."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
 def is_series_input(path: PathLike) -> bool:
     """Whether ``segment`` reads ``path`` as a DICOM series (a folder)."""
     return Path(path).is_dir()
@@ -109,7 +121,8 @@ def _read_header(path: Path) -> SliceHeader:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _quiet_itk():
+            reader.ReadImageInformation()
     except RuntimeError:
         raise InputImageError(f"{path} is not a DICOM image GDCM can read; remove it from the series folder (or "
                               "export the series again)") from None
@@ -119,10 +132,11 @@ def _read_header(path: Path) -> SliceHeader:
 def _series_files(folder: Path) -> List[Tuple[str, List[Path]]]:
     """``(series UID, files)`` of every series GDCM finds directly in ``folder`` (subfolders are not searched)."""
     found = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
-        if files:
-            found.append((uid, files))
+    with _quiet_itk():
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+            files = [Path(name) for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+            if files:
+                found.append((uid, files))
     return found
 
 
@@ -282,7 +296,8 @@ def read_series(series: DicomSeries) -> sitk.Image:
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames([str(path) for path in series.files])
     try:
-        image = reader.Execute()
+        with _quiet_itk():
+            image = reader.Execute()
     except MemoryError:
         raise _too_large(series) from None
     except RuntimeError as error:
