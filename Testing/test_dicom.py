@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from AttentionUNetSegmentLib import dicomio  # noqa: E402
-from AttentionUNetSegmentLib.bundle import LabelInfo, load_bundle  # noqa: E402
+from AttentionUNetSegmentLib.bundle import load_bundle  # noqa: E402
 from AttentionUNetSegmentLib.cli import segment_files  # noqa: E402
 from AttentionUNetSegmentLib.errors import AttentionUNetError, InputImageError  # noqa: E402
 from AttentionUNetSegmentLib.imageio import files_read_for  # noqa: E402
@@ -611,3 +611,15 @@ def test_dicom_seg_command_refuses_labels_on_another_grid(tmp_path):
     done = _cli("dicom-seg", tmp_path / "labels.nrrd", "--source", folder, "--segments", tmp_path / "segments.json",
                 "--algorithm", "tiny", "1", "--output", tmp_path / "out.dcm")
     assert done.returncode == 2 and "not on the grid" in done.stderr and not (tmp_path / "out.dcm").exists()
+
+
+def test_the_dicom_extra_names_this_distribution_and_matches_the_slicer_requirements():
+    tomllib = pytest.importorskip("tomllib")
+    from AttentionUNetSegmentLib.dicomseg import DISTRIBUTION
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == DISTRIBUTION
+    extra = [entry.split(";")[0].strip() for entry in project["optional-dependencies"]["dicom"]]
+    lines = (REPO_ROOT / "AttentionUNetSegment" / "Resources" / "requirements-dicom.txt").read_text().splitlines()
+    assert [line for line in lines if line and not line.startswith("#")] == extra
+    assert {"highdicom", "pydicom", "dcmqi"} <= {entry.split(">")[0] for entry in project["optional-dependencies"]["test"]}
