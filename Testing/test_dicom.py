@@ -232,6 +232,8 @@ def _broken(tmp_path: Path, kind: str) -> Path:
         (folder / "scan.nii").write_bytes(b"\0" * 400)
     elif kind == "single image":
         write_series(folder, volume[:1])
+    elif kind == "not unit cosines":
+        write_series(folder, volume, orientations={k: [2, 0, 0, 0, 2, 0] for k in range(10)})
     elif kind == "multi-frame":
         path = write_series(folder, volume[:1])[0]
         ds = pydicom.dcmread(path)
@@ -244,7 +246,8 @@ def _broken(tmp_path: Path, kind: str) -> Path:
 BROKEN = {"missing slice": "slices are missing", "uneven spacing": "uneven slice positions",
           "mixed orientation": "mixes image orientations", "differing sizes": "differ in size",
           "repeated position": "several images at one position", "gantry tilt": "not stacked along its slice normal",
-          "no series": "no DICOM image series", "single image": "single image", "multi-frame": "multi-frame image"}
+          "no series": "no DICOM image series", "single image": "single image", "multi-frame": "multi-frame image",
+          "not unit cosines": "not two unit vectors"}
 
 
 @pytest.mark.parametrize("kind", sorted(BROKEN))

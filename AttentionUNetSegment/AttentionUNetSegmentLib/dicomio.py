@@ -211,11 +211,13 @@ def series_from_files(files: Sequence[PathLike], folder: Optional[Path] = None) 
             among them), two images at one position, positions off a regular grid (a missing slice), slices not
             stacked along their normal (gantry tilt), or more voxels than ``imageio.max_voxels()``.
     """
-    headers = [_read_header(Path(file)) for file in files]
-    if not headers:
+    if not files:
         raise InputImageError("no DICOM files were given; give the folder that holds the series' files")
-    first = headers[0]
+    first = _read_header(Path(files[0]))
     where = folder if folder is not None else first.path.parent
+    # the size the first header implies for the whole series, before thousands of headers are read
+    _check_voxel_count(where, (first.integer("columns"), first.integer("rows"), len(files), first.integer("samples", 1)))
+    headers = [first] + [_read_header(Path(file)) for file in files[1:]]
     uids = sorted({h.text("series_uid") for h in headers})
     if len(uids) > 1:
         raise InputImageError(f"the DICOM files given belong to {len(uids)} series ({', '.join(uids)}); give the "
@@ -245,6 +247,10 @@ def series_from_files(files: Sequence[PathLike], folder: Optional[Path] = None) 
     if spacing.min() <= 0:
         raise InputImageError(f"{name} has a zero or negative pixel spacing {list(spacing)}; export it again")
     row, column = orientation[:3], orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(column) - 1) > 1e-3:
+        raise InputImageError(f"{name} has an image orientation {list(orientation)} that is not two unit vectors "
+                              "(direction cosines); its headers are damaged, export the series again")
+    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
     normal = np.cross(row, column)
     if np.linalg.norm(normal) < 0.5:
         raise InputImageError(f"{name} has a degenerate image orientation {list(orientation)}; export it again")
