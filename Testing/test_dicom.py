@@ -507,6 +507,7 @@ def mprage():
     return MPRAGE
 
 
+@pytest.mark.slow  # 23-64 s on the shared 2-core machine (176 files, 256 x 256 x 176)
 def test_real_mprage_series_to_seg_round_trips_through_highdicom_and_dcmqi(mprage, tmp_path, tiny_bundle):
     """176 real Siemens files (sagittal, oblique): read, segmented in a box (the tiny model), written as SEG and
     read back by both readers on the source grid; no patient string of the series in the other outputs."""
