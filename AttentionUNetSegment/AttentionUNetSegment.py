@@ -38,6 +38,7 @@ from AttentionUNetSegmentLib.runner import (
     EngineProcess,
     EtaEstimator,
     Progress,
+    build_dicom_seg_command,
     build_segment_command,
     format_duration,
 )
@@ -49,6 +50,11 @@ MODULE_DIR = pathlib.Path(__file__).resolve().parent
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 REQUIREMENTS_FILE = RESOURCES_DIR / "requirements.txt"
+#: What Export > DICOM SEG needs besides (highdicom, pydicom: the engine's [dicom] extra), installed on first use.
+DICOM_REQUIREMENTS_FILE = RESOURCES_DIR / "requirements-dicom.txt"
+#: Attribute of a volume loaded from the DICOM database: its SOP Instance UIDs, space-separated
+#: (DICOMScalarVolumePlugin); a DICOM SEG of its segmentation references these instances.
+DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"
 #: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly;
 #: 2.3 is the first with the device-generic torch.amp.GradScaler that training uses.
 TORCH_REQUIREMENT = ">=2.3"
@@ -147,6 +153,7 @@ class AttentionUNetSegmentParameterNode:
     largestComponent: bool = False
     exportDirectory: pathlib.Path
     exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = "nii.gz"
+    exportDicomSeg: bool = False
     batchAllVolumes: bool = False
 
 
@@ -258,6 +265,11 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         segmentation = node.outputSegmentation if node else None
         self.ui.exportButton.enabled = bool(segmentation)
         self.ui.exportLabelmapButton.enabled = bool(segmentation)
+        canDicomSeg = bool(segmentation) and self.logic.hasDicomSource(segmentation)
+        self.ui.exportDicomSegCheckBox.enabled = canDicomSeg
+        self.ui.exportDicomSegCheckBox.toolTip = (
+            "Also write a DICOM Segmentation object that references the DICOM series and add it to the DICOM "
+            "database" if canDicomSeg else "Only for a segmentation of a volume loaded from the DICOM database")
         self.ui.show3DButton.setSegmentationNode(segmentation)
         bundle = self._currentBundle()
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
@@ -443,7 +455,8 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         existing = None
         with slicer.util.tryWithErrorDisplay("Export failed."):
-            existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat)
+            dicomSeg = node.exportDicomSeg and self.logic.hasDicomSource(node.outputSegmentation)
+            existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat, dicomSeg)
         if existing is None:  # the error was shown
             return
         if existing and not slicer.util.confirmYesNoDisplay(
@@ -452,7 +465,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             return
         with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
             files = self.logic.exportForReport(node.outputSegmentation, directory, fileFormat=node.exportFormat,
-                                               force=bool(existing))
+                                               force=bool(existing), dicomSeg=dicomSeg)
             self.appendLog("Exported: " + ", ".join(files.values()))
             self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
 
@@ -745,11 +758,15 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
         return env
 
-    def ensureDependencies(self) -> None:
+    def ensureDependencies(self, requirementsFile: Optional[pathlib.Path] = None) -> None:
         """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
-        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
-        self._ensureTorch()
-        requirements = _read_requirements(REQUIREMENTS_FILE)
+        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older).
+        ``requirementsFile``: another list instead (``DICOM_REQUIREMENTS_FILE`` for the DICOM SEG export), no
+        torch."""
+        if requirementsFile is None:
+            self._ensureTorch()
+        requirementsFile = requirementsFile or REQUIREMENTS_FILE
+        requirements = _read_requirements(requirementsFile)
         missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
             return
@@ -760,7 +777,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             if packaging is not None:
                 # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
-                packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS_FILE)), requester="AttentionUNet")
+                packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
             elif slicer.util.confirmOkCancelDisplay(
                     "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(missing), windowTitle="Install Python packages"):
@@ -1456,8 +1473,9 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
         return labelmapNode
 
-    def exportFileNames(self, segmentationNode, fileFormat: str) -> Dict[str, str]:
-        """Names of the exported files by kind; ``sides`` (per-side totals) only for a segmentation with sides."""
+    def exportFileNames(self, segmentationNode, fileFormat: str, dicomSeg: bool = False) -> Dict[str, str]:
+        """Names of the exported files by kind; ``sides`` (per-side totals) only for a segmentation with sides,
+        ``dicom_segmentation`` only with ``dicomSeg``."""
         base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
         base = base or "segmentation"
         names = {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
@@ -1465,19 +1483,23 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                  "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
         if any(self._segmentSides(segmentationNode)):
             names["sides"] = f"{base}_sides.csv"
+        if dicomSeg:
+            names["dicom_segmentation"] = f"{base}_seg.dcm"
         return names
 
-    def existingExportFiles(self, segmentationNode, outputDirectory, fileFormat: str = "nii.gz") -> List[str]:
-        names = self.exportFileNames(segmentationNode, fileFormat).values()
+    def existingExportFiles(self, segmentationNode, outputDirectory, fileFormat: str = "nii.gz",
+                            dicomSeg: bool = False) -> List[str]:
+        names = self.exportFileNames(segmentationNode, fileFormat, dicomSeg).values()
         return [str(pathlib.Path(outputDirectory) / name) for name in names
                 if (pathlib.Path(outputDirectory) / name).exists()]
 
     def exportForReport(self, segmentationNode, outputDirectory, referenceVolume=None, fileFormat: str = "nii.gz",
-                        force: bool = False) -> Dict[str, str]:
+                        force: bool = False, dicomSeg: bool = False) -> Dict[str, str]:
         """Write a label map (NIfTI or NRRD, label value = segment label value), the segmentation (.seg.nrrd),
         a CSV label table (value, name, colour), per-segment volumes in mL (CSV; with a ``side`` column when the
         segments have sides, plus per-side totals and the asymmetry index in ``<name>_sides.csv``) and the
-        provenance (JSON). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
+        provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``, written first: when it fails
+        nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
         written paths by kind."""
         from AttentionUNetSegmentLib.imageio import check_written_image
 
@@ -1485,13 +1507,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {EXPORT_FORMATS}.")
         outputDirectory = pathlib.Path(outputDirectory)
         outputDirectory.mkdir(parents=True, exist_ok=True)
-        existing = self.existingExportFiles(segmentationNode, outputDirectory, fileFormat)
+        existing = self.existingExportFiles(segmentationNode, outputDirectory, fileFormat, dicomSeg)
         if existing and not force:
             raise AttentionUNetSegmentError("These files exist already: " + ", ".join(existing) +
                                             ". Choose another folder or allow overwriting.")
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
-        names = self.exportFileNames(segmentationNode, fileFormat)
+        names = self.exportFileNames(segmentationNode, fileFormat, dicomSeg)
         paths = {kind: outputDirectory / name for kind, name in names.items()}
         partials: List[pathlib.Path] = []
         try:
@@ -1534,6 +1556,8 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 partial = paths[kind].with_name(f"{paths[kind].name}.partial-{os.getpid()}")
                 partials.append(partial)
                 partial.write_text(text, encoding="utf-8")
+            if dicomSeg:
+                self.exportDicomSeg(segmentationNode, paths["dicom_segmentation"], referenceVolume, force=force)
             for partial, kind in zip(partials, ["labelmap", "segmentation", *writes]):
                 os.replace(partial, paths[kind])
         finally:
@@ -1542,6 +1566,80 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                     partial.unlink()
             _remove_nodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
+
+
+    # DICOM SEG
+
+    def hasDicomSource(self, segmentationNode) -> bool:
+        """Whether the segmentation's reference volume came from the DICOM database (its instance UIDs are
+        known), so a DICOM SEG can reference its series."""
+        reference = self._referenceVolume(segmentationNode) if segmentationNode is not None else None
+        return bool(reference is not None and (reference.GetAttribute(DICOM_INSTANCE_UIDS) or "").split())
+
+    @staticmethod
+    def dicomSourceFiles(volumeNode) -> List[str]:
+        """The files of the DICOM images ``volumeNode`` was loaded from (``slicer.dicomDatabase.fileForInstance``
+        of each of its ``DICOM.instanceUIDs``)."""
+        name = volumeNode.GetName() if volumeNode is not None else "the reference volume"
+        uids = (volumeNode.GetAttribute(DICOM_INSTANCE_UIDS) or "").split() if volumeNode is not None else []
+        if not uids:
+            raise AttentionUNetSegmentError(
+                f"'{name}' was not loaded from the DICOM database, so a DICOM SEG cannot reference it: load the "
+                "series with the DICOM module, segment that volume, then export.")
+        database = getattr(slicer, "dicomDatabase", None)
+        if database is None or not database.isOpen:
+            raise AttentionUNetSegmentError("The DICOM database is not open: open it in the DICOM module, then "
+                                            "export again.")
+        files = [database.fileForInstance(uid) for uid in uids]
+        missing = sum(1 for path in files if not path or not os.path.isfile(path))
+        if missing:
+            raise AttentionUNetSegmentError(
+                f"The DICOM database has no file for {missing} of the {len(uids)} images of '{name}' (removed or "
+                "moved): import the series into the DICOM database again, load it, then export.")
+        return files
+
+    def exportDicomSeg(self, segmentationNode, outputPath, referenceVolume=None, force: bool = False,
+                       addToDatabase: bool = True) -> str:
+        """Write ``outputPath`` (.dcm), a DICOM Segmentation of every segment (names, colours, terminology, label
+        values as segment numbers) referencing the DICOM series of the reference volume, and add it to the DICOM
+        database. Written by the engine in its own process (``dicom-seg``: highdicom never loads into Slicer);
+        highdicom and pydicom are installed on first use. Returns the path."""
+        referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
+        files = self.dicomSourceFiles(referenceVolume)
+        self.ensureDependencies(DICOM_REQUIREMENTS_FILE)
+        work = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-SEG-"))
+        labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
+        colors = labelmap.GetDisplayNode().GetColorNode()
+        try:
+            labelsPath = work / "labels.nrrd"
+            storage = labelmap.CreateDefaultStorageNode()
+            storage.SetFileName(str(labelsPath))
+            if not storage.WriteData(labelmap):
+                raise AttentionUNetSegmentError(f"Could not write the label map to {work}: check free disk space.")
+            segments = segmentationNode.GetSegmentation()
+            entries = []
+            for index, label in enumerate(self._segmentLabels(segmentationNode)):
+                segment = segments.GetNthSegment(index)
+                terminology = vtk.reference("")
+                found = segment.GetTag(segment.GetTerminologyEntryTagName(), terminology)
+                entries.append({"value": label.value, "name": label.name, "color": list(label.color),
+                                "terminology": str(terminology) if found else ""})
+            (work / "segments.json").write_text(json.dumps(entries), encoding="utf-8")
+            (work / "sources.txt").write_text("".join(f"{path}\n" for path in files), encoding="utf-8")
+            algorithm = (segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + "Model") or "AttentionUNet",
+                         segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + "ModelVersion") or ENGINE_VERSION)
+            command = build_dicom_seg_command(str(labelsPath), str(work / "sources.txt"), str(work / "segments.json"),
+                                              str(outputPath), algorithm, python=self.pythonExecutable(), force=force)
+            outcome = EngineProcess(command, env=self.engineEnvironment(), cwd=str(work)).start().wait()
+        finally:
+            _remove_nodes([labelmap, colors])
+            shutil.rmtree(work, ignore_errors=True)
+        if not outcome.ok:
+            raise AttentionUNetSegmentError(f"Writing the DICOM SEG failed: {outcome.error}")
+        written = str(outcome.outputs.get("dicom_segmentation") or outputPath)
+        if addToDatabase:
+            slicer.dicomDatabase.insert(written)
+        return written
 
 
 def _node_ids(scene, className: str) -> set:

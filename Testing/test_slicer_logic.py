@@ -1090,3 +1090,93 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
         assert left[0] < right[0]  # the left box lies towards -R
     finally:
         module._remove_nodes([result.segmentation, *result.localizationBoxes, head])
+
+
+# Issue 13: Export > DICOM SEG for a volume from the DICOM database. slicer-core has no ctkDICOMDatabase: the two
+# calls the module makes (fileForInstance, insert) are stood in for over real files; the volume is read by Slicer's
+# own archetype reader from the files sorted as DICOMScalarVolumePlugin sorts them; the engine writes the SEG.
+
+
+class _DicomDatabase:
+    """``slicer.dicomDatabase`` as far as the module uses it: ``isOpen``, ``fileForInstance``, ``insert``."""
+
+    isOpen = True
+
+    def __init__(self, files):
+        pydicom = pytest.importorskip("pydicom")
+        self.files = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID): str(path) for path in files}
+        self.inserted = []
+
+    def fileForInstance(self, uid):
+        return self.files.get(uid, "")
+
+    def insert(self, path):
+        self.inserted.append(path)
+
+
+@pytest.fixture
+def dicom_volume(env, tmp_path, monkeypatch):
+    pydicom = pytest.importorskip("pydicom")
+    from test_dicom import OBLIQUE, _volume, write_series
+
+    files = write_series(tmp_path / "dicom", _volume((12, 30, 34)), rotation=OBLIQUE, description="T1")
+    headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}
+    normal = np.cross(*np.array(headers[files[0]].ImageOrientationPatient, float).reshape(2, 3))
+    ordered = sorted(files, key=lambda p: float(np.dot(np.array(headers[p].ImagePositionPatient, float), normal)))
+    node = env["scene"].AddNewNodeByClass("vtkMRMLScalarVolumeNode", "T1 from DICOM")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(ordered[0]))
+    storage.ResetFileNameList()
+    for path in ordered:
+        storage.AddFileName(str(path))
+    storage.SetSingleFile(0)
+    assert storage.ReadData(node)
+    node.SetAttribute("DICOM.instanceUIDs", " ".join(str(headers[p].SOPInstanceUID) for p in ordered))
+    database = _DicomDatabase(files)
+    monkeypatch.setattr(slicer, "dicomDatabase", database, raising=False)
+    return {"node": node, "files": files, "database": database}
+
+
+def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dicom_volume, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    logic, node = env["logic"], dicom_volume["node"]
+    result = logic.process(node, model=env["model"], device="cpu", attentionMaps=False)
+    assert logic.hasDicomSource(result.segmentation) and not logic.hasDicomSource(_plain_segmentation(env))
+    files = logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
+    seg_path = pathlib.Path(files["dicom_segmentation"])
+    assert seg_path.name == "T1_from_DICOM_segmentation_seg.dcm" and seg_path.is_file()
+    assert dicom_volume["database"].inserted == [str(seg_path.resolve())]
+    seg = hd.seg.segread(str(seg_path))
+    uids = node.GetAttribute("DICOM.instanceUIDs").split()
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(uids)
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Anterior", "Posterior"]
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (env["bundle"].name, env["bundle"].version)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(files["labelmap"]))
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
+                                               skip_overlap_checks=True)
+    np.testing.assert_array_equal(pixels, labels)
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exist already"):
+        logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
+
+
+def _plain_segmentation(env):
+    """A segmentation of the scene's non-DICOM volume."""
+    scene = env["scene"]
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "plain")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(env["volume"])
+    return segmentation
+
+
+def test_dicom_seg_export_needs_the_instances_in_the_database(env, dicom_volume, tmp_path):
+    logic, node = env["logic"], dicom_volume["node"]
+    segmentation = env["scene"].AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
+    segmentation.GetSegmentation().AddEmptySegment("", "drawn", [1.0, 0.0, 0.0])
+    dicom_volume["database"].files.popitem()
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="no file for 1 of the 12 images"):
+        logic.exportDicomSeg(segmentation, tmp_path / "x_seg.dcm")
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="not loaded from the DICOM database"):
+        logic.exportDicomSeg(_plain_segmentation(env), tmp_path / "y_seg.dcm")
+    assert not list(tmp_path.glob("*.dcm"))

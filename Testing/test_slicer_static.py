@@ -517,3 +517,36 @@ def test_locate_automatically_checkbox_is_bound_on_by_default_and_follows_the_mo
     options = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _dotted(node.func) ==
                "SegmentationOptions" and any(k.arg == "locateAutomatically" for k in node.keywords)]
     assert options, "the panel's choice never reaches the run's options"
+
+
+#: ctkDICOMDatabase members the module may use, as CTK declares them (``Libs/DICOM/Core/ctkDICOMDatabase.h``:
+#: ``Q_PROPERTY(bool isOpen ...)``, ``Q_INVOKABLE QString fileForInstance(const QString sopInstanceUID)``,
+#: ``Q_INVOKABLE void insert(const QString& filePath, bool storeFile = true, bool generateThumbnail = true, bool
+#: createHierarchy = true, const QString& destinationDirectoryName = QString())``; api.json does not cover CTK's
+#: DICOM classes): name -> (fewest, most) positional arguments, None for a property.
+CTK_DICOM_DATABASE = {"isOpen": None, "fileForInstance": (1, 1), "insert": (1, 5)}
+
+
+def test_dicom_export_uses_only_real_dicom_database_members_and_no_dicom_library(tree):
+    problems, used = [], set()
+    calls = {id(call.func): call for call in _calls(tree)}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _dotted(node.value) in ("database", "slicer.dicomDatabase")):
+            continue
+        used.add(node.attr)
+        if node.attr not in CTK_DICOM_DATABASE:
+            problems.append(f"ctkDICOMDatabase has no {node.attr} the module may use")
+            continue
+        call, arity = calls.get(id(node)), CTK_DICOM_DATABASE[node.attr]
+        if (arity is None) != (call is None) or (call is not None and not arity[0] <= len(call.args) <= arity[1]):
+            problems.append(f"{ast.unparse(call or node)}: does not fit ctkDICOMDatabase.{node.attr}")
+    assert problems == [] and used == set(CTK_DICOM_DATABASE)
+    source = MODULE_FILE.read_text()
+    # the attribute DICOMScalarVolumePlugin sets (SOP Instance UIDs, space-separated)
+    assert 'DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"' in source and "GetAttribute(DICOM_INSTANCE_UIDS)" in source
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in node.names} | {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                                           if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"highdicom", "pydicom", "dcmqi"}, "the DICOM SEG is written by the engine process"
+    requirements = (MODULE_DIR / "Resources" / "requirements-dicom.txt").read_text()
+    assert "highdicom" in requirements and "pydicom" in requirements

@@ -127,7 +127,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _configure_segment(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="3D volumes (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="3D volumes (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .mgz) or folders holding a DICOM "
+                             "series")
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for the outputs (created if needed)")
     _add_model_options(parser)
     _add_run_options(parser)
@@ -153,12 +155,41 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--largest-component", action="store_true",
                         help="keep only the largest connected component of every label")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="image format (default: nii.gz)")
+    parser.add_argument("--series", metavar="UID", default=None,
+                        help="the SeriesInstanceUID to segment in a DICOM folder that holds several series")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="also write <stem>_seg.dcm, a DICOM Segmentation of the source series (DICOM input "
+                             'only; needs pip install "attention-unet-segment[dicom]")')
+    parser.add_argument("--keep-patient-info", action="store_true",
+                        help="put the DICOM patient's name, ID, birth date and study date into the report (by "
+                             "default only the DICOM SEG carries patient data)")
 
 
-def _input_stems(inputs: Sequence[str]) -> List[str]:
+def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool) -> List[Any]:
+    """The validated ``dicomio.DicomSeries`` of each input that is a DICOM folder (``None`` for volume files);
+    ``--series`` and ``--dicom-seg`` are refused where they cannot apply, and ``--dicom-seg`` without highdicom."""
+    from .dicomio import find_series, is_series_input
+
+    folders = [is_series_input(path) for path in inputs]
+    if series is not None and not any(folders):
+        raise UsageError(f"--series {series} picks a series in a DICOM folder, but no input is a folder; give the "
+                         "folder that holds the series")
+    if dicom_seg:
+        plain = [path for path, folder in zip(inputs, folders) if not folder]
+        if plain:
+            raise UsageError(f"--dicom-seg writes a DICOM Segmentation of a DICOM series, but {plain[0]} is not a "
+                             "DICOM folder; give the series' folder or drop --dicom-seg")
+        from .dicomseg import require_highdicom
+
+        require_highdicom()
+    return [find_series(path, series) if folder else None for path, folder in zip(inputs, folders)]
+
+
+def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
+    """File names without their image extension; a DICOM series' description or UID (``DicomSeries.stem``)."""
     from .imageio import image_stem
 
-    stems = [image_stem(path) for path in inputs]
+    stems = [source.stem if source is not None else image_stem(path) for path, source in zip(inputs, sources)]
     folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
     repeated = sorted({stem for stem, key in zip(stems, folded) if folded.count(key) > 1})
     if repeated:
@@ -191,7 +222,8 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False, localize: str = "auto",
                   progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None,
-                  warn=None) -> Dict[str, OutputPaths]:
+                  warn=None, series: Optional[str] = None, dicom_seg: bool = False,
+                  keep_patient_info: bool = False) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
@@ -204,7 +236,13 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     After a successful run, ``log(line)`` receives the line naming the bundle that ran (its path: a model on
     ``ATTENTION_UNET_MODELS`` may override an installed one) and any warning about it; each report records the
     path as ``model.path``.
+
+    An input that is a folder is read as a DICOM series (``dicomio``; ``series``: its SeriesInstanceUID where the
+    folder holds several); its stem is the series description or UID. ``dicom_seg`` (DICOM inputs only) also
+    writes ``<stem>_seg.dcm``; patient data goes into no other output unless ``keep_patient_info`` (the report's
+    ``patient``).
     """
+    from .dicomio import read_series
     from .domain import domain_warnings
     from .imageio import read_image, remove_stale_temporaries
     from .preprocessing import crop_to_roi
@@ -213,13 +251,16 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
     warn = warn or (lambda _text: None)
-    stems = _input_stems(inputs)
+    sources = _dicom_sources(inputs, series, dicom_seg)
+    stems = _input_stems(inputs, sources)
+    # what each input reads: a series' own files (a folder may hold other files, e.g. earlier outputs)
+    reads = [file for path, source in zip(inputs, sources) for file in (source.files if source else [path])]
     first_image = None  # kept: the first input is segmented first, so it is read only once
     geometries: List[Geometry] = []
     for index, path in enumerate(inputs):
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
         started = time.perf_counter()
-        image = read_image(path)
+        image = read_series(sources[index]) if sources[index] is not None else read_image(path)
         # With an ROI the model sees that region: the domain guard compares it, not the whole input.
         geometries.append(_geometry(image if roi is None else crop_to_roi(image, roi)[0]))
         if index == 0:
@@ -230,10 +271,10 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     num_gates = len(bundle.architecture["channels"]) - 1
     localized = [will_localize(geometry, bundle, localize, roi) for geometry in geometries]
     plans = [plan_outputs(output_dir, stem, bundle.localized_labels if local else bundle.labels, fmt,
-                          num_gates if attention else 0, probabilities)
+                          num_gates if attention else 0, probabilities, dicom_seg)
              for stem, local in zip(stems, localized)]
     for plan in plans:
-        plan.check_writable(force, [*inputs, *also_reads])
+        plan.check_writable(force, [*reads, *also_reads])
     remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
     spec = bundle.localization if any(localized) else None
     template = None
@@ -257,7 +298,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
                   "precision": precision, "roi": list(roi) if roi is not None else None,
                   "localize": localize, "attention": attention, "probabilities": probabilities,
-                  "largest_component": largest_component, "format": fmt}
+                  "largest_component": largest_component, "format": fmt, "series": series, "dicom_seg": dicom_seg}
     written: Dict[str, OutputPaths] = {}
     for index, (path, stem) in enumerate(zip(inputs, stems)):
         report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
@@ -267,7 +308,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
             image, first_image = first_image, None
             read_seconds = first_read_seconds
         else:
-            image = read_image(path)
+            image = read_series(sources[index]) if sources[index] is not None else read_image(path)
             read_seconds = time.perf_counter() - started
         if localized[index]:
             prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
@@ -281,8 +322,11 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
             warn(f"{stem}: {text}")
         prediction.timings = {"read": read_seconds, **prediction.timings}
         report("write", 0.95, f"Writing outputs of {stem}")
-        written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
-                                         parameters=parameters, force=force)
+        source = sources[index]
+        written[stem] = write_prediction(
+            prediction, bundle, output_dir, stem, fmt=fmt, input_path=path, parameters=parameters, force=force,
+            dicom_series=source, dicom_seg=dicom_seg,
+            patient=source.patient_info() if keep_patient_info and source is not None else None)
         report("write", 1.0, f"Wrote outputs of {stem}")
     if log is not None:
         log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
@@ -345,6 +389,8 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             largest_component=getattr(args, "largest_component", False), fmt=getattr(args, "format", "nii.gz"),
             force=args.force if force is None else force, localize=getattr(args, "localize", "auto"),
             progress=reporter, also_reads=_roi_files(getattr(args, "roi", None)),
+            series=getattr(args, "series", None), dicom_seg=getattr(args, "dicom_seg", False),
+            keep_patient_info=getattr(args, "keep_patient_info", False),
             # --progress json keeps stderr for errors only; the report's model.path names the bundle
             log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True),
             warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
@@ -361,6 +407,37 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
 
 def cmd_segment(args: argparse.Namespace) -> int:
     _run_segment_command(args, args.inputs, args.output_dir)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------- dicom-seg
+def _configure_dicom_seg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("labels", metavar="LABELS", help="label map on the series' grid (.nrrd, .nii.gz, ...)")
+    parser.add_argument("--source", nargs="+", required=True, metavar="PATH",
+                        help="the DICOM series: its folder, or its files (@FILE reads one argument per line)")
+    parser.add_argument("--series", metavar="UID", default=None, help="the series to use in a folder of several")
+    parser.add_argument("--segments", required=True, type=Path, metavar="JSON",
+                        help='the segments: [{"value": 1, "name": "...", "color": [r, g, b], "terminology": '
+                             '"<3D Slicer terminology string>"}, ...]')
+    parser.add_argument("--algorithm", nargs=2, required=True, metavar=("NAME", "VERSION"),
+                        help="the algorithm that made the labels (model name and version)")
+    parser.add_argument("--output", required=True, type=Path, help="the DICOM SEG file to write (.dcm)")
+    parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None,
+                        help="json: one object per line on stdout, ending with the 'done' record (default: none)")
+    parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+
+
+def cmd_dicom_seg(args: argparse.Namespace) -> int:
+    """Write a DICOM SEG of an existing label map (the Slicer module's Export > DICOM SEG runs this)."""
+    from .dicomseg import write_dicom_seg
+
+    path = write_dicom_seg(args.labels, args.source, args.segments, args.output, tuple(args.algorithm),
+                           series_uid=args.series, force=args.force)
+    if args.progress == "json":
+        make_progress("json").emit({"stage": "done", "fraction": 1.0, "message": "Done",
+                                    "outputs": {"dicom_segmentation": str(path.resolve())}})
+    else:
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -533,6 +610,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
     segment = commands.add_parser("segment", help="segment volumes and write labels, attention maps and a report")
     _configure_segment(segment)
     segment.set_defaults(handler=cmd_segment)
+
+    dicom_seg = commands.add_parser("dicom-seg", fromfile_prefix_chars="@",
+                                    help="write a DICOM Segmentation of a label map on a DICOM series' grid")
+    _configure_dicom_seg(dicom_seg)
+    dicom_seg.set_defaults(handler=cmd_dicom_seg)
 
     models = commands.add_parser("models", help="list installed models")
     models.add_argument("--json", action="store_true", help="machine-readable output")

@@ -450,8 +450,13 @@ _HEADER_PARSERS: Dict[str, Callable[[Path], ImageHeader]] = {
 def files_read_for(path: PathLike) -> List[Path]:
     """``path`` and, for a MetaImage or NRRD header, the detached data files it names (``ElementDataFile`` /
     ``data file``, also in ``LIST`` and pattern form, as ``read_header`` finds them): every file reading that input
-    opens. Any other file (another format, the ROI file, a header that cannot be parsed) is just ``[path]``."""
+    opens. A folder (a DICOM series input) is the files of its image series (``dicomio.series_files``). Any other
+    file (another format, the ROI file, a header that cannot be parsed) is just ``[path]``."""
     path = Path(path)
+    if path.is_dir():
+        from .dicomio import series_files
+
+        return series_files(path)
     if image_extension(path) not in (".mha", ".mhd", ".nrrd", ".nhdr"):
         return [path]
     try:

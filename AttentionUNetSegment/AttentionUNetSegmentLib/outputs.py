@@ -6,7 +6,9 @@ For an input with stem ``<stem>`` and format ``nii.gz`` (or ``nrrd``):
 - ``<stem>_seg.seg.nrrd``: the same labels as a 3D Slicer segmentation (segment names, colours, label values);
 - ``<stem>_attention_<k>.nii.gz``: gate ``k``'s attention map (0 = finest) on its own coarse grid;
 - ``<stem>_prob_<label name>.nii.gz``: per-class probabilities, when they were computed;
-- ``<stem>_report.json``: segment volumes, model identity, parameters, timings and the files written.
+- ``<stem>_report.json``: segment volumes, model identity, parameters, timings and the files written;
+- ``<stem>_seg.dcm``: the labels as a DICOM Segmentation of the source series (DICOM input with ``--dicom-seg``;
+  ``dicomseg.py``), the only output that carries the source's patient and study data.
 
 All files of one input are written under temporary names and renamed only once every one of them is complete; on
 any error every partial file is removed, so a folder never holds half a result.
@@ -31,6 +33,7 @@ from .errors import AttentionUNetError, OutputExistsError
 from .imageio import atomic_output, files_read_for, temporary_path, write_partial
 
 if TYPE_CHECKING:
+    from .dicomio import DicomSeries
     from .inference import Prediction
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -62,10 +65,11 @@ class OutputPaths:
     report: Path
     attention: List[Path] = field(default_factory=list)
     probabilities: Dict[str, Path] = field(default_factory=dict)
+    dicom_segmentation: Optional[Path] = None
 
     def all(self) -> List[Path]:
         return [self.segmentation, self.slicer_segmentation, *self.attention, *self.probabilities.values(),
-                self.report]
+                *([self.dicom_segmentation] if self.dicom_segmentation is not None else []), self.report]
 
     def check_writable(self, force: bool = False, reads: Sequence[PathLike] = ()) -> None:
         """Raise unless every file can be written: ``AttentionUNetError`` when the folder is not (and cannot
@@ -84,14 +88,18 @@ class OutputPaths:
                                     f"({names}); choose another --output-dir or pass --force to overwrite")
 
     def to_dict(self) -> Dict[str, Any]:
-        """Absolute paths as strings (the ``outputs`` of the CLI's final ``done`` progress record)."""
-        return {
+        """Absolute paths as strings (the ``outputs`` of the CLI's final ``done`` progress record);
+        ``dicom_segmentation`` only when one is written."""
+        paths = {
             "segmentation": str(self.segmentation.resolve()),
             "slicer_segmentation": str(self.slicer_segmentation.resolve()),
             "attention": [str(path.resolve()) for path in self.attention],
             "probabilities": {name: str(path.resolve()) for name, path in self.probabilities.items()},
             "report": str(self.report.resolve()),
         }
+        if self.dicom_segmentation is not None:
+            paths["dicom_segmentation"] = str(self.dicom_segmentation.resolve())
+        return paths
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -112,7 +120,8 @@ def check_not_read(outputs: Sequence[Path], reads: Sequence[PathLike]) -> None:
         for read in files_read_for(source):
             for output in outputs:
                 if _same_file(output, read):
-                    what = "the input" if read == Path(source) else f"the data file of input {source}:"
+                    what = "the input" if read == Path(source) else \
+                        f"a file of input {source}:" if Path(source).is_dir() else f"the data file of input {source}:"
                     raise AttentionUNetError(
                         f"output {output} would overwrite {what} {read}; an output is never written over a file "
                         "the run reads, --force or not: choose another --output-dir or rename the input")
@@ -181,8 +190,8 @@ def _check_folder_writable(folder: Path) -> None:
 
 
 def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[LabelInfo], fmt: str = "nii.gz",
-                 num_attention: int = 0, probabilities: bool = False) -> OutputPaths:
-    """The paths ``write_prediction`` will write for one input."""
+                 num_attention: int = 0, probabilities: bool = False, dicom_seg: bool = False) -> OutputPaths:
+    """The paths ``write_prediction`` will write for one input (``dicom_seg``: also ``<stem>_seg.dcm``)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     folder = Path(output_dir)
@@ -193,6 +202,7 @@ def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[Label
         attention=[folder / f"{stem}_attention_{k}.{fmt}" for k in range(num_attention)],
         probabilities=({label.name: folder / f"{stem}_prob_{file_name}.{fmt}"
                         for label, file_name in zip(labels, _probability_names(labels))} if probabilities else {}),
+        dicom_segmentation=folder / f"{stem}_seg.dcm" if dicom_seg else None,
     )
 
 
@@ -275,12 +285,25 @@ def _geometry(image: sitk.Image) -> Dict[str, Any]:
 
 def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPaths,
                  input_path: Optional[Union[str, Path]] = None,
-                 parameters: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The ``<stem>_report.json`` content; ``files`` are names relative to the report's folder."""
+                 parameters: Optional[Mapping[str, Any]] = None, dicom_series: Optional["DicomSeries"] = None,
+                 patient: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """The ``<stem>_report.json`` content; ``files`` are names relative to the report's folder. ``dicom``: the
+    series read (UID, description, modality, files; no patient data), null for other inputs; ``patient`` only
+    when given (``--keep-patient-info``)."""
     segments = segment_statistics(prediction.labels, prediction.segments or bundle.labels)
     sides, asymmetry = side_statistics(segments)
-    return {
+    files: Dict[str, Any] = {
+        "segmentation": paths.segmentation.name,
+        "slicer_segmentation": paths.slicer_segmentation.name,
+        "attention": [path.name for path in paths.attention],
+        "probabilities": {name: path.name for name, path in paths.probabilities.items()},
+        "report": paths.report.name,
+    }
+    if paths.dicom_segmentation is not None:
+        files["dicom_segmentation"] = paths.dicom_segmentation.name
+    report = {
         "input": str(Path(input_path).resolve()) if input_path is not None else None,
+        "dicom": dicom_series.summary() if dicom_series is not None else None,
         "engine_version": __version__,
         "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256,
                   "path": str(bundle.path.resolve())},
@@ -293,19 +316,18 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
         "asymmetry_index": round(asymmetry, 4) if asymmetry is not None else None,
         "localization": prediction.localization,
         "timings": {stage: round(float(seconds), 4) for stage, seconds in prediction.timings.items()},
-        "files": {
-            "segmentation": paths.segmentation.name,
-            "slicer_segmentation": paths.slicer_segmentation.name,
-            "attention": [path.name for path in paths.attention],
-            "probabilities": {name: path.name for name, path in paths.probabilities.items()},
-            "report": paths.report.name,
-        },
+        "files": files,
     }
+    if patient is not None:
+        report["patient"] = dict(patient)
+    return report
 
 
 def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: Union[str, Path], stem: str,
                      fmt: str = "nii.gz", input_path: Optional[Union[str, Path]] = None,
-                     parameters: Optional[Mapping[str, Any]] = None, force: bool = False) -> OutputPaths:
+                     parameters: Optional[Mapping[str, Any]] = None, force: bool = False,
+                     dicom_series: Optional["DicomSeries"] = None, dicom_seg: bool = False,
+                     patient: Optional[Mapping[str, str]] = None) -> OutputPaths:
     """Write every file of one input, all or nothing, and return their paths.
 
     Args:
@@ -314,6 +336,8 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
             ``timings``, ``device``.
         bundle: the model that made it (labels, names, colours, identity for the report).
         parameters: the run's settings, recorded verbatim in the report.
+        dicom_series: the series the input was read from (DICOM input); with ``dicom_seg`` the labels are also
+            written as ``<stem>_seg.dcm`` (a DICOM Segmentation of it). ``patient``: put into the report as is.
 
     Raises:
         OutputExistsError: an output exists and ``force`` is false (nothing is written).
@@ -322,21 +346,33 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
     segments = prediction.segments or bundle.labels
     by_value = {label.value: label.name for label in segments}
     paths = plan_outputs(output_dir, stem, segments, fmt, len(prediction.attention),
-                         bool(prediction.probabilities))
+                         bool(prediction.probabilities), dicom_seg=dicom_seg)
     paths.check_writable(force, [input_path] if input_path is not None else [])
+    segmentation = None
+    if paths.dicom_segmentation is not None:
+        from .dicomseg import build_segmentation
+
+        if dicom_series is None:
+            raise AttentionUNetError(f"{paths.dicom_segmentation.name}: a DICOM SEG needs DICOM series input")
+        segmentation = build_segmentation(prediction.labels, segments, dicom_series, bundle.name, bundle.version)
     images = [(paths.segmentation, prediction.labels),
               (paths.slicer_segmentation,
                slicer_segmentation(prediction.labels, segments, f"AttentionUNet {bundle.name} {bundle.version}")),
               *zip(paths.attention, prediction.attention),
               *((paths.probabilities[name], prediction.probabilities[value]) for value, name in by_value.items()
                 if prediction.probabilities)]
-    report = build_report(prediction, bundle, paths, input_path, parameters)
+    report = build_report(prediction, bundle, paths, input_path, parameters, dicom_series, patient)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     # Every atomic_output renames its partial file only when the whole stack exits cleanly; an exception anywhere
     # unwinds the stack and removes all partials.
     with contextlib.ExitStack() as stack:
         for path, image in images:
             write_partial(image, stack.enter_context(atomic_output(path, force)), path)
+        if segmentation is not None:
+            from .dicomseg import save_segmentation
+
+            save_segmentation(segmentation, stack.enter_context(atomic_output(paths.dicom_segmentation, force)),
+                              paths.dicom_segmentation)
         partial_report = stack.enter_context(atomic_output(paths.report, force))
         try:
             partial_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

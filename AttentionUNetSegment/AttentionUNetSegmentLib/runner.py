@@ -113,6 +113,19 @@ def build_segment_command(
     return command
 
 
+def build_dicom_seg_command(labels: str, sources_file: str, segments: str, output: str, algorithm: Sequence[str],
+                            *, python: Optional[str] = None, force: bool = False) -> List[str]:
+    """The ``python -m AttentionUNetSegmentLib dicom-seg ... --progress json`` command: a DICOM SEG of the label map
+    ``labels`` on the series whose files ``sources_file`` lists (one path a line, read as ``@sources_file``), with
+    the segments of ``segments`` (JSON) and ``algorithm`` = (name, version)."""
+    if len(algorithm) != 2:
+        raise ValueError(f"algorithm needs a name and a version, got {list(algorithm)}")
+    command = [python or sys.executable, "-m", "AttentionUNetSegmentLib", "dicom-seg", str(labels),
+               "--source", f"@{sources_file}", "--segments", str(segments), "--algorithm", *map(str, algorithm),
+               "--output", str(output), "--progress", "json"]
+    return command + (["--force"] if force else [])
+
+
 def format_duration(seconds: Optional[float]) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``; empty for ``None``."""
     if seconds is None:
