@@ -501,7 +501,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Segment the bundled sample into ``--output-dir`` and draw the preview; run again, it refreshes the
     folder's demo files (``_check_demo_folder``)."""
     from .imageio import image_stem
-    from .preview import require_matplotlib, write_preview
+    from .preview import write_preview
+    from .report import require_matplotlib
 
     require_matplotlib()
     sample = find_sample()
