@@ -22,15 +22,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
 from .domain import LOCALIZE_MODES, exceeds_field_of_view
-from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
+from .errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError
 from .jsonfile import read_json
-from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
+from .outputs import (OUTPUT_FORMATS, SUMMARY_NAME, OutputPaths, check_writable, plan_outputs, summary_columns,
+                      summary_row, write_prediction, write_summary)
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
 #: Where the demo's sample volume is (next to the bundled models).
@@ -153,6 +154,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--largest-component", action="store_true",
                         help="keep only the largest connected component of every label")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="image format (default: nii.gz)")
+    parser.add_argument("--report-pdf", action="store_true",
+                        help="also write <stem>_report.pdf: a one-page report with views of each structure, the "
+                             "attention map, a volume table and the warnings (needs matplotlib)")
 
 
 def _input_stems(inputs: Sequence[str]) -> List[str]:
@@ -191,14 +195,18 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False, localize: str = "auto",
                   progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None,
-                  warn=None) -> Dict[str, OutputPaths]:
+                  warn=None, report_pdf: bool = False) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
     inference, so a bad input, an existing output, a name the file system cannot hold, or an output that would
     overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
-    fails fast with nothing written. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
+    fails fast with nothing written. With several inputs, a failure of one input (unreadable, localisation
+    refused, out of memory, a write error) is recorded and the others still run; then ``summary.csv`` (one row per
+    input, ``outputs.summary_columns``) is written into ``output_dir`` (checked like every output before the first
+    inference) and ``InputsFailedError`` raised at the end if any failed. ``report_pdf``: also write
+    ``<stem>_report.pdf``. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
     between the localised run (per-side labels) and the plain one; an input that is not localised is checked
     against the model's domain and ``warn(text)`` is called for every warning (which also goes into the report).
     After a successful run, ``log(line)`` receives the line naming the bundle that ran (its path: a model on
@@ -213,29 +221,49 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
     warn = warn or (lambda _text: None)
+    if report_pdf:
+        from .report import require_matplotlib
+
+        require_matplotlib()
     stems = _input_stems(inputs)
-    first_image = None  # kept: the first input is segmented first, so it is read only once
-    geometries: List[Geometry] = []
-    for index, path in enumerate(inputs):
+    batch = len(inputs) > 1
+    failed: Dict[str, str] = {}  # stem -> error, for a batch (a single input's error is raised)
+
+    def record(stem: str, error: Exception) -> None:
+        message = _input_failure(error, batch_size, probabilities)
+        if not batch or message is None:
+            raise error
+        failed[stem] = message
+
+    first_image = first_stem = None  # kept: the first input is segmented first, so it is read only once
+    geometries: Dict[str, Geometry] = {}
+    for index, (path, stem) in enumerate(zip(inputs, stems)):
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
         started = time.perf_counter()
-        image = read_image(path)
-        # With an ROI the model sees that region: the domain guard compares it, not the whole input.
-        geometries.append(_geometry(image if roi is None else crop_to_roi(image, roi)[0]))
-        if index == 0:
-            first_image, first_read_seconds = image, time.perf_counter() - started
+        try:
+            image = read_image(path)
+            # With an ROI the model sees that region: the domain guard compares it, not the whole input.
+            geometries[stem] = _geometry(image if roi is None else crop_to_roi(image, roi)[0])
+        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
+            record(stem, error)
+            continue
+        if first_image is None:
+            first_image, first_stem, first_read_seconds = image, stem, time.perf_counter() - started
     image = None
     progress("load", 0.0, "Loading the model")
     bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
     num_gates = len(bundle.architecture["channels"]) - 1
-    localized = [will_localize(geometry, bundle, localize, roi) for geometry in geometries]
+    localized = {stem: will_localize(geometry, bundle, localize, roi) for stem, geometry in geometries.items()}
     plans = [plan_outputs(output_dir, stem, bundle.localized_labels if local else bundle.labels, fmt,
-                          num_gates if attention else 0, probabilities)
-             for stem, local in zip(stems, localized)]
+                          num_gates if attention else 0, probabilities, report_pdf)
+             for stem, local in localized.items()]
     for plan in plans:
         plan.check_writable(force, [*inputs, *also_reads])
+    summary = Path(output_dir) / SUMMARY_NAME if batch else None
+    if summary is not None:
+        check_writable([summary], force, [*inputs, *also_reads])
     remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
-    spec = bundle.localization if any(localized) else None
+    spec = bundle.localization if any(localized.values()) else None
     template = None
     if spec is not None:
         from .localization import read_template
@@ -260,35 +288,72 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   "largest_component": largest_component, "format": fmt}
     written: Dict[str, OutputPaths] = {}
     for index, (path, stem) in enumerate(zip(inputs, stems)):
+        if stem in failed:
+            continue
         report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
         started = time.perf_counter()
         report("read", 0.0, f"Reading {Path(path).name}")
-        if index == 0:
-            image, first_image = first_image, None
-            read_seconds = first_read_seconds
-        else:
-            image = read_image(path)
-            read_seconds = time.perf_counter() - started
-        if localized[index]:
-            prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
-                                            largest_component, scaled(report, 0.0, 0.95))
-        else:
-            prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
-                                           largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
-            prediction.warnings = domain_warnings(*geometries[index], bundle.domain,
-                                                  localizer=bundle.has_localizer and roi is None)
-        for text in prediction.warnings:
-            warn(f"{stem}: {text}")
-        prediction.timings = {"read": read_seconds, **prediction.timings}
-        report("write", 0.95, f"Writing outputs of {stem}")
-        written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
-                                         parameters=parameters, force=force)
-        report("write", 1.0, f"Wrote outputs of {stem}")
+        try:
+            if stem == first_stem:
+                image, first_image = first_image, None
+                read_seconds = first_read_seconds
+            else:
+                image = read_image(path)
+                read_seconds = time.perf_counter() - started
+            if localized[stem]:
+                prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
+                                                largest_component, scaled(report, 0.0, 0.95))
+            else:
+                prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
+                                               largest_component=largest_component,
+                                               progress=scaled(report, 0.0, 0.95))
+                prediction.warnings = domain_warnings(*geometries[stem], bundle.domain,
+                                                      localizer=bundle.has_localizer and roi is None)
+            for text in prediction.warnings:
+                warn(f"{stem}: {text}")
+            prediction.timings = {"read": read_seconds, **prediction.timings}
+            report("write", 0.95, f"Writing outputs of {stem}")
+            written[stem] = write_prediction(prediction, bundle, output_dir, stem, fmt=fmt, input_path=path,
+                                             parameters=parameters, force=force, report_pdf=report_pdf, image=image)
+            report("write", 1.0, f"Wrote outputs of {stem}")
+        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
+            record(stem, error)
+        image = None
     if log is not None:
         log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
         if bundle.integrity_warning:
             log(f"warning: {bundle.integrity_warning}")
+    if summary is not None:
+        _write_summary(summary, stems, written, failed, bundle, list(localized.values()), force)
+    if failed:
+        names = "; ".join(f"{stem}: {message}" for stem, message in failed.items())
+        raise InputsFailedError(f"{len(failed)} of {len(inputs)} inputs failed ({names}); the others were segmented, "
+                                f"see {summary}", failed, written, summary)
     return written
+
+
+def _input_failure(error: Exception, batch_size: Optional[int], probabilities: bool) -> Optional[str]:
+    """The message that records a batch input's failure, or None for what must end the whole run (a cancel, a
+    programming error)."""
+    if isinstance(error, CancelledError):
+        return None
+    return error_message(error, argparse.Namespace(command="segment", batch_size=batch_size,
+                                                   probabilities=probabilities))
+
+
+def _write_summary(path: Path, stems: Sequence[str], written: Mapping[str, OutputPaths], failed: Mapping[str, str],
+                   bundle: ModelBundle, localized: Sequence[bool], force: bool) -> None:
+    """``summary.csv``: one row per input, in input order, with the columns of the label sets this run used."""
+    labels = [*(bundle.labels if not all(localized) else []), *(bundle.localized_labels if any(localized) else [])]
+    rows = []
+    for stem in stems:
+        if stem in written:
+            report = read_json(written[stem].report, "report", AttentionUNetError)
+            rows.append(summary_row(stem, "done", bundle.name, bundle.version, report))
+        else:
+            rows.append(summary_row(stem, "failed", bundle.name, bundle.version, error=failed.get(stem, "")))
+    columns = summary_columns([label.name for label in labels], any(label.side for label in labels))
+    write_summary(path, columns, rows, force=force)
 
 
 def _predict_localized(predictor, image, spec, template, attention: bool, probabilities: bool,
@@ -347,15 +412,29 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             progress=reporter, also_reads=_roi_files(getattr(args, "roi", None)),
             # --progress json keeps stderr for errors only; the report's model.path names the bundle
             log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True),
-            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
+            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True),
+            report_pdf=getattr(args, "report_pdf", False))
+        failure = None
+    except InputsFailedError as error:  # the others' results are listed, then the error line ends the run
+        failure, written = error, error.written
     finally:
         reporter.close()
+    summary = Path(output_dir) / SUMMARY_NAME if len(inputs) > 1 else None
     if kind == "json":
-        reporter.emit({"stage": "done", "fraction": 1.0, "message": "Done",
-                       "outputs": {stem: paths.to_dict() for stem, paths in written.items()}})
+        record = {"stage": "done", "fraction": 1.0, "message": "Done",
+                  "outputs": {stem: paths.to_dict() for stem, paths in written.items()}}
+        if summary is not None:
+            record["summary"] = str(summary.resolve())
+        if failure is not None:
+            record["failed"] = failure.failed
+        reporter.emit(record)
     else:
         for stem, paths in written.items():
             print(_volumes_line(stem, paths))
+        if summary is not None:
+            print(f"summary: {summary}")
+    if failure is not None:
+        raise failure
     return written
 
 
@@ -633,6 +712,21 @@ def _out_of_memory_message(error: BaseException, kind: str, args: Optional[argpa
     return f"the GPU ran out of memory{needed}; try {', '.join(advice)}"
 
 
+def error_message(error: BaseException, args: Optional[argparse.Namespace]) -> Optional[str]:
+    """The one-line message (without ``error:``) for an error the user can act on, None for any other (a bug,
+    whose traceback must show): an ``AttentionUNetError``, an ``OSError`` (the disk filled up or a folder became
+    unwritable while writing), running out of memory. ``main`` prints it; a batch records it per input."""
+    if isinstance(error, AttentionUNetError):
+        return str(error)
+    if isinstance(error, OSError):
+        return (f"{error}; check that the output folder is writable and has free space (no partial outputs were "
+                "kept)")
+    kind = _memory_error_kind(error) if isinstance(error, (MemoryError, RuntimeError)) else None
+    if kind is None:
+        return None
+    return f"{_out_of_memory_message(error, kind, args)} (no partial outputs were kept)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 a check found problems, 2 an error the user can fix)."""
     args: Optional[argparse.Namespace] = None
@@ -641,19 +735,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser(argv).parse_args(argv)
         with _sigterm_cancels():
             return int(args.handler(args))
-    except AttentionUNetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; no outputs of the unfinished input were kept", file=sys.stderr)
         return 130
-    except OSError as error:  # e.g. the disk filled up or a folder became unwritable while writing
-        print(f"error: {error}; check that the output folder is writable and has free space (no partial "
-              "outputs were kept)", file=sys.stderr)
-        return EXIT_USAGE
-    except (MemoryError, RuntimeError) as error:
-        kind = _memory_error_kind(error)
-        if kind is None:
+    except (AttentionUNetError, OSError, MemoryError, RuntimeError) as error:
+        message = error_message(error, args)
+        if message is None:
             raise
-        print(f"error: {_out_of_memory_message(error, kind, args)} (no partial outputs were kept)", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -393,15 +393,21 @@ def report_figure(image: sitk.Image, labels: sitk.Image, attention: Optional[sit
     return figure
 
 
-def write_report_pdf(image: sitk.Image, labels: sitk.Image, attention: Optional[sitk.Image],
-                     report: Mapping[str, Any], path: Union[str, Path], input_name: str,
-                     force: bool = False) -> Path:
-    """Draw ``report_figure`` to ``path`` (PDF, one page, written atomically)."""
+def save_report_pdf(image: sitk.Image, labels: sitk.Image, attention: Optional[sitk.Image],
+                    report: Mapping[str, Any], input_name: str, path: Union[str, Path]) -> None:
+    """Draw ``report_figure`` into the PDF file ``path`` (one page; ``write_report_pdf`` writes it atomically)."""
     figure = report_figure(image, labels, attention, report, input_name)
     model = report.get("model", {})
     metadata: Dict[str, str] = {"Title": f"Attention U-Net segmentation report: {input_name}",
                                 "Creator": f"AttentionUNet {report.get('engine_version', __version__)}",
                                 "Subject": f"{model.get('name', '')} {model.get('version', '')}".strip()}
+    figure.savefig(str(path), format="pdf", metadata=metadata)
+
+
+def write_report_pdf(image: sitk.Image, labels: sitk.Image, attention: Optional[sitk.Image],
+                     report: Mapping[str, Any], path: Union[str, Path], input_name: str,
+                     force: bool = False) -> Path:
+    """``save_report_pdf`` to ``path``, written atomically (the Slicer module's Export > Report (PDF))."""
     with atomic_output(path, force) as partial:
-        figure.savefig(str(partial), format="pdf", metadata=metadata)
+        save_report_pdf(image, labels, attention, report, input_name, partial)
     return Path(path)
