@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import SimpleITK as sitk
 
 from .imageio import atomic_output, read_image
 from .outputs import OutputPaths
-from .report import CONVENTION, draw_views, display_volumes, legend_handles, require_matplotlib, whole_image
+from .report import CONVENTION, display_volumes, draw_views, legend_handles, require_matplotlib, whole_image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Panel side, margins and the colour bar's column, in inches.
 _PANEL, _GAP, _MARGIN, _LABEL, _BAR = 2.6, 0.1, 0.3, 0.35, 0.95
@@ -25,6 +28,14 @@ _PANEL, _GAP, _MARGIN, _LABEL, _BAR = 2.6, 0.1, 0.3, 0.35, 0.95
 def write_preview(image_path: Union[str, Path], paths: OutputPaths, preview_path: Union[str, Path],
                   force: bool = False, title: Optional[str] = None) -> Path:
     """Draw the preview of one input's outputs to ``preview_path`` (PNG, written atomically)."""
+    figure = preview_figure(image_path, paths, title)
+    with atomic_output(preview_path, force) as partial:
+        figure.savefig(str(partial), format="png")
+    return Path(preview_path)
+
+
+def preview_figure(image_path: Union[str, Path], paths: OutputPaths, title: Optional[str] = None) -> "Figure":
+    """The preview as a matplotlib ``Figure``: rows of three square views (segmentation; attention when written)."""
     require_matplotlib()
     from matplotlib.figure import Figure
 
@@ -65,6 +76,4 @@ def write_preview(image_path: Union[str, Path], paths: OutputPaths, preview_path
     figure.suptitle(title or f"{Path(image_path).name} - {model['name']} {model['version']}: {volumes_text}",
                     y=1 - 0.25 / height, fontsize=11)
     figure.text(0.5, 0.12 / height, f"Views in {CONVENTION}.", ha="center", va="bottom", fontsize=7.5)
-    with atomic_output(preview_path, force) as partial:
-        figure.savefig(str(partial), format="png")
-    return Path(preview_path)
+    return figure
