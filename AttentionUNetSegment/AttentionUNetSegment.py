@@ -622,7 +622,8 @@ class SegmentationJob:
 
 
 class BatchJob:
-    """Segments several volumes one after the other (one result per volume) and fills a summary table."""
+    """Segments several volumes one after the other (one result per volume) and fills a summary table: one row
+    per volume with the columns of the engine's ``summary.csv`` (``outputs.summary_columns``)."""
 
     def __init__(self, logic: "AttentionUNetSegmentLogic", volumes: Sequence[Any], options: SegmentationOptions,
                  progressCallback=None, logCallback=None) -> None:
@@ -642,15 +643,21 @@ class BatchJob:
         self._current: Optional[SegmentationJob] = None
         self._started = time.monotonic()
         self._eta = EtaEstimator()  # over the whole batch: each volume's own ETA covers only that volume
+        self.model = (options.model or DEFAULT_MODEL, "")  # (name, version) for the rows of volumes not run
 
     @property
     def summary(self) -> str:
-        failed = sum(1 for row in self.rows if row["Status"] != "done")
+        failed = sum(1 for row in self.rows if row["status"] != "done")
         warned = sum(1 for result in self.results if result.warnings)
         return (f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
                 + (f"; {warned} with warnings (see the table)" if warned else ""))
 
     def start(self) -> "BatchJob":
+        try:
+            bundle = self.logic.resolveModel(self.options.model)
+            self.model = (bundle.name, bundle.version)
+        except AttentionUNetSegmentError:  # each volume's row then says why
+            pass
         self._next()
         return self
 
@@ -672,7 +679,7 @@ class BatchJob:
                 return
             volume = self.volumes[self._index]
             if self.cancelled:
-                self.rows.append(self.logic.summaryRow(volume, "not run", "the batch was cancelled"))
+                self.rows.append(self.logic.summaryRow(volume, "not run", self.model, "the batch was cancelled"))
                 continue
             try:
                 self._current = self.logic.startSegmentation(volume, None, options=self.options,
@@ -681,7 +688,7 @@ class BatchJob:
                 return
             except AttentionUNetSegmentError as error:
                 self._log(f"Skipped '{volume.GetName()}': {error}")
-                self.rows.append(self.logic.summaryRow(volume, "skipped", str(error)))
+                self.rows.append(self.logic.summaryRow(volume, "skipped", self.model, str(error)))
 
     def poll(self) -> bool:
         if self.done:
@@ -692,10 +699,11 @@ class BatchJob:
         if job is not None:
             if job.result is not None:
                 self.results.append(job.result)
-                self.rows.extend(self.logic.summaryRows(job.result))
+                self.rows.append(self.logic.resultSummaryRow(job.result))
             else:
                 status = "cancelled" if job.cancelled else "failed"
-                self.rows.append(self.logic.summaryRow(job.inputVolume, status, job.error or ""))
+                self.rows.append(self.logic.summaryRow(job.inputVolume, status, (job.bundle.name, job.bundle.version),
+                                                       job.error or ""))
         self._next()
         return not self.done
 
@@ -711,7 +719,7 @@ class BatchJob:
         self.poll()
 
     def _finish(self) -> None:
-        self.summaryTable = self.logic.createSummaryTable(self.rows)
+        self.summaryTable = self.logic.createSummaryTable(self.rows, self.results)
         self.seconds = time.monotonic() - self._started
         self.done = True
         self._log(f"Batch finished: {self.summary}")
@@ -1347,30 +1355,32 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     # Batch summary
 
     @staticmethod
-    def summaryRow(volume, status: str, message: str = "", segment: str = "", value: str = "", voxels: str = "",
-                   volumeMl: str = "", segmentation: str = "", side: str = "", asymmetry: str = "",
-                   warnings: str = "") -> Dict[str, Any]:
-        return {"Volume": volume.GetName(), "Status": status, "Segment": segment, "Label value": value,
-                "Voxels": voxels, "Volume [mL]": volumeMl, "Side": side, "Asymmetry index": asymmetry,
-                "Segmentation": segmentation, "Warnings": warnings, "Message": message}
-
-    def summaryRows(self, result: SegmentationResult) -> List[Dict[str, Any]]:
-        """One row per segment, then (for a located run) one per side with its total and the asymmetry index;
-        the run's warnings on each row."""
-        name, warnings = result.segmentation.GetName(), "; ".join(result.warnings)
-        asymmetry = "" if result.asymmetryIndex is None else f"{result.asymmetryIndex:.4f}"
-        rows = [self.summaryRow(result.inputVolume, "done", "", row["name"], str(row["value"]), str(row["voxels"]),
-                                f"{row['volume_ml']:.3f}", name, row["side"] or "", warnings=warnings)
-                for row in result.statistics]
-        return rows + [self.summaryRow(result.inputVolume, "done", "", f"{side.capitalize()} (all segments)", "",
-                                       str(total["voxels"]), f"{total['volume_ml']:.3f}", name, side, asymmetry,
-                                       warnings)
-                       for side, total in result.sides.items()]
+    def summaryReport(result: SegmentationResult) -> Dict[str, Any]:
+        """A result as the engine's summary reads a ``_report.json``: segments, per-side totals, warnings."""
+        return {"segments": result.statistics, "sides": result.sides, "asymmetry_index": result.asymmetryIndex,
+                "warnings": list(result.warnings)}
 
     @staticmethod
-    def createSummaryTable(rows: Sequence[Dict[str, Any]]):
-        columns = ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]", "Side", "Asymmetry index",
-                   "Segmentation", "Warnings", "Message"]
+    def summaryRow(volume, status: str, model: Sequence[str], message: str = "") -> Dict[str, str]:
+        """The row of a volume that was not segmented (``model``: name and version)."""
+        from AttentionUNetSegmentLib.outputs import summary_row
+
+        return summary_row(volume.GetName(), status, model[0], model[1], error=message)
+
+    def resultSummaryRow(self, result: SegmentationResult) -> Dict[str, str]:
+        """A segmented volume's row: every segment's mL, per-side totals and the asymmetry index for a located
+        run, its warnings (the engine's ``summary_row``, as in ``summary.csv``)."""
+        from AttentionUNetSegmentLib.outputs import summary_row
+
+        return summary_row(result.inputVolume.GetName(), "done", result.provenance.get("Model", ""),
+                           result.provenance.get("ModelVersion", ""), self.summaryReport(result))
+
+    def createSummaryTable(self, rows: Sequence[Dict[str, str]], results: Sequence[SegmentationResult]):
+        """A table node with the columns of the engine's ``summary.csv`` for these results (``summary_columns``),
+        one row per volume."""
+        from AttentionUNetSegmentLib.outputs import summary_columns
+
+        columns = summary_columns([self.summaryReport(result) for result in results])
         table = slicer.mrmlScene.AddNewNodeByClass(
             "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName("AttentionUNet batch summary"))
         for name in columns:

@@ -324,7 +324,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         if bundle.integrity_warning:
             log(f"warning: {bundle.integrity_warning}")
     if summary is not None:
-        _write_summary(summary, stems, written, failed, bundle, list(localized.values()), force)
+        _write_summary(summary, stems, written, failed, bundle, force)
     if failed:
         names = "; ".join(f"{stem}: {message}" for stem, message in failed.items())
         raise InputsFailedError(f"{len(failed)} of {len(inputs)} inputs failed ({names}); the others were segmented, "
@@ -342,18 +342,12 @@ def _input_failure(error: Exception, batch_size: Optional[int], probabilities: b
 
 
 def _write_summary(path: Path, stems: Sequence[str], written: Mapping[str, OutputPaths], failed: Mapping[str, str],
-                   bundle: ModelBundle, localized: Sequence[bool], force: bool) -> None:
-    """``summary.csv``: one row per input, in input order, with the columns of the label sets this run used."""
-    labels = [*(bundle.labels if not all(localized) else []), *(bundle.localized_labels if any(localized) else [])]
-    rows = []
-    for stem in stems:
-        if stem in written:
-            report = read_json(written[stem].report, "report", AttentionUNetError)
-            rows.append(summary_row(stem, "done", bundle.name, bundle.version, report))
-        else:
-            rows.append(summary_row(stem, "failed", bundle.name, bundle.version, error=failed.get(stem, "")))
-    columns = summary_columns([label.name for label in labels], any(label.side for label in labels))
-    write_summary(path, columns, rows, force=force)
+                   bundle: ModelBundle, force: bool) -> None:
+    """``summary.csv``: one row per input, in input order."""
+    reports = {stem: read_json(paths.report, "report", AttentionUNetError) for stem, paths in written.items()}
+    rows = [summary_row(stem, "done", bundle.name, bundle.version, reports[stem]) if stem in reports else
+            summary_row(stem, "failed", bundle.name, bundle.version, error=failed.get(stem, "")) for stem in stems]
+    write_summary(path, summary_columns(list(reports.values())), rows, force=force)
 
 
 def _predict_localized(predictor, image, spec, template, attention: bool, probabilities: bool,

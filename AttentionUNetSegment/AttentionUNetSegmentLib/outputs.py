@@ -385,10 +385,12 @@ SIDE_COLUMNS = ("left (mL)", "right (mL)", "asymmetry index")
 SUMMARY_TAIL = ("warnings",)
 
 
-def summary_columns(segment_names: Sequence[str], sided: bool) -> List[str]:
-    """The summary's columns (the CLI's ``summary.csv`` and the Slicer batch table): ``segment_names`` are every
-    segment a row may have, in order (repeats dropped); ``sided``: some row has per-side totals."""
-    names = list(dict.fromkeys(segment_names))
+def summary_columns(reports: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The summary's columns (the CLI's ``summary.csv`` and the Slicer batch table) for the done inputs'
+    ``reports`` (``summary_row``'s): every segment name they have, in order, and the per-side columns when one has
+    sides."""
+    names = list(dict.fromkeys(str(s["name"]) for report in reports for s in report.get("segments", [])))
+    sided = any(report.get("sides") for report in reports)
     return [*SUMMARY_HEAD, *(f"{name} (mL)" for name in names), *(SIDE_COLUMNS if sided else ()), *SUMMARY_TAIL]
 
 
