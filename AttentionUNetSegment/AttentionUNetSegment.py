@@ -49,6 +49,8 @@ MODULE_DIR = pathlib.Path(__file__).resolve().parent
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
 REQUIREMENTS_FILE = RESOURCES_DIR / "requirements.txt"
+#: What Export > Report (PDF) needs besides the engine's requirements (installed on its first use).
+REPORT_REQUIREMENTS_FILE = RESOURCES_DIR / "requirements-report.txt"
 #: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly;
 #: 2.3 is the first with the device-generic torch.amp.GradScaler that training uses.
 TORCH_REQUIREMENT = ">=2.3"
@@ -190,6 +192,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.batchApplyButton.connect("clicked(bool)", self.onBatchApplyButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmapButton)
+        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReportButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.populateModels)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
@@ -258,6 +261,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         segmentation = node.outputSegmentation if node else None
         self.ui.exportButton.enabled = bool(segmentation)
         self.ui.exportLabelmapButton.enabled = bool(segmentation)
+        self.ui.exportReportButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
         bundle = self._currentBundle()
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
@@ -455,6 +459,24 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                                                force=bool(existing))
             self.appendLog("Exported: " + ", ".join(files.values()))
             self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
+
+    def onExportReportButton(self) -> None:
+        node = self._parameterNode
+        directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
+        if not directory:
+            slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
+            return
+        if node.outputSegmentation is None:
+            slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
+            return
+        existing = pathlib.Path(directory) / self.logic.reportFileName(node.outputSegmentation)
+        if existing.exists() and not slicer.util.confirmYesNoDisplay(f"{existing} exists already.\n\nReplace it?"):
+            self.ui.statusLabel.text = "Export cancelled; the existing report was kept."
+            return
+        with slicer.util.tryWithErrorDisplay("Writing the PDF report failed.", waitCursor=True):
+            path = self.logic.exportReportPdf(node.outputSegmentation, directory, force=existing.exists())
+            self.appendLog(f"Report: {path}")
+            self.ui.statusLabel.text = f"Wrote the report {path}"
 
     def onExportLabelmapButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Export to a label map failed.", waitCursor=True):
@@ -757,7 +779,12 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
         with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
         self._ensureTorch()
-        requirements = _read_requirements(REQUIREMENTS_FILE)
+        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation")
+
+    def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str) -> None:
+        """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` names what needs them
+        in messages."""
+        requirements = _read_requirements(requirementsFile)
         missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
             return
@@ -768,21 +795,21 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             if packaging is not None:
                 # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
-                packaging.pip_ensure(packaging.load_requirements(str(REQUIREMENTS_FILE)), requester="AttentionUNet")
+                packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
             elif slicer.util.confirmOkCancelDisplay(
                     "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(missing), windowTitle="Install Python packages"):
                 slicer.util.pip_install(missing)
             else:
                 raise AttentionUNetSegmentError(
-                    "The segmentation needs these Python packages: " + ", ".join(missing) + ". Click Apply again "
-                    "and accept the installation.")
+                    f"{purpose} needs these Python packages: " + ", ".join(missing) + ". Click again and accept "
+                    "the installation.")
         except AttentionUNetSegmentError:
             raise
         except RuntimeError as error:  # pip_ensure: the user declined the installation
             raise AttentionUNetSegmentError(
-                "The segmentation needs these Python packages: " + ", ".join(missing) + f" ({error}). Click Apply "
-                "again and accept the installation.")
+                f"{purpose} needs these Python packages: " + ", ".join(missing) + f" ({error}). Click again and "
+                "accept the installation.")
         except Exception as error:
             raise AttentionUNetSegmentError(
                 f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
@@ -1206,11 +1233,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             "Model": str(model.get("name", job.bundle.name)),
             "ModelVersion": str(model.get("version", job.bundle.version)),
             "ModelSha256": str(model.get("sha256", job.bundle.sha256)),
+            "ModelLicense": str(model.get("license", job.bundle.metadata.get("license", ""))),
             "EngineVersion": str(report.get("engine_version", ENGINE_VERSION)),
             "Device": str(report.get("device", job.options.device)),
             "Parameters": json.dumps({**job.options.parameters(), **report.get("parameters", {})}, sort_keys=True),
             "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "InputVolume": job.inputVolume.GetName(),
+            "Warnings": json.dumps([w for w in report.get("warnings") or [] if isinstance(w, str)]),
         }
 
     @staticmethod
@@ -1466,10 +1495,14 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
         return labelmapNode
 
+    @staticmethod
+    def _exportBase(segmentationNode) -> str:
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
+        return base or "segmentation"
+
     def exportFileNames(self, segmentationNode, fileFormat: str) -> Dict[str, str]:
         """Names of the exported files by kind; ``sides`` (per-side totals) only for a segmentation with sides."""
-        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
-        base = base or "segmentation"
+        base = self._exportBase(segmentationNode)
         names = {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
                  "label_table": f"{base}_labels.csv",
                  "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
@@ -1552,6 +1585,64 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                     partial.unlink()
             _remove_nodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
+
+    def reportFileName(self, segmentationNode) -> str:
+        return f"{self._exportBase(segmentationNode)}_report.pdf"
+
+    def exportReportPdf(self, segmentationNode, outputDirectory, referenceVolume=None, force: bool = False) -> str:
+        """Write ``<name>_report.pdf`` into ``outputDirectory``: the engine's one-page report
+        (``report.write_report_pdf``, the drawing of ``segment --report-pdf``) of the segments over the reference
+        volume (the input), with the finest attention map of the run when the scene still has it; volumes from the
+        segments as they are now, model, device and warnings from the run's provenance. Existing files are kept
+        unless ``force``. Returns the path."""
+        from AttentionUNetSegmentLib.errors import AttentionUNetError
+        from AttentionUNetSegmentLib.imageio import read_image, read_label
+        from AttentionUNetSegmentLib.report import write_report_pdf
+
+        referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
+        if referenceVolume is None:
+            raise AttentionUNetSegmentError("The report draws the segments over the volume they were made from, "
+                                            "and this segmentation has no reference volume: segment the volume "
+                                            "again, or set the segmentation's reference geometry to it.")
+        path = pathlib.Path(outputDirectory) / self.reportFileName(segmentationNode)
+        if path.exists() and not force:
+            raise AttentionUNetSegmentError(f"{path} exists already. Choose another folder or allow overwriting.")
+        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report")
+        labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
+        colors = labelmap.GetDisplayNode().GetColorNode()
+        workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-report-"))
+        try:
+            labels = self._segmentLabels(segmentationNode)
+            sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
+            rows = _statistics_rows(labels, sides, _voxel_counts(labelmap), _voxel_volume_ml(labelmap))
+            for row, label in zip(rows, labels):
+                row["color"] = list(label.color)
+            totals, asymmetry = _side_totals(rows)
+
+            def attribute(key: str) -> str:
+                return segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + key) or ""
+
+            try:
+                warnings = [w for w in json.loads(attribute("Warnings") or "[]") if isinstance(w, str)]
+            except ValueError:
+                warnings = []
+            report = {"segments": rows, "sides": totals or None, "asymmetry_index": asymmetry, "warnings": warnings,
+                      "model": {"name": attribute("Model") or "unknown", "version": attribute("ModelVersion"),
+                                "license": attribute("ModelLicense")},
+                      "engine_version": attribute("EngineVersion") or ENGINE_VERSION,
+                      "device": attribute("Device") or "unknown"}
+            attention = segmentationNode.GetNodeReference(ATTENTION_ROLE)  # the first is gate 0, the finest
+            files = {name: self.writeVolumeForEngine(node, workDir / name) for name, node in
+                     (("image", referenceVolume), ("labels", labelmap), ("attention", attention)) if node is not None}
+            write_report_pdf(read_image(files["image"]), read_label(files["labels"]),
+                             read_label(files["attention"]) if "attention" in files else None, report, path,
+                             referenceVolume.GetName(), force=force)
+        except (AttentionUNetError, OSError) as error:
+            raise AttentionUNetSegmentError(f"Could not write the report {path.name} in {outputDirectory}: {error}")
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
+            _remove_nodes([labelmap, colors])
+        return str(path)
 
 
 def _node_ids(scene, className: str) -> set:

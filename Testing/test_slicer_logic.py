@@ -229,6 +229,29 @@ def test_export_for_report_files_read_back(env, first_result, tmp_path):
     assert not list((tmp_path / "nrrd").glob("*partial*"))
 
 
+def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_result, tmp_path):
+    """Export > Report (PDF): the engine's page (report.write_report_pdf) over the input, with the run's volumes,
+    model and device; no node is left behind; an existing report is kept unless replacing is chosen."""
+    pytest.importorskip("matplotlib")
+    from test_report import page_count, pdf_text
+
+    logic, result, scene = env["logic"], first_result["result"], env["scene"]
+    before = _node_ids(scene)
+    path = pathlib.Path(logic.exportReportPdf(result.segmentation, tmp_path))
+    assert path == tmp_path / "Oblique_segmentation_report.pdf" and page_count(path) == 1
+    assert _node_ids(scene) == before
+    text = pdf_text(path)
+    for row in result.statistics:
+        assert row["name"] in text and f"{row['volume_ml']:.3f}" in text
+    assert f"{env['bundle'].name} {env['bundle'].version}" in text and "Oblique" in text and "Apache-2.0" in text
+    assert f"Device: {result.device}" in text
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exists already"):
+        logic.exportReportPdf(result.segmentation, tmp_path)
+    modified = path.stat().st_mtime_ns
+    logic.exportReportPdf(result.segmentation, tmp_path, force=True)
+    assert path.stat().st_mtime_ns != modified and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
     scene, result = env["scene"], first_result["result"]
     segments = result.segmentation.GetSegmentation()
