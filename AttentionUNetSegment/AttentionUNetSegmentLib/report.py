@@ -351,6 +351,9 @@ def report_figure(image: sitk.Image, labels: sitk.Image, attention: Optional[sit
     if with_attention:
         figure.text((panel_left + group_width + group_gap + group_width / 2) / width, top / height,
                     "Attention map (gate 0, finest)", ha="center", va="bottom", fontsize=9.5, fontweight="bold")
+    else:
+        figure.text((panel_left + group_width + group_gap) / width, top / height,
+                    "No attention map: none was written for this run.", ha="left", va="bottom", fontsize=9.5)
     y = top - 0.08
     first_row_bottom = None
     for structure in structures:
