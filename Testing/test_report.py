@@ -124,7 +124,7 @@ def test_views_follow_the_radiological_convention_their_letters_name():
     image, labels, segments = oriented_image()
     volumes = display_volumes(image, labels)
     centre = tuple(int(n) // 2 for n in volumes.image.shape)
-    structure = Structure("centre", [1, 2, 3], centre, 25.0, 0)
+    structure = Structure("centre", centre, 25.0, 0)
     figure = Figure(figsize=(9, 3), dpi=100)
     axes = [figure.add_axes([0.02 + 0.33 * c, 0.05, 0.3, 0.9]) for c in range(3)]
     draw_views(axes, volumes, structure, "segmentation", segments)

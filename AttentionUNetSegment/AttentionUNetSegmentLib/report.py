@@ -90,11 +90,10 @@ def display_volumes(image: sitk.Image, labels: sitk.Image, attention: Optional[s
 
 @dataclass
 class Structure:
-    """A row of views: its title, the label values it covers, the voxel ``(k, j, i)`` the slices go through and
-    half the side of the square window in mm."""
+    """A row of views: its title, the voxel ``(k, j, i)`` the slices go through, half the side of the square
+    window in mm, and its size in voxels."""
 
     title: str
-    values: List[int]
     centre: Tuple[int, int, int]
     half_mm: float
     voxels: int
@@ -112,7 +111,7 @@ def locate(volumes: DisplayVolumes, title: str, values: Sequence[int], half_mm: 
     if half_mm is None:
         extent_mm = (where.max(axis=0) - where.min(axis=0) + 1) * np.array(volumes.spacing[::-1])
         half_mm = max(MIN_HALF_WINDOW_MM, 0.8 * float(extent_mm.max()))
-    return Structure(title, list(values), centre, half_mm, len(where))
+    return Structure(title, centre, half_mm, len(where))
 
 
 def whole_image(volumes: DisplayVolumes) -> Structure:
@@ -124,7 +123,7 @@ def whole_image(volumes: DisplayVolumes) -> Structure:
     found = locate(volumes, "segmentation", values, half) if values else None
     if found is not None:
         return found
-    return Structure("image", [], tuple(int(n) // 2 for n in volumes.image.shape), half, 0)
+    return Structure("image", tuple(int(n) // 2 for n in volumes.image.shape), half, 0)
 
 
 def report_structures(volumes: DisplayVolumes, segments: Sequence[Mapping[str, Any]]) -> Tuple[List[Structure], str]:
