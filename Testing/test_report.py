@@ -285,3 +285,34 @@ def test_preview_has_a_legend_orientation_letters_and_equal_panels(tiny_bundle, 
         assert {text.get_text() for text in axis.texts} == set(EDGE_LETTERS[label.split()[1]])
     pixels = matplotlib.image.imread(str(png))
     assert pixels.shape[0] > 600 and pixels.shape[1] > 900 and pixels[..., :3].std() > 0.05
+
+
+WHOLE_HEAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "whole-head" / "images" / "ixi012.nii.gz"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not WHOLE_HEAD.is_file(), reason="shared whole-head data not present")
+def test_report_of_a_real_whole_head_with_the_bundled_model(tmp_path, capsys):
+    """The default model on a real head: a localised run's PDF names the four per-side segments with their volumes
+    and the asymmetry index; the same page drawn to PNG has a row per side with both sides' outlines."""
+    from AttentionUNetSegmentLib.imageio import read_image
+
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(WHOLE_HEAD), "--output-dir", str(out), "--device", "cpu",
+                     "--report-pdf"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "ixi012_report.json").read_text())
+    assert [s["side"] for s in report["segments"]] == ["left", "left", "right", "right"]
+    text = pdf_text(out / "ixi012_report.pdf")
+    for row in report["segments"]:
+        assert row["name"] in text and f"{row['volume_ml']:.3f}" in text
+    assert f"{report['asymmetry_index']:+.4f}" in text and "hippocampus 1.0.0" in text and "CC-BY-SA" in text
+    figure = report_figure(read_image(WHOLE_HEAD), sitk.ReadImage(str(out / "ixi012_seg.nii.gz")),
+                           sitk.ReadImage(str(out / "ixi012_attention_0.nii.gz")), report, "ixi012")
+    pixels = rendered(figure)
+    views = panels(figure)
+    for side in ("left", "right"):
+        axis = views[f"segmentation sagittal {side.capitalize()} side"]
+        for segment in report["segments"]:
+            found = coloured(pixels, figure, axis, segment["color"])
+            assert (len(found) > 10) == (segment["side"] == side), (side, segment["name"])
+    figure.savefig(str(tmp_path / "ixi012_report.png"), dpi=100)
