@@ -215,12 +215,15 @@ def test_a_failing_input_of_several_is_recorded_in_the_summary_and_the_others_st
     out = tmp_path / "out"
     inputs = [str(first), *(str(tmp_path / name) for name, _ in cases), str(last)]
     status, stdout, err = run_main(capsys, "segment", *inputs, "--output-dir", str(out), "--model",
-                                   str(tiny_bundle.path), "--device", "cpu", "--no-attention")
+                                   str(tiny_bundle.path), "--device", "cpu", "--no-attention", "--progress", "json")
     assert status == 2 and "Traceback" not in err
-    errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    errors = err.strip().splitlines()  # --progress json: stderr holds the error line only
     assert len(errors) == 1 and errors[0].startswith(f"error: {len(cases)} of {len(inputs)} inputs failed (")
     assert str(out / "summary.csv") in errors[0]
-    assert f"summary: {out / 'summary.csv'}" in stdout
+    done = json.loads(stdout.strip().splitlines()[-1])
+    assert done["stage"] == "done" and set(done["outputs"]) == {"first", "last"}
+    assert done["summary"] == str((out / "summary.csv").resolve())
+    assert set(done["failed"]) == {image_stem(name) for name, _ in cases}
     with open(out / "summary.csv", newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     stems = ["first", *(image_stem(name) for name, _ in cases), "last"]
@@ -239,7 +242,7 @@ def test_a_failing_input_of_several_is_recorded_in_the_summary_and_the_others_st
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
-def test_an_existing_summary_needs_force_and_json_progress_names_it(tiny_bundle, tmp_path, capsys):
+def test_an_existing_summary_needs_force(tiny_bundle, tmp_path, capsys):
     images = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
     for index, image in enumerate(images):
         make_volume(image, (10, 10, 10), (1, 1, 1), seed=index)
@@ -247,16 +250,14 @@ def test_an_existing_summary_needs_force_and_json_progress_names_it(tiny_bundle,
     out.mkdir()
     (out / "summary.csv").write_text("an earlier run's summary\n")
     args = ["segment", *map(str, images), "--output-dir", str(out), "--model", str(tiny_bundle.path), "--device",
-            "cpu", "--no-attention", "--progress", "json"]
+            "cpu", "--no-attention"]
     status, _, err = run_main(capsys, *args)
     assert_clean_failure(status, err, tmp_path / "absent", "summary.csv")
     assert [p.name for p in out.iterdir()] == ["summary.csv"]
     assert (out / "summary.csv").read_text() == "an earlier run's summary\n"
     status, stdout, err = run_main(capsys, *args, "--force")
-    assert status == 0 and err == ""
-    done = json.loads(stdout.strip().splitlines()[-1])
-    assert done["stage"] == "done" and done["summary"] == str((out / "summary.csv").resolve())
-    assert "failed" not in done and set(done["outputs"]) == {"a", "b"}
+    assert status == 0 and "error" not in err
+    assert stdout.strip().splitlines()[-1] == f"summary: {out / 'summary.csv'}"
     with open(out / "summary.csv", newline="") as stream:
         assert [(row["input"], row["status"]) for row in csv.DictReader(stream)] == [("a", "done"), ("b", "done")]
 
