@@ -316,3 +316,17 @@ def test_report_of_a_real_whole_head_with_the_bundled_model(tmp_path, capsys):
             found = coloured(pixels, figure, axis, segment["color"])
             assert (len(found) > 10) == (segment["side"] == side), (side, segment["name"])
     figure.savefig(str(tmp_path / "ixi012_report.png"), dpi=100)
+
+
+def test_an_empty_segmentation_still_gets_its_page(tmp_path):
+    """Nothing found (a failed model, the wrong image): the page says so, keeps the table of zero volumes."""
+    image, labels, attention, segments = whole_head()
+    empty = sitk.Image(labels.GetSize(), labels.GetPixelID())
+    empty.CopyInformation(labels)
+    report = _report_for(empty, segments)
+    figure = report_figure(image, empty, attention, report, "empty_case")
+    texts = [text.get_text() for text in figure.findobj(match=lambda artist: hasattr(artist, "get_text"))]
+    assert not panels(figure) and "No segment was found: nothing to show." in texts
+    assert any("no views: Left side, Right side" in text for text in texts)
+    text = pdf_text(write_report_pdf(image, empty, attention, report, tmp_path / "empty.pdf", "empty_case"))
+    assert "0.000" in text and "n/a" in text  # zero volumes, no asymmetry index

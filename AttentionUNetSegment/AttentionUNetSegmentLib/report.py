@@ -295,10 +295,11 @@ def _draw_warnings(figure: "Figure", rect: List[float], warnings: Sequence[str],
     lines = lines or ["none"]
     limit = 9
     if len(lines) > limit:
-        lines = lines[:limit - 1] + ["\u2026 more in the report.json (warnings)"]
+        lines = lines[:limit - 1] + ["\u2026 (more than fit on the page: see the run's report.json)"]
     axis.text(0.0, 1.0, "Warnings (domain guard, localisation)", ha="left", va="top", fontsize=size,
               fontweight="bold", transform=axis.transAxes, color="#b00000" if warnings else "black")
-    axis.text(0.0, 0.86, "\n".join(lines), ha="left", va="top", fontsize=size - 0.5, transform=axis.transAxes,
+    below = 1.0 - 0.22 / (rect[3] * figure.get_size_inches()[1])  # a line under the heading
+    axis.text(0.0, below, "\n".join(lines), ha="left", va="top", fontsize=size - 0.5, transform=axis.transAxes,
               linespacing=1.35)
     if note:
         axis.text(0.0, 0.0, f"Views: {note}.", ha="left", va="bottom", fontsize=size - 0.5, style="italic",
@@ -337,20 +338,21 @@ def report_figure(image: sitk.Image, labels: sitk.Image, attention: Optional[sit
     bottom_area = 2.45
     label_column, gap, group_gap, bar = 0.32, 0.07, 0.3, 0.75
     groups = 2 if with_attention else 1
-    columns = 3 * groups
-    available = width - 2 * margin - label_column - gap * (columns - groups) - group_gap * (groups - 1) - bar
+    # Panels are sized for both groups either way, so a page without attention maps looks the same.
+    available = width - 2 * margin - label_column - 4 * gap - group_gap - bar
     rows = max(len(structures), 1)
     row_title = 0.22
-    side = min(available / columns, (top - bottom_area - row_title * rows - 0.25) / rows)
+    side = min(available / 6, (top - bottom_area - row_title * rows - 0.25) / rows)
     shown = None
     panel_left = margin + label_column
     group_width = 3 * side + 2 * gap
-    figure.text((panel_left + group_width / 2) / width, top / height, "Segmentation outlines", ha="center",
-                va="bottom", fontsize=9.5, fontweight="bold")
-    if with_attention:
+    if structures:
+        figure.text((panel_left + group_width / 2) / width, top / height, "Segmentation outlines", ha="center",
+                    va="bottom", fontsize=9.5, fontweight="bold")
+    if with_attention and structures:
         figure.text((panel_left + group_width + group_gap + group_width / 2) / width, top / height,
                     "Attention map (gate 0, finest)", ha="center", va="bottom", fontsize=9.5, fontweight="bold")
-    else:
+    elif structures:
         figure.text((panel_left + group_width + group_gap) / width, top / height,
                     "No attention map: none was written for this run.", ha="left", va="bottom", fontsize=9.5)
     y = top - 0.08
