@@ -55,6 +55,8 @@ DICOM_REQUIREMENTS_FILE = RESOURCES_DIR / "requirements-dicom.txt"
 #: Attribute of a volume loaded from the DICOM database: its SOP Instance UIDs, space-separated
 #: (DICOMScalarVolumePlugin); a DICOM SEG of its segmentation references these instances.
 DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"
+#: What Export > Report (PDF) needs besides the engine's requirements (installed on its first use).
+REPORT_REQUIREMENTS_FILE = RESOURCES_DIR / "requirements-report.txt"
 #: Torch comes from the PyTorch extension (PyTorchUtils) with the right CUDA build, never from pip directly;
 #: 2.3 is the first with the device-generic torch.amp.GradScaler that training uses.
 TORCH_REQUIREMENT = ">=2.3"
@@ -197,6 +199,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.batchApplyButton.connect("clicked(bool)", self.onBatchApplyButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmapButton)
+        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReportButton)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.populateModels)
         self.ui.advancedCollapsibleButton.connect("contentsCollapsed(bool)", self.onAdvancedCollapsed)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputChanged)
@@ -270,6 +273,7 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self.ui.exportDicomSegCheckBox.toolTip = (
             "Also write a DICOM Segmentation object that references the DICOM series and add it to the DICOM "
             "database" if canDicomSeg else "Only for a segmentation of a volume loaded from the DICOM database")
+        self.ui.exportReportButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
         bundle = self._currentBundle()
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
@@ -469,6 +473,24 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.appendLog("Exported: " + ", ".join(files.values()))
             self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
 
+    def onExportReportButton(self) -> None:
+        node = self._parameterNode
+        directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
+        if not directory:
+            slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
+            return
+        if node.outputSegmentation is None:
+            slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
+            return
+        existing = pathlib.Path(directory) / self.logic.reportFileName(node.outputSegmentation)
+        if existing.exists() and not slicer.util.confirmYesNoDisplay(f"{existing} exists already.\n\nReplace it?"):
+            self.ui.statusLabel.text = "Export cancelled; the existing report was kept."
+            return
+        with slicer.util.tryWithErrorDisplay("Writing the PDF report failed.", waitCursor=True):
+            path = self.logic.exportReportPdf(node.outputSegmentation, directory, force=existing.exists())
+            self.appendLog(f"Report: {path}")
+            self.ui.statusLabel.text = f"Wrote the report {path}"
+
     def onExportLabelmapButton(self) -> None:
         with slicer.util.tryWithErrorDisplay("Export to a label map failed.", waitCursor=True):
             labelmap = self.logic.exportToLabelMapNode(self._parameterNode.outputSegmentation)
@@ -635,7 +657,8 @@ class SegmentationJob:
 
 
 class BatchJob:
-    """Segments several volumes one after the other (one result per volume) and fills a summary table."""
+    """Segments several volumes one after the other (one result per volume) and fills a summary table: one row
+    per volume with the columns of the engine's ``summary.csv`` (``outputs.summary_columns``)."""
 
     def __init__(self, logic: "AttentionUNetSegmentLogic", volumes: Sequence[Any], options: SegmentationOptions,
                  progressCallback=None, logCallback=None) -> None:
@@ -655,15 +678,21 @@ class BatchJob:
         self._current: Optional[SegmentationJob] = None
         self._started = time.monotonic()
         self._eta = EtaEstimator()  # over the whole batch: each volume's own ETA covers only that volume
+        self.model = (options.model or DEFAULT_MODEL, "")  # (name, version) for the rows of volumes not run
 
     @property
     def summary(self) -> str:
-        failed = sum(1 for row in self.rows if row["Status"] != "done")
+        failed = sum(1 for row in self.rows if row["status"] != "done")
         warned = sum(1 for result in self.results if result.warnings)
         return (f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
                 + (f"; {warned} with warnings (see the table)" if warned else ""))
 
     def start(self) -> "BatchJob":
+        try:
+            bundle = self.logic.resolveModel(self.options.model)
+            self.model = (bundle.name, bundle.version)
+        except AttentionUNetSegmentError:  # each volume's row then says why
+            pass
         self._next()
         return self
 
@@ -685,7 +714,7 @@ class BatchJob:
                 return
             volume = self.volumes[self._index]
             if self.cancelled:
-                self.rows.append(self.logic.summaryRow(volume, "not run", "the batch was cancelled"))
+                self.rows.append(self.logic.summaryRow(volume, "not run", self.model, "the batch was cancelled"))
                 continue
             try:
                 self._current = self.logic.startSegmentation(volume, None, options=self.options,
@@ -694,7 +723,7 @@ class BatchJob:
                 return
             except AttentionUNetSegmentError as error:
                 self._log(f"Skipped '{volume.GetName()}': {error}")
-                self.rows.append(self.logic.summaryRow(volume, "skipped", str(error)))
+                self.rows.append(self.logic.summaryRow(volume, "skipped", self.model, str(error)))
 
     def poll(self) -> bool:
         if self.done:
@@ -705,10 +734,11 @@ class BatchJob:
         if job is not None:
             if job.result is not None:
                 self.results.append(job.result)
-                self.rows.extend(self.logic.summaryRows(job.result))
+                self.rows.append(self.logic.resultSummaryRow(job.result))
             else:
                 status = "cancelled" if job.cancelled else "failed"
-                self.rows.append(self.logic.summaryRow(job.inputVolume, status, job.error or ""))
+                self.rows.append(self.logic.summaryRow(job.inputVolume, status, (job.bundle.name, job.bundle.version),
+                                                       job.error or ""))
         self._next()
         return not self.done
 
@@ -724,7 +754,7 @@ class BatchJob:
         self.poll()
 
     def _finish(self) -> None:
-        self.summaryTable = self.logic.createSummaryTable(self.rows)
+        self.summaryTable = self.logic.createSummaryTable(self.rows, self.results)
         self.seconds = time.monotonic() - self._started
         self.done = True
         self._log(f"Batch finished: {self.summary}")
@@ -758,14 +788,15 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(MODULE_DIR), env.get("PYTHONPATH", "")) if p)
         return env
 
-    def ensureDependencies(self, requirementsFile: Optional[pathlib.Path] = None) -> None:
+    def ensureDependencies(self) -> None:
         """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
-        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older).
-        ``requirementsFile``: another list instead (``DICOM_REQUIREMENTS_FILE`` for the DICOM SEG export), no
-        torch."""
-        if requirementsFile is None:
-            self._ensureTorch()
-        requirementsFile = requirementsFile or REQUIREMENTS_FILE
+        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
+        self._ensureTorch()
+        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation")
+
+    def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str) -> None:
+        """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` names what needs them
+        in messages."""
         requirements = _read_requirements(requirementsFile)
         missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
@@ -784,14 +815,14 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(missing)
             else:
                 raise AttentionUNetSegmentError(
-                    "The segmentation needs these Python packages: " + ", ".join(missing) + ". Click Apply again "
-                    "and accept the installation.")
+                    f"{purpose} needs these Python packages: " + ", ".join(missing) + ". Click again and accept "
+                    "the installation.")
         except AttentionUNetSegmentError:
             raise
         except RuntimeError as error:  # pip_ensure: the user declined the installation
             raise AttentionUNetSegmentError(
-                "The segmentation needs these Python packages: " + ", ".join(missing) + f" ({error}). Click Apply "
-                "again and accept the installation.")
+                f"{purpose} needs these Python packages: " + ", ".join(missing) + f" ({error}). Click again and "
+                "accept the installation.")
         except Exception as error:
             raise AttentionUNetSegmentError(
                 f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
@@ -1215,11 +1246,13 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             "Model": str(model.get("name", job.bundle.name)),
             "ModelVersion": str(model.get("version", job.bundle.version)),
             "ModelSha256": str(model.get("sha256", job.bundle.sha256)),
+            "ModelLicense": str(model.get("license", job.bundle.metadata.get("license", ""))),
             "EngineVersion": str(report.get("engine_version", ENGINE_VERSION)),
             "Device": str(report.get("device", job.options.device)),
             "Parameters": json.dumps({**job.options.parameters(), **report.get("parameters", {})}, sort_keys=True),
             "Date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "InputVolume": job.inputVolume.GetName(),
+            "Warnings": json.dumps([w for w in report.get("warnings") or [] if isinstance(w, str)]),
         }
 
     @staticmethod
@@ -1364,30 +1397,32 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
     # Batch summary
 
     @staticmethod
-    def summaryRow(volume, status: str, message: str = "", segment: str = "", value: str = "", voxels: str = "",
-                   volumeMl: str = "", segmentation: str = "", side: str = "", asymmetry: str = "",
-                   warnings: str = "") -> Dict[str, Any]:
-        return {"Volume": volume.GetName(), "Status": status, "Segment": segment, "Label value": value,
-                "Voxels": voxels, "Volume [mL]": volumeMl, "Side": side, "Asymmetry index": asymmetry,
-                "Segmentation": segmentation, "Warnings": warnings, "Message": message}
-
-    def summaryRows(self, result: SegmentationResult) -> List[Dict[str, Any]]:
-        """One row per segment, then (for a located run) one per side with its total and the asymmetry index;
-        the run's warnings on each row."""
-        name, warnings = result.segmentation.GetName(), "; ".join(result.warnings)
-        asymmetry = "" if result.asymmetryIndex is None else f"{result.asymmetryIndex:.4f}"
-        rows = [self.summaryRow(result.inputVolume, "done", "", row["name"], str(row["value"]), str(row["voxels"]),
-                                f"{row['volume_ml']:.3f}", name, row["side"] or "", warnings=warnings)
-                for row in result.statistics]
-        return rows + [self.summaryRow(result.inputVolume, "done", "", f"{side.capitalize()} (all segments)", "",
-                                       str(total["voxels"]), f"{total['volume_ml']:.3f}", name, side, asymmetry,
-                                       warnings)
-                       for side, total in result.sides.items()]
+    def summaryReport(result: SegmentationResult) -> Dict[str, Any]:
+        """A result as the engine's summary reads a ``_report.json``: segments, per-side totals, warnings."""
+        return {"segments": result.statistics, "sides": result.sides, "asymmetry_index": result.asymmetryIndex,
+                "warnings": list(result.warnings)}
 
     @staticmethod
-    def createSummaryTable(rows: Sequence[Dict[str, Any]]):
-        columns = ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]", "Side", "Asymmetry index",
-                   "Segmentation", "Warnings", "Message"]
+    def summaryRow(volume, status: str, model: Sequence[str], message: str = "") -> Dict[str, str]:
+        """The row of a volume that was not segmented (``model``: name and version)."""
+        from AttentionUNetSegmentLib.outputs import summary_row
+
+        return summary_row(volume.GetName(), status, model[0], model[1], error=message)
+
+    def resultSummaryRow(self, result: SegmentationResult) -> Dict[str, str]:
+        """A segmented volume's row: every segment's mL, per-side totals and the asymmetry index for a located
+        run, its warnings (the engine's ``summary_row``, as in ``summary.csv``)."""
+        from AttentionUNetSegmentLib.outputs import summary_row
+
+        return summary_row(result.inputVolume.GetName(), "done", result.provenance.get("Model", ""),
+                           result.provenance.get("ModelVersion", ""), self.summaryReport(result))
+
+    def createSummaryTable(self, rows: Sequence[Dict[str, str]], results: Sequence[SegmentationResult]):
+        """A table node with the columns of the engine's ``summary.csv`` for these results (``summary_columns``),
+        one row per volume."""
+        from AttentionUNetSegmentLib.outputs import summary_columns
+
+        columns = summary_columns([self.summaryReport(result) for result in results])
         table = slicer.mrmlScene.AddNewNodeByClass(
             "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName("AttentionUNet batch summary"))
         for name in columns:
@@ -1473,11 +1508,15 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                 labelmapNode.SetAttribute(name, segmentationNode.GetAttribute(name))
         return labelmapNode
 
+    @staticmethod
+    def _exportBase(segmentationNode) -> str:
+        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
+        return base or "segmentation"
+
     def exportFileNames(self, segmentationNode, fileFormat: str, dicomSeg: bool = False) -> Dict[str, str]:
         """Names of the exported files by kind; ``sides`` (per-side totals) only for a segmentation with sides,
         ``dicom_segmentation`` only with ``dicomSeg``."""
-        base = "".join(c if c.isalnum() or c in "-_." else "_" for c in segmentationNode.GetName()).strip("._")
-        base = base or "segmentation"
+        base = self._exportBase(segmentationNode)
         names = {"labelmap": f"{base}_labels.{fileFormat}", "segmentation": f"{base}.seg.nrrd",
                  "label_table": f"{base}_labels.csv",
                  "volumes": f"{base}_volumes.csv", "provenance": f"{base}_provenance.json"}
@@ -1567,6 +1606,64 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
             _remove_nodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
 
+    def reportFileName(self, segmentationNode) -> str:
+        return f"{self._exportBase(segmentationNode)}_report.pdf"
+
+    def exportReportPdf(self, segmentationNode, outputDirectory, referenceVolume=None, force: bool = False) -> str:
+        """Write ``<name>_report.pdf`` into ``outputDirectory``: the engine's one-page report
+        (``report.write_report_pdf``, the drawing of ``segment --report-pdf``) of the segments over the reference
+        volume (the input), with the finest attention map of the run when the scene still has it; volumes from the
+        segments as they are now, model, device and warnings from the run's provenance. Existing files are kept
+        unless ``force``. Returns the path."""
+        from AttentionUNetSegmentLib.errors import AttentionUNetError
+        from AttentionUNetSegmentLib.imageio import read_image, read_label
+        from AttentionUNetSegmentLib.report import write_report_pdf
+
+        referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
+        if referenceVolume is None:
+            raise AttentionUNetSegmentError("The report draws the segments over the volume they were made from, "
+                                            "and this segmentation has no reference volume: segment the volume "
+                                            "again, or set the segmentation's reference geometry to it.")
+        path = pathlib.Path(outputDirectory) / self.reportFileName(segmentationNode)
+        if path.exists() and not force:
+            raise AttentionUNetSegmentError(f"{path} exists already. Choose another folder or allow overwriting.")
+        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report")
+        labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
+        colors = labelmap.GetDisplayNode().GetColorNode()
+        workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-report-"))
+        try:
+            labels = self._segmentLabels(segmentationNode)
+            sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
+            rows = _statistics_rows(labels, sides, _voxel_counts(labelmap), _voxel_volume_ml(labelmap))
+            for row, label in zip(rows, labels):
+                row["color"] = list(label.color)
+            totals, asymmetry = _side_totals(rows)
+
+            def attribute(key: str) -> str:
+                return segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + key) or ""
+
+            try:
+                warnings = [w for w in json.loads(attribute("Warnings") or "[]") if isinstance(w, str)]
+            except ValueError:
+                warnings = []
+            report = {"segments": rows, "sides": totals or None, "asymmetry_index": asymmetry, "warnings": warnings,
+                      "model": {"name": attribute("Model") or "unknown", "version": attribute("ModelVersion"),
+                                "license": attribute("ModelLicense")},
+                      "engine_version": attribute("EngineVersion") or ENGINE_VERSION,
+                      "device": attribute("Device") or "unknown"}
+            attention = segmentationNode.GetNodeReference(ATTENTION_ROLE)  # the first is gate 0, the finest
+            files = {name: self.writeVolumeForEngine(node, workDir / name) for name, node in
+                     (("image", referenceVolume), ("labels", labelmap), ("attention", attention)) if node is not None}
+            write_report_pdf(read_image(files["image"]), read_label(files["labels"]),
+                             read_label(files["attention"]) if "attention" in files else None, report, path,
+                             referenceVolume.GetName(), force=force)
+        except (AttentionUNetError, OSError) as error:
+            raise AttentionUNetSegmentError(f"Could not write the report {path.name} in {outputDirectory}: {error}")
+        finally:
+            shutil.rmtree(workDir, ignore_errors=True)
+            _remove_nodes([labelmap, colors])
+        return str(path)
+
 
     # DICOM SEG
 
@@ -1606,7 +1703,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
         highdicom and pydicom are installed on first use. Returns the path."""
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         files = self.dicomSourceFiles(referenceVolume)
-        self.ensureDependencies(DICOM_REQUIREMENTS_FILE)
+        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, "The DICOM SEG export")
         work = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-SEG-"))
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()

@@ -7,6 +7,7 @@ process-level behaviour (exit status 2, one ``error:`` line, no traceback).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import cli
 from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, DEFAULT_MODEL, MODELS_ENV
+from AttentionUNetSegmentLib.imageio import image_stem
 
 #: Direction cosines of an oblique acquisition: a 0.4 rad rotation about an oblique axis (exactly orthonormal).
 OBLIQUE = sitk.VersorTransform((0.3, -0.5, 0.8), 0.4).GetMatrix()
@@ -116,7 +118,7 @@ def test_segment_report_volumes_match_voxel_counts(segmented, tiny_bundle):
             assert segment["voxels"] == count
             assert segment["volume_ml"] == pytest.approx(count * voxel_ml)
         assert report["model"] == {"name": "tiny", "version": "0.0.1", "sha256": tiny_bundle.sha256,
-                                   "path": str(tiny_bundle.path.resolve())}
+                                   "path": str(tiny_bundle.path.resolve()), "license": "Apache-2.0"}
         assert report["device"] == "cpu" and report["parameters"]["probabilities"] is True
         assert report["timings"]["read"] >= 0
         assert report["files"]["segmentation"] == f"{stem}_seg.nii.gz"
@@ -195,14 +197,69 @@ def _bad_inputs(folder: Path) -> List[tuple]:
 
 
 def test_every_bad_input_fails_cleanly(tiny_bundle, tmp_path, capsys):
-    good = tmp_path / "good.nii.gz"
-    make_volume(good, (10, 10, 10), (1, 1, 1))
     for name, expected in _bad_inputs(tmp_path):
         out = tmp_path / f"out-{name}"
-        # The bad input comes second: nothing may be written for the good one either.
-        status, _, err = run_main(capsys, "segment", str(good), str(tmp_path / name), "--output-dir", str(out),
+        status, _, err = run_main(capsys, "segment", str(tmp_path / name), "--output-dir", str(out),
                                   "--model", str(tiny_bundle.path), "--device", "cpu")
         assert_clean_failure(status, err, out, expected)
+
+
+def test_a_failing_input_of_several_is_recorded_in_the_summary_and_the_others_still_run(tiny_bundle, tmp_path,
+                                                                                       capsys):
+    """``segment A B C ...``: every bad input gets a failed row with its error in ``summary.csv``, the good ones
+    (before and after them) are segmented, and the run ends with exit status 2 and one ``error:`` line."""
+    first, last = tmp_path / "first.nii.gz", tmp_path / "last.nrrd"
+    make_volume(first, (12, 10, 10), (1, 1, 1))
+    make_volume(last, (10, 12, 8), (1.2, 1, 1.5), seed=1)
+    cases = _bad_inputs(tmp_path)
+    out = tmp_path / "out"
+    inputs = [str(first), *(str(tmp_path / name) for name, _ in cases), str(last)]
+    status, stdout, err = run_main(capsys, "segment", *inputs, "--output-dir", str(out), "--model",
+                                   str(tiny_bundle.path), "--device", "cpu", "--no-attention", "--progress", "json")
+    assert status == 2 and "Traceback" not in err
+    errors = err.strip().splitlines()  # --progress json: stderr holds the error line only
+    assert len(errors) == 1 and errors[0].startswith(f"error: {len(cases)} of {len(inputs)} inputs failed (")
+    assert str(out / "summary.csv") in errors[0]
+    done = json.loads(stdout.strip().splitlines()[-1])
+    assert done["stage"] == "done" and set(done["outputs"]) == {"first", "last"}
+    assert done["summary"] == str((out / "summary.csv").resolve())
+    assert set(done["failed"]) == {image_stem(name) for name, _ in cases}
+    with open(out / "summary.csv", newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    stems = ["first", *(image_stem(name) for name, _ in cases), "last"]
+    assert [row["input"] for row in rows] == stems
+    assert list(rows[0]) == ["input", "status", "error", "model", "model_version", "Anterior (mL)",
+                             "Posterior (mL)", "warnings"]
+    for row, (_, expected) in zip(rows[1:-1], cases):
+        assert row["status"] == "failed" and expected in row["error"] and row["Anterior (mL)"] == ""
+        assert not list(out.glob(f"{row['input']}_*"))
+    for row in (rows[0], rows[-1]):
+        report = json.loads((out / f"{row['input']}_report.json").read_text())
+        assert row["status"] == "done" and row["error"] == "" and (row["model"], row["model_version"]) == (
+            "tiny", "0.0.1")
+        assert [row[f"{s['name']} (mL)"] for s in report["segments"]] == [
+            f"{s['volume_ml']:.3f}" for s in report["segments"]]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_an_existing_summary_needs_force(tiny_bundle, tmp_path, capsys):
+    images = [tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"]
+    for index, image in enumerate(images):
+        make_volume(image, (10, 10, 10), (1, 1, 1), seed=index)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("an earlier run's summary\n")
+    args = ["segment", *map(str, images), "--output-dir", str(out), "--model", str(tiny_bundle.path), "--device",
+            "cpu", "--no-attention"]
+    status, _, err = run_main(capsys, *args)
+    assert_clean_failure(status, err, tmp_path / "absent", "summary.csv")
+    assert [p.name for p in out.iterdir()] == ["summary.csv"]
+    assert (out / "summary.csv").read_text() == "an earlier run's summary\n"
+    status, stdout, err = run_main(capsys, *args, "--force")
+    assert status == 0 and "error" not in err
+    assert stdout.strip().splitlines()[-1] == f"summary: {out / 'summary.csv'}"
+    with open(out / "summary.csv", newline="") as stream:
+        assert [(row["input"], row["status"]) for row in csv.DictReader(stream)] == [("a", "done"), ("b", "done")]
 
 
 def test_bad_models_fail_cleanly(tiny_bundle, tmp_path, capsys):

@@ -229,6 +229,29 @@ def test_export_for_report_files_read_back(env, first_result, tmp_path):
     assert not list((tmp_path / "nrrd").glob("*partial*"))
 
 
+def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_result, tmp_path):
+    """Export > Report (PDF): the engine's page (report.write_report_pdf) over the input, with the run's volumes,
+    model and device; no node is left behind; an existing report is kept unless replacing is chosen."""
+    pytest.importorskip("matplotlib")
+    from test_report import page_count, pdf_text
+
+    logic, result, scene = env["logic"], first_result["result"], env["scene"]
+    before = _node_ids(scene)
+    path = pathlib.Path(logic.exportReportPdf(result.segmentation, tmp_path))
+    assert path == tmp_path / "Oblique_segmentation_report.pdf" and page_count(path) == 1
+    assert _node_ids(scene) == before
+    text = pdf_text(path)
+    for row in result.statistics:
+        assert row["name"] in text and f"{row['volume_ml']:.3f}" in text
+    assert f"{env['bundle'].name} {env['bundle'].version}" in text and "Oblique" in text and "Apache-2.0" in text
+    assert f"Device: {result.device}" in text
+    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exists already"):
+        logic.exportReportPdf(result.segmentation, tmp_path)
+    modified = path.stat().st_mtime_ns
+    logic.exportReportPdf(result.segmentation, tmp_path, force=True)
+    assert path.stat().st_mtime_ns != modified and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
     scene, result = env["scene"], first_result["result"]
     segments = result.segmentation.GetSegmentation()
@@ -488,11 +511,17 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     rows = [[table.GetCellText(r, c) for c in range(table.GetNumberOfColumns())]
             for r in range(table.GetNumberOfRows())]
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    assert columns[:6] == ["Volume", "Status", "Segment", "Label value", "Voxels", "Volume [mL]"]
-    done = [row for row in rows if row[0] == "Second"]
-    assert [row[1] for row in done] == ["done", "done"] and [row[2] for row in done] == ["Anterior", "Posterior"]
-    skipped = [row for row in rows if row[0] == "Flat"]
-    assert len(skipped) == 1 and skipped[0][1] == "skipped" and "2D" in skipped[0][-1]
+    # The engine's summary.csv columns, one row per volume.
+    assert columns == ["input", "status", "error", "model", "model_version", "Anterior (mL)", "Posterior (mL)",
+                       "warnings"]
+    done, skipped = (dict(zip(columns, row)) for row in rows)
+    result = job.results[0]
+    assert (done["input"], done["status"], done["error"]) == ("Second", "done", "")
+    assert (done["model"], done["model_version"]) == (result.provenance["Model"], result.provenance["ModelVersion"])
+    assert [done[f"{row['name']} (mL)"] for row in result.statistics] == [
+        f"{row['volume_ml']:.3f}" for row in result.statistics]
+    assert skipped["input"] == "Flat" and skipped["status"] == "skipped" and "2D" in skipped["error"]
+    assert skipped["model"] == done["model"] and skipped["Anterior (mL)"] == ""
     assert scene.GetFirstNodeByName("Second segmentation") is not None
 
 
@@ -901,20 +930,24 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     # Warnings: in the panel's status and on every row of the batch table, with per-side totals.
     assert result.warnings == [warning]
     assert module.warningText(result.warnings) == f"Warning: {warning}"
-    table = logic.createSummaryTable(logic.summaryRows(result))
+    table = logic.createSummaryTable([logic.resultSummaryRow(result)], [result])
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
-    rows = [dict(zip(columns, (table.GetCellText(r, c) for c in range(len(columns)))))
-            for r in range(table.GetNumberOfRows())]
-    assert columns[-1] == "Message" and {"Side", "Asymmetry index", "Warnings"} <= set(columns)
-    assert [(row["Segment"], row["Side"]) for row in rows] == [(s["name"], s["side"]) for s in LOCATED_LABELS] + [
-        ("Left (all segments)", "left"), ("Right (all segments)", "right")]
-    assert all(row["Warnings"] == warning for row in rows)
-    assert int(rows[4]["Voxels"]) == report["sides"]["left"]["voxels"]
-    assert float(rows[5]["Asymmetry index"]) == pytest.approx(report["asymmetry_index"], abs=1e-4)
-    assert rows[0]["Asymmetry index"] == ""
+    (row,) = [dict(zip(columns, (table.GetCellText(r, c) for c in range(len(columns)))))
+              for r in range(table.GetNumberOfRows())]
+    assert columns == ["input", "status", "error", "model", "model_version",
+                       *(f"{s['name']} (mL)" for s in LOCATED_LABELS), "left (mL)", "right (mL)", "asymmetry index",
+                       "warnings"]
+    assert row["warnings"] == warning
+    assert row["left (mL)"] == f"{report['sides']['left']['volume_ml']:.3f}"
+    assert float(row["asymmetry index"]) == pytest.approx(report["asymmetry_index"], abs=1e-4)
+    # The engine's summary.csv row of the same report has the same cells.
+    from AttentionUNetSegmentLib.outputs import summary_row
+
+    engine = summary_row(volume.GetName(), "done", row["model"], row["model_version"], report)
+    assert {name: engine.get(name, "") for name in columns} == row
     batch = module.BatchJob(logic, [volume], module.SegmentationOptions())
     batch.results.append(result)
-    batch.rows.extend(logic.summaryRows(result))
+    batch.rows.append(logic.resultSummaryRow(result))
     assert batch.summary.endswith("1 with warnings (see the table)")  # the panel's status after the batch
 
     files = logic.exportForReport(result.segmentation, tmp_path / "export", referenceVolume=volume)
@@ -957,7 +990,8 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     assert crop.localizationBoxes == [] and crop.sides == {} and crop.asymmetryIndex is None and crop.warnings == []
     assert crop.segmentation.GetNumberOfNodeReferences(module.LOCALIZATION_BOX_ROLE) == 0
     assert logic._segmentSides(crop.segmentation) == [None, None]
-    assert [row["Segment"] for row in logic.summaryRows(crop)] == ["Anterior", "Posterior"]
+    crop_row = logic.resultSummaryRow(crop)
+    assert [name for name in crop_row if name.endswith(" (mL)")] == ["Anterior (mL)", "Posterior (mL)"]
     exported = logic.exportForReport(crop.segmentation, tmp_path / "export", referenceVolume=volume)
     assert "sides" not in exported and not list((tmp_path / "export").glob("*_sides.csv"))
     assert open(exported["volumes"]).readline().strip() == "value,name,voxels,volume_ml"

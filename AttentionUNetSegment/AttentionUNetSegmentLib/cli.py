@@ -22,15 +22,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
 from .domain import LOCALIZE_MODES, exceeds_field_of_view
-from .errors import AttentionUNetError, CancelledError, InputImageError, OutputExistsError
+from .errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError
 from .jsonfile import read_json
-from .outputs import OUTPUT_FORMATS, OutputPaths, plan_outputs, write_prediction
+from .outputs import (OUTPUT_FORMATS, SUMMARY_NAME, OutputPaths, check_writable, plan_outputs, summary_columns,
+                      summary_row, write_prediction, write_summary)
 from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
 #: Where the demo's sample volume is (next to the bundled models).
@@ -163,11 +164,17 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-patient-info", action="store_true",
                         help="put the DICOM patient's name, ID, birth date and study date into the report (by "
                              "default only the DICOM SEG carries patient data)")
+    parser.add_argument("--report-pdf", action="store_true",
+                        help="also write <stem>_report.pdf: a one-page report with views of each structure, the "
+                             "attention map, a volume table and the warnings (needs matplotlib)")
 
 
-def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool) -> List[Any]:
-    """The validated ``dicomio.DicomSeries`` of each input that is a DICOM folder (``None`` for volume files);
-    ``--series`` and ``--dicom-seg`` are refused where they cannot apply, and ``--dicom-seg`` without highdicom."""
+def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
+                   ) -> Tuple[List[Any], Dict[int, AttentionUNetError]]:
+    """The validated ``dicomio.DicomSeries`` of each input that is a DICOM folder (``None`` for volume files, and
+    for a folder whose series is refused: its error, by input index, is in the second value so a batch records
+    it as that input's failure); ``--series`` and ``--dicom-seg`` are refused where they cannot apply, and
+    ``--dicom-seg`` without highdicom."""
     from .dicomio import find_series, is_series_input
 
     folders = [is_series_input(path) for path in inputs]
@@ -182,7 +189,15 @@ def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
         from .dicomseg import require_highdicom
 
         require_highdicom()
-    return [find_series(path, series) if folder else None for path, folder in zip(inputs, folders)]
+    sources: List[Any] = []
+    errors: Dict[int, AttentionUNetError] = {}
+    for index, (path, folder) in enumerate(zip(inputs, folders)):
+        try:
+            sources.append(find_series(path, series) if folder else None)
+        except AttentionUNetError as error:
+            sources.append(None)
+            errors[index] = error
+    return sources, errors
 
 
 def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
@@ -223,14 +238,18 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   largest_component: bool = False, fmt: str = "nii.gz", force: bool = False, localize: str = "auto",
                   progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None,
                   warn=None, series: Optional[str] = None, dicom_seg: bool = False,
-                  keep_patient_info: bool = False) -> Dict[str, OutputPaths]:
+                  keep_patient_info: bool = False, report_pdf: bool = False) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
     Every input is validated (before the model is even loaded) and every output name checked before the first
     inference, so a bad input, an existing output, a name the file system cannot hold, or an output that would
     overwrite an input (or a data file an input's header names, or a file in ``also_reads``, e.g. the ROI file),
-    fails fast with nothing written. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
+    fails fast with nothing written. With several inputs, a failure of one input (unreadable, localisation
+    refused, out of memory, a write error) is recorded and the others still run; then ``summary.csv`` (one row per
+    input, ``outputs.summary_columns``) is written into ``output_dir`` (checked like every output before the first
+    inference) and ``InputsFailedError`` raised at the end if any failed. ``report_pdf``: also write
+    ``<stem>_report.pdf``. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
     between the localised run (per-side labels) and the plain one; an input that is not localised is checked
     against the model's domain and ``warn(text)`` is called for every warning (which also goes into the report).
     After a successful run, ``log(line)`` receives the line naming the bundle that ran (its path: a model on
@@ -251,32 +270,57 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
     warn = warn or (lambda _text: None)
-    sources = _dicom_sources(inputs, series, dicom_seg)
+    if report_pdf:
+        from .report import require_matplotlib
+
+        require_matplotlib()
+    sources, source_errors = _dicom_sources(inputs, series, dicom_seg)
     stems = _input_stems(inputs, sources)
     # what each input reads: a series' own files (a folder may hold other files, e.g. earlier outputs)
     reads = [file for path, source in zip(inputs, sources) for file in (source.files if source else [path])]
-    first_image = None  # kept: the first input is segmented first, so it is read only once
-    geometries: List[Geometry] = []
-    for index, path in enumerate(inputs):
+    batch = len(inputs) > 1
+    failed: Dict[str, str] = {}  # stem -> error, for a batch (a single input's error is raised)
+
+    def record(stem: str, error: Exception) -> None:
+        message = _input_failure(error, batch_size, probabilities)
+        if not batch or message is None:
+            raise error
+        failed[stem] = message
+
+    def read(index: int) -> "sitk.Image":
+        return read_series(sources[index]) if sources[index] is not None else read_image(inputs[index])
+
+    first_image = first_stem = None  # kept: the first input is segmented first, so it is read only once
+    geometries: Dict[str, Geometry] = {}
+    for index, (path, stem) in enumerate(zip(inputs, stems)):
         progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
         started = time.perf_counter()
-        image = read_series(sources[index]) if sources[index] is not None else read_image(path)
-        # With an ROI the model sees that region: the domain guard compares it, not the whole input.
-        geometries.append(_geometry(image if roi is None else crop_to_roi(image, roi)[0]))
-        if index == 0:
-            first_image, first_read_seconds = image, time.perf_counter() - started
+        try:
+            if index in source_errors:
+                raise source_errors[index]
+            image = read(index)
+            # With an ROI the model sees that region: the domain guard compares it, not the whole input.
+            geometries[stem] = _geometry(image if roi is None else crop_to_roi(image, roi)[0])
+        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
+            record(stem, error)
+            continue
+        if first_image is None:
+            first_image, first_stem, first_read_seconds = image, stem, time.perf_counter() - started
     image = None
     progress("load", 0.0, "Loading the model")
     bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
     num_gates = len(bundle.architecture["channels"]) - 1
-    localized = [will_localize(geometry, bundle, localize, roi) for geometry in geometries]
+    localized = {stem: will_localize(geometry, bundle, localize, roi) for stem, geometry in geometries.items()}
     plans = [plan_outputs(output_dir, stem, bundle.localized_labels if local else bundle.labels, fmt,
-                          num_gates if attention else 0, probabilities, dicom_seg)
-             for stem, local in zip(stems, localized)]
+                          num_gates if attention else 0, probabilities, dicom_seg, report_pdf)
+             for stem, local in localized.items()]
     for plan in plans:
         plan.check_writable(force, [*reads, *also_reads])
+    summary = Path(output_dir) / SUMMARY_NAME if batch else None
+    if summary is not None:
+        check_writable([summary], force, [*reads, *also_reads])
     remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
-    spec = bundle.localization if any(localized) else None
+    spec = bundle.localization if any(localized.values()) else None
     template = None
     if spec is not None:
         from .localization import read_template
@@ -301,38 +345,69 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                   "largest_component": largest_component, "format": fmt, "series": series, "dicom_seg": dicom_seg}
     written: Dict[str, OutputPaths] = {}
     for index, (path, stem) in enumerate(zip(inputs, stems)):
+        if stem in failed:
+            continue
         report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
         started = time.perf_counter()
         report("read", 0.0, f"Reading {Path(path).name}")
-        if index == 0:
-            image, first_image = first_image, None
-            read_seconds = first_read_seconds
-        else:
-            image = read_series(sources[index]) if sources[index] is not None else read_image(path)
-            read_seconds = time.perf_counter() - started
-        if localized[index]:
-            prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
-                                            largest_component, scaled(report, 0.0, 0.95))
-        else:
-            prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
-                                           largest_component=largest_component, progress=scaled(report, 0.0, 0.95))
-            prediction.warnings = domain_warnings(*geometries[index], bundle.domain,
-                                                  localizer=bundle.has_localizer and roi is None)
-        for text in prediction.warnings:
-            warn(f"{stem}: {text}")
-        prediction.timings = {"read": read_seconds, **prediction.timings}
-        report("write", 0.95, f"Writing outputs of {stem}")
-        source = sources[index]
-        written[stem] = write_prediction(
-            prediction, bundle, output_dir, stem, fmt=fmt, input_path=path, parameters=parameters, force=force,
-            dicom_series=source, dicom_seg=dicom_seg,
-            patient=source.patient_info() if keep_patient_info and source is not None else None)
-        report("write", 1.0, f"Wrote outputs of {stem}")
+        try:
+            if stem == first_stem:
+                image, first_image = first_image, None
+                read_seconds = first_read_seconds
+            else:
+                image = read(index)
+                read_seconds = time.perf_counter() - started
+            if localized[stem]:
+                prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
+                                                largest_component, scaled(report, 0.0, 0.95))
+            else:
+                prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
+                                               largest_component=largest_component,
+                                               progress=scaled(report, 0.0, 0.95))
+                prediction.warnings = domain_warnings(*geometries[stem], bundle.domain,
+                                                      localizer=bundle.has_localizer and roi is None)
+            for text in prediction.warnings:
+                warn(f"{stem}: {text}")
+            prediction.timings = {"read": read_seconds, **prediction.timings}
+            report("write", 0.95, f"Writing outputs of {stem}")
+            source = sources[index]
+            written[stem] = write_prediction(
+                prediction, bundle, output_dir, stem, fmt=fmt, input_path=path, parameters=parameters, force=force,
+                dicom_series=source, dicom_seg=dicom_seg, report_pdf=report_pdf, image=image,
+                patient=source.patient_info() if keep_patient_info and source is not None else None)
+            report("write", 1.0, f"Wrote outputs of {stem}")
+        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
+            record(stem, error)
+        image = None
     if log is not None:
         log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
         if bundle.integrity_warning:
             log(f"warning: {bundle.integrity_warning}")
+    if summary is not None:
+        _write_summary(summary, stems, written, failed, bundle, force)
+    if failed:
+        names = "; ".join(f"{stem}: {message}" for stem, message in failed.items())
+        raise InputsFailedError(f"{len(failed)} of {len(inputs)} inputs failed ({names}); the others were segmented, "
+                                f"see {summary}", failed, written, summary)
     return written
+
+
+def _input_failure(error: Exception, batch_size: Optional[int], probabilities: bool) -> Optional[str]:
+    """The message that records a batch input's failure, or None for what must end the whole run (a cancel, a
+    programming error)."""
+    if isinstance(error, CancelledError):
+        return None
+    return error_message(error, argparse.Namespace(command="segment", batch_size=batch_size,
+                                                   probabilities=probabilities))
+
+
+def _write_summary(path: Path, stems: Sequence[str], written: Mapping[str, OutputPaths], failed: Mapping[str, str],
+                   bundle: ModelBundle, force: bool) -> None:
+    """``summary.csv``: one row per input, in input order."""
+    reports = {stem: read_json(paths.report, "report", AttentionUNetError) for stem, paths in written.items()}
+    rows = [summary_row(stem, "done", bundle.name, bundle.version, reports[stem]) if stem in reports else
+            summary_row(stem, "failed", bundle.name, bundle.version, error=failed.get(stem, "")) for stem in stems]
+    write_summary(path, summary_columns(list(reports.values())), rows, force=force)
 
 
 def _predict_localized(predictor, image, spec, template, attention: bool, probabilities: bool,
@@ -393,15 +468,29 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             keep_patient_info=getattr(args, "keep_patient_info", False),
             # --progress json keeps stderr for errors only; the report's model.path names the bundle
             log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True),
-            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True))
+            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True),
+            report_pdf=getattr(args, "report_pdf", False))
+        failure = None
+    except InputsFailedError as error:  # the others' results are listed, then the error line ends the run
+        failure, written = error, error.written
     finally:
         reporter.close()
+    summary = Path(output_dir) / SUMMARY_NAME if len(inputs) > 1 else None
     if kind == "json":
-        reporter.emit({"stage": "done", "fraction": 1.0, "message": "Done",
-                       "outputs": {stem: paths.to_dict() for stem, paths in written.items()}})
+        record = {"stage": "done", "fraction": 1.0, "message": "Done",
+                  "outputs": {stem: paths.to_dict() for stem, paths in written.items()}}
+        if summary is not None:
+            record["summary"] = str(summary.resolve())
+        if failure is not None:
+            record["failed"] = failure.failed
+        reporter.emit(record)
     else:
         for stem, paths in written.items():
             print(_volumes_line(stem, paths))
+        if summary is not None:
+            print(f"summary: {summary}")
+    if failure is not None:
+        raise failure
     return written
 
 
@@ -578,7 +667,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Segment the bundled sample into ``--output-dir`` and draw the preview; run again, it refreshes the
     folder's demo files (``_check_demo_folder``)."""
     from .imageio import image_stem
-    from .preview import require_matplotlib, write_preview
+    from .preview import write_preview
+    from .report import require_matplotlib
 
     require_matplotlib()
     sample = find_sample()
@@ -714,6 +804,21 @@ def _out_of_memory_message(error: BaseException, kind: str, args: Optional[argpa
     return f"the GPU ran out of memory{needed}; try {', '.join(advice)}"
 
 
+def error_message(error: BaseException, args: Optional[argparse.Namespace]) -> Optional[str]:
+    """The one-line message (without ``error:``) for an error the user can act on, None for any other (a bug,
+    whose traceback must show): an ``AttentionUNetError``, an ``OSError`` (the disk filled up or a folder became
+    unwritable while writing), running out of memory. ``main`` prints it; a batch records it per input."""
+    if isinstance(error, AttentionUNetError):
+        return str(error)
+    if isinstance(error, OSError):
+        return (f"{error}; check that the output folder is writable and has free space (no partial outputs were "
+                "kept)")
+    kind = _memory_error_kind(error) if isinstance(error, (MemoryError, RuntimeError)) else None
+    if kind is None:
+        return None
+    return f"{_out_of_memory_message(error, kind, args)} (no partial outputs were kept)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 a check found problems, 2 an error the user can fix)."""
     args: Optional[argparse.Namespace] = None
@@ -722,19 +827,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser(argv).parse_args(argv)
         with _sigterm_cancels():
             return int(args.handler(args))
-    except AttentionUNetError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted; no outputs of the unfinished input were kept", file=sys.stderr)
         return 130
-    except OSError as error:  # e.g. the disk filled up or a folder became unwritable while writing
-        print(f"error: {error}; check that the output folder is writable and has free space (no partial "
-              "outputs were kept)", file=sys.stderr)
-        return EXIT_USAGE
-    except (MemoryError, RuntimeError) as error:
-        kind = _memory_error_kind(error)
-        if kind is None:
+    except (AttentionUNetError, OSError, MemoryError, RuntimeError) as error:
+        message = error_message(error, args)
+        if message is None:
             raise
-        print(f"error: {_out_of_memory_message(error, kind, args)} (no partial outputs were kept)", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE

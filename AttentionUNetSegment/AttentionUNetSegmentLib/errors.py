@@ -32,3 +32,12 @@ class DatasetError(AttentionUNetError):
 
 class CancelledError(AttentionUNetError):
     """The run was cancelled by the caller; nothing was written."""
+
+
+class InputsFailedError(AttentionUNetError):
+    """Some inputs of a run over several failed while the others were segmented: ``failed`` maps each failed
+    input's stem to its error, ``written`` the others to their outputs, ``summary`` is the ``summary.csv``."""
+
+    def __init__(self, message: str, failed, written, summary) -> None:
+        super().__init__(message)
+        self.failed, self.written, self.summary = failed, written, summary

@@ -9,6 +9,10 @@ For an input with stem ``<stem>`` and format ``nii.gz`` (or ``nrrd``):
 - ``<stem>_report.json``: segment volumes, model identity, parameters, timings and the files written;
 - ``<stem>_seg.dcm``: the labels as a DICOM Segmentation of the source series (DICOM input with ``--dicom-seg``;
   ``dicomseg.py``), the only output that carries the source's patient and study data.
+- ``<stem>_report.pdf``: the one-page visual report (``report.py``), when asked for.
+
+A run over several inputs also writes ``summary.csv`` (``SUMMARY_NAME``): one row per input, columns from
+``summary_columns`` (the Slicer module's batch table uses the same columns).
 
 All files of one input are written under temporary names and renamed only once every one of them is complete; on
 any error every partial file is removed, so a folder never holds half a result.
@@ -17,6 +21,8 @@ any error every partial file is removed, so a folder never holds half a result.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -66,10 +72,12 @@ class OutputPaths:
     attention: List[Path] = field(default_factory=list)
     probabilities: Dict[str, Path] = field(default_factory=dict)
     dicom_segmentation: Optional[Path] = None
+    report_pdf: Optional[Path] = None
 
     def all(self) -> List[Path]:
         return [self.segmentation, self.slicer_segmentation, *self.attention, *self.probabilities.values(),
-                *([self.dicom_segmentation] if self.dicom_segmentation is not None else []), self.report]
+                *([self.dicom_segmentation] if self.dicom_segmentation is not None else []), self.report,
+                *([self.report_pdf] if self.report_pdf else [])]
 
     def check_writable(self, force: bool = False, reads: Sequence[PathLike] = ()) -> None:
         """Raise unless every file can be written: ``AttentionUNetError`` when the folder is not (and cannot
@@ -77,19 +85,11 @@ class OutputPaths:
         is, or resolves to, a file the run reads (``reads``: the inputs, plus the data files their headers name),
         ``--force`` or not; ``OutputExistsError`` naming the existing files unless ``force``. Checked before
         inference, so no time is spent on a result that could not be written."""
-        for path in self.all():
-            check_output_name(path)
-        _check_folder_writable(self.segmentation.parent)
-        check_not_read(self.all(), reads)
-        existing = [path for path in self.all() if path.exists()]
-        if existing and not force:
-            names = ", ".join(path.name for path in existing[:3]) + (" ..." if len(existing) > 3 else "")
-            raise OutputExistsError(f"{len(existing)} output file(s) already exist in {existing[0].parent} "
-                                    f"({names}); choose another --output-dir or pass --force to overwrite")
+        check_writable(self.all(), force, reads)
 
     def to_dict(self) -> Dict[str, Any]:
         """Absolute paths as strings (the ``outputs`` of the CLI's final ``done`` progress record);
-        ``dicom_segmentation`` only when one is written."""
+        ``dicom_segmentation`` and ``report_pdf`` only when written."""
         paths = {
             "segmentation": str(self.segmentation.resolve()),
             "slicer_segmentation": str(self.slicer_segmentation.resolve()),
@@ -99,7 +99,22 @@ class OutputPaths:
         }
         if self.dicom_segmentation is not None:
             paths["dicom_segmentation"] = str(self.dicom_segmentation.resolve())
+        if self.report_pdf:
+            paths["report_pdf"] = str(self.report_pdf.resolve())
         return paths
+
+
+def check_writable(paths: Sequence[Path], force: bool = False, reads: Sequence[PathLike] = ()) -> None:
+    """``OutputPaths.check_writable`` for any files written into one folder (also ``summary.csv``)."""
+    for path in paths:
+        check_output_name(path)
+    _check_folder_writable(paths[0].parent)
+    check_not_read(paths, reads)
+    existing = [path for path in paths if path.exists()]
+    if existing and not force:
+        names = ", ".join(path.name for path in existing[:3]) + (" ..." if len(existing) > 3 else "")
+        raise OutputExistsError(f"{len(existing)} output file(s) already exist in {existing[0].parent} "
+                                f"({names}); choose another --output-dir or pass --force to overwrite")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -190,8 +205,10 @@ def _check_folder_writable(folder: Path) -> None:
 
 
 def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[LabelInfo], fmt: str = "nii.gz",
-                 num_attention: int = 0, probabilities: bool = False, dicom_seg: bool = False) -> OutputPaths:
-    """The paths ``write_prediction`` will write for one input (``dicom_seg``: also ``<stem>_seg.dcm``)."""
+                 num_attention: int = 0, probabilities: bool = False, dicom_seg: bool = False,
+                 report_pdf: bool = False) -> OutputPaths:
+    """The paths ``write_prediction`` will write for one input (``dicom_seg``: also ``<stem>_seg.dcm``;
+    ``report_pdf``: also ``<stem>_report.pdf``)."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {fmt!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
     folder = Path(output_dir)
@@ -203,6 +220,7 @@ def plan_outputs(output_dir: Union[str, Path], stem: str, labels: Sequence[Label
         probabilities=({label.name: folder / f"{stem}_prob_{file_name}.{fmt}"
                         for label, file_name in zip(labels, _probability_names(labels))} if probabilities else {}),
         dicom_segmentation=folder / f"{stem}_seg.dcm" if dicom_seg else None,
+        report_pdf=folder / f"{stem}_report.pdf" if report_pdf else None,
     )
 
 
@@ -306,7 +324,7 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
         "dicom": dicom_series.summary() if dicom_series is not None else None,
         "engine_version": __version__,
         "model": {"name": bundle.name, "version": bundle.version, "sha256": bundle.sha256,
-                  "path": str(bundle.path.resolve())},
+                  "path": str(bundle.path.resolve()), "license": bundle.metadata.get("license", "")},
         "device": prediction.device,
         "parameters": dict(parameters or {}),
         "image": _geometry(prediction.labels),
@@ -316,7 +334,7 @@ def build_report(prediction: "Prediction", bundle: ModelBundle, paths: OutputPat
         "asymmetry_index": round(asymmetry, 4) if asymmetry is not None else None,
         "localization": prediction.localization,
         "timings": {stage: round(float(seconds), 4) for stage, seconds in prediction.timings.items()},
-        "files": files,
+        "files": {**files, **({"report_pdf": paths.report_pdf.name} if paths.report_pdf else {})},
     }
     if patient is not None:
         report["patient"] = dict(patient)
@@ -327,7 +345,8 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
                      fmt: str = "nii.gz", input_path: Optional[Union[str, Path]] = None,
                      parameters: Optional[Mapping[str, Any]] = None, force: bool = False,
                      dicom_series: Optional["DicomSeries"] = None, dicom_seg: bool = False,
-                     patient: Optional[Mapping[str, str]] = None) -> OutputPaths:
+                     patient: Optional[Mapping[str, str]] = None, report_pdf: bool = False,
+                     image: Optional[sitk.Image] = None) -> OutputPaths:
     """Write every file of one input, all or nothing, and return their paths.
 
     Args:
@@ -338,6 +357,7 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
         parameters: the run's settings, recorded verbatim in the report.
         dicom_series: the series the input was read from (DICOM input); with ``dicom_seg`` the labels are also
             written as ``<stem>_seg.dcm`` (a DICOM Segmentation of it). ``patient``: put into the report as is.
+        report_pdf: also write ``<stem>_report.pdf``, drawn over ``image`` (the input) with the finest attention map.
 
     Raises:
         OutputExistsError: an output exists and ``force`` is false (nothing is written).
@@ -345,8 +365,10 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
     """
     segments = prediction.segments or bundle.labels
     by_value = {label.value: label.name for label in segments}
+    if report_pdf and image is None:
+        raise ValueError("report_pdf needs the input image")
     paths = plan_outputs(output_dir, stem, segments, fmt, len(prediction.attention),
-                         bool(prediction.probabilities), dicom_seg=dicom_seg)
+                         bool(prediction.probabilities), dicom_seg=dicom_seg, report_pdf=report_pdf)
     paths.check_writable(force, [input_path] if input_path is not None else [])
     segmentation = None
     if paths.dicom_segmentation is not None:
@@ -366,8 +388,8 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
     # Every atomic_output renames its partial file only when the whole stack exits cleanly; an exception anywhere
     # unwinds the stack and removes all partials.
     with contextlib.ExitStack() as stack:
-        for path, image in images:
-            write_partial(image, stack.enter_context(atomic_output(path, force)), path)
+        for path, volume in images:
+            write_partial(volume, stack.enter_context(atomic_output(path, force)), path)
         if segmentation is not None:
             from .dicomseg import save_segmentation
 
@@ -378,4 +400,66 @@ def write_prediction(prediction: "Prediction", bundle: ModelBundle, output_dir: 
             partial_report.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         except OSError as error:
             raise OSError(f"cannot write {paths.report} ({error.strerror or error})") from None
+        if paths.report_pdf:
+            from .report import save_report_pdf
+
+            attention = prediction.attention[0] if prediction.attention else None
+            partial_pdf = stack.enter_context(atomic_output(paths.report_pdf, force))
+            try:
+                save_report_pdf(image, prediction.labels, attention, report, stem, partial_pdf)
+            except OSError as error:
+                raise OSError(f"cannot write {paths.report_pdf} ({error.strerror or error})") from None
     return paths
+
+
+# ------------------------------------------------------------------------------------------------ batch summary
+#: The batch summary a run over several inputs writes into its output folder.
+SUMMARY_NAME = "summary.csv"
+#: First columns of every summary row; then one ``<segment> (mL)`` column per segment, ``SIDE_COLUMNS`` when
+#: segments have sides, and ``warnings``.
+SUMMARY_HEAD = ("input", "status", "error", "model", "model_version")
+SIDE_COLUMNS = ("left (mL)", "right (mL)", "asymmetry index")
+SUMMARY_TAIL = ("warnings",)
+
+
+def summary_columns(reports: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The summary's columns (the CLI's ``summary.csv`` and the Slicer batch table) for the done inputs'
+    ``reports`` (``summary_row``'s): every segment name they have, in order, and the per-side columns when one has
+    sides."""
+    names = list(dict.fromkeys(str(s["name"]) for report in reports for s in report.get("segments", [])))
+    sided = any(report.get("sides") for report in reports)
+    return [*SUMMARY_HEAD, *(f"{name} (mL)" for name in names), *(SIDE_COLUMNS if sided else ()), *SUMMARY_TAIL]
+
+
+def summary_row(input_name: str, status: str, model: str, version: str, report: Optional[Mapping[str, Any]] = None,
+                error: str = "") -> Dict[str, str]:
+    """One input's summary cells by column name: ``report`` (a ``_report.json`` dict, or any mapping with its
+    ``segments`` (``name``, ``volume_ml``), ``sides`` and ``asymmetry_index``, ``warnings``) for a done input;
+    ``error`` for one that failed. Volumes in mL with 3 decimals, the asymmetry index with 4."""
+    row = {"input": input_name, "status": status, "error": error, "model": model, "model_version": version}
+    if report is not None:
+        for segment in report.get("segments", []):
+            row[f"{segment['name']} (mL)"] = f"{segment['volume_ml']:.3f}"
+        sides = report.get("sides") or {}
+        for side, column in zip(("left", "right"), SIDE_COLUMNS):
+            if side in sides:
+                row[column] = f"{sides[side]['volume_ml']:.3f}"
+        if sides and report.get("asymmetry_index") is not None:
+            row[SIDE_COLUMNS[2]] = f"{report['asymmetry_index']:.4f}"
+        row["warnings"] = "; ".join(report.get("warnings", []))
+    return row
+
+
+def write_summary(path: Union[str, Path], columns: Sequence[str], rows: Sequence[Mapping[str, str]],
+                  force: bool = False) -> Path:
+    """Write the summary CSV atomically (a column a row lacks is empty)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), restval="", extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(path, force) as partial:
+        try:
+            partial.write_bytes(text.getvalue().encode("utf-8"))
+        except OSError as error:
+            raise OSError(f"cannot write {path} ({error.strerror or error})") from None
+    return Path(path)

@@ -1,102 +1,79 @@
-"""A PNG preview of one segmented volume: three orthogonal slices with the segmentation outlined over the image,
-and the same slices with the finest attention map over the image.
+"""A PNG preview of one segmented volume (the demo's ``<stem>_preview.png``): three orthogonal slices through the
+segmentation's centre with the segments outlined over the image, and the same slices with the finest attention map
+over the image; a legend, orientation letters and a colour bar.
 
-The attention map is resampled onto the image grid *for display only* (the written map stays on its own coarse
-grid). Slices go through the segmentation's centre and are shown in radiological convention (patient right on
-the left of axial and coronal views, superior up), with the voxel aspect ratio honoured.
+Drawn by ``report.draw_views``, the code that draws the PDF report's views (same display convention: radiological,
+see ``report.CONVENTION``; square panels of equal size at one scale).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-import numpy as np
 import SimpleITK as sitk
 
-from .errors import AttentionUNetError
 from .imageio import atomic_output, read_image
 from .outputs import OutputPaths
+from .report import CONVENTION, display_volumes, draw_views, legend_handles, require_matplotlib, whole_image
 
-#: Display orientation: index i runs to patient Left, j to Posterior, k to Superior.
-DISPLAY_ORIENTATION = "LPS"
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-
-def require_matplotlib() -> None:
-    """Fail early, before any segmentation work, when the preview cannot be drawn."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise AttentionUNetError("the preview needs matplotlib; install it with "
-                                 "`pip install \"attention-unet-segment[demo]\"`") from None
-
-
-def _views(volume: np.ndarray, centre: Sequence[int]) -> List[np.ndarray]:
-    """Axial, coronal and sagittal slices of a ``(k, j, i)`` array, rows ordered so that ``origin='lower'``
-    puts superior (coronal/sagittal) or posterior (axial: flipped below) at the top."""
-    k, j, i = centre
-    return [volume[k, ::-1, :], volume[:, j, :], volume[:, :, i]]
+#: Panel side, margins and the colour bar's column, in inches.
+_PANEL, _GAP, _MARGIN, _LABEL, _BAR = 2.6, 0.1, 0.3, 0.35, 0.95
 
 
 def write_preview(image_path: Union[str, Path], paths: OutputPaths, preview_path: Union[str, Path],
                   force: bool = False, title: Optional[str] = None) -> Path:
     """Draw the preview of one input's outputs to ``preview_path`` (PNG, written atomically)."""
+    figure = preview_figure(image_path, paths, title)
+    with atomic_output(preview_path, force) as partial:
+        figure.savefig(str(partial), format="png")
+    return Path(preview_path)
+
+
+def preview_figure(image_path: Union[str, Path], paths: OutputPaths, title: Optional[str] = None) -> "Figure":
+    """The preview as a matplotlib ``Figure``: rows of three square views (segmentation; attention when written)."""
     require_matplotlib()
-    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
     image = read_image(image_path)
     labels = sitk.ReadImage(str(paths.segmentation))
     report = json.loads(paths.report.read_text(encoding="utf-8"))
-    attention = None
-    if paths.attention:
-        coarse = sitk.ReadImage(str(paths.attention[0]))
-        attention = sitk.Resample(coarse, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-
-    def array(volume: sitk.Image) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.DICOMOrient(volume, DISPLAY_ORIENTATION))
-
-    pixels = array(sitk.Cast(image, sitk.sitkFloat32))
-    label_array = array(labels)
-    spacing = sitk.DICOMOrient(image, DISPLAY_ORIENTATION).GetSpacing()  # (i, j, k)
-    foreground = np.argwhere(label_array > 0)
-    centre = (foreground.mean(axis=0) if len(foreground) else np.array(label_array.shape) / 2).astype(int)
-    low, high = np.percentile(pixels, [1, 99])
-    aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
-    names = ["axial", "coronal", "sagittal"]
-
-    figure = Figure(figsize=(10, 7), dpi=110, layout="constrained")
-    axes = figure.subplots(2 if attention is not None else 1, 3, squeeze=False)
+    attention = sitk.ReadImage(str(paths.attention[0])) if paths.attention else None
+    volumes = display_volumes(image, labels, attention)
+    structure = whole_image(volumes)
     segments = report["segments"]
-    lookup = np.zeros((max([s["value"] for s in segments] + [0]) + 1, 4))
-    for segment in segments:
-        lookup[segment["value"]] = [*segment["color"], 0.45]
-    overlay = ListedColormap(lookup)
-    for column, (background, segmentation) in enumerate(zip(_views(pixels, centre), _views(label_array, centre))):
-        axis = axes[0][column]
-        axis.imshow(background, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspects[column])
-        axis.imshow(segmentation, cmap=overlay, vmin=0, vmax=len(lookup) - 1, origin="lower", aspect=aspects[column],
-                    interpolation="nearest")
-        for segment in segments:
-            mask = (segmentation == segment["value"]).astype(float)
-            if mask.any():
-                axis.contour(mask, levels=[0.5], colors=[segment["color"]], linewidths=1.0, origin="lower")
-        axis.set_title(f"{names[column]}: segmentation")
-    if attention is not None:
-        for column, (background, alpha) in enumerate(zip(_views(pixels, centre), _views(array(attention), centre))):
-            axis = axes[1][column]
-            axis.imshow(background, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspects[column])
-            shown = axis.imshow(alpha, cmap="inferno", vmin=0.0, vmax=1.0, alpha=0.55, origin="lower",
-                                aspect=aspects[column])
-            axis.set_title(f"{names[column]}: attention (gate 0)")
-        figure.colorbar(shown, ax=axes[1].tolist(), shrink=0.8, label="attention coefficient")
-    for axis in axes.ravel():
-        axis.set_xticks([])
-        axis.set_yticks([])
-    volumes = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in segments)
+    layers = ["segmentation", "attention"] if attention is not None else ["segmentation"]
+
+    title_height, row_title, legend_height, footer = 0.75, 0.25, 0.55, 0.3
+    width = _MARGIN * 2 + _LABEL + 3 * _PANEL + 2 * _GAP + _BAR
+    height = title_height + len(layers) * (_PANEL + row_title) + legend_height + footer
+    figure = Figure(figsize=(width, height), dpi=110)
+    shown = None
+    y = height - title_height
+    for layer in layers:
+        y -= row_title + _PANEL
+        axes = [figure.add_axes([(_MARGIN + _LABEL + column * (_PANEL + _GAP)) / width, y / height,
+                                 _PANEL / width, _PANEL / height]) for column in range(3)]
+        drawn = draw_views(axes, volumes, structure, layer, segments, letter_size=9)
+        shown = drawn if drawn is not None else shown
+        figure.text((_MARGIN + _LABEL / 2) / width, (y + _PANEL / 2) / height,
+                    "segmentation" if layer == "segmentation" else "attention (gate 0)", rotation=90, ha="center",
+                    va="center", fontsize=10)
+    if shown is not None:
+        left = _MARGIN + _LABEL + 3 * _PANEL + 2 * _GAP + 0.15
+        colorbar = figure.colorbar(shown, cax=figure.add_axes([left / width, y / height, 0.15 / width,
+                                                                _PANEL / height]))
+        colorbar.set_label("attention coefficient", fontsize=9)
+        colorbar.solids.set_alpha(1.0)
+    figure.legend(handles=legend_handles(segments), loc="upper center", ncol=min(len(segments), 4), fontsize=9,
+                  frameon=False, bbox_to_anchor=(0.5, (y - 0.08) / height))
+    volumes_text = ", ".join(f"{s['name']} {s['volume_ml']:.2f} mL" for s in segments)
     model = report["model"]
-    figure.suptitle(title or f"{Path(image_path).name} - {model['name']} {model['version']}: {volumes}")
-    with atomic_output(preview_path, force) as partial:
-        figure.savefig(str(partial), format="png")
-    return Path(preview_path)
+    figure.suptitle(title or f"{Path(image_path).name} - {model['name']} {model['version']}: {volumes_text}",
+                    y=1 - 0.25 / height, fontsize=11)
+    figure.text(0.5, 0.12 / height, f"Views in {CONVENTION}.", ha="center", va="bottom", fontsize=7.5)
+    return figure
