@@ -5,6 +5,7 @@ QuantitativeReporting uses)."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -295,6 +296,27 @@ def test_several_series_are_listed_in_one_error_and_series_picks_one(tmp_path, t
     np.testing.assert_allclose(np.array(labels.GetDirection()).reshape(3, 3), OBLIQUE, atol=1e-6)
     with pytest.raises(InputImageError, match="not a DICOM image series"):
         segment_files([str(folder)], tmp_path / "out2", tiny_bundle, device="cpu", series="1.2.3.4")
+
+
+def test_a_folder_of_studies_is_one_input_per_series_with_a_summary(tmp_path, tiny_bundle):
+    studies = tmp_path / "studies"
+    first = write_series(studies / "patient_a" / "mr1", _volume((6, 20, 24), seed=1), description="T1 axial")
+    write_series(studies / "patient_b", _volume((5, 20, 24), seed=2), description="T1 axial")
+    (studies / "notes").mkdir()  # a folder without DICOM files is passed over
+    out = tmp_path / "out"
+    done = _cli("segment", studies, "--output-dir", out, "--model", tiny_bundle.path, "--device", "cpu",
+                "--no-attention", "--progress", "none")
+    assert done.returncode == 0, done.stderr
+    with open(out / "summary.csv", newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["status"] for row in rows] == ["done", "done"]
+    # one protocol over several studies: the stems keep the description and tell the series apart by UID
+    uid_a = pydicom.dcmread(first[0]).SeriesInstanceUID
+    assert rows[0]["input"] == f"T1_axial_{uid_a.split('.')[-1][-8:]}"
+    assert rows[0]["input"] != rows[1]["input"] and rows[1]["input"].startswith("T1_axial_")
+    sizes = sorted(sitk.ReadImage(str(out / f"{row['input']}_seg.nii.gz")).GetSize()[2] for row in rows)
+    assert sizes == [5, 6]
+    assert not any(needle in done.stderr + done.stdout for needle in PATIENT_STRINGS)
 
 
 def test_voxel_cap_is_applied_to_the_tags_before_any_pixel_is_read(tmp_path, tiny_bundle):

@@ -200,11 +200,24 @@ def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
     return sources, errors
 
 
+def _study_inputs(inputs: Sequence[str], series: Optional[str]) -> List[str]:
+    """``inputs`` with every folder of DICOM studies replaced by its series folders (``dicomio.study_folders``)."""
+    from .dicomio import is_series_input, study_folders
+
+    return [str(folder) for path in inputs
+            for folder in (study_folders(path, series) if is_series_input(path) else [path])]
+
+
 def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
-    """File names without their image extension; a DICOM series' description or UID (``DicomSeries.stem``)."""
+    """File names without their image extension; a DICOM series' description or UID (``DicomSeries.stem``), and
+    where several series share a description (one protocol over many studies) with the end of their UID."""
     from .imageio import image_stem
+    from .outputs import safe_name
 
     stems = [source.stem if source is not None else image_stem(path) for path, source in zip(inputs, sources)]
+    stems = [safe_name(f"{stem}_{source.uid.split('.')[-1][-8:]}")
+             if source is not None and [s.casefold() for s in stems].count(stem.casefold()) > 1 else stem
+             for stem, source in zip(stems, sources)]
     folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
     repeated = sorted({stem for stem, key in zip(stems, folded) if folded.count(key) > 1})
     if repeated:
@@ -274,6 +287,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         from .report import require_matplotlib
 
         require_matplotlib()
+    inputs = _study_inputs(inputs, series)
     sources, source_errors = _dicom_sources(inputs, series, dicom_seg)
     stems = _input_stems(inputs, sources)
     # what each input reads: a series' own files (a folder may hold other files, e.g. earlier outputs)

@@ -160,6 +160,35 @@ def series_files(folder: PathLike) -> List[Path]:
     return [file for _, files, _ in _image_series(Path(folder)) for file in files]
 
 
+#: How many folder levels below a folder of studies ``study_folders`` searches for series folders.
+MAX_STUDY_DEPTH = 4
+
+
+def study_folders(folder: PathLike, uid: Optional[str] = None) -> List[Path]:
+    """What ``segment`` reads for an input folder: the folder itself when it directly holds an image series (with
+    ``uid``: that one), else every folder below it (at most ``MAX_STUDY_DEPTH`` levels, hidden ones skipped, in
+    sorted order) that does, so a folder of studies is one input per series folder. ``[folder]`` when none does
+    (``find_series`` then says why)."""
+    folder = Path(folder)
+
+    def holds(path: Path) -> bool:
+        return any(uid is None or entry[0] == uid for entry in _image_series(path))
+
+    if not folder.is_dir() or holds(folder):
+        return [folder]
+    found: List[Path] = []
+
+    def search(path: Path, depth: int) -> None:
+        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if holds(child):
+                found.append(child)
+            elif depth < MAX_STUDY_DEPTH:
+                search(child, depth + 1)
+
+    search(folder, 1)
+    return found or [folder]
+
+
 def _listing(series: Sequence[Tuple[str, List[Path], SliceHeader]]) -> str:
     return "; ".join(f"{uid} ({first.text('description') or 'no description'}, {len(files)} files)"
                      for uid, files, first in series)
@@ -186,8 +215,9 @@ def find_series(folder: PathLike, uid: Optional[str] = None) -> DicomSeries:
         candidates = chosen
     if not candidates:
         raise InputImageError(
-            f"{folder} holds no DICOM image series that GDCM can read (subfolders are not searched); give the folder "
-            "that directly holds the series' files (with or without .dcm), or a volume file (.nii.gz, .nrrd, ...)")
+            f"{folder} holds no DICOM image series that GDCM can read, nor do its subfolders; give the folder that "
+            "holds the series' files (with or without .dcm), a folder of such folders, or a volume file (.nii.gz, "
+            ".nrrd, ...)")
     if len(candidates) > 1:
         raise InputImageError(f"{folder} holds {len(candidates)} DICOM series: {_listing(candidates)}; choose one "
                               "with --series UID")
