@@ -366,3 +366,14 @@ def test_localized_ensemble_prediction_is_the_mean_of_the_folds(random_folds, tm
     values = sorted(combined.probabilities)
     expected = np.mean([_arrays(single.probabilities[v] for v in values) for single in singles], axis=0)
     np.testing.assert_allclose(_arrays(combined.probabilities[v] for v in values), expected, atol=2e-5)
+
+
+def test_the_slicer_panel_names_a_fold_ensemble(ensemble, tiny_bundle):
+    pytest.importorskip("slicer")
+    from slicer_module_shims import load_module
+
+    describe = load_module().AttentionUNetSegmentLogic.describeModel
+    mean = ensemble.metadata["metrics"]["cross_validation"]["mean"]["mean_dice"]
+    assert f"Fold ensemble of 2 networks (their probabilities are averaged); cross-validation mean Dice {mean:.3f}" \
+        in describe(ensemble)
+    assert "Fold ensemble" not in describe(tiny_bundle)

@@ -476,6 +476,7 @@ def plan_split(cases: Sequence[CaseRecord], validation: Union[int, float], seed:
     ordered = sorted(case.name for case in rest)
     order = np.random.default_rng([seed, folds]).permutation(len(ordered))
     fold_cases = [sorted(ordered[i] for i in order[k::folds]) for k in range(folds)]
-    validated_names = set(fold_cases[fold or 0])
-    return CaseSplit([c.name for c in rest if c.name not in validated_names], fold_cases[fold or 0], held, seed,
-                     fold_cases, fold or 0)
+    index = fold or 0
+    validated_names = set(fold_cases[index])
+    return CaseSplit([c.name for c in rest if c.name not in validated_names], fold_cases[index], held, seed,
+                     fold_cases, index)

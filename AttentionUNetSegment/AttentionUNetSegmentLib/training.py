@@ -490,13 +490,15 @@ class Trainer:
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
                                                                            dataset.labels.items()},
                                         "training_cases": train_names, "validation_cases": val_names,
-                                        "split": self.split, "domain": self.domain, "config": _jsonable(asdict(config))})
+                                        "split": self.split, "domain": self.domain,
+                                        "config": _jsonable(asdict(config))})
             self._log(f"plan: spacing {plan.target_spacing} mm, patch {plan.patch_size} (x, y, z), channels "
                       f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
                       f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
                       "validation cases")
             cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
-            cache.load_all([c for c in dataset.cases if c.name in set(train_names + val_names)])
+            used = set(train_names + val_names)
+            cache.load_all([c for c in dataset.cases if c.name in used])
             prepared = (plan.to_dict(), train_names, val_names)
         plan_dict, train_names, val_names = self._broadcast(prepared)
         plan = TrainingPlan.from_dict(plan_dict)
