@@ -377,3 +377,15 @@ def test_the_slicer_panel_names_a_fold_ensemble(ensemble, tiny_bundle):
     assert f"Fold ensemble of 2 networks (their probabilities are averaged); cross-validation mean Dice {mean:.3f}" \
         in describe(ensemble)
     assert "Fold ensemble" not in describe(tiny_bundle)
+
+
+def test_evaluate_held_out_scores_the_cases_no_fold_saw(boxes, ensemble, tiny_bundle, tmp_path, capsys):
+    held = ensemble.metadata["metrics"]["training"]["split"]["held_out_cases"]
+    assert main(["evaluate", str(boxes), "--model", str(ensemble.path), "--held-out", "--device", "cpu",
+                 "--output", str(tmp_path / "scores"), "--progress", "none"]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert [case["case"] for case in report["cases"]] == held
+    assert "records no held-out cases" in _fails(capsys, "evaluate", str(boxes), "--model", str(tiny_bundle.path),
+                                                 "--held-out", "--output", str(tmp_path / "other"))
+    assert not (tmp_path / "other.json").exists()
