@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from AttentionUNetSegmentLib.bundle import (DIGEST_KEY, FOLDS_FORMAT_VERSION, MAX_WINDOW_BYTES, ModelBundle,
-                                            create_metadata, estimate_memory, file_sha256, load_bundle,
+                                            ModelRegistry, estimate_memory, file_sha256, load_bundle,
                                             parameter_count, read_metadata, save_bundle, save_ensemble)
 from AttentionUNetSegmentLib.cli import main
 from AttentionUNetSegmentLib.datasets import CaseRecord, load_dataset, plan_split, split_cases
@@ -389,3 +389,15 @@ def test_evaluate_held_out_scores_the_cases_no_fold_saw(boxes, ensemble, tiny_bu
     assert "records no held-out cases" in _fails(capsys, "evaluate", str(boxes), "--model", str(tiny_bundle.path),
                                                  "--held-out", "--output", str(tmp_path / "other"))
     assert not (tmp_path / "other.json").exists()
+
+
+def test_force_replaces_an_ensemble_and_a_missing_fold_lists_it_as_broken(fold_runs, ensemble, tmp_path, capsys):
+    _, bundles = fold_runs
+    output = Path(shutil.copytree(ensemble.path, tmp_path / "models" / "boxes"))
+    assert main(["ensemble", str(bundles[0].path), str(bundles[1].path), "--output", str(output), "--force",
+                 "--model-version", "2.0.0"]) == 0
+    capsys.readouterr()
+    assert load_bundle(output).version == "2.0.0"
+    (output / "fold1.safetensors").unlink()
+    bundles_found, problems = ModelRegistry([output.parent]).scan()
+    assert not bundles_found and len(problems) == 1 and "fold1.safetensors is missing" in problems[0][1]
