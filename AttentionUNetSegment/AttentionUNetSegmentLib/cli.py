@@ -250,7 +250,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     if available is not None and needed > available:
         raise AttentionUNetError(
             f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
-            f"{bundle.name} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
+            f"{bundle.name}{f' ({bundle.fold_count} folds)' if bundle.fold_count > 1 else ''} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
             f"of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a smaller --batch-size"
             + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
