@@ -93,6 +93,8 @@ def boxes(tmp_path_factory) -> Path:
     (["--fold", "0", "--folds", "1"], "--folds 1: give a whole number of folds, at least 2"),
     (["--fold", "0"], "--fold and --folds go together"),
     (["--folds", "3"], "--fold and --folds go together"),
+    (["--fold", "all"], "--fold and --folds go together"),
+    (["--fold", "first", "--folds", "3"], "invalid fold 'first'"),
     (["--fold", "0", "--folds", "3", "--validation", "2"], "--validation and --folds exclude each other"),
     (["--held-out", "-1"], "--held-out -1"),
     (["--fold", "0", "--folds", "7", "--held-out", "1"], "7 case(s) is too few to hold out 1: 7 folds need"),
@@ -401,3 +403,22 @@ def test_force_replaces_an_ensemble_and_a_missing_fold_lists_it_as_broken(fold_r
     (output / "fold1.safetensors").unlink()
     bundles_found, problems = ModelRegistry([output.parent]).scan()
     assert not bundles_found and len(problems) == 1 and "fold1.safetensors is missing" in problems[0][1]
+
+
+def test_fold_all_trains_every_fold_then_writes_their_ensemble(boxes, tmp_path, capsys):
+    options = ["train", str(boxes), "--output", str(tmp_path / "ensemble"), "--work-dir", str(tmp_path / "work"),
+               "--name", "boxes", "--channels", "4", "8", "16", "--patch-size", "16", "16", "16", "--batch-size", "2",
+               "--epochs", "1", "--iterations-per-epoch", "2", "--threads", "1", "--progress", "none", "--seed", "3",
+               "--folds", "2", "--fold", "all", "--held-out", "1"]
+    assert main(options) == 0
+    capsys.readouterr()
+    ensemble = load_bundle(tmp_path / "ensemble")
+    folds = [load_bundle(tmp_path / "work" / f"fold{k}" / "model") for k in (0, 1)]
+    assert ensemble.fold_count == 2 and [e["sha256"] for e in ensemble.weight_entries] == [f.sha256 for f in folds]
+    assert [f.metadata["metrics"]["training"]["split"]["fold"] for f in folds] == [0, 1]
+    assert "already exists" in _fails(capsys, *options)  # a finished run is not silently redone
+    assert main(options + ["--resume"]) == 0  # every fold is complete: only the exports are written again
+    capsys.readouterr()
+    again = load_bundle(tmp_path / "ensemble")
+    for before, after in zip(ensemble.state_dicts, again.state_dicts):
+        assert all(torch.equal(before[key], after[key]) for key in before)

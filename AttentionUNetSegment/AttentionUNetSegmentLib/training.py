@@ -804,6 +804,38 @@ def train(config: TrainingConfig) -> Optional[Path]:
     return Trainer(config).run()
 
 
+def train_folds(config: TrainingConfig) -> Optional[Path]:
+    """Train every fold of ``config.folds`` in turn (``config.fold`` is ignored), each exactly as ``train`` with
+    that fold, its work folder and bundle in ``<work_dir>/fold<K>/`` (with ``resume``, folds that have a
+    checkpoint continue, the others start), then write their ensemble at ``config.output``; returns it on rank 0.
+    """
+    from .ensemble import combine_folds
+
+    check_config(config)
+    output, work_dir = Path(config.output).expanduser(), Path(config.work_dir).expanduser()
+    if output.resolve() == work_dir.resolve() or output.resolve() in work_dir.resolve().parents:
+        raise AttentionUNetError(f"--output {output} is (or holds) the work folder {work_dir}, which holds the fold "
+                                 "bundles; choose another --output (nothing was changed)")
+    if output.exists() or output.is_symlink():
+        if not (config.force or config.resume):
+            raise OutputExistsError(f"output bundle {output} already exists; choose another --output or pass "
+                                    "--force to replace it when training finishes")
+        try:
+            check_replaceable(output)
+        except ModelBundleError as error:
+            raise OutputExistsError(f"--output: {error}") from None
+    folds = []
+    for fold in range(int(config.folds or 0)):
+        work = work_dir / f"fold{fold}"
+        folds.append(train(replace(config, fold=fold, work_dir=str(work), output=str(work / "model"),
+                                   resume=config.resume and (work / "checkpoints" / "last.pt").exists())))
+    if folds[0] is None:  # not rank 0
+        return None
+    from .bundle import load_bundle
+
+    return combine_folds([load_bundle(path) for path in folds], output, force=True).path
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``attention-unet train``."""
     parser.add_argument("dataset", help="MSD/nnU-Net folder (imagesTr/, labelsTr/, dataset.json) or a .json/.csv "
@@ -843,7 +875,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="test cases no run (and no fold) trains or validates on, drawn first with --seed (the "
                             "same cases --validation COUNT would pick); recorded in plan.json and the bundle")
     group.add_argument("--folds", type=int, help="k-fold cross-validation: the number of folds (with --fold)")
-    group.add_argument("--fold", type=int, help="the fold this run validates on, 0..FOLDS-1; the other folds train. "
+    group.add_argument("--fold", type=_fold_choice, help="the fold this run validates on, 0..FOLDS-1 (the other folds "
+                       "train), or 'all': every fold in turn (in WORK_DIR/fold<K>/), then their ensemble at --output. "
                        "Runs with the same dataset, --seed, --held-out and --folds agree on every fold's cases")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--amp", choices=AMP_MODES, default="none",
@@ -862,6 +895,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     group.add_argument("--threads", type=int, help="torch intra-op threads per process")
     group.add_argument("--progress", choices=["bar", "json", "none"], default=None)
+
+
+def _fold_choice(text: str) -> Union[int, str]:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fold {text!r}: give a number 0..FOLDS-1 or 'all'") from None
 
 
 def _count_or_fraction(value: float) -> Union[int, float]:
@@ -884,7 +926,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         iterations_per_epoch=args.iterations_per_epoch, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
         validation=_count_or_fraction(0.2 if args.validation is None else args.validation),
-        seed=args.seed, held_out=_count_or_fraction(args.held_out), folds=args.folds, fold=args.fold,
+        seed=args.seed, held_out=_count_or_fraction(args.held_out), folds=args.folds,
+        fold=0 if args.fold == "all" else args.fold,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
         foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
@@ -895,7 +938,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         flip_axes=tuple(args.flip_axes) if args.flip_axes is not None else None,
         normalization=args.normalization)
     try:
-        train(config)
+        (train_folds if args.fold == "all" else train)(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
