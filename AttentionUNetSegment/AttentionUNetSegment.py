@@ -909,6 +909,11 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic):
                  f"Segments: {swatches}", f"Licence: {meta.get('license', 'not stated')}"]
         if meta.get("training_data"):
             lines.append(f"Trained on: {meta['training_data']}")
+        if bundle.fold_count > 1:
+            crossValidation = (meta.get("metrics") or {}).get("cross_validation") or {}
+            meanDice = (crossValidation.get("mean") or {}).get("mean_dice")
+            lines.append(f"Fold ensemble of {bundle.fold_count} networks (their probabilities are averaged)"
+                         + (f"; cross-validation mean Dice {meanDice:.3f}" if isinstance(meanDice, float) else ""))
         return "<br>".join(lines)
 
     @staticmethod

@@ -22,7 +22,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
 from .errors import ModelBundleError
@@ -37,8 +37,16 @@ if TYPE_CHECKING:  # imported for annotations only; torch stays out of module sc
     from .network import AttentionUNet
 
 FORMAT = "attention-unet-bundle"
-#: 2 added ``metadata_sha256``; format_version 1 bundles (without it) still load, with their weights checked only.
-FORMAT_VERSION = 2
+#: The newest format this engine reads. 2 added ``metadata_sha256`` (format_version 1 bundles without it still load,
+#: with their weights checked only); 3 added ``weights.folds`` (fold ensembles, the only bundles written as 3, so
+#: engines that predate folds refuse them as newer instead of misreading them).
+FORMAT_VERSION = 3
+#: What a single-weights bundle is written as.
+SINGLE_WEIGHTS_FORMAT_VERSION = 2
+#: The first format that may hold ``weights.folds``.
+FOLDS_FORMAT_VERSION = 3
+#: Most folds an ensemble bundle may hold (each one runs on every window).
+MAX_FOLDS = 16
 #: The key of the digest over the canonical metadata (``metadata_digest``).
 DIGEST_KEY = "metadata_sha256"
 METADATA_FILE = "model.json"
@@ -203,11 +211,13 @@ def parameter_count(architecture: Mapping[str, Any]) -> int:
 
 
 def estimate_memory(architecture: Mapping[str, Any], patch_size: Sequence[int], batch_size: int = 1,
-                    training: bool = False) -> int:
+                    training: bool = False, folds: int = 1) -> int:
     """Rough bytes (float32) of the parameters plus one forward pass over ``batch_size`` windows of
     ``patch_size`` voxels: inference keeps every level's skip plus a few full-resolution tensors; training keeps
     every intermediate for the backward pass (about 20 tensors per level) and AdamW's state (4 copies of the
-    parameters). Python integers throughout, so absurd values give an absurd number, never an overflow."""
+    parameters). An ensemble of ``folds`` networks (inference) holds every fold's parameters and runs them one
+    after the other on a window, plus one more output-sized sum per window. Python integers throughout, so absurd
+    values give an absurd number, never an overflow."""
     channels = [int(c) for c in architecture["channels"]]
     out = int(architecture["out_channels"])
     per_level = [math.prod(max(1, int(p) // 2 ** k) for p in patch_size) for k in range(len(channels))]
@@ -216,8 +226,8 @@ def estimate_memory(architecture: Mapping[str, Any], patch_size: Sequence[int], 
         activations = 20 * features + 4 * out * per_level[0]
         parameters = 4 * parameter_count(architecture)
     else:
-        activations = features + (8 * channels[0] + 2 * out) * per_level[0]
-        parameters = parameter_count(architecture)
+        activations = features + (8 * channels[0] + (2 if folds == 1 else 3) * out) * per_level[0]
+        parameters = folds * parameter_count(architecture)
     return 4 * (batch_size * activations + parameters)
 
 
@@ -246,7 +256,7 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
     version = metadata.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise _fail(directory, f"'format_version' must be a positive integer, got {version!r}",
-                    f"set it to {FORMAT_VERSION}")
+                    f"set it to {SINGLE_WEIGHTS_FORMAT_VERSION} ({FOLDS_FORMAT_VERSION} for a fold ensemble)")
     if version > FORMAT_VERSION:
         raise _fail(directory, f"format_version {version} is newer than this engine supports ({FORMAT_VERSION})",
                     f"upgrade the AttentionUNet engine (this is {__version__})")
@@ -276,10 +286,12 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
         raise _fail(directory, f"inference.patch_size must be three integers (x, y, z) in {smallest}.."
                     f"{MAX_PATCH_VOXELS_PER_AXIS} (this network pools {len(architecture['channels']) - 1} times), "
                     f"got {patch!r}", "set the patch size the model was trained with")
-    needed = estimate_memory(architecture, patch)
+    entries = _weight_entries(directory, metadata["weights"], version)
+    needed = estimate_memory(architecture, patch, folds=len(entries))
     if needed > MAX_WINDOW_BYTES:
-        raise _fail(directory, f"one inference window of patch {patch} with channels {architecture['channels']} "
-                    f"needs about {needed / 2**30:.1f} GiB, more than the {MAX_WINDOW_BYTES / 2**30:.0f} GiB a "
+        raise _fail(directory, f"one inference window of patch {patch} with channels {architecture['channels']}"
+                    + (f" ({len(entries)} folds)" if len(entries) > 1 else "")
+                    + f" needs about {needed / 2**30:.1f} GiB, more than the {MAX_WINDOW_BYTES / 2**30:.0f} GiB a "
                     "bundle may ask for", "use a smaller patch size or fewer channels")
     overlap = metadata["inference"].get("overlap", 0.5)
     if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0.0 <= overlap < 1.0:
@@ -289,22 +301,46 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
             or len(set(mirror)) != len(mirror)):
         raise _fail(directory, f"inference.mirror_axes must list distinct axes among {list(MIRROR_AXES)}, got "
                     f"{mirror!r}", "copy the flip axes the model was trained with (plan.json's flip_axes)")
-    weights = metadata["weights"]
-    file_name, digest = weights.get("file"), weights.get("sha256")
-    if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
-        raise _fail(directory, f"weights.file must be a plain file name inside the bundle, got {file_name!r}",
-                    f"use {WEIGHTS_FILE!r}")
-    if not file_name.endswith(".safetensors"):
-        raise _fail(directory, f"weights.file {file_name!r} is not a .safetensors file; pickle-based weights are "
-                    "never loaded because they can execute code",
-                    "convert the state_dict with safetensors.torch.save_file and re-export with save_bundle")
-    if not isinstance(digest, str) or not _SHA256.match(digest):
-        raise _fail(directory, "weights.sha256 must be 64 lower-case hex digits",
-                    "re-export the bundle with save_bundle")
     if DIGEST_KEY in metadata and (not isinstance(metadata[DIGEST_KEY], str)
                                    or not _SHA256.match(metadata[DIGEST_KEY])):
         raise _fail(directory, f"{DIGEST_KEY} must be 64 lower-case hex digits", "re-export the bundle with save_bundle")
     return metadata
+
+
+def _check_weight_entry(directory: Path, where: str, entry: Any) -> Dict[str, str]:
+    """One weights file's ``{"file", "sha256"}`` (``where`` names it in messages: ``weights``, ``weights.folds[1]``)."""
+    if not isinstance(entry, dict):
+        raise _fail(directory, f"{where} must be an object with 'file' and 'sha256'", "re-export the bundle")
+    file_name, digest = entry.get("file"), entry.get("sha256")
+    if not isinstance(file_name, str) or Path(file_name).name != file_name or file_name in ("", ".", ".."):
+        raise _fail(directory, f"{where}.file must be a plain file name inside the bundle, got {file_name!r}",
+                    f"use {WEIGHTS_FILE!r}")
+    if not file_name.endswith(".safetensors"):
+        raise _fail(directory, f"{where}.file {file_name!r} is not a .safetensors file; pickle-based weights are "
+                    "never loaded because they can execute code",
+                    "convert the state_dict with safetensors.torch.save_file and re-export with save_bundle")
+    if not isinstance(digest, str) or not _SHA256.match(digest):
+        raise _fail(directory, f"{where}.sha256 must be 64 lower-case hex digits",
+                    "re-export the bundle with save_bundle")
+    return entry
+
+
+def _weight_entries(directory: Path, weights: Dict[str, Any], version: int) -> List[Dict[str, str]]:
+    """The bundle's weights files, checked: ``[weights]`` for a single network, ``weights.folds`` for an ensemble
+    (format_version 3: 2..``MAX_FOLDS`` distinct files, nothing else in ``weights``)."""
+    if "folds" not in weights:
+        return [_check_weight_entry(directory, "weights", weights)]
+    if version < FOLDS_FORMAT_VERSION:
+        raise _fail(directory, f"weights.folds needs format_version {FOLDS_FORMAT_VERSION}, the bundle says {version}",
+                    "re-export the ensemble with `attention-unet ensemble`")
+    folds = weights["folds"]
+    if set(weights) != {"folds"} or not isinstance(folds, list) or not 2 <= len(folds) <= MAX_FOLDS:
+        raise _fail(directory, f"weights.folds must be the only key of 'weights' and list 2..{MAX_FOLDS} "
+                    "{file, sha256} objects, one per fold", "re-export the ensemble with `attention-unet ensemble`")
+    entries = [_check_weight_entry(directory, f"weights.folds[{k}]", entry) for k, entry in enumerate(folds)]
+    if len({entry["file"] for entry in entries}) != len(entries):
+        raise _fail(directory, "weights.folds names a file twice", "give every fold its own weights file")
+    return entries
 
 
 def _bundle_directory(path: PathLike) -> Path:
@@ -389,14 +425,15 @@ class ModelBundle:
     """A model bundle: validated metadata plus (lazily loaded, sha256-verified) weights.
 
     Construct through ``load_bundle`` (verifies everything now) or ``ModelRegistry.list`` (metadata only; the
-    weights are verified the first time ``state_dict`` is used).
+    weights are verified the first time ``state_dicts`` is used). A fold ensemble holds one network per fold
+    (``fold_count`` > 1), which ``inference.Predictor`` averages.
     """
 
     def __init__(self, metadata: Dict[str, Any], path: PathLike,
-                 state_dict: Optional[Dict[str, "torch.Tensor"]] = None) -> None:
+                 state_dicts: Optional[List[Dict[str, "torch.Tensor"]]] = None) -> None:
         self.path = Path(path)
         self.metadata = validate_metadata(metadata, self.path)
-        self._state_dict = state_dict
+        self._state_dicts = state_dicts
 
     def __repr__(self) -> str:
         return f"ModelBundle(name={self.name!r}, version={self.version!r}, path={str(self.path)!r})"
@@ -477,7 +514,21 @@ class ModelBundle:
         return None if axes is None else tuple(axes)
 
     @property
+    def weight_entries(self) -> List[Dict[str, str]]:
+        """``{"file", "sha256"}`` of every weights file: one, or one per fold (``weights.folds``)."""
+        weights = self.metadata["weights"]
+        return list(weights["folds"]) if "folds" in weights else [weights]
+
+    @property
+    def fold_count(self) -> int:
+        """Networks the bundle holds: 1, or the folds of an ensemble."""
+        return len(self.weight_entries)
+
+    @property
     def sha256(self) -> str:
+        """The weights' sha256; for a fold ensemble its ``metadata_sha256``, which covers every fold's weights."""
+        if self.fold_count > 1:
+            return self.metadata[DIGEST_KEY]
         return self.metadata["weights"]["sha256"]
 
     @property
@@ -490,36 +541,53 @@ class ModelBundle:
                 f"its {METADATA_FILE} is not; re-export it with save_bundle")
 
     @property
-    def weights_path(self) -> Path:
-        return self.path / self.metadata["weights"]["file"]
-
-    @property
     def size_bytes(self) -> int:
-        """Size of the weights file (0 when it is missing)."""
+        """Size of the weights files together (0 when one is missing)."""
         try:
-            return _weights_size(self)
+            return sum(_weights_size(self, entry) for entry in self.weight_entries)
         except ModelBundleError:
             return 0
 
     @property
-    def state_dict(self) -> Dict[str, "torch.Tensor"]:
-        """The network's weights (CPU tensors), read on first use after checking their sha256."""
-        if self._state_dict is None:
-            self._state_dict = _read_weights(self)
-        return self._state_dict
+    def state_dicts(self) -> List[Dict[str, "torch.Tensor"]]:
+        """Every network's weights (CPU tensors), fold order, read on first use after checking their sha256."""
+        if self._state_dicts is None:
+            self._state_dicts = [_read_weights(self, entry) for entry in self.weight_entries]
+        return self._state_dicts
 
-    def build_model(self, device: Union[str, "torch.device"] = "cpu") -> "AttentionUNet":
-        """An ``AttentionUNet`` with this bundle's architecture and weights (strict load), in eval mode."""
+    @property
+    def state_dict(self) -> Dict[str, "torch.Tensor"]:
+        """The network's weights (CPU tensors) of a single-network bundle (an ensemble: ``state_dicts``)."""
+        return self.state_dicts[self._fold_index(None)]
+
+    def _fold_index(self, fold: Optional[int]) -> int:
+        if fold is None and self.fold_count > 1:
+            raise _fail(self.path, f"the bundle is an ensemble of {self.fold_count} folds", "use build_models() "
+                        "(what the Predictor runs) or name one fold (build_model(fold=K))")
+        index = 0 if fold is None else int(fold)
+        if not 0 <= index < self.fold_count:
+            raise _fail(self.path, f"fold {fold} does not exist (the bundle holds {self.fold_count})",
+                        f"choose a fold in 0..{self.fold_count - 1}")
+        return index
+
+    def build_model(self, device: Union[str, "torch.device"] = "cpu", fold: Optional[int] = None
+                    ) -> "AttentionUNet":
+        """An ``AttentionUNet`` with this bundle's architecture and weights (strict load), in eval mode; of an
+        ensemble, fold ``fold`` (required there, so no caller runs one fold unknowingly)."""
         from .network import build_network
 
         model = build_network(self.architecture)
-        model.load_state_dict(self.state_dict, strict=True)
+        model.load_state_dict(self.state_dicts[self._fold_index(fold)], strict=True)
         return model.to(device).eval()
 
+    def build_models(self, device: Union[str, "torch.device"] = "cpu") -> List["AttentionUNet"]:
+        """Every network of the bundle (one, or one per fold), as ``build_model`` builds them."""
+        return [self.build_model(device, fold) for fold in range(self.fold_count)]
 
-def _weights_size(bundle: ModelBundle) -> int:
-    """Size of the weights file; ``ModelBundleError`` when it is missing or not a regular file."""
-    weights_path = bundle.weights_path
+
+def _weights_size(bundle: ModelBundle, entry: Mapping[str, str]) -> int:
+    """Size of one weights file; ``ModelBundleError`` when it is missing or not a regular file."""
+    weights_path = bundle.path / entry["file"]
     try:
         info = os.stat(weights_path)
     except OSError:
@@ -546,13 +614,13 @@ def _expected_tensors(bundle: ModelBundle) -> Dict[str, Tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
-    """Read the weights with safetensors after verifying their sha256 (no pickle is ever involved). The file is
-    read in chunks, and only when its size fits the architecture (float32 tensors plus a safetensors header)."""
+def _read_weights(bundle: ModelBundle, entry: Mapping[str, str]) -> Dict[str, "torch.Tensor"]:
+    """Read one weights file with safetensors after verifying its sha256 (no pickle is ever involved). The file
+    is read in chunks, and only when its size fits the architecture (float32 tensors plus a safetensors header)."""
     from safetensors.torch import load as load_safetensors
 
-    weights_path = bundle.weights_path
-    size = _weights_size(bundle)
+    weights_path = bundle.path / entry["file"]
+    size = _weights_size(bundle, entry)
     shapes = _expected_tensors(bundle)
     largest = 4 * sum(math.prod(shape) for shape in shapes.values()) + 1024 * len(shapes) + (1 << 20)
     if size > largest:
@@ -572,9 +640,9 @@ def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
                     "check its permissions, or reinstall the bundle") from None
     data = b"".join(chunks)
     actual = digest.hexdigest()
-    if actual != bundle.sha256:
+    if actual != entry["sha256"]:
         raise _fail(bundle.path, f"sha256 of {weights_path.name} is {actual[:12]}..., but model.json expects "
-                    f"{bundle.sha256[:12]}... (the weights were modified or corrupted)",
+                    f"{entry['sha256'][:12]}... (the weights were modified or corrupted)",
                     "reinstall the bundle from its original source")
     try:
         return load_safetensors(data)
@@ -584,9 +652,15 @@ def _read_weights(bundle: ModelBundle) -> Dict[str, "torch.Tensor"]:
 
 
 def _check_architecture(bundle: ModelBundle) -> None:
-    """Refuse a bundle whose ``architecture`` does not produce exactly the tensors stored in its weights."""
+    """Refuse a bundle whose ``architecture`` does not produce exactly the tensors stored in every weights file."""
     expected = _expected_tensors(bundle)
-    stored = {key: tuple(value.shape) for key, value in bundle.state_dict.items()}
+    for entry, state_dict in zip(bundle.weight_entries, bundle.state_dicts):
+        _check_tensors(bundle, expected, state_dict, "" if bundle.fold_count == 1 else f" in {entry['file']}")
+
+
+def _check_tensors(bundle: ModelBundle, expected: Dict[str, Tuple[int, ...]], state_dict: Mapping[str, Any],
+                   where: str) -> None:
+    stored = {key: tuple(value.shape) for key, value in state_dict.items()}
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     mismatched = sorted(key for key in set(expected) & set(stored) if expected[key] != stored[key])
@@ -600,7 +674,8 @@ def _check_architecture(bundle: ModelBundle) -> None:
             key = mismatched[0]
             problems.append(f"{len(mismatched)} shape mismatches (e.g. {key}: weights {stored[key]}, "
                             f"architecture {expected[key]})")
-        raise _fail(bundle.path, "the architecture in model.json does not fit the weights: " + "; ".join(problems),
+        raise _fail(bundle.path, f"the architecture in model.json does not fit the weights{where}: "
+                    + "; ".join(problems),
                     "set architecture (channels, out_channels, norm, inter_channels_ratio, deep_supervision) to the "
                     "values the weights were trained with, or re-export the bundle with save_bundle")
 
@@ -615,7 +690,7 @@ def load_bundle(path: PathLike) -> ModelBundle:
     """
     directory = _bundle_directory(path)
     bundle = ModelBundle(read_metadata(directory), directory)
-    bundle.state_dict  # noqa: B018 - reads and verifies the weights now, not at first inference
+    bundle.state_dicts  # noqa: B018 - reads and verifies the weights now, not at first inference
     _check_architecture(bundle)
     spec = bundle.localization
     if spec is not None and not spec.template.is_file():
@@ -654,7 +729,7 @@ def create_metadata(
     """
     metadata: Dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": SINGLE_WEIGHTS_FORMAT_VERSION,
         "name": name,
         "version": version,
         "description": description,
@@ -684,7 +759,7 @@ def complete_metadata(metadata: Mapping[str, Any], architecture: Mapping[str, An
     Raises ``ModelBundleError`` naming the offending key and how to fix it.
     """
     full = dict(metadata)
-    full.update(format=FORMAT, format_version=FORMAT_VERSION, engine_version=__version__,
+    full.update(format=FORMAT, format_version=SINGLE_WEIGHTS_FORMAT_VERSION, engine_version=__version__,
                 architecture=dict(architecture))
     full["weights"] = {"file": WEIGHTS_FILE, "sha256": "0" * 64}
     return validate_metadata(full, Path(directory).expanduser())
@@ -713,6 +788,9 @@ def check_replaceable(directory: PathLike) -> None:
         metadata = None
     weights = metadata.get("weights") if isinstance(metadata, dict) else None
     allowed = {METADATA_FILE, WEIGHTS_FILE, weights.get("file") if isinstance(weights, dict) else WEIGHTS_FILE}
+    folds = weights.get("folds") if isinstance(weights, dict) else None
+    if isinstance(folds, list):
+        allowed |= {entry.get("file") for entry in folds if isinstance(entry, dict)}
     # A localiser's template and its notice belong to the bundle too (the files model.json names).
     localization = metadata.get("localization") if isinstance(metadata, dict) else None
     if isinstance(localization, dict):
@@ -741,21 +819,69 @@ def save_bundle(model: "AttentionUNet", metadata: Mapping[str, Any], directory: 
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
+    _check_target(directory, force)
+    full = complete_metadata(metadata, model.config(), directory)
+
+    def write(staging: Path) -> Dict[str, Any]:
+        tensors = {key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().contiguous()
+                   for key, value in model.state_dict().items()}
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
+        full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
+        return full
+
+    return _publish(directory, write, extra_files)
+
+
+def fold_file(fold: int) -> str:
+    """The weights file of fold ``fold`` in an ensemble bundle."""
+    return f"fold{fold}.safetensors"
+
+
+def save_ensemble(folds: Sequence[ModelBundle], metadata: Mapping[str, Any], directory: PathLike,
+                  force: bool = False, extra_files: Optional[Mapping[str, PathLike]] = None) -> ModelBundle:
+    """Write a fold ensemble: ``metadata`` (``create_metadata`` keys) plus every bundle of ``folds`` (same
+    architecture, loaded and verified) as ``fold<k>.safetensors``, their bytes copied unchanged, listed with their
+    sha256 in ``weights.folds`` (format_version 3). Atomic and ``force`` as ``save_bundle``."""
+    directory = Path(directory).expanduser()
+    _check_target(directory, force)
+    if not 2 <= len(folds) <= MAX_FOLDS:
+        raise _fail(directory, f"an ensemble holds 2..{MAX_FOLDS} folds, not {len(folds)}", "give the fold bundles")
+    full = complete_metadata(metadata, folds[0].architecture, directory)
+    full["format_version"] = FOLDS_FORMAT_VERSION
+
+    def write(staging: Path) -> Dict[str, Any]:
+        entries = []
+        for index, fold in enumerate(folds):
+            (source,) = fold.weight_entries
+            target = staging / fold_file(index)
+            shutil.copyfile(fold.path / source["file"], target)
+            digest = file_sha256(target)
+            if digest != source["sha256"]:  # changed since the fold was verified
+                raise _fail(fold.path, f"{source['file']} changed while it was copied", "run the command again")
+            entries.append({"file": target.name, "sha256": digest})
+        full["weights"] = {"folds": entries}
+        return full
+
+    return _publish(directory, write, extra_files)
+
+
+def _check_target(directory: Path, force: bool) -> None:
     if directory.exists() or directory.is_symlink():
         if not force:
             raise _fail(directory, "the directory already exists", "choose another directory or pass force=True")
         check_replaceable(directory)
-    full = complete_metadata(metadata, model.config(), directory)
 
+
+def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
+             extra_files: Optional[Mapping[str, PathLike]]) -> ModelBundle:
+    """Stage a bundle next to ``directory`` (``write(staging)`` writes the weights and returns the metadata, the
+    extra files are copied, the digest and ``model.json`` added), rename it into place, and load it verified."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=directory.parent))
     try:
-        tensors = {key: (value.detach().float() if value.is_floating_point() else value.detach()).cpu().contiguous()
-                   for key, value in model.state_dict().items()}
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": FORMAT, "name": full["name"]})
+        full = write(staging)
         for name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / Path(name).name)
-        full["weights"]["sha256"] = file_sha256(staging / WEIGHTS_FILE)
         full[DIGEST_KEY] = metadata_digest(full)
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _apply_umask_permissions(staging)
@@ -812,7 +938,8 @@ class ModelRegistry:
                             or not ((candidate / METADATA_FILE).exists() or (candidate / METADATA_FILE).is_symlink())):
                         continue
                     bundle = ModelBundle(read_metadata(candidate), candidate)
-                    _weights_size(bundle)
+                    for entry in bundle.weight_entries:
+                        _weights_size(bundle, entry)
                 except ModelBundleError as error:
                     problems.append((candidate, str(error)))
                     continue

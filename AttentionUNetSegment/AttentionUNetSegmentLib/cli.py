@@ -344,12 +344,12 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     from .inference import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
-    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size)
+    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size, folds=bundle.fold_count)
     available = device_memory(predictor.device)
     if available is not None and needed > available:
         raise AttentionUNetError(
             f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
-            f"{bundle.name} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
+            f"{bundle.name}{f' ({bundle.fold_count} folds)' if bundle.fold_count > 1 else ''} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
             f"of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a smaller --batch-size"
             + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
@@ -545,12 +545,49 @@ def cmd_dicom_seg(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------------------------------------------- models
+def _dice_line(section: Any) -> str:
+    dice = section.get("dice") if isinstance(section, dict) else None
+    if not isinstance(dice, dict):
+        return ""
+    return ", ".join(f"{name} {value:.3f}" if isinstance(value, (int, float)) else f"{name} -"
+                     for name, value in dice.items())
+
+
+def model_card(bundle: ModelBundle) -> str:
+    """A Markdown model card of ``bundle`` from its ``model.json``: what it segments, its networks, data, training
+    and metrics, and a fold ensemble's cross-validation table."""
+    from .ensemble import cross_validation_table
+
+    metadata = bundle.metadata
+    metrics = metadata.get("metrics") if isinstance(metadata.get("metrics"), dict) else {}
+    training = metrics.get("training") if isinstance(metrics.get("training"), dict) else {}
+    rows = [("Segments", ", ".join(f"{label.value} {label.name}" for label in bundle.labels)),
+            ("Networks", "1" if bundle.fold_count == 1 else f"{bundle.fold_count} folds (fold ensemble: every fold "
+                                                            "runs on every window, softmax averaged)"),
+            ("Training data", metadata.get("training_data") or ""), ("Licence", metadata.get("license") or ""),
+            ("Training time", f"{training['seconds']} s" if "seconds" in training else ""),
+            ("Hardware", training.get("hardware") or "; ".join(sorted({str(f.get("hardware")) for f in
+                                                                      training.get("folds", [])}))),
+            ("Validation Dice", _dice_line(metrics.get("validation"))),
+            ("Cross-validation mean Dice", _dice_line((metrics.get("cross_validation") or {}).get("mean"))),
+            ("Held-out Dice", _dice_line(metrics.get("held_out")))]
+    lines = [f"# {bundle.name} {bundle.version}", "", metadata.get("description") or "", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows if value]
+    table = cross_validation_table(metrics)
+    if table:
+        lines += ["", "## Cross-validation", "", table]
+    return "\n".join(lines)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     registry = ModelRegistry()
+    if args.card:
+        print(model_card(registry.find(args.card)))
+        return EXIT_OK
     bundles, problems = registry.scan()
     rows = [{"name": b.name, "version": b.version, "labels": [label.name for label in b.labels],
-             "size_bytes": b.size_bytes, "sha256": b.sha256, "description": b.description, "path": str(b.path),
-             "status": "ok"} for b in bundles]
+             "size_bytes": b.size_bytes, "sha256": b.sha256, "folds": b.fold_count, "description": b.description,
+             "path": str(b.path), "status": "ok"} for b in bundles]
     broken = [{"name": path.name, "path": str(path), "status": "broken", "problem": reason}
               for path, reason in problems]
     if args.json:
@@ -559,8 +596,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not rows:
         print("no models installed; searched " + ", ".join(str(p) for p in registry.search_path))
     else:
-        table = [("name", "version", "labels", "size", "sha256", "path")] + [
-            (r["name"], r["version"], ", ".join(r["labels"]), f"{r['size_bytes'] / 2**20:.1f} MiB",
+        table = [("name", "version", "labels", "folds", "size", "sha256", "path")] + [
+            (r["name"], r["version"], ", ".join(r["labels"]), str(r["folds"]), f"{r['size_bytes'] / 2**20:.1f} MiB",
              r["sha256"][:12], r["path"]) for r in rows]
         widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
         for row in table:
@@ -616,7 +653,7 @@ def _network_and_size(args: argparse.Namespace):
         size_xyz = tuple(args.input_size or (64, 64, 64))
     else:
         bundle = ModelRegistry().resolve(args.model)
-        model = bundle.build_model("cpu")
+        model = bundle.build_model("cpu", fold=0)  # every fold of an ensemble has this architecture
         size_xyz = tuple(args.input_size or bundle.patch_size)
     if min(size_xyz) < model.min_input_size:
         raise UsageError(f"--input-size {' '.join(map(str, size_xyz))} is too small: this network needs at least "
@@ -700,7 +737,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------- main
 #: Commands provided by the training modules (issue 3): command -> module.
 OPTIONAL_COMMANDS = {"train": ("training", "train a model on a labelled dataset"),
-                     "evaluate": ("evaluation", "score a model against reference segmentations")}
+                     "evaluate": ("evaluation", "score a model against reference segmentations"),
+                     "ensemble": ("ensemble", "combine the fold bundles of a cross-validation into one model")}
 
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
@@ -722,6 +760,8 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
     models = commands.add_parser("models", help="list installed models")
     models.add_argument("--json", action="store_true", help="machine-readable output")
+    models.add_argument("--card", metavar="MODEL", help="print the model card (Markdown) of one installed model "
+                        "name or bundle folder, with a fold ensemble's cross-validation table")
     models.set_defaults(handler=cmd_models)
 
     devices = commands.add_parser("devices", help="show the GPUs torch sees and what --device auto uses")

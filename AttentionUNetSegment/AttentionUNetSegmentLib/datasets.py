@@ -399,17 +399,84 @@ class CaseCache:
         return loaded
 
 
+def _case_count(total: int, size: Union[int, float]) -> int:
+    """Cases a split of ``size`` (a count >= 1 or a fraction 0 < f < 1 of ``total``) takes, at least one."""
+    count = int(round(total * size)) if isinstance(size, float) and size < 1 else int(size)
+    return max(1, count)
+
+
+def _seeded_pick(total: int, count: int, seed: int) -> List[int]:
+    """``count`` of ``range(total)`` chosen by a seeded shuffle, sorted."""
+    return sorted(np.random.default_rng(seed).permutation(total)[:count].tolist())
+
+
 def split_cases(cases: Sequence[CaseRecord], validation: Union[int, float], seed: int) -> Tuple[
         List[CaseRecord], List[CaseRecord]]:
     """Seeded shuffle into ``(training, validation)``; ``validation`` is a case count (int >= 1) or a fraction
     (0 < f < 1). Both parts must be non-empty, otherwise ``DatasetError`` says how many cases are needed."""
-    count = int(round(len(cases) * validation)) if isinstance(validation, float) and validation < 1 \
-        else int(validation)
-    count = max(1, count)
+    count = _case_count(len(cases), validation)
     if len(cases) - count < 1:
         raise DatasetError(f"{len(cases)} case(s) is too few for a validation split of {count}: training needs at "
                            f"least {count + 1} cases; add cases or lower the validation size")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    validation_set = sorted(order[:count].tolist())
-    chosen = set(validation_set)
-    return ([cases[i] for i in range(len(cases)) if i not in chosen], [cases[i] for i in validation_set])
+    chosen = set(_seeded_pick(len(cases), count, seed))
+    return ([cases[i] for i in range(len(cases)) if i not in chosen], [cases[i] for i in sorted(chosen)])
+
+
+@dataclass(frozen=True)
+class CaseSplit:
+    """Which cases a training run trains on, validates on, and never sees (names).
+
+    ``held_out``: test cases no run of this split trains or validates on. ``folds`` (k-fold runs): every fold's
+    validation cases, sorted; fold ``fold`` validates and the other folds train. Everything follows from the
+    dataset's case list, ``seed``, the held-out size and the fold count, so separate runs of the folds (on other
+    machines too) agree on every list.
+    """
+
+    training: List[str]
+    validation: List[str]
+    held_out: List[str]
+    seed: int
+    folds: Optional[List[List[str]]] = None
+    fold: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """What ``plan.json`` and the bundle's ``metrics.training.split`` record (training cases are the rest)."""
+        record: Dict[str, Any] = {"seed": self.seed, "held_out_cases": list(self.held_out),
+                                  "validation_cases": list(self.validation)}
+        if self.folds is not None:
+            record.update(folds=len(self.folds), fold=self.fold, fold_cases=[list(f) for f in self.folds])
+        return record
+
+
+def plan_split(cases: Sequence[CaseRecord], validation: Union[int, float], seed: int,
+               held_out: Union[int, float] = 0, folds: Optional[int] = None,
+               fold: Optional[int] = None) -> CaseSplit:
+    """The seeded split of ``cases``: first ``held_out`` test cases (a count or a fraction; 0 = none; the same
+    cases ``split_cases(cases, held_out, seed)`` validates on), then of the rest either ``validation`` cases
+    (``split_cases``) or, with ``folds`` = N, N folds of (nearly) equal size drawn by a shuffle of the sorted
+    names seeded with ``(seed, N)``, of which ``fold`` validates. ``DatasetError`` when there are too few cases.
+    """
+    names = [case.name for case in cases]
+    held: List[str] = []
+    if held_out:
+        count = _case_count(len(names), held_out)
+        needed, users = (2, "training and validation") if folds is None else (folds, f"{folds} folds")
+        if len(names) - count < needed:
+            raise DatasetError(f"{len(names)} case(s) is too few to hold out {count}: {users} need at least "
+                               f"{needed} more; add cases or hold out fewer")
+        held = [names[i] for i in _seeded_pick(len(names), count, seed)]
+    chosen = set(held)
+    rest = [case for case in cases if case.name not in chosen]
+    if folds is None:
+        training, validated = split_cases(rest, validation, seed)
+        return CaseSplit([c.name for c in training], [c.name for c in validated], held, seed)
+    if len(rest) < folds:
+        raise DatasetError(f"{len(rest)} case(s) cannot fill {folds} folds (each fold validates on at least one "
+                           "case); add cases or use fewer --folds")
+    ordered = sorted(case.name for case in rest)
+    order = np.random.default_rng([seed, folds]).permutation(len(ordered))
+    fold_cases = [sorted(ordered[i] for i in order[k::folds]) for k in range(folds)]
+    index = fold or 0
+    validated_names = set(fold_cases[index])
+    return CaseSplit([c.name for c in rest if c.name not in validated_names], fold_cases[index], held, seed,
+                     fold_cases, index)

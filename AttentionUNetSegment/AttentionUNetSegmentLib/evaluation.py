@@ -255,6 +255,23 @@ def _selected(cases: List[EvaluationCase], names: Optional[Sequence[str]], names
     return [by_name[name] for name in wanted]
 
 
+def _held_out_cases(bundle: Any) -> List[str]:
+    """The test cases ``bundle``'s training never saw, as its ``model.json`` records them."""
+    if bundle is None:
+        raise DatasetError("--held-out takes the cases from the model: give --model")
+    def section(parent: Any, key: str) -> Dict[str, Any]:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        return value if isinstance(value, dict) else {}
+
+    metrics = section(bundle.metadata, "metrics")
+    cases = section(section(metrics, "training"), "split").get("held_out_cases") \
+        or section(metrics, "held_out").get("cases")
+    if not isinstance(cases, list) or not cases or not all(isinstance(name, str) for name in cases):
+        raise DatasetError(f"model {bundle.name} ({bundle.path}) records no held-out cases (it was trained without "
+                           "train --held-out); choose the cases with --cases or --cases-file")
+    return cases
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``attention-unet evaluate``."""
     parser.add_argument("reference", help="reference labels: a label folder, an MSD dataset folder or a .json/.csv "
@@ -267,9 +284,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label-names", nargs="+", type=label_name, metavar="VALUE=NAME",
                         help="label names, e.g. 1=Liver 2=Tumour (needed for a .csv pairs file without --model); "
                         "they override the dataset's and the model's names")
-    parser.add_argument("--cases", nargs="+", help="evaluate only these cases")
-    parser.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--cases", nargs="+", help="evaluate only these cases")
+    chosen.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
                         "validation_cases)")
+    chosen.add_argument("--held-out", action="store_true", help="evaluate only the cases --model's training held "
+                        "out (train --held-out: metrics.training.split.held_out_cases, or metrics.held_out.cases)")
     parser.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.csv and PREFIX.json")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (with --model)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (with --model)")
@@ -290,7 +310,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if names is None:
             names = {label.value: label.name for label in bundle.labels}
     cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None, names)
-    cases = _selected(cases, args.cases, args.cases_file)
+    cases = _selected(cases, _held_out_cases(bundle) if args.held_out else args.cases, args.cases_file)
     predictor = None
     if bundle is not None:
         from .inference import Predictor

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .acceleration import optimize_for_inference
 from .bundle import LabelInfo
@@ -181,8 +182,27 @@ def mirror_sets(axes: Sequence[str]) -> List[Tuple[int, ...]]:
     return [combo for n in range(len(dims) + 1) for combo in itertools.combinations(dims, n)]
 
 
+class FoldEnsemble(nn.Module):
+    """The networks of a fold ensemble (same architecture), which ``sliding_window_inference`` runs on every
+    window and averages (softmax probabilities and attention maps, each mirrored copy of each fold weighted
+    equally). Exposes what the sliding window reads of one network: ``min_input_size``, ``num_gates``,
+    ``out_channels`` and ``parameters()`` (for the device)."""
+
+    def __init__(self, members: Sequence[AttentionUNet]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two networks")
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.min_input_size, self.num_gates, self.out_channels = first.min_input_size, first.num_gates, \
+            first.out_channels
+
+
+Network = Union[AttentionUNet, FoldEnsemble]
+
+
 def _predict_tiles(
-    model: AttentionUNet,
+    model: Network,
     tiles: torch.Tensor,
     mirror_axes: Sequence[str],
     attention: bool,
@@ -190,14 +210,15 @@ def _predict_tiles(
     compute_dtype: Optional[torch.dtype],
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """``tiles (B, C_in, d, h, w)`` -> ``(scores (B, C_out, d, h, w), [alpha_k (B, 1, d_k, h_k, w_k)])`` in float32,
-    averaged over the copies mirrored along ``mirror_axes``."""
-    flips = mirror_sets(mirror_axes)
+    averaged over the copies mirrored along ``mirror_axes`` and, for a ``FoldEnsemble``, over its folds."""
+    members = list(model.members) if isinstance(model, FoldEnsemble) else [model]
+    runs = [(member, dims) for member in members for dims in mirror_sets(mirror_axes)]
     scores: Optional[torch.Tensor] = None
     alphas: List[torch.Tensor] = []
-    for dims in flips:
+    for member, dims in runs:
         flipped = tiles.flip(dims) if dims else tiles
         with _autocast(tiles.device, compute_dtype):
-            output = model.forward_with_aux(flipped)
+            output = member.forward_with_aux(flipped)
         logits = output.logits.float()
         result = torch.softmax(logits, dim=1) if softmax else logits
         result = result.flip(dims) if dims else result
@@ -206,15 +227,15 @@ def _predict_tiles(
             maps = [(a.float().flip(dims) if dims else a.float()) for a in output.attention]
             alphas = maps if not alphas else [total.add_(a) for total, a in zip(alphas, maps)]
     assert scores is not None
-    if len(flips) > 1:
-        scores /= len(flips)
-        alphas = [a / len(flips) for a in alphas]
+    if len(runs) > 1:
+        scores /= len(runs)
+        alphas = [a / len(runs) for a in alphas]
     return scores, alphas
 
 
 def sliding_window_inference(
     volume: torch.Tensor,
-    model: AttentionUNet,
+    model: Network,
     patch_size: Sequence[int],
     overlap: float = 0.5,
     batch_size: int = 1,
@@ -235,7 +256,8 @@ def sliding_window_inference(
 
     Args:
         volume: ``(C_in, Z, Y, X)`` or ``(1, C_in, Z, Y, X)`` float tensor (normalised image).
-        model: the network in eval mode (already on ``device``).
+        model: the network in eval mode (already on ``device``), or a ``FoldEnsemble`` of them (every window is
+            run by every fold, their softmax probabilities (logits with ``softmax=False``) and attention averaged).
         patch_size: window size ``(z, y, x)`` in voxels; rounded up to a multiple of ``min_input_size``.
         overlap: fraction of a window shared with its neighbour, in [0, 1).
         batch_size: windows per forward pass.
@@ -385,8 +407,8 @@ class Predictor:
     """Segments images with one model bundle; the model is built once and reused for every image.
 
     Args:
-        bundle: a ``bundle.ModelBundle`` (``build_model``, ``preprocessing``, ``patch_size`` (x, y, z), ``labels``,
-            ``overlap``).
+        bundle: a ``bundle.ModelBundle`` (``build_models``, ``preprocessing``, ``patch_size`` (x, y, z),
+            ``labels``, ``overlap``); a fold ensemble runs every fold on every window and averages them.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         overlap: sliding-window overlap in [0, 1) (default: the bundle's).
         tta: mirror test-time augmentation along the bundle's ``mirror_axes`` only (the axes its training mirrored
@@ -423,13 +445,14 @@ class Predictor:
         self.label_values = [0] + [int(label.value) for label in bundle.labels]
         self.model = self._build_model()
 
-    def _build_model(self) -> AttentionUNet:
-        """The bundle's network on ``self.device``; for float32 on the CPU a tuned copy (channels-last, fused norm,
-        oneDNN convolutions: ~1.4-6x faster per window), whose convolutions autocast would not reach."""
-        model = self.bundle.build_model(self.device).eval()
-        if autocast_dtype(self.precision, self.device) is not None:
-            return model
-        return optimize_for_inference(model, self.device)
+    def _build_model(self) -> Network:
+        """The bundle's network on ``self.device`` (a ``FoldEnsemble`` of a fold ensemble's); for float32 on the CPU
+        tuned copies (channels-last, fused norm, oneDNN convolutions: ~1.4-6x faster per window), whose
+        convolutions autocast would not reach."""
+        models = [model.eval() for model in self.bundle.build_models(self.device)]
+        if autocast_dtype(self.precision, self.device) is None:
+            models = [optimize_for_inference(model, self.device) for model in models]
+        return models[0] if len(models) == 1 else FoldEnsemble(models)
 
     def predict(
         self,

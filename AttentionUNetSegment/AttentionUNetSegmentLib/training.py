@@ -30,7 +30,7 @@ import stat
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,7 +45,7 @@ from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
                      create_metadata, device_memory, estimate_memory, save_bundle)
 from .domain import measure_domain
-from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, split_cases
+from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, plan_split
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from .jsonfile import read_json
 from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
@@ -81,6 +81,11 @@ class TrainingConfig:
     weight_decay: float = 3e-5
     validation: Union[int, float] = 0.2
     seed: int = 0
+    #: Test cases no run (no fold) trains or validates on: a count or a fraction; 0 = none.
+    held_out: Union[int, float] = 0
+    #: k-fold cross-validation: train fold ``fold`` (0 .. folds-1) of ``folds``; ``validation`` is then unused.
+    folds: Optional[int] = None
+    fold: Optional[int] = None
     amp: str = "none"
     gradient_checkpointing: bool = False
     deep_supervision: bool = True
@@ -372,12 +377,29 @@ def check_config(config: TrainingConfig) -> None:
     if isinstance(config.validation, float) and config.validation >= 1:
         raise AttentionUNetError(f"--validation {config.validation}: give a fraction below 1 or a whole number of "
                                  "cases")
+    if not (isinstance(config.held_out, numbers.Real) and config.held_out >= 0
+            and (not isinstance(config.held_out, float) or config.held_out < 1 or config.held_out.is_integer())):
+        raise AttentionUNetError(f"--held-out {config.held_out}: give 0, a fraction below 1 or a whole number of "
+                                 "cases")
+    if (config.folds is None) != (config.fold is None):
+        raise AttentionUNetError("--fold and --folds go together: e.g. --fold 0 --folds 5 trains the first of five "
+                                 "folds")
+    if config.folds is not None:
+        if isinstance(config.folds, bool) or not isinstance(config.folds, int) or config.folds < 2:
+            raise AttentionUNetError(f"--folds {config.folds}: give a whole number of folds, at least 2")
+        if isinstance(config.fold, bool) or not isinstance(config.fold, int) or not 0 <= config.fold < config.folds:
+            raise AttentionUNetError(f"--fold {config.fold}: give a fold in 0..{config.folds - 1} (--folds "
+                                     f"{config.folds})")
     for field_name, option in (("weight_decay", "--weight-decay"),
                                ("attention_loss_weight", "--attention-loss-weight")):
         if not getattr(config, field_name) >= 0:
             raise AttentionUNetError(f"{option} must be zero or positive, got {getattr(config, field_name)}")
     if not 0.0 <= config.foreground_fraction <= 1.0:
         raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
+
+
+def _fold_text(fold: Optional[int], folds: Optional[int]) -> str:
+    return "a run without folds" if folds is None else f"fold {fold} of {folds}"
 
 
 def epoch_label(step: int, iterations_per_epoch: int) -> Union[int, float]:
@@ -396,6 +418,7 @@ class Trainer:
 
     def __init__(self, config: TrainingConfig) -> None:
         self.domain: Optional[Dict[str, Any]] = None  # measured in _prepare, written into the bundle
+        self.split: Dict[str, Any] = {}  # datasets.CaseSplit.to_dict(), from _prepare, written into the bundle
         check_config(config)
         if config.amp not in AMP_MODES:
             raise AttentionUNetError(f"--amp must be one of {AMP_MODES}, got {config.amp!r}")
@@ -429,6 +452,14 @@ class Trainer:
                 saved = read_plan(self.work_dir)
                 plan, train_names, val_names = (TrainingPlan.from_dict(saved["plan"]), saved["training_cases"],
                                                 saved["validation_cases"])
+                self.split = saved.get("split") or {"seed": config.seed, "held_out_cases": [],
+                                                    "validation_cases": val_names}
+                saved_fold = (self.split.get("fold"), self.split.get("folds"))
+                if saved_fold != (config.fold, config.folds):
+                    raise AttentionUNetError(
+                        f"training plan {plan_path} is for {_fold_text(*saved_fold)}, not "
+                        f"{_fold_text(config.fold, config.folds)}; resume with the --fold/--folds the run started "
+                        "with, or choose another --work-dir")
                 unknown = sorted(set(train_names + val_names) - {case.name for case in dataset.cases})
                 if unknown:
                     raise AttentionUNetError(f"training plan {plan_path} names cases the dataset does not have "
@@ -438,6 +469,13 @@ class Trainer:
                 self._check_exportable(plan, dataset.labels)
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
+                split = plan_split(dataset.cases, config.validation, config.seed, config.held_out, config.folds,
+                                   config.fold)
+                train_names, val_names = split.training, split.validation
+                self.split = split.to_dict()
+                # The plan and the domain come from the cases the runs use (every fold's the same), never the held-out.
+                used = set(train_names + val_names)
+                dataset = replace(dataset, cases=[c for c in dataset.cases if c.name in used])
                 self._log(f"checking {len(dataset.cases)} cases of {dataset.source} ...")
                 fingerprint = inspect_dataset(dataset, TrainingPlan().orientation, minimum_cases=2)
                 try:
@@ -447,20 +485,20 @@ class Trainer:
                 # What segment's domain guard compares inputs with (RAS-reoriented grids: world = index axes).
                 self.domain = measure_domain([c.size for c in fingerprint.cases],
                                              [c.spacing for c in fingerprint.cases], modality=fingerprint.modality)
-                training, validation = split_cases(dataset.cases, config.validation, config.seed)
-                train_names, val_names = [c.name for c in training], [c.name for c in validation]
                 self._check_exportable(plan, dataset.labels)
                 self.work_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
                                                                            dataset.labels.items()},
                                         "training_cases": train_names, "validation_cases": val_names,
-                                        "domain": self.domain, "config": _jsonable(asdict(config))})
+                                        "split": self.split, "domain": self.domain,
+                                        "config": _jsonable(asdict(config))})
             self._log(f"plan: spacing {plan.target_spacing} mm, patch {plan.patch_size} (x, y, z), channels "
                       f"{plan.channels}, batch {plan.batch_size}, flips {plan.flip_axes or 'none'}, "
                       f"normalization {plan.normalization}; {len(train_names)} training / {len(val_names)} "
                       "validation cases")
             cache = CaseCache(self.work_dir / "cache", PreprocessingSpec.from_dict(plan.preprocessing()))
-            cache.load_all(dataset.cases)
+            used = set(train_names + val_names)
+            cache.load_all([c for c in dataset.cases if c.name in used])
             prepared = (plan.to_dict(), train_names, val_names)
         plan_dict, train_names, val_names = self._broadcast(prepared)
         plan = TrainingPlan.from_dict(plan_dict)
@@ -728,7 +766,9 @@ class Trainer:
                                    if not k.startswith("deep_supervision_heads.")}, strict=True)
             row = best["dice"]
             validation = {
-                "method": "held-out cases, sliding-window inference on the preprocessed grid, mean of per-case Dice",
+                "method": ("validation cases" if config.folds is None else
+                           f"the validation cases of fold {config.fold} of {config.folds}")
+                + ", sliding-window inference on the preprocessed grid, mean of per-case Dice",
                 "cases": n_val,
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
@@ -745,7 +785,7 @@ class Trainer:
                 "seconds": round(total_time, 1), "hardware": hardware_description(self.device,
                                                                                   self.distributed.world_size),
                 "engine_version": __version__, "torch_version": torch.__version__, "seed": config.seed,
-                "plan": plan.to_dict(),
+                "plan": plan.to_dict(), "split": self.split,
             },
         }
         bundle = save_bundle(model, self._bundle_metadata(plan, label_names, metrics), self.output,
@@ -762,6 +802,38 @@ def _jsonable(value: Any) -> Any:
 def train(config: TrainingConfig) -> Optional[Path]:
     """Run a training (see the module docstring); returns the bundle directory on rank 0."""
     return Trainer(config).run()
+
+
+def train_folds(config: TrainingConfig) -> Optional[Path]:
+    """Train every fold of ``config.folds`` in turn (``config.fold`` is ignored), each exactly as ``train`` with
+    that fold, its work folder and bundle in ``<work_dir>/fold<K>/`` (with ``resume``, folds that have a
+    checkpoint continue, the others start), then write their ensemble at ``config.output``; returns it on rank 0.
+    """
+    from .ensemble import combine_folds
+
+    check_config(config)
+    output, work_dir = Path(config.output).expanduser(), Path(config.work_dir).expanduser()
+    if output.resolve() == work_dir.resolve() or output.resolve() in work_dir.resolve().parents:
+        raise AttentionUNetError(f"--output {output} is (or holds) the work folder {work_dir}, which holds the fold "
+                                 "bundles; choose another --output (nothing was changed)")
+    if output.exists() or output.is_symlink():
+        if not (config.force or config.resume):
+            raise OutputExistsError(f"output bundle {output} already exists; choose another --output or pass "
+                                    "--force to replace it when training finishes")
+        try:
+            check_replaceable(output)
+        except ModelBundleError as error:
+            raise OutputExistsError(f"--output: {error}") from None
+    folds = []
+    for fold in range(int(config.folds or 0)):
+        work = work_dir / f"fold{fold}"
+        folds.append(train(replace(config, fold=fold, work_dir=str(work), output=str(work / "model"),
+                                   resume=config.resume and (work / "checkpoints" / "last.pt").exists())))
+    if folds[0] is None:  # not rank 0
+        return None
+    from .bundle import load_bundle
+
+    return combine_folds([load_bundle(path) for path in folds], output, force=True).path
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -796,8 +868,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--iterations-per-epoch", type=int, default=250)
     group.add_argument("--learning-rate", type=float, default=3e-3)
     group.add_argument("--weight-decay", type=float, default=3e-5)
-    group.add_argument("--validation", type=float, default=0.2,
-                       help="held-out validation cases: a fraction (<1) or a count (default 0.2)")
+    group.add_argument("--validation", type=float, default=None,
+                       help="validation cases: a fraction (<1) or a count (default 0.2; with --folds the fold is the "
+                            "validation set)")
+    group.add_argument("--held-out", type=float, default=0.0, metavar="COUNT|FRACTION",
+                       help="test cases no run (and no fold) trains or validates on, drawn first with --seed (the "
+                            "same cases --validation COUNT would pick); recorded in plan.json and the bundle")
+    group.add_argument("--folds", type=int, help="k-fold cross-validation: the number of folds (with --fold)")
+    group.add_argument("--fold", type=_fold_choice, help="the fold this run validates on, 0..FOLDS-1 (the other folds "
+                       "train), or 'all': every fold in turn (in WORK_DIR/fold<K>/), then their ensemble at --output. "
+                       "Runs with the same dataset, --seed, --held-out and --folds agree on every fold's cases")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--amp", choices=AMP_MODES, default="none",
                        help="mixed precision: fp16 (CUDA, with gradient scaling) or bf16 (CPU or CUDA)")
@@ -817,8 +897,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--progress", choices=["bar", "json", "none"], default=None)
 
 
+def _fold_choice(text: str) -> Union[int, str]:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fold {text!r}: give a number 0..FOLDS-1 or 'all'") from None
+
+
+def _count_or_fraction(value: float) -> Union[int, float]:
+    """A whole number >= 1 as a case count, anything else as given (a fraction)."""
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``attention-unet train``; errors propagate as ``AttentionUNetError`` (exit status 2)."""
+    if args.folds is not None and args.validation is not None:
+        raise AttentionUNetError("--validation and --folds exclude each other: with --folds the validation cases "
+                                 "are fold --fold's; use --held-out for cases no fold sees")
     output = Path(args.output)
     progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
     config = TrainingConfig(
@@ -828,9 +925,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         label_names=parse_label_names(args.label_names), epochs=args.epochs,
         iterations_per_epoch=args.iterations_per_epoch, learning_rate=args.learning_rate,
         weight_decay=args.weight_decay,
-        validation=(int(args.validation) if args.validation >= 1 and args.validation.is_integer()
-                    else args.validation),
-        seed=args.seed,
+        validation=_count_or_fraction(0.2 if args.validation is None else args.validation),
+        seed=args.seed, held_out=_count_or_fraction(args.held_out), folds=args.folds,
+        fold=0 if args.fold == "all" else args.fold,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
         foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
@@ -841,7 +938,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         flip_axes=tuple(args.flip_axes) if args.flip_axes is not None else None,
         normalization=args.normalization)
     try:
-        train(config)
+        (train_folds if args.fold == "all" else train)(config)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

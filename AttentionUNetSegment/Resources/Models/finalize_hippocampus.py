@@ -42,8 +42,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import bundle as bundle_module
-from AttentionUNetSegmentLib.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, FORMAT_VERSION, METADATA_FILE,
-                                            create_metadata, file_sha256, load_bundle, metadata_digest, save_bundle)
+from AttentionUNetSegmentLib.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, METADATA_FILE,
+                                            SINGLE_WEIGHTS_FORMAT_VERSION, create_metadata, file_sha256, load_bundle,
+                                            metadata_digest, save_bundle)
 from AttentionUNetSegmentLib.domain import measure_domain
 from AttentionUNetSegmentLib.errors import ModelBundleError
 from AttentionUNetSegmentLib.imageio import atomic_output
@@ -177,7 +178,7 @@ def refresh_digest(directory: Path, name: str = "hippocampus", pin_file: Optiona
     if file_sha256(weights) != metadata["weights"]["sha256"]:
         raise ModelBundleError(f"{weights} does not match weights.sha256 in {directory / METADATA_FILE}; restore the "
                                "weights (this command never changes them)")
-    metadata["format_version"] = FORMAT_VERSION
+    metadata["format_version"] = SINGLE_WEIGHTS_FORMAT_VERSION
     metadata.pop(DIGEST_KEY, None)
     metadata[DIGEST_KEY] = digest = metadata_digest(metadata)
     with atomic_output(directory / METADATA_FILE, force=True) as partial:
