@@ -22,7 +22,6 @@ from AttentionUNetSegmentLib.inference import (
     mirror_sets,
     resolve_device,
     sliding_window_inference,
-    tiled_size,
     window_starts,
 )
 from AttentionUNetSegmentLib.network import AttentionUNet
@@ -92,16 +91,6 @@ def test_window_starts_are_aligned_even_and_cover_the_volume(size, patch, overla
     assert all(s % align == 0 for s in starts)
     assert all(b > a for a, b in zip(starts, starts[1:]))
     assert all(b - a <= max(align, patch * (1 - overlap)) + align for a, b in zip(starts, starts[1:]))
-
-
-@pytest.mark.parametrize("patch, overlap, align", [(40, 0.5, 8), (56, 0.5, 8), (32, 0.25, 16), (48, 0.0, 8)])
-def test_tiled_size_is_the_largest_size_the_same_windows_cover(patch, overlap, align):
-    for minimum in range(1, 4 * patch):
-        size = tiled_size(minimum, patch, overlap, align)
-        needed = len(window_starts(max(patch, -(-minimum // align) * align), patch, overlap, align))
-        assert size >= minimum and size % align == 0
-        assert len(window_starts(size, patch, overlap, align)) == needed
-        assert len(window_starts(size + align, patch, overlap, align)) > needed
 
 
 def test_one_window_equals_a_single_forward_pass(model):

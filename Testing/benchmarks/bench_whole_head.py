@@ -10,6 +10,9 @@ between the two tools (ours first on even heads, hippodeep first on odd ones) so
   folder (it writes next to its input; never copied into this repository); ``COPY_mask_L/R.nii.gz`` > 127.
 - ``oracle``: the same model with the box placed by hand: ``--roi`` of 44 x 60 x 44 mm centred on the reference
   hippocampus of that side (in-process ``Predictor``, no timing); union of its two segments against that side.
+  The ``--roi`` path tiles the box with sliding windows, which this model segments far worse than one centred view.
+- ``centred``: the localised pipeline itself with each box centre moved onto the reference centroid (the
+  registration's rotation and scaling kept): auto minus this is what imperfect box placement costs.
 - box containment: the share of the reference hippocampus of each side that lies inside the localisation box
   the report records (the template-space box mapped through ``template_to_input``).
 
@@ -110,6 +113,39 @@ def oracle_dice(predictor, image: sitk.Image, reference: sitk.Image) -> Dict[str
     return result
 
 
+def centred_oracle_dice(predictor, image: sitk.Image, reference: sitk.Image, report: Dict[str, Any]
+                        ) -> Dict[str, Optional[float]]:
+    """Per side: Dice of the localised pipeline itself (the model's one view per box) with the box centre moved
+    onto the reference hippocampus's centroid, keeping the registration's rotation and scaling: what perfect
+    placement of the box would give, so auto minus this is what localisation costs."""
+    from types import SimpleNamespace
+
+    localization = (report or {}).get("localization")
+    if not localization:
+        return {side: None for side in SIDES}
+    affine = localization["registration"]["template_to_input"]
+    spec = predictor.bundle.localization
+    result = {}
+    array = sitk.GetArrayViewFromImage(reference)
+    for side, (value, values) in SIDES.items():
+        points = reference_points(reference, value)
+        if not len(points):
+            result[side] = None
+            continue
+        transform = sitk.AffineTransform(3)
+        transform.SetMatrix(affine["matrix"])
+        transform.SetCenter(affine["center"])
+        transform.SetTranslation(affine["translation"])
+        box = spec.boxes[side]
+        centre_lps = (-(box[0] + box[1]) / 2.0, -(box[2] + box[3]) / 2.0, (box[4] + box[5]) / 2.0)
+        shift = points.mean(axis=0) - np.array(transform.TransformPoint(centre_lps))
+        transform.SetTranslation([float(t + d) for t, d in zip(affine["translation"], shift)])
+        labels = sitk.GetArrayFromImage(predictor.predict_localized(
+            image, spec, SimpleNamespace(transform=transform), attention=False).labels)
+        result[side] = dice(np.isin(labels, values), array == value)
+    return result
+
+
 def run_ours(head: Path, work: Path) -> Dict[str, Any]:
     out = work / "ours" / head.name.split(".")[0]
     wall, peak, result = timed([sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(head),
@@ -204,20 +240,25 @@ def main() -> int:
             results = {function.__name__: function(head, work) for function in order}
             label_path = HEADS / "labels" / head.name
             reference = sitk.ReadImage(str(label_path)) if label_path.is_file() else None
-            oracle = oracle_dice(predictor, read_image(head), reference) if reference is not None else {}
+            image = read_image(head)
+            oracle = oracle_dice(predictor, image, reference) if reference is not None else {}
             row = score(case, results["run_ours"], results["run_hippodeep"], oracle, reference)
+            if reference is not None:
+                row["centred_oracle_dice"] = centred_oracle_dice(predictor, image, reference,
+                                                                 results["run_ours"].get("report"))
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    header = ("case", "side", "ref mL", "ours mL", "hd mL", "Dice auto", "Dice oracle", "Dice hd", "in box",
-              "ours s", "hd s", "ours MB", "hd MB")
+    header = ("case", "side", "ref mL", "ours mL", "hd mL", "Dice auto", "Dice centred", "Dice oracle", "Dice hd",
+              "in box", "ours s", "hd s", "ours MB", "hd MB")
     table = [header]
     for row in rows:
         for side in SIDES:
             ours, peer = row["ours"], row["hippodeep"]
             table.append((row["case"], side, fmt(row.get("reference_ml", {}).get(side)),
                           fmt(ours.get("volume_ml", {}).get(side)), fmt(peer.get("volume_ml", {}).get(side)),
-                          fmt(ours.get("dice", {}).get(side)), fmt(row.get("oracle_dice", {}).get(side)),
+                          fmt(ours.get("dice", {}).get(side)), fmt(row.get("centred_oracle_dice", {}).get(side)),
+                          fmt(row.get("oracle_dice", {}).get(side)),
                           fmt(peer.get("dice", {}).get(side)), fmt(ours.get("box_contains", {}).get(side)),
                           fmt(ours["seconds"]), fmt(peer["seconds"]), fmt(ours["peak_mb"]), fmt(peer["peak_mb"])))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
@@ -228,6 +269,8 @@ def main() -> int:
     labelled = [r for r in rows if "dice" in r["ours"]]
     gaps = [r["oracle_dice"][s] - r["ours"]["dice"][s] for r in labelled for s in SIDES
             if r["oracle_dice"].get(s) is not None and r["ours"]["dice"].get(s) is not None]
+    centred_gaps = [r["centred_oracle_dice"][s] - r["ours"]["dice"][s] for r in labelled for s in SIDES
+                    if r.get("centred_oracle_dice", {}).get(s) is not None and r["ours"]["dice"].get(s) is not None]
     contains = [r["ours"]["box_contains"][s] for r in labelled for s in SIDES
                 if r["ours"]["box_contains"].get(s) is not None]
     summary = {
@@ -236,6 +279,7 @@ def main() -> int:
                         "hippodeep": max(r["hippodeep"]["peak_mb"] for r in rows)},
         "min_box_contains": min(contains) if contains else None,
         "max_oracle_minus_auto_dice": round(max(gaps), 4) if gaps else None,
+        "max_centred_oracle_minus_auto_dice": round(max(centred_gaps), 4) if centred_gaps else None,
         "median_dice": {name: statistics.median(v for r in labelled for v in r[key]["dice"].values() if v is not None)
                         for name, key in (("ours", "ours"), ("hippodeep", "hippodeep"))} if labelled else None,
         "median_oracle_dice": statistics.median(v for r in labelled for v in r["oracle_dice"].values()
