@@ -448,14 +448,21 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     # Export
 
-    def onExportButton(self) -> None:
+    def _exportFolder(self) -> str:
+        """The export folder, or "" after telling the user what is missing (the folder or the segmentation)."""
         node = self._parameterNode
         directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
         if not directory:
             slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
-            return
+            return ""
         if node.outputSegmentation is None:
             slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
+            return ""
+        return directory
+
+    def onExportButton(self) -> None:
+        node, directory = self._parameterNode, self._exportFolder()
+        if not directory:
             return
         existing = None
         with slicer.util.tryWithErrorDisplay("Export failed."):
@@ -474,13 +481,8 @@ class AttentionUNetSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
 
     def onExportReportButton(self) -> None:
-        node = self._parameterNode
-        directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
+        node, directory = self._parameterNode, self._exportFolder()
         if not directory:
-            slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
-            return
-        if node.outputSegmentation is None:
-            slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
             return
         existing = pathlib.Path(directory) / self.logic.reportFileName(node.outputSegmentation)
         if existing.exists() and not slicer.util.confirmYesNoDisplay(f"{existing} exists already.\n\nReplace it?"):

@@ -97,20 +97,26 @@ def box_containment(report: Dict[str, Any], reference: sitk.Image) -> Dict[str, 
     return shares
 
 
+def per_side(reference: sitk.Image, score_side) -> Dict[str, Optional[float]]:
+    """``score_side(side, points, value, values)`` per side with reference voxels (their LPS points), else None."""
+    result: Dict[str, Optional[float]] = {}
+    for side, (value, values) in SIDES.items():
+        points = reference_points(reference, value)
+        result[side] = score_side(side, points, value, values) if len(points) else None
+    return result
+
+
 def oracle_dice(predictor, image: sitk.Image, reference: sitk.Image) -> Dict[str, Optional[float]]:
     """Per side: Dice of the model run with a 44 x 60 x 44 mm ROI centred on the reference hippocampus."""
-    result = {}
     array = sitk.GetArrayViewFromImage(reference)
-    for side, (value, _) in SIDES.items():
-        points = reference_points(reference, value)
-        if not len(points):
-            result[side] = None
-            continue
+
+    def score(side: str, points: np.ndarray, value: int, values) -> Optional[float]:
         centre = points.mean(axis=0) * np.array([-1.0, -1.0, 1.0])
         roi = [c + sign * size / 2.0 for c, size in zip(centre, ORACLE_BOX_MM) for sign in (-1, 1)]
         labels = sitk.GetArrayFromImage(predictor.predict(image, roi=roi, attention=False).labels)
-        result[side] = dice(labels > 0, array == value)
-    return result
+        return dice(labels > 0, array == value)
+
+    return per_side(reference, score)
 
 
 def centred_oracle_dice(predictor, image: sitk.Image, reference: sitk.Image, report: Dict[str, Any]
@@ -125,13 +131,9 @@ def centred_oracle_dice(predictor, image: sitk.Image, reference: sitk.Image, rep
         return {side: None for side in SIDES}
     affine = localization["registration"]["template_to_input"]
     spec = predictor.bundle.localization
-    result = {}
     array = sitk.GetArrayViewFromImage(reference)
-    for side, (value, values) in SIDES.items():
-        points = reference_points(reference, value)
-        if not len(points):
-            result[side] = None
-            continue
+
+    def score(side: str, points: np.ndarray, value: int, values) -> Optional[float]:
         transform = sitk.AffineTransform(3)
         transform.SetMatrix(affine["matrix"])
         transform.SetCenter(affine["center"])
@@ -142,8 +144,9 @@ def centred_oracle_dice(predictor, image: sitk.Image, reference: sitk.Image, rep
         transform.SetTranslation([float(t + d) for t, d in zip(affine["translation"], shift)])
         labels = sitk.GetArrayFromImage(predictor.predict_localized(
             image, spec, SimpleNamespace(transform=transform), attention=False).labels)
-        result[side] = dice(np.isin(labels, values), array == value)
-    return result
+        return dice(np.isin(labels, values), array == value)
+
+    return per_side(reference, score)
 
 
 def run_ours(head: Path, work: Path) -> Dict[str, Any]:
