@@ -45,7 +45,7 @@ def test_spatial_augmentation_keeps_image_and_label_aligned():
                                 contrast_probability=0.0, gamma_probability=0.0)
     sampler = PatchSampler([case], patch_size=(24, 28, 24), batch_size=4, config=config, foreground_fraction=1.0,
                            seed=1)
-    images, labels = sampler.next_batch()
+    images, labels, _ = sampler.next_batch()
     assert images.shape == (4, 1, 24, 28, 24) and labels.shape == (4, 24, 28, 24)
     assert labels.dtype == torch.int64
     assert set(labels.unique().tolist()) <= {0, 1, 2}  # nearest neighbour: no blended label values
@@ -78,7 +78,7 @@ def test_foreground_oversampling_and_intensity_augmentation():
     case = _phantom((40, 40, 40))
     config = AugmentationConfig.none()
     sampler = PatchSampler([case], patch_size=(8, 8, 8), batch_size=6, config=config, foreground_fraction=0.5, seed=0)
-    _, labels = sampler.next_batch()
+    _, labels, _ = sampler.next_batch()
     assert all(labels[i].any() for i in range(3, 6))  # the last half are centred on foreground voxels
 
     intensity = AugmentationConfig(rotation_probability=0.0, scale_probability=0.0, noise_probability=1.0,

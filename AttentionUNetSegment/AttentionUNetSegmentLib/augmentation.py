@@ -200,20 +200,24 @@ class PatchSampler:
         image_patch, label_patch = extract_patch(image, label, grid)
         return augment_intensity(image_patch, self.config, self.rng), label_patch
 
-    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(images (B, 1, D, H, W) float32, labels (B, D, H, W) int64)``; the last ``round(B *
-        foreground_fraction)`` patches (at least one when the fraction is positive) are foreground-centred."""
+    def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor, List[Optional[Tuple[Tuple[int, ...], ...]]]]:
+        """``(images (B, 1, D, H, W) float32, labels (B, D, H, W) int64, spaces)``: ``spaces[b]`` is patch
+        ``b``'s case's label space (``PreprocessedCase.space``, ``None`` for the network's classes). The last
+        ``round(B * foreground_fraction)`` patches (at least one when the fraction is positive) are
+        foreground-centred."""
         forced = int(round(self.batch_size * self.foreground_fraction))
         if self.foreground_fraction > 0:
             forced = max(1, forced)
         images: List[torch.Tensor] = []
         labels: List[torch.Tensor] = []
+        spaces = []
         for slot in range(self.batch_size):
             index = int(self.rng.integers(len(self.cases)))
             image, label = self.sample(index, force_foreground=slot >= self.batch_size - forced)
             images.append(image)
             labels.append(label)
-        return torch.stack(images), torch.stack(labels)
+            spaces.append(self.cases[index].space)
+        return torch.stack(images), torch.stack(labels), spaces
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state}
