@@ -58,6 +58,8 @@ from .preprocessing import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
                 (0.9, 0.9, 0.3), (0.3, 0.9, 0.9), (0.6, 0.6, 0.6)]
 AMP_MODES = ("none", "fp16", "bf16")
+#: ``--augmentation`` sets: nnU-Net-like defaults, or the stronger set for real heads (``AugmentationConfig.robust``).
+AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust}
 
 
 @dataclass
@@ -89,6 +91,7 @@ class TrainingConfig:
     attention_loss_weight: float = 0.0
     foreground_fraction: float = 0.33
     elastic: bool = False
+    augmentation: str = "default"
     max_time: Optional[float] = None
     resume: bool = False
     force: bool = False
@@ -406,6 +409,9 @@ def check_config(config: TrainingConfig) -> None:
                                ("attention_loss_weight", "--attention-loss-weight")):
         if not getattr(config, field_name) >= 0:
             raise AttentionUNetError(f"{option} must be zero or positive, got {getattr(config, field_name)}")
+    if config.augmentation not in AUGMENTATION_SETS:
+        raise AttentionUNetError(f"--augmentation must be one of {', '.join(AUGMENTATION_SETS)}, got "
+                                 f"{config.augmentation!r}")
     if not 0.0 <= config.foreground_fraction <= 1.0:
         raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
 
@@ -568,8 +574,8 @@ class Trainer:
                 trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        augmentation = AugmentationConfig(flip_axes=plan.flip_axes,
-                                          elastic_probability=0.2 if config.elastic else 0.0)
+        augmentation = AUGMENTATION_SETS[config.augmentation](flip_axes=plan.flip_axes,
+                                                             elastic_probability=0.2 if config.elastic else 0.0)
         sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augmentation,
                                config.foreground_fraction, seed=config.seed * 1000 + rank)
         criterion = SegmentationLoss(attention_weight=config.attention_loss_weight)
@@ -856,6 +862,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="weight of the auxiliary attention-supervision BCE (0 = off)")
     group.add_argument("--foreground-fraction", type=float, default=0.33)
     group.add_argument("--elastic", action="store_true", help="add random elastic deformation")
+    group.add_argument("--augmentation", choices=list(AUGMENTATION_SETS), default="default",
+                       help="default (nnU-Net-like) or robust: adds simulated low resolution, bias field, blur, "
+                            "wider and anisotropic scaling, stronger noise/contrast and inverted gamma, for images "
+                            "from other scanners, resolutions and ages than the training set's")
     group = parser.add_argument_group("run control")
     group.add_argument("--max-time", type=parse_duration, help="stop after this long (e.g. 3600, 90m, 1.5h), "
                        "keeping the best checkpoint and exporting the bundle")
@@ -882,7 +892,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         seed=args.seed,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
-        foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
+        foreground_fraction=args.foreground_fraction, elastic=args.elastic,
+        augmentation=args.augmentation, max_time=args.max_time,
         resume=args.resume, force=args.force, device=args.device, threads=args.threads, progress=progress,
         channels=tuple(args.channels) if args.channels else None,
         patch_size=tuple(args.patch_size) if args.patch_size else None,
