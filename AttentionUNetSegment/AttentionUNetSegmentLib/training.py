@@ -843,7 +843,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="axes where mirroring is allowed (default: all that no label name ties to a side; "
                             "give none to disable mirroring)")
     group.add_argument("--normalization", choices=NORMALIZATION_SCHEMES,
-                       help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), ct (clip to the "
+                       help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), zscore-central "
+                            "(statistics of the central block of the median case size only: a larger box around the "
+                            "structure, e.g. a localised head, is normalised like the crops), ct (clip to the "
                             "dataset's foreground 0.5-99.5 percentiles, then its mean/std); default: ct for CT "
                             "datasets, else zscore")
     group = parser.add_argument_group("optimisation")
