@@ -147,3 +147,16 @@ def test_one_dataset_whose_cases_differ_is_validated_on_the_classes_each_has(fin
     log = json.loads((tmp_path / "work" / "training_log.json").read_text())
     assert log[-1]["val_dice_Bright+Dark"] is not None and log[-1]["val_dice_Bright"] is not None
     assert "Bright+Dark" in bundle.metadata["metrics"]["validation"]["region_dice"]
+
+
+def test_a_run_on_several_datasets_resumes_identically(fine, tmp_path):
+    coarse = _coarsen(fine, tmp_path / "coarse", {"1": ["Bright", "Dark"]})
+    extra = {"extra_datasets": (str(coarse),), "batch_size": 4}
+    train(_config(fine, tmp_path / "straight", **extra))
+    train(_config(fine, tmp_path / "cut", max_time=1e-9, **extra))
+    train(_config(fine, tmp_path / "cut", resume=True, **extra))
+    straight = torch.load(tmp_path / "straight" / "work" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "work" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["step"] == straight["step"] == 6
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
