@@ -102,7 +102,8 @@ def test_merged_loss_equals_the_loss_on_summed_probabilities():
     mixed = SegmentationLoss()(output, mixed_target, [None, space])
     parts = 0.5 * DiceCELoss()(logits[:1], fine_target[:1]) + 0.5 * DiceCELoss()(logits[1:], target[1:], space)
     assert torch.allclose(mixed, parts, atol=1e-6)
-    assert torch.allclose(SegmentationLoss()(output, fine_target, [None, None]), SegmentationLoss()(output, fine_target))
+    assert torch.allclose(SegmentationLoss()(output, fine_target, [None, None]),
+                          SegmentationLoss()(output, fine_target))
 
 
 def test_coarse_cases_get_their_label_space(fine, tmp_path):

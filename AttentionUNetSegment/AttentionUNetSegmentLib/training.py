@@ -885,7 +885,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     output = Path(args.output)
     progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
     config = TrainingConfig(
-        dataset=args.dataset[0], extra_datasets=tuple(args.dataset[1:]), output=str(output), work_dir=args.work_dir or f"{output}.work",
+        dataset=args.dataset[0], extra_datasets=tuple(args.dataset[1:]), output=str(output),
+        work_dir=args.work_dir or f"{output}.work",
         name=args.name or output.name, version=args.model_version, description=args.description,
         license=args.license, citation=args.citation, training_data=args.training_data,
         label_names=parse_label_names(args.label_names), epochs=args.epochs,
