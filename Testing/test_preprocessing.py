@@ -197,3 +197,34 @@ def test_crop_keeps_geometry_and_reports_the_roi_inside_the_crop():
     np.testing.assert_allclose(cropped.GetOrigin(), image.TransformIndexToPhysicalPoint((0, 1, 0)))
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(cropped),
                                   sitk.GetArrayViewFromImage(image)[0:5, 1:8, 0:8])
+
+
+def test_central_zscore_is_not_disturbed_by_what_surrounds_the_structure():
+    """The same 12 x 16 x 10 mm crop, alone or inside a larger box of skull-bright and air-dark surroundings (at
+    0.5 mm in z), normalises to the same values."""
+    rng = np.random.default_rng(2)
+    crop = rng.normal(300.0, 40.0, size=(20, 16, 12)).astype(np.float32)  # (z, y, x) at 0.5 x 1 x 1 mm
+    normalization = {"scheme": "zscore", "central_mm": [12.0, 16.0, 10.0]}
+    alone = normalize(crop, normalization, spacing=(1.0, 1.0, 0.5))
+    surrounded = np.zeros((40, 36, 30), np.float32)
+    surrounded[:, :18] = 900.0
+    surrounded[10:30, 10:26, 9:21] = crop
+    inside = normalize(surrounded, normalization, spacing=(1.0, 1.0, 0.5))[10:30, 10:26, 9:21]
+    np.testing.assert_allclose(inside, alone, atol=1e-5)
+    assert abs(alone.mean()) < 1e-4 and abs(alone.std() - 1) < 1e-4
+    plain = normalize(surrounded, {"scheme": "zscore"})[10:30, 10:26, 9:21]
+    assert abs(float(plain.mean())) > 0.3  # what central statistics avoid
+    # A box smaller than the central block uses all of it; bad sizes are refused as bundle errors.
+    np.testing.assert_allclose(normalize(crop[:4], normalization, (1.0, 1.0, 0.5)),
+                               normalize(crop[:4], {"scheme": "zscore"}), atol=1e-5)
+    for bad in ([12.0, 16.0], [0, 1, 1], [1, 1, float("nan")], "12"):
+        with pytest.raises(ModelBundleError, match="central_mm"):
+            normalize(crop, {"scheme": "zscore", "central_mm": bad})
+
+
+def test_planned_central_zscore_covers_the_median_field_of_view():
+    from AttentionUNetSegmentLib.planning import CaseFingerprint, DatasetFingerprint, plan_normalization
+
+    cases = [CaseFingerprint(f"c{i}", (1.0, 1.0, 2.0), (35 + i, 50, 18), {1: 10}, [1.0]) for i in range(3)]
+    assert plan_normalization(DatasetFingerprint(cases), "zscore-central") == {
+        "scheme": "zscore", "central_mm": [36.0, 50.0, 36.0]}

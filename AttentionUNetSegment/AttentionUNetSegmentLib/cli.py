@@ -154,7 +154,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-attention", action="store_true", help="do not write attention maps")
     parser.add_argument("--probabilities", action="store_true", help="also write per-class probability maps")
     parser.add_argument("--largest-component", action="store_true",
-                        help="keep only the largest connected component of every label")
+                        help="keep only the largest connected component of every label (with localisation: per "
+                             "side the component of the side's labels together that is large and nearest the box "
+                             "centre)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="nii.gz", help="image format (default: nii.gz)")
     parser.add_argument("--series", metavar="UID", default=None,
                         help="the SeriesInstanceUID to segment in a DICOM folder that holds several series")

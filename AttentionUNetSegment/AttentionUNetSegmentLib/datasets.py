@@ -7,6 +7,13 @@ Two layouts are accepted:
 - a pairs file: ``.json`` with the same ``labels``/``training`` keys (paths relative to the file), or ``.csv`` with
   an ``image,label`` header (label names then come from the caller).
 
+Coarse labels (region-based training): a listing may say that a label value stands for several of the model's
+classes, ``"label_groups": {"1": ["Anterior", "Posterior"]}`` (this dataset's value -> model label names), for the
+whole dataset or, in a ``training`` entry, for that case only (replacing the dataset's). ``load_datasets`` merges
+several listings into one training set: the first one's labels (less its group values) are the model's classes,
+and every other label or group member must name one of them; each case then carries ``classes`` (its label map's
+values -> the model label values each stands for), from which training builds the case's label space.
+
 ``inspect_dataset`` reads every case once and refuses, before any training time is spent, unreadable files,
 image/label geometry mismatches, label values that ``labels`` does not list and labels without foreground, each
 with a ``DatasetError`` naming the case. ``CaseCache`` stores each case preprocessed (reoriented, resampled,
@@ -20,7 +27,7 @@ import csv
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -42,13 +49,24 @@ MAX_FOREGROUND_SAMPLES = 10000
 _FINGERPRINT_INTENSITIES = 200
 
 
+#: A case's label classes: ``(value in its label map, model label values it stands for)``, sorted by value.
+Classes = Tuple[Tuple[int, Tuple[int, ...]], ...]
+
+
 @dataclass(frozen=True)
 class CaseRecord:
-    """One training case: a name (the image's file stem) and its image and label paths."""
+    """One training case: a name (the image's file stem), its image and label paths, and ``classes`` when its
+    label values are not the model's own (coarse labels or another dataset's numbering; empty: they are)."""
 
     name: str
     image: Path
     label: Path
+    classes: Classes = ()
+
+    @property
+    def coarse(self) -> bool:
+        """True when some value of this case's label map stands for several model classes."""
+        return any(len(members) > 1 for _, members in self.classes)
 
 
 @dataclass
@@ -59,6 +77,12 @@ class Dataset:
     labels: Dict[int, str]
     modality: str = "MRI"
     source: str = ""
+    #: ``label_groups`` of the listing: value -> model label names (``load_datasets`` resolves them).
+    groups: Dict[int, Tuple[str, ...]] = field(default_factory=dict)
+    #: per-case ``label_groups`` (case name -> value -> model label names), replacing ``groups`` for that case.
+    case_groups: Dict[str, Dict[int, Tuple[str, ...]]] = field(default_factory=dict)
+    #: cases of the listings after the first (``load_datasets``): they add training data and are never validated on.
+    training_only: List[str] = field(default_factory=list)
 
     @property
     def label_values(self) -> List[int]:
@@ -72,12 +96,15 @@ class PreprocessedCase:
     ``image``: float32 ``(z, y, x)``, normalised. ``label``: uint8/int16 ``(z, y, x)``.
     ``foreground``: per label value, up to ``MAX_FOREGROUND_SAMPLES`` voxel indices ``(N, 3)`` (z, y, x) where
     the label is that value (centres for foreground-oversampled patches).
+    ``space``: for a coarsely labelled case in training, the network channels each of its label indices merges
+    (``losses.LabelSpace``); ``None``: its labels are the network's channels.
     """
 
     name: str
     image: np.ndarray
     label: np.ndarray
     foreground: Dict[int, np.ndarray]
+    space: Optional[Tuple[Tuple[int, ...], ...]] = None
 
 
 def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
@@ -103,6 +130,39 @@ def _parse_labels(raw: Any, source: str) -> Dict[int, str]:
     if not labels:
         raise DatasetError(f"{source}: 'labels' lists no foreground label (only background)")
     return labels
+
+
+def _parse_groups(raw: Any, labels: Mapping[int, str], source: str, where: str) -> Dict[int, Tuple[str, ...]]:
+    """``{value: (model label names)}`` from a ``label_groups`` entry (``{"1": ["Anterior", "Posterior"]}``); the
+    values must be labels of the listing and no model label may belong to two groups."""
+    if raw is None:
+        return {}
+    example = '{"1": ["Anterior", "Posterior"]}'
+    if not isinstance(raw, Mapping):
+        raise DatasetError(f"{source}: {where}'label_groups' must map a label value to the model label names it "
+                           f"stands for, e.g. {example}")
+    groups: Dict[int, Tuple[str, ...]] = {}
+    owner: Dict[str, int] = {}
+    for key, members in raw.items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{source}: {where}label_groups key {key!r} is not a label value; write e.g. "
+                               f"{example}") from None
+        if value not in labels:
+            raise DatasetError(f"{source}: {where}label_groups names value {value}, which 'labels' does not list "
+                               f"(known: {sorted(labels)})")
+        if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+            raise DatasetError(f"{source}: {where}label_groups[{key!r}] must be a non-empty list of model label "
+                               f"names, e.g. {example}")
+        for member in members:
+            if member in owner:
+                raise DatasetError(f"{source}: {where}label_groups overlap: model label {member!r} is in the "
+                                   f"groups of values {owner[member]} and {value}; a model class may belong to "
+                                   "one group only")
+            owner[member] = value
+        groups[value] = tuple(members)
+    return groups
 
 
 def _discover_pairs(root: Path, source: str) -> List[Tuple[Path, Path]]:
@@ -181,14 +241,64 @@ def load_dataset(path: PathLike, label_names: Optional[Mapping[int, str]] = None
                            "{'image', 'label'} pairs")
     if "training" not in listing and (base / "labelsTr").is_dir():
         pairs = _discover_pairs(base, source)
+        entries: List[Any] = []
     elif not isinstance(listing.get("training"), list):
         raise DatasetError(f"{source}: expected a 'training' list of {{'image', 'label'}} pairs")
     else:
-        pairs = _listed_pairs(listing["training"], base, source)
+        entries = listing["training"]
+        pairs = _listed_pairs(entries, base, source)
     labels = dict(label_names) if label_names else _parse_labels(listing.get("labels"), source)
     modality = listing.get("modality", listing.get("channel_names", {}))
     modality = str(modality.get("0", "MRI")) if isinstance(modality, Mapping) else str(modality or "MRI")
-    return Dataset(_records(pairs, source), labels, modality, source)
+    records = _records(pairs, source)
+    groups = _parse_groups(listing.get("label_groups"), labels, source, "")
+    case_groups = {record.name: _parse_groups(entry["label_groups"], labels, source, f"training[{index}] ")
+                   for index, (record, entry) in enumerate(zip(records, entries))
+                   if isinstance(entry, Mapping) and "label_groups" in entry}
+    return Dataset(records, labels, modality, source, groups, case_groups)
+
+
+def load_datasets(paths: Sequence[PathLike], label_names: Optional[Mapping[int, str]] = None) -> Dataset:
+    """One training set from one or more listings (``load_dataset`` each), coarse labels resolved.
+
+    The model's classes are the first listing's labels (``label_names`` override them) less its group values.
+    Every case of a later listing, and every case with label groups, gets ``classes``: its label values mapped,
+    by name, to the model label values (a group to all its members). Raises ``DatasetError`` naming the listing
+    for a label or group member that is no model class, a group covering all of them in the first listing, or
+    a case name used twice.
+    """
+    datasets = [load_dataset(path, label_names if index == 0 else None) for index, path in enumerate(paths)]
+    first = datasets[0]
+    model_labels = {value: name for value, name in first.labels.items() if value not in first.groups}
+    if not model_labels:
+        raise DatasetError(f"{first.source}: every label is a group; the first dataset's 'labels' must name the "
+                           "model's own classes (list coarser datasets after it)")
+    by_name = {name: value for value, name in model_labels.items()}
+    cases: List[CaseRecord] = []
+    seen: Dict[str, str] = {}
+    for index, dataset in enumerate(datasets):
+        for record in dataset.cases:
+            if record.name in seen:
+                raise DatasetError(f"{dataset.source}: case {record.name!r} is also a case of {seen[record.name]}; "
+                                   "case names must be unique across the datasets trained together")
+            seen[record.name] = dataset.source
+            groups = dataset.case_groups.get(record.name, dataset.groups)
+            if index == 0 and not groups:
+                cases.append(record)
+                continue
+            classes = []
+            for value, name in sorted(dataset.labels.items()):
+                members = groups.get(value, (name,))
+                unknown = [m for m in members if m not in by_name]
+                if unknown:
+                    where = "label_groups of" if value in groups else "label"
+                    raise DatasetError(f"{dataset.source}: {where} value {value} names {unknown[0]!r}, which is not "
+                                       f"a model class (the model's classes: {', '.join(by_name)}, from "
+                                       f"{first.source}); use one of those names")
+                classes.append((value, tuple(sorted(by_name[m] for m in members))))
+            cases.append(replace(record, classes=tuple(classes)))
+    extra = [case.name for dataset in datasets[1:] for case in dataset.cases]
+    return Dataset(cases, model_labels, first.modality, first.source, training_only=extra)
 
 
 def _csv_rows(path: Path) -> List[Dict[str, str]]:
@@ -274,6 +384,21 @@ def _label_array(case: CaseRecord, label: sitk.Image, allowed: Sequence[int]) ->
     return array
 
 
+def _check_disjoint(case: CaseRecord, present: Iterable[int]) -> None:
+    """Refuse a case whose label map holds two values standing for overlapping model classes (say Anterior and
+    a group Anterior + Posterior): no voxel could say which one it is."""
+    members = dict(case.classes)
+    owner: Dict[int, int] = {}
+    for value in sorted(present):
+        for model_value in members.get(value, (value,)):
+            if model_value in owner:
+                raise DatasetError(f"case {case.name}: label {case.label.name} holds values {owner[model_value]} "
+                                   f"and {value}, which both stand for model label value {model_value} "
+                                   "(label_groups overlap); label the case with one of them, or give this case "
+                                   "its own label_groups in the listing")
+            owner[model_value] = value
+
+
 def inspect_case(case: CaseRecord, label_values: Sequence[int], orientation: str = "RAS",
                  seed: int = 0) -> CaseFingerprint:
     """Read and validate one case; returns its fingerprint (spacing/size in ``orientation``). Raises
@@ -282,6 +407,7 @@ def inspect_case(case: CaseRecord, label_values: Sequence[int], orientation: str
     check_case_geometry(case, image, label)
     array = _label_array(case, label, label_values)
     counts = {int(v): int(c) for v, c in zip(*np.unique(array, return_counts=True)) if v != 0}
+    _check_disjoint(case, counts)
     image, label = reorient(image, orientation), reorient(label, orientation)
     inside = sitk.GetArrayViewFromImage(image)[sitk.GetArrayViewFromImage(label) > 0]
     rng = np.random.default_rng(seed)
@@ -302,7 +428,8 @@ def inspect_dataset(dataset: Dataset, orientation: str = "RAS", minimum_cases: i
                            f"split needs at least {minimum_cases}")
     fingerprints = []
     for index, case in enumerate(dataset.cases):
-        fingerprints.append(inspect_case(case, dataset.label_values, orientation, seed=index))
+        allowed = [value for value, _ in case.classes] if case.classes else dataset.label_values
+        fingerprints.append(inspect_case(case, allowed, orientation, seed=index))
         if progress is not None:
             progress("inspect", (index + 1) / len(dataset.cases), case.name)
     return DatasetFingerprint(cases=fingerprints, modality=dataset.modality)

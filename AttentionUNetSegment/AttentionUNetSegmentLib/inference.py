@@ -32,7 +32,7 @@ from .bundle import LabelInfo
 from .errors import AttentionUNetError, CancelledError
 from .imageio import validate_image
 from .network import AttentionUNet
-from .postprocessing import keep_largest_component
+from .postprocessing import keep_central_component, keep_largest_component
 from .preprocessing import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
 from .progress import scaled
 
@@ -539,8 +539,10 @@ class Predictor:
         around the box, where the argmax gives that side's labels (``spec.labels``: value per side and model
         label). Attention maps: gate ``k`` of both sides on the input grid pooled by ``2**k`` (maximum where
         they meet; 0 outside the boxes). Probabilities (when asked): per side label on the input grid.
+        ``largest_component``: per side, the connected component of all its labels together that
+        ``keep_central_component`` picks (large and near the box's centre), not each label's largest.
         """
-        from .localization import box_grid, map_box
+        from .localization import box_corners_lps, box_grid, map_box
 
         report = progress or (lambda stage, fraction, message: None)
         started = time.perf_counter()
@@ -598,7 +600,11 @@ class Predictor:
         labels = sitk.GetImageFromArray(canvas)
         labels.CopyInformation(image)
         if largest_component:
-            labels = keep_largest_component(labels, [int(item["value"]) for item in spec.labels])
+            # Per side the structure as a whole (all its segments): the component nearest the box's centre.
+            for side, box in spec.boxes.items():
+                centre = registration.transform.TransformPoint(tuple(box_corners_lps(box).mean(axis=0)))
+                labels = keep_central_component(labels, [int(item["value"]) for item in spec.labels
+                                                         if item["side"] == side], centre)
         probability_images = {}
         for value, array in kept.items():
             probability_images[value] = sitk.GetImageFromArray(array)

@@ -2,11 +2,15 @@
 
 Shapes: logits ``(B, C, D, H, W)`` (C classes including background), targets ``(B, D, H, W)`` int64 class
 indices (0..C-1), attention maps ``(B, 1, D_k, H_k, W_k)``.
+
+Coarse labels (region-based training, as nnU-Net's regions): a case labelled in a coarser space than the
+network's classes has a ``LabelSpace`` (per class of the case, the channels it merges) and targets that index
+its own classes; its Dice and CE are computed on the merged probabilities (the members' softmax summed).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +19,28 @@ from torch import nn
 from .network import NetworkOutput
 
 
+#: A case's label space: for each of its classes (index 0 = background), the network channels it merges, e.g.
+#: ``((0,), (1, 2))`` for "hippocampus = anterior + posterior". ``None`` stands for the network's own classes.
+LabelSpace = Tuple[Tuple[int, ...], ...]
+
+
+def merged_log_probabilities(logits: torch.Tensor, space: LabelSpace) -> torch.Tensor:
+    """``(B, K, D, H, W)`` log of the softmax probabilities of ``(B, C, D, H, W)`` logits summed within each of
+    the ``K`` classes of ``space`` (log-sum-exp of the members' log-probabilities: exact, and stable)."""
+    log_probabilities = torch.log_softmax(logits.float(), dim=1)
+    return torch.stack([torch.logsumexp(log_probabilities[:, list(members)], dim=1) for members in space], dim=1)
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """``1 - mean`` soft Dice over the foreground classes, pooled over the batch (stable for small structures
     that are absent from some patches)."""
-    probabilities = torch.softmax(logits.float(), dim=1)[:, 1:]
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    return _soft_dice(torch.softmax(logits.float(), dim=1), target, smooth)
+
+
+def _soft_dice(probabilities: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Pooled soft Dice loss of ``(B, K, ...)`` class probabilities against ``(B, ...)`` indices 0..K-1."""
+    one_hot = F.one_hot(target, probabilities.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].float()
+    probabilities = probabilities[:, 1:]
     axes = (0, 2, 3, 4)
     intersection = (probabilities * one_hot).sum(axes)
     denominator = probabilities.sum(axes) + one_hot.sum(axes)
@@ -35,9 +56,13 @@ class DiceCELoss(nn.Module):
         self.dice_weight = dice_weight
         self.ce_weight = ce_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return (self.dice_weight * soft_dice_loss(logits, target)
-                + self.ce_weight * F.cross_entropy(logits.float(), target))
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, space: Optional[LabelSpace] = None) -> torch.Tensor:
+        """``target`` indexes the network's classes, or the classes of ``space`` (the whole batch's)."""
+        if space is None:
+            return (self.dice_weight * soft_dice_loss(logits, target)
+                    + self.ce_weight * F.cross_entropy(logits.float(), target))
+        merged = merged_log_probabilities(logits, space)
+        return self.dice_weight * _soft_dice(merged.exp(), target) + self.ce_weight * F.nll_loss(merged, target)
 
 
 def downsample_labels(target: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -80,11 +105,22 @@ class SegmentationLoss(nn.Module):
         self.attention_weight = attention_weight
         self.last_terms: Dict[str, float] = {}
 
-    def forward(self, output: NetworkOutput, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, output: NetworkOutput, target: torch.Tensor,
+                spaces: Optional[Sequence[Optional[LabelSpace]]] = None) -> torch.Tensor:
+        """``spaces``: per sample its ``LabelSpace`` (``None``: the network's classes); samples sharing a space
+        are scored together (pooled Dice), each group weighted by its share of the batch."""
         outputs = [output.logits, *output.deep_supervision]
         weights = deep_supervision_weights(len(outputs))
-        segmentation = sum(weight * self.dice_ce(logits, downsample_labels(target, logits.shape[2:]))
-                           for weight, logits in zip(weights, outputs))
+        groups: Dict[Optional[LabelSpace], List[int]] = {}
+        for index, space in enumerate(spaces if spaces is not None else [None] * target.shape[0]):
+            groups.setdefault(space, []).append(index)
+        segmentation = 0.0
+        for space, members in groups.items():
+            share = len(members) / target.shape[0]
+            rows = members if len(groups) > 1 else slice(None)
+            segmentation = segmentation + share * sum(
+                weight * self.dice_ce(logits[rows], downsample_labels(target[rows], logits.shape[2:]), space)
+                for weight, logits in zip(weights, outputs))
         total = segmentation
         self.last_terms = {"segmentation": float(segmentation.detach())}
         if self.attention_weight > 0 and output.attention:

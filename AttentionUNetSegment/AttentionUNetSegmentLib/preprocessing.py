@@ -115,10 +115,15 @@ def _validated_normalization(value: object) -> Dict[str, object]:
         )
     norm = dict(value)
     if norm["scheme"] == "zscore":
-        unknown = set(norm) - {"scheme", "nonzero"}
-        if unknown or not isinstance(norm.get("nonzero", False), bool):
+        unknown = set(norm) - {"scheme", "nonzero", "central_mm"}
+        central = norm.get("central_mm")
+        if unknown or not isinstance(norm.get("nonzero", False), bool) or central is not None and not (
+                isinstance(central, (list, tuple)) and len(central) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                        for v in central)):
             raise ModelBundleError(
-                f"zscore normalization {value!r} accepts only 'nonzero' (true/false) besides 'scheme'"
+                f"zscore normalization {value!r} accepts only 'nonzero' (true/false) and 'central_mm' (three "
+                "positive sizes x, y, z in mm) besides 'scheme'"
             )
         return norm
     unknown = set(norm) - {"scheme", "clip", "mean", "std"}
@@ -224,10 +229,14 @@ def resample_to_reference(
     return sitk.Resample(image, reference, sitk.Transform(), interpolator, float(default), pixel_type)
 
 
-def normalize(array: np.ndarray, normalization: Mapping[str, object]) -> np.ndarray:
+def normalize(array: np.ndarray, normalization: Mapping[str, object],
+              spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
     """Normalise intensities as the bundle says; returns a float32 array of ``array``'s shape.
 
-    ``zscore``: ``(x - mean) / std`` over all voxels, or over the non-zero ones with ``"nonzero": true``.
+    ``zscore``: ``(x - mean) / std`` over all voxels, or over the non-zero ones with ``"nonzero": true``; with
+    ``"central_mm": [x, y, z]`` the statistics come from the central block of that size only (``spacing``: the
+    array's voxel size, x y z mm), so what surrounds the structure (a head's skull, air, neck in a larger box) does
+    not shift them.
     ``ct``: clip to ``clip`` then ``(x - mean) / std`` with the dataset statistics from the bundle.
     Statistics and the affine map run in float64 over chunks of ``_CHUNK`` voxels: float32 overflows there for
     intensities near its limit (a variance of 1e38-scale values is 1e76), while no float64 volume is created.
@@ -240,7 +249,12 @@ def normalize(array: np.ndarray, normalization: Mapping[str, object]) -> np.ndar
         np.clip(flat, low, high, out=flat)
         mean, std = float(spec["mean"]), float(spec["std"])  # type: ignore[arg-type]
     else:
-        values = flat[flat != 0] if spec.get("nonzero", False) else flat
+        values = flat
+        if spec.get("central_mm") is not None:
+            block = [max(1, int(round(float(mm) / float(step)))) for mm, step in zip(spec["central_mm"], spacing)]
+            values = out[tuple(slice(max(0, (n - b) // 2), max(0, (n - b) // 2) + min(n, b))
+                               for n, b in zip(out.shape, block[::-1]))].reshape(-1)
+        values = values[values != 0] if spec.get("nonzero", False) else values
         if values.size == 0:
             values = flat
         mean = float(values.mean(dtype=np.float64))
@@ -263,7 +277,7 @@ def preprocess(image: sitk.Image, spec: PreprocessingSpec) -> PreparedImage:
     grid = resample_to_spacing(
         reorient(sitk.Cast(image, sitk.sitkFloat32), spec.orientation), spec.target_spacing, is_label=False
     )
-    array = normalize(sitk.GetArrayViewFromImage(grid), spec.normalization)
+    array = normalize(sitk.GetArrayViewFromImage(grid), spec.normalization, grid.GetSpacing())
     return PreparedImage(array=array, grid=grid)
 
 

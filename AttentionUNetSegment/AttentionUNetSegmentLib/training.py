@@ -45,7 +45,7 @@ from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
                      create_metadata, device_memory, estimate_memory, save_bundle)
 from .domain import measure_domain
-from .datasets import CaseCache, PreprocessedCase, inspect_dataset, load_dataset, plan_split
+from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from .jsonfile import read_json
 from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
@@ -58,6 +58,10 @@ from .preprocessing import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
                 (0.9, 0.9, 0.3), (0.3, 0.9, 0.9), (0.6, 0.6, 0.6)]
 AMP_MODES = ("none", "fp16", "bf16")
+#: ``--augmentation`` sets: nnU-Net-like defaults, + simulated low resolution (``AugmentationConfig.robust``), or
+#: every robustness augmentation (``AugmentationConfig.strong``).
+AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust,
+                     "strong": AugmentationConfig.strong}
 
 
 @dataclass
@@ -68,6 +72,8 @@ class TrainingConfig:
     dataset: str
     output: str
     work_dir: str
+    #: more listings trained on together with ``dataset`` (training cases only; coarse labels allowed)
+    extra_datasets: Tuple[str, ...] = ()
     name: str = "model"
     version: str = "1.0.0"
     description: str = ""
@@ -92,6 +98,7 @@ class TrainingConfig:
     attention_loss_weight: float = 0.0
     foreground_fraction: float = 0.33
     elastic: bool = False
+    augmentation: str = "default"
     max_time: Optional[float] = None
     resume: bool = False
     force: bool = False
@@ -183,18 +190,40 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
-def to_channel_labels(cases: Sequence[PreprocessedCase], labels: Sequence[int]) -> List[PreprocessedCase]:
+def to_channel_labels(cases: Sequence[PreprocessedCase], labels: Sequence[int],
+                      records: Optional[Sequence[CaseRecord]] = None) -> List[PreprocessedCase]:
     """``cases`` with label values replaced by network channels, ``labels[i] -> i + 1`` (0 stays 0), so label values
     with gaps (say {1, 3}) train a ``len(labels) + 1``-channel network. ``labels`` are sorted and hold every value
-    the cases contain (``load_dataset`` checked that)."""
-    if list(labels) == list(range(1, len(labels) + 1)):
+    the cases contain (``load_dataset`` checked that). A case whose ``records`` entry has ``classes`` is mapped
+    through them; when some value it holds stands for several channels it gets a ``space`` (``case_space``)
+    and its labels index that space's classes."""
+    records = records or [None] * len(cases)  # type: ignore[list-item]
+    if list(labels) == list(range(1, len(labels) + 1)) and not any(r is not None and r.classes for r in records):
         return list(cases)
-    lookup = np.zeros(max(labels) + 1, dtype=np.uint8 if len(labels) < 256 else np.int16)
-    for channel, value in enumerate(labels, start=1):
-        lookup[value] = channel
-    return [PreprocessedCase(case.name, case.image, lookup[case.label],
-                             {int(lookup[value]): indices for value, indices in case.foreground.items()})
-            for case in cases]
+    channel_of = {value: channel for channel, value in enumerate(labels, start=1)}
+    mapped = []
+    for case, record in zip(cases, records):
+        classes = dict(record.classes) if record is not None and record.classes else {v: (v,) for v in labels}
+        present = sorted(case.foreground)
+        space = case_space(len(labels) + 1, [tuple(channel_of[m] for m in classes[v]) for v in present])
+        lookup = np.zeros(max(classes) + 1, dtype=np.uint8 if len(labels) < 256 else np.int16)
+        for value, members in classes.items():
+            channels = tuple(channel_of[m] for m in members)
+            lookup[value] = space.index(channels) if space is not None and channels in space else channels[0]
+        mapped.append(PreprocessedCase(case.name, case.image, lookup[case.label],
+                                       {int(lookup[value]): indices for value, indices in case.foreground.items()},
+                                       space))
+    return mapped
+
+
+def case_space(channels: int, present: Sequence[Tuple[int, ...]]) -> Optional[Tuple[Tuple[int, ...], ...]]:
+    """The label space of a case whose label map holds classes ``present`` (each a tuple of network channels):
+    background, each present class, then every channel no present class covers on its own (absent there, as in a
+    fully labelled case). ``None`` when every present class is a single channel (the network's own classes)."""
+    if all(len(members) == 1 for members in present):
+        return None
+    covered = {channel for members in present for channel in members}
+    return ((0,), *sorted(present), *((c,) for c in range(1, channels) if c not in covered))
 
 
 #: Inference precision matching each ``--amp`` setting.
@@ -203,27 +232,33 @@ _PRECISION_OF_AMP = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 @torch.no_grad()
 def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], patch_size_zyx: Sequence[int],
-             device: torch.device, amp: str) -> Dict[int, Tuple[float, int]]:
+             device: torch.device, amp: str) -> Dict[Tuple[int, ...], Tuple[float, int]]:
     """Segment each validation case on its preprocessed grid as the engine does (Gaussian-weighted sliding
-    windows, overlap 0.5: any case size fits in memory) and score it. Labels are channels (``to_channel_labels``);
-    returns, per channel ``1 .. C-1``, the sum of per-case Dice scores and the number of cases where the channel
-    occurs in the reference or the prediction."""
+    windows, overlap 0.5: any case size fits in memory) and score it on the classes it has. Labels are channels
+    or a case's ``space`` (``to_channel_labels``); returns, per class (its tuple of channels: ``(c,)`` for channel
+    ``c``, several for a merged class of a coarse case), the sum of per-case Dice scores and the number of cases
+    where the class occurs in the reference or the prediction."""
     model.eval()
-    channels = list(range(1, model.out_channels))
-    sums = {channel: [0.0, 0] for channel in channels}
+    sums: Dict[Tuple[int, ...], List[float]] = {(channel,): [0.0, 0] for channel in range(1, model.out_channels)}
     for case in cases:
         result = sliding_window_inference(
             torch.from_numpy(case.image)[None], model, patch_size_zyx, overlap=0.5,
             batch_size=DEFAULT_BATCH_SIZE[device.type], attention=False, device=device,
             precision=_PRECISION_OF_AMP[amp])
         prediction = result.scores.argmax(0)
-        for channel, score in dice_per_label(prediction, torch.from_numpy(case.label.astype(np.int64)),
-                                             channels).items():
+        space = case.space or tuple((channel,) for channel in range(model.out_channels))
+        to_class = torch.zeros(model.out_channels, dtype=torch.int64)
+        for index, members in enumerate(space):
+            to_class[list(members)] = index
+        scores = dice_per_label(to_class[prediction], torch.from_numpy(case.label.astype(np.int64)),
+                                range(1, len(space)))
+        for index, score in scores.items():
             if score is not None:
-                sums[channel][0] += score
-                sums[channel][1] += 1
+                total = sums.setdefault(space[index], [0.0, 0])
+                total[0] += score
+                total[1] += 1
     model.train()
-    return {channel: (total, count) for channel, (total, count) in sums.items()}
+    return {members: (total, count) for members, (total, count) in sums.items()}
 
 
 class TrainingLog:
@@ -394,6 +429,9 @@ def check_config(config: TrainingConfig) -> None:
                                ("attention_loss_weight", "--attention-loss-weight")):
         if not getattr(config, field_name) >= 0:
             raise AttentionUNetError(f"{option} must be zero or positive, got {getattr(config, field_name)}")
+    if config.augmentation not in AUGMENTATION_SETS:
+        raise AttentionUNetError(f"--augmentation must be one of {', '.join(AUGMENTATION_SETS)}, got "
+                                 f"{config.augmentation!r}")
     if not 0.0 <= config.foreground_fraction <= 1.0:
         raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
 
@@ -445,7 +483,7 @@ class Trainer:
         """Validate, plan, split and fill the cache (rank 0); every rank receives the same result."""
         config = self.config
         prepared = None
-        dataset = load_dataset(config.dataset, config.label_names)
+        dataset = load_datasets([config.dataset, *config.extra_datasets], config.label_names)
         if self.distributed.is_main:
             plan_path = self.work_dir / "plan.json"
             if config.resume and (plan_path.exists() or plan_path.is_symlink()):
@@ -469,9 +507,11 @@ class Trainer:
                 self._check_exportable(plan, dataset.labels)
                 self._log(f"resuming with the saved plan and split from {plan_path}")
             else:
-                split = plan_split(dataset.cases, config.validation, config.seed, config.held_out, config.folds,
-                                   config.fold)
-                train_names, val_names = split.training, split.validation
+                # The first dataset is split as it would be alone; later datasets only add training cases.
+                extra = set(dataset.training_only)
+                split = plan_split([c for c in dataset.cases if c.name not in extra], config.validation, config.seed,
+                                   config.held_out, config.folds, config.fold)
+                train_names, val_names = split.training + list(dataset.training_only), split.validation
                 self.split = split.to_dict()
                 # The plan and the domain come from the cases the runs use (every fold's the same), never the held-out.
                 used = set(train_names + val_names)
@@ -485,6 +525,7 @@ class Trainer:
                 # What segment's domain guard compares inputs with (RAS-reoriented grids: world = index axes).
                 self.domain = measure_domain([c.size for c in fingerprint.cases],
                                              [c.spacing for c in fingerprint.cases], modality=fingerprint.modality)
+
                 self._check_exportable(plan, dataset.labels)
                 self.work_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
@@ -519,9 +560,9 @@ class Trainer:
         dataset or a folder holding it, the work folder or a folder holding it, and (even with ``--force``)
         anything existing that is not a model bundle."""
         output = self.output.resolve()
-        dataset = Path(self.config.dataset).expanduser().resolve()
+        datasets = [Path(d).expanduser().resolve() for d in (self.config.dataset, *self.config.extra_datasets)]
         work_dir = self.work_dir.resolve()
-        for what, path in (("the training dataset", dataset), ("the training work folder", work_dir)):
+        for what, path in [*(("the training dataset", d) for d in datasets), ("the training work folder", work_dir)]:
             if path == output or output in path.parents:
                 raise AttentionUNetError(f"--output {self.output} is (or holds) {what} {path}; the bundle would "
                                          "replace it. Choose another --output (nothing was changed)")
@@ -552,8 +593,15 @@ class Trainer:
             raise DatasetError(f"{len(train_names)} training cases cannot be shared by {world} processes; use "
                                "fewer processes or more cases")
         labels = sorted(label_names)
-        train_cases = to_channel_labels(cache.load_all([by_name[n] for n in train_names[rank::world]]), labels)
-        val_cases = to_channel_labels(cache.load_all([by_name[n] for n in val_names[rank::world]]), labels)
+        train_records = [by_name[n] for n in train_names[rank::world]]
+        val_records = [by_name[n] for n in val_names[rank::world]]
+        train_cases = to_channel_labels(cache.load_all(train_records), labels, train_records)
+        val_cases = to_channel_labels(cache.load_all(val_records), labels, val_records)
+        # Scored classes: every channel, then each merged class of a coarse validation case (same on every rank).
+        scored = [(channel,) for channel in range(1, len(labels) + 1)] + sorted(
+            {tuple(labels.index(m) + 1 for m in members) for n in val_names for _, members in by_name[n].classes
+             if len(members) > 1})
+        class_names = {members: "+".join(label_names[labels[c - 1]] for c in members) for members in scored}
 
         torch.manual_seed(config.seed)
         model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels,
@@ -565,8 +613,8 @@ class Trainer:
                 trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        augmentation = AugmentationConfig(flip_axes=plan.flip_axes,
-                                          elastic_probability=0.2 if config.elastic else 0.0)
+        augmentation = AUGMENTATION_SETS[config.augmentation](flip_axes=plan.flip_axes,
+                                                             elastic_probability=0.2 if config.elastic else 0.0)
         sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augmentation,
                                config.foreground_fraction, seed=config.seed * 1000 + rank)
         criterion = SegmentationLoss(attention_weight=config.attention_loss_weight)
@@ -616,11 +664,11 @@ class Trainer:
         while step < total_steps:
             for group in optimizer.param_groups:
                 group["lr"] = poly_learning_rate(config.learning_rate, step, total_steps)
-            images, targets = sampler.next_batch()
+            images, targets, spaces = sampler.next_batch()
             images, targets = images.to(self.device), targets.to(self.device)
             with autocast_context(self.device, config.amp):
                 logits, attention, deep = trainable(images)
-                loss = criterion(NetworkOutput(logits, list(attention), list(deep)), targets)
+                loss = criterion(NetworkOutput(logits, list(attention), list(deep)), targets, spaces)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -638,9 +686,8 @@ class Trainer:
             if step % config.iterations_per_epoch and not out_of_time and step < total_steps:
                 continue
             # End of an epoch (or of the time budget): validate, log, checkpoint.
-            by_channel = validate(model, val_cases, plan.patch_size[::-1], self.device, config.amp)
-            sums = {labels[channel - 1]: total for channel, total in by_channel.items()}
-            dice = self._reduce_dice(sums, labels)
+            sums = validate(model, val_cases, plan.patch_size[::-1], self.device, config.amp)
+            dice = self._reduce_dice(sums, scored)
             scores = [d for d in dice.values() if d is not None]
             mean_dice = float(np.mean(scores)) if scores else 0.0
             last_dice = mean_dice
@@ -650,8 +697,8 @@ class Trainer:
             if self.distributed.is_main:
                 row: Dict[str, Any] = {"epoch": epoch, "step": step, "time_s": round(elapsed, 1),
                                        "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5)}
-                row.update({f"val_dice_{label_names[v]}": (None if dice[v] is None else round(dice[v], 5))
-                            for v in labels})
+                row.update({f"val_dice_{class_names[k]}": (None if dice[k] is None else round(dice[k], 5))
+                            for k in scored})
                 row["val_dice_mean"] = round(mean_dice, 5)
                 log.append(row)
                 if mean_dice > best_score:
@@ -659,7 +706,7 @@ class Trainer:
                     _save_checkpoint(checkpoints / "best.pt", {"model": model.state_dict(), "epoch": epoch,
                                                                "step": step, "dice": row})
                 message = (f"epoch {epoch}: loss {train_loss:.4f}, validation Dice "
-                           + ", ".join(f"{label_names[v]} {row[f'val_dice_{label_names[v]}']}" for v in labels)
+                           + ", ".join(f"{class_names[k]} {row[f'val_dice_{class_names[k]}']}" for k in scored)
                            + f" (best {best_score:.4f} at epoch {best_epoch})")
                 if bar is not None:
                     bar.write(message, file=sys.stderr)
@@ -710,8 +757,11 @@ class Trainer:
             dist.all_reduce(total)
         return float(total[0] / max(total[1], 1))
 
-    def _reduce_dice(self, sums: Dict[int, Tuple[float, int]], labels: Sequence[int]) -> Dict[int, Optional[float]]:
-        tensor = torch.tensor([[sums[v][0], sums[v][1]] for v in labels], dtype=torch.float64, device=self.device)
+    def _reduce_dice(self, sums: Dict[Tuple[int, ...], Tuple[float, int]],
+                     labels: Sequence[Tuple[int, ...]]) -> Dict[Tuple[int, ...], Optional[float]]:
+        """Mean per-case Dice of each class in ``labels`` over all processes (``None`` where no case had it)."""
+        tensor = torch.tensor([list(sums.get(v, (0.0, 0))) for v in labels], dtype=torch.float64,
+                              device=self.device)
         if self.distributed.enabled:
             dist.all_reduce(tensor)
         return {v: (float(tensor[i, 0] / tensor[i, 1]) if tensor[i, 1] > 0 else None) for i, v in enumerate(labels)}
@@ -724,7 +774,8 @@ class Trainer:
             labels=[{"value": v, "name": label_names[v], "color": list(LABEL_COLORS[i % len(LABEL_COLORS)])}
                     for i, v in enumerate(sorted(label_names))],
             patch_size=plan.patch_size, preprocessing=plan.preprocessing(),
-            description=config.description or f"Attention U-Net trained on {config.dataset}",
+            description=config.description or "Attention U-Net trained on " + " + ".join(
+                (config.dataset, *config.extra_datasets)),
             license=config.license, citation=config.citation, training_data=config.training_data,
             metrics=metrics, mirror_axes=plan.flip_axes, domain=self.domain)
 
@@ -772,6 +823,9 @@ class Trainer:
                 "cases": n_val,
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
+                **({"region_dice": {key[len("val_dice_"):]: value for key, value in row.items()
+                                    if key.startswith("val_dice_") and "+" in key}}
+                   if any(key.startswith("val_dice_") and "+" in key for key in row) else {}),
                 "epoch": best["epoch"],
             }
         except (KeyError, TypeError, RuntimeError) as error:
@@ -838,8 +892,10 @@ def train_folds(config: TrainingConfig) -> Optional[Path]:
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``attention-unet train``."""
-    parser.add_argument("dataset", help="MSD/nnU-Net folder (imagesTr/, labelsTr/, dataset.json) or a .json/.csv "
-                        "file of image/label pairs")
+    parser.add_argument("dataset", nargs="+", help="MSD/nnU-Net folder (imagesTr/, labelsTr/, dataset.json) or a "
+                        ".json/.csv file of image/label pairs; more than one trains on them together: the first "
+                        "names the model's classes and gives the validation split, the others add training cases "
+                        "(their dataset.json may declare coarser labels in 'label_groups')")
     parser.add_argument("--output", "-o", required=True, help="bundle directory to write (model.json + weights)")
     parser.add_argument("--work-dir", help="checkpoints, logs, plan and cache (default: <output>.work)")
     parser.add_argument("--name", default=None, help="model name (default: the output folder's name)")
@@ -860,7 +916,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="axes where mirroring is allowed (default: all that no label name ties to a side; "
                             "give none to disable mirroring)")
     group.add_argument("--normalization", choices=NORMALIZATION_SCHEMES,
-                       help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), ct (clip to the "
+                       help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), zscore-central "
+                            "(statistics of the central block of the median case size only: a larger box around the "
+                            "structure, e.g. a localised head, is normalised like the crops), ct (clip to the "
                             "dataset's foreground 0.5-99.5 percentiles, then its mean/std); default: ct for CT "
                             "datasets, else zscore")
     group = parser.add_argument_group("optimisation")
@@ -887,6 +945,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="weight of the auxiliary attention-supervision BCE (0 = off)")
     group.add_argument("--foreground-fraction", type=float, default=0.33)
     group.add_argument("--elastic", action="store_true", help="add random elastic deformation")
+    group.add_argument("--augmentation", choices=list(AUGMENTATION_SETS), default="default",
+                       help="default (nnU-Net-like); robust: adds simulated low resolution (for coarser scans "
+                            "than the training set's); strong: also bias field, blur, wider and anisotropic "
+                            "scaling, stronger noise/contrast and inverted gamma")
     group = parser.add_argument_group("run control")
     group.add_argument("--max-time", type=parse_duration, help="stop after this long (e.g. 3600, 90m, 1.5h), "
                        "keeping the best checkpoint and exporting the bundle")
@@ -919,7 +981,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     output = Path(args.output)
     progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
     config = TrainingConfig(
-        dataset=args.dataset, output=str(output), work_dir=args.work_dir or f"{output}.work",
+        dataset=args.dataset[0], extra_datasets=tuple(args.dataset[1:]), output=str(output),
+        work_dir=args.work_dir or f"{output}.work",
         name=args.name or output.name, version=args.model_version, description=args.description,
         license=args.license, citation=args.citation, training_data=args.training_data,
         label_names=parse_label_names(args.label_names), epochs=args.epochs,
@@ -930,7 +993,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         fold=0 if args.fold == "all" else args.fold,
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
-        foreground_fraction=args.foreground_fraction, elastic=args.elastic, max_time=args.max_time,
+        foreground_fraction=args.foreground_fraction, elastic=args.elastic,
+        augmentation=args.augmentation, max_time=args.max_time,
         resume=args.resume, force=args.force, device=args.device, threads=args.threads, progress=progress,
         channels=tuple(args.channels) if args.channels else None,
         patch_size=tuple(args.patch_size) if args.patch_size else None,
