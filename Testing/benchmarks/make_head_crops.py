@@ -1,10 +1,10 @@
-"""Training crops from labelled whole heads, exactly as the localised pipeline shows them to the model.
+"""Training crops from labelled whole heads, on the grid the localised pipeline shows the model.
 
 For each head (``images/<case>.nii.gz`` with ``labels/<case>.nii.gz``: 1 = left, 2 = right whole hippocampus, as in
 ``../shared/data/whole-head``) the bundle's localiser registers the head to its template
-(``localization.register``), and each side's box plus the ``ROI_MARGIN_VOXELS`` of context that
-``Predictor.predict_localized`` adds is resampled through the registration onto the model's grid (its spacing,
-upright in template space: the exact region inference segments). The image is resampled linearly as inference
+(``localization.register``), and each side's box plus ``ROI_MARGIN_VOXELS`` of context is resampled through the
+registration onto the model's grid (its spacing, upright in template space, as ``Predictor.predict_localized``
+resamples the one window it segments, centred on the box; the context lets training sample patches around it). The image is resampled linearly as inference
 does; the side's label linearly as a mask, kept where above one half (the 2 mm references stay smooth on the 1 mm
 grid). Each crop becomes one case ``<case>_<side>`` of an MSD-layout dataset whose ``dataset.json`` declares the
 coarse label: ``1 = hippocampus``, ``"label_groups": {"1": ["Anterior", "Posterior"]}`` (the model's classes), so
@@ -39,7 +39,7 @@ MARKER = ".made-by-make_head_crops"
 
 def crop_side(image: sitk.Image, label: sitk.Image, transform: sitk.Transform, box: Sequence[float],
               spacing: Sequence[float], value: int) -> "tuple[sitk.Image, sitk.Image]":
-    """The region ``predict_localized`` segments for template box ``box`` (plus its context margin) and the
+    """Template box ``box`` plus its context margin on the grid ``predict_localized`` resamples onto, and the
     side's label (``value`` -> 1) on the same grid."""
     from AttentionUNetSegmentLib.inference import ROI_MARGIN_VOXELS
     from AttentionUNetSegmentLib.localization import box_grid
