@@ -217,10 +217,11 @@ def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
     from .outputs import safe_name
 
     stems = [source.stem if source is not None else image_stem(path) for path, source in zip(inputs, sources)]
-    stems = [safe_name(f"{stem}_{source.uid.split('.')[-1][-8:]}")
-             if source is not None and [s.casefold() for s in stems].count(stem.casefold()) > 1 else stem
-             for stem, source in zip(stems, sources)]
     folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
+    stems = [safe_name(f"{stem}_{source.uid.split('.')[-1][-8:]}")
+             if source is not None and folded.count(key) > 1 else stem
+             for stem, key, source in zip(stems, folded, sources)]
+    folded = [stem.casefold() for stem in stems]
     repeated = sorted({stem for stem, key in zip(stems, folded) if folded.count(key) > 1})
     if repeated:
         raise InputImageError(f"several inputs share the file name stem {repeated[0]!r} (ignoring case), so their "

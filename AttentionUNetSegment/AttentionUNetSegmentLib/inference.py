@@ -568,7 +568,7 @@ class Predictor:
                 if stage != "total":
                     timings[stage] = timings.get(stage, 0.0) + seconds
             clock = time.perf_counter()
-            target, start, stop = crop_to_roi(image, map_box(registration.transform, box), 1)
+            target = crop_to_roi(image, map_box(registration.transform, box), 1)[0]
             offset = np.array(image.TransformPhysicalPointToIndex(target.GetOrigin()))
             window = tuple(slice(o, o + n) for o, n in zip(offset[::-1], target.GetSize()[::-1]))
             values = {int(item["source"]): int(item["value"]) for item in spec.labels if item["side"] == side}

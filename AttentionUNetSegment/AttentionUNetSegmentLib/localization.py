@@ -3,9 +3,10 @@
 A bundle may declare a ``localization`` section (format in ``DESIGN.md``). The one method, ``template-affine``,
 registers the input to a T1 template shipped in the bundle folder (affine, SimpleITK's registration framework:
 an upper-head initialiser, several starting rotations, Mattes mutual information over the template's brain at
-8, 4 and 2 mm) and maps each side's template-space box into the input. ``segment`` then resamples the input onto each box's
-grid in template space (the model's spacing, upright as the training crops were), segments it with the usual
-sliding window and maps the class probabilities back onto the input grid (``inference.Predictor.predict_localized``).
+8, 4 and 2 mm) and maps each side's template-space box into the input. ``segment`` then resamples the input onto
+the model's field of view centred on each box in template space (the model's spacing, upright as the training crops
+were), segments it with one window and maps the class probabilities back onto the input grid
+(``inference.Predictor.predict_localized``).
 
 Registration that fails or looks implausible (mutual information too low, a determinant or scaling no head has, a
 box outside the image) raises ``LocalizationError`` with what to do: give an ROI.
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -159,33 +160,39 @@ def _as_float(image: sitk.Image) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def _subsampled(image: sitk.Image, spacing_mm: float, sigma: Sequence[float]) -> sitk.Image:
-    """``image`` smoothed by ``sigma`` (mm per axis; 0 = none) and subsampled by whole factors to a grid no finer
-    than ``spacing_mm``."""
-    spacing = np.array(image.GetSpacing())
-    factor = np.maximum(1, np.floor(spacing_mm / spacing + 1e-6)).astype(int)
+def _shrink_factors(image: sitk.Image, spacing_mm: float) -> List[int]:
+    """Whole subsampling factors per axis that take ``image`` to a grid no finer than ``spacing_mm``."""
+    return [max(1, int(math.floor(spacing_mm / s + 1e-6))) for s in image.GetSpacing()]
+
+
+def _shrunk(image: sitk.Image, factors: Sequence[int]) -> sitk.Image:
+    return sitk.Shrink(image, list(factors)) if max(factors) > 1 else image
+
+
+def _subsampled(image: sitk.Image, spacing_mm: float, sigma: Optional[Sequence[float]] = None) -> sitk.Image:
+    """``image`` smoothed by ``sigma`` (mm per axis; 0 = none; ``None``: just enough against aliasing, half the
+    removed spacing) and subsampled by whole factors to a grid no finer than ``spacing_mm``."""
+    factors = _shrink_factors(image, spacing_mm)
+    if sigma is None:
+        sigma = [s * (f - 1) / 2.0 for s, f in zip(image.GetSpacing(), factors)]
     if any(s > 0 for s in sigma):
         image = sitk.SmoothingRecursiveGaussian(image, [max(float(s), 1e-3) for s in sigma])
-    return sitk.Shrink(image, [int(f) for f in factor]) if np.any(factor > 1) else image
+    return _shrunk(image, factors)
 
 
 def _level(fixed: sitk.Image, moving: sitk.Image, mask: sitk.Image, level: Tuple[float, float, float]
            ) -> Tuple[sitk.Image, sitk.Image, sitk.Image]:
-    """``(fixed, moving, mask)`` for one registration level (``COARSE_LEVEL``...: grids and smoothing in mm)."""
+    """``(fixed, moving, mask)`` for one registration level (``COARSE_LEVEL``...: grids and smoothing in mm); the
+    mask is subsampled with the template's factors, so it stays on the template's grid."""
     fixed_mm, moving_mm, sigma = level
-    shrink = [max(1, int(round(fixed_mm / s))) for s in fixed.GetSpacing()]
     return (_subsampled(fixed, fixed_mm, [sigma] * 3), _subsampled(moving, moving_mm, [sigma] * 3),
-            sitk.Shrink(mask, shrink) if max(shrink) > 1 else mask)
+            _shrunk(mask, _shrink_factors(fixed, fixed_mm)))
 
 
 def _registration_copy(image: sitk.Image) -> sitk.Image:
     """``image`` as float32 on a grid no finer than ``REGISTRATION_SPACING_MM`` (smoothed first, so no aliasing),
     intensities clipped to their 0.5-99.5 percentiles (bright fat or vessels would squeeze the histogram)."""
-    image = _as_float(image)
-    spacing = np.array(image.GetSpacing())
-    factor = np.maximum(1, np.floor(REGISTRATION_SPACING_MM / spacing + 1e-6)).astype(int)
-    image = _subsampled(image, REGISTRATION_SPACING_MM,
-                        [float(s * (f - 1) / 2.0) for s, f in zip(spacing, factor)])
+    image = _subsampled(_as_float(image), REGISTRATION_SPACING_MM)
     array = sitk.GetArrayViewFromImage(image)
     low, high = np.percentile(array[::2, ::2, ::2], [0.5, 99.5])
     return sitk.Clamp(image, lowerBound=float(low), upperBound=float(max(high, low + 1e-3)))
@@ -326,14 +333,13 @@ def register(image: sitk.Image, template: sitk.Image) -> Registration:
             refined.append((-mutual_information(affine, fixed, moving, interior), degrees, affine))
         _, best_degrees, affine = min(refined, key=lambda item: item[0])
         _optimise(affine, fine, FINE_ITERATIONS, FINE_SAMPLING)
-        metric = -mutual_information(affine, fixed, moving, interior)
     except RuntimeError as error:
         raise LocalizationError(f"the registration to the model's template failed ({str(error).strip()[-200:]}); "
                                 "give a Region (--roi) around the structure instead") from None
     linear = np.array(affine.GetMatrix()).reshape(3, 3)
     scales = tuple(float(s) for s in np.linalg.svd(linear, compute_uv=False))
     return Registration(transform=affine, metric=-mutual_information(affine, fixed, moving, mask),
-                        interior_information=-metric,
+                        interior_information=mutual_information(affine, fixed, moving, interior),
                         determinant=float(np.linalg.det(linear)),
                         scales=scales, seconds=time.perf_counter() - started, start_rotation_deg=best_degrees)
 
