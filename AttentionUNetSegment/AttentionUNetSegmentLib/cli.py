@@ -556,6 +556,21 @@ def _dice_line(section: Any) -> str:
                      for name, value in dice.items())
 
 
+def _whole_head_line(section: Any) -> str:
+    """``metrics.whole_head`` (``finalize_hippocampus.py --whole-head``): median per-side Dice, ours vs hippodeep,
+    on the held-out heads and on all of them."""
+    if not isinstance(section, dict):
+        return ""
+    parts = []
+    for key, heads in (("median_dice_held_out", section.get("held_out_heads")), ("median_dice", section.get("heads"))):
+        medians = section.get(key)
+        if isinstance(medians, dict) and isinstance(medians.get("ours"), (int, float)) and isinstance(heads, list):
+            which = f"the {len(heads)} held-out" if key == "median_dice_held_out" else f"all {len(heads)}"
+            parts.append(f"median per side {medians['ours']:.3f} on {which} heads "
+                         f"({', '.join(map(str, heads))}; hippodeep {medians.get('hippodeep', float('nan')):.3f})")
+    return "; ".join(parts)
+
+
 def model_card(bundle: ModelBundle) -> str:
     """A Markdown model card of ``bundle`` from its ``model.json``: what it segments, its networks, data, training
     and metrics, and a fold ensemble's cross-validation table."""
@@ -573,7 +588,9 @@ def model_card(bundle: ModelBundle) -> str:
                                                                       training.get("folds", [])}))),
             ("Validation Dice", _dice_line(metrics.get("validation"))),
             ("Cross-validation mean Dice", _dice_line((metrics.get("cross_validation") or {}).get("mean"))),
-            ("Held-out Dice", _dice_line(metrics.get("held_out")))]
+            ("Held-out Dice", _dice_line(metrics.get("held_out"))),
+            ("Whole-head Dice", _whole_head_line(metrics.get("whole_head"))),
+            ("Selection", metrics.get("selection") if isinstance(metrics.get("selection"), str) else "")]
     lines = [f"# {bundle.name} {bundle.version}", "", metadata.get("description") or "", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows if value]
     table = cross_validation_table(metrics)

@@ -16,9 +16,13 @@ between the two tools (ours first on even heads, hippodeep first on odd ones) so
 - box containment: the share of the reference hippocampus of each side that lies inside the localisation box
   the report records (the template-space box mapped through ``template_to_input``).
 
+``--held-out`` names the heads the model never trained on (the shipped model trained on crops of
+``nichart_subj01``-``05``): their median Dice is reported on its own, next to the median over every head.
+
 Wall time (whole process) and peak memory (maximum resident set size from ``/usr/bin/time -v``) per tool::
 
     PYTHONPATH=AttentionUNetSegment python Testing/benchmarks/bench_whole_head.py \\
+        --held-out nichart_subj06 nichart_subj07 nichart_subj08 ixi012 colin27 \\
         --json Testing/benchmarks/results/cpu-2core/whole_head.json
 """
 
@@ -149,10 +153,11 @@ def centred_oracle_dice(predictor, image: sitk.Image, reference: sitk.Image, rep
     return per_side(reference, score)
 
 
-def run_ours(head: Path, work: Path) -> Dict[str, Any]:
+def run_ours(head: Path, work: Path, model: Optional[str]) -> Dict[str, Any]:
     out = work / "ours" / head.name.split(".")[0]
     wall, peak, result = timed([sys.executable, "-m", "AttentionUNetSegmentLib", "segment", str(head),
-                                "--output-dir", str(out), "--progress", "none", "--force"])
+                                "--output-dir", str(out), "--progress", "none", "--force",
+                                *(["--model", model] if model else [])])
     row: Dict[str, Any] = {"seconds": round(wall, 2), "peak_mb": round(peak, 1), "exit": result.returncode}
     if result.returncode != 0:
         row["error"] = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "?"
@@ -163,7 +168,7 @@ def run_ours(head: Path, work: Path) -> Dict[str, Any]:
     return row
 
 
-def run_hippodeep(head: Path, work: Path) -> Dict[str, Any]:
+def run_hippodeep(head: Path, work: Path, model: Optional[str]) -> Dict[str, Any]:
     folder = work / "hippodeep" / head.name.split(".")[0]
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / head.name
@@ -220,6 +225,9 @@ def fmt(value: Any) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", help="case names (default: every image in the whole-head folder)")
+    parser.add_argument("--model", help="our model (name or bundle folder; default: the shipped default)")
+    parser.add_argument("--held-out", nargs="*", default=[], metavar="CASE",
+                        help="heads the model never trained on: their median Dice is reported separately")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     if not HEADS.is_dir() or not HIPPODEEP.is_file():
@@ -230,17 +238,20 @@ def main() -> int:
     from AttentionUNetSegmentLib.imageio import read_image
     from AttentionUNetSegmentLib.inference import Predictor
 
-    predictor = Predictor(ModelRegistry().resolve(None), device="cpu")
+    predictor = Predictor(ModelRegistry().resolve(args.model), device="cpu")
     heads = sorted((HEADS / "images").glob("*.nii.gz"))
     if args.cases:
         heads = [h for h in heads if h.name[:-len(".nii.gz")] in args.cases]
+    unknown = set(args.held_out) - {h.name[:-len(".nii.gz")] for h in heads}
+    if unknown:
+        parser.error(f"--held-out: no such head among those benchmarked: {', '.join(sorted(unknown))}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-whole-head-") as scratch:
         work = Path(scratch)
         for number, head in enumerate(heads):
             case = head.name[:-len(".nii.gz")]
             order = (run_ours, run_hippodeep) if number % 2 == 0 else (run_hippodeep, run_ours)
-            results = {function.__name__: function(head, work) for function in order}
+            results = {function.__name__: function(head, work, args.model) for function in order}
             label_path = HEADS / "labels" / head.name
             reference = sitk.ReadImage(str(label_path)) if label_path.is_file() else None
             image = read_image(head)
@@ -276,6 +287,12 @@ def main() -> int:
                     if r.get("centred_oracle_dice", {}).get(s) is not None and r["ours"]["dice"].get(s) is not None]
     contains = [r["ours"]["box_contains"][s] for r in labelled for s in SIDES
                 if r["ours"]["box_contains"].get(s) is not None]
+    def median_dice(subset: List[Dict[str, Any]]) -> Optional[Dict[str, float]]:
+        if not subset:
+            return None
+        return {name: statistics.median(v for r in subset for v in r[name]["dice"].values() if v is not None)
+                for name in ("ours", "hippodeep")}
+
     summary = {
         "median_seconds": {"ours": ours_time, "hippodeep": peer_time, "ratio": round(ours_time / peer_time, 3)},
         "peak_mb_max": {"ours": max(r["ours"]["peak_mb"] for r in rows),
@@ -283,8 +300,9 @@ def main() -> int:
         "min_box_contains": min(contains) if contains else None,
         "max_oracle_minus_auto_dice": round(max(gaps), 4) if gaps else None,
         "max_centred_oracle_minus_auto_dice": round(max(centred_gaps), 4) if centred_gaps else None,
-        "median_dice": {name: statistics.median(v for r in labelled for v in r[key]["dice"].values() if v is not None)
-                        for name, key in (("ours", "ours"), ("hippodeep", "hippodeep"))} if labelled else None,
+        "median_dice": median_dice(labelled),
+        "held_out": sorted(args.held_out),
+        "median_dice_held_out": median_dice([r for r in labelled if r["case"] in args.held_out]),
         "median_oracle_dice": statistics.median(v for r in labelled for v in r["oracle_dice"].values()
                                                 if v is not None) if labelled else None,
     }
@@ -293,7 +311,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} logical cores (shared with other jobs)",
-            "command": "python Testing/benchmarks/bench_whole_head.py", "summary": summary, "heads": rows},
+            "command": " ".join(["python Testing/benchmarks/bench_whole_head.py", *sys.argv[1:]]), "summary": summary, "heads": rows},
             indent=1) + "\n", encoding="utf-8")
     return 0
 

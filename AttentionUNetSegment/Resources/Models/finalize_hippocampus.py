@@ -4,11 +4,13 @@ It scores the trained bundle on its held-out validation cases exactly as users r
 the original images, Dice/HD95/volume on the original grids via ``evaluation``), then re-saves the weights with
 the model card metadata (licence, citation, training data, those held-out metrics)::
 
-    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py \
-        work-dirs/hippo/model work-dirs/hippo/work ../shared/data/msd-hippocampus
+    python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py \\
+        work-dirs/hippo/model work-dirs/hippo/work ../shared/data/msd-hippocampus \\
+        --whole-head whole_head.json --nilearn-template mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz
 
 Arguments: the bundle written by ``attention-unet train``, its work directory (``plan.json`` holds the split and
-``training_log.json`` the curves) and the MSD Task04 folder.
+``training_log.json`` the curves) and the MSD Task04 folder; ``--whole-head`` adds the whole-head benchmark's
+figures (``Testing/benchmarks/bench_whole_head.py --model <trained bundle> --held-out ... --json``).
 
 It also adds the domain guard's ``domain`` (measured on the training cases, i.e. those not in
 ``metrics.held_out.cases``) and the localiser (``localization``: the MNI ICBM152 2009a template from the nilearn
@@ -53,6 +55,9 @@ from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate, write_r
 from AttentionUNetSegmentLib.inference import Predictor
 
 TEMPLATE_FILE, TEMPLATE_LICENSE_FILE = "template.nii.gz", "LICENSE-MNI152.txt"
+VERSION = "2.0.0"
+#: MSD case names (the head crops are named ``<head>_<side>``).
+MSD_PREFIX = "hippocampus_"
 #: Template voxel size (mm): registration works at 2 mm, and the file stays ~250 KB.
 TEMPLATE_SPACING_MM = 2.0
 #: Hippocampus centroids in the (symmetric) template, RAS mm (the sample's crop centre and its mirror).
@@ -147,26 +152,49 @@ def refresh(bundle_dir: Path, dataset: Path, nilearn_template: Path) -> None:
     print(f"wrote {saved.path}: domain from {len(metadata['domain'])} keys, weights {saved.sha256[:12]} kept",
           file=sys.stderr)
 
-LICENSE = ("Weights: CC-BY-SA 4.0, because they are derived from the Medical Segmentation Decathlon Task04 "
-           "Hippocampus training data (CC-BY-SA 4.0; data from Vanderbilt University Medical Center). Credit the "
-           "Decathlon when you use or redistribute them. Engine code: Apache-2.0. Research use only, not a "
-           "medical device.")
+LICENSE = ("Weights: derived from the Medical Segmentation Decathlon Task04 Hippocampus training data (CC-BY-SA "
+           "4.0; data from Vanderbilt University Medical Center) and from five NiChart_Project demo heads (UPenn SBIA "
+           "software licence; automatic DLMUSE labels), so they are shared under CC-BY-SA 4.0 and that licence's "
+           "terms: credit the Decathlon and NiChart when you use or redistribute them. Engine code: Apache-2.0. "
+           "Research use only, not a medical device.")
 CITATION = ("Simpson AL, Antonelli M, Bakas S, et al. A large annotated medical image dataset for the development "
             "and evaluation of segmentation algorithms. arXiv:1902.09063, 2019. "
             "Antonelli M, Reinke A, Bakas S, et al. The Medical Segmentation Decathlon. Nature Communications "
             "13:4128, 2022. "
             "Oktay O, Schlemper J, Le Folgoc L, et al. Attention U-Net: Learning Where to Look for the Pancreas. "
-            "MIDL 2018, arXiv:1804.03999.")
-TRAINING_DATA = ("Medical Segmentation Decathlon Task04 Hippocampus: {n} labelled mono-modal T1-weighted MRI crops "
+            "MIDL 2018, arXiv:1804.03999. "
+            "NiChart_Project demo dataset, CBICA, University of Pennsylvania (github.com/CBICA/NiChart_Project).")
+TRAINING_DATA = ("Medical Segmentation Decathlon Task04 Hippocampus: {msd} labelled mono-modal T1-weighted MRI crops "
                  "(1 mm, RAS, about 35 x 50 x 36 voxels) around the left or right hippocampus of adults (healthy "
                  "and with a psychotic disorder, Vanderbilt University Medical Center); labels 1 = anterior "
-                 "(hippocampus head), 2 = posterior (body and tail). {train} cases trained, {val} held out "
-                 "(seeded split recorded in metrics.held_out.cases).")
-DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a small 3D Attention U-Net "
-               "(channels {channels}, instance norm) trained on MSD Task04. On a T1 crop (or ROI) around one "
-               "hippocampus at about 1 mm it segments that hippocampus (1 Anterior, 2 Posterior); on a whole "
-               "head it locates both hippocampi by affine registration to the MNI ICBM152 template and segments "
-               "each side (1-2 left, 3-4 right anterior/posterior).")
+                 "(hippocampus head), 2 = posterior (body and tail); {msd_train} trained, {msd_val} held out "
+                 "(seeded split: metrics.held_out.cases). Plus {crops} crops (both sides) of the whole heads "
+                 "{heads} (NiChart_Project demo data: older adults, 2 mm, with skull), cut where the localised "
+                 "pipeline segments and resampled to its 1 mm grid, labelled with the whole hippocampus only "
+                 "(DLMUSE, automatic): trained as a coarse label (anterior + posterior merged in the loss). "
+                 "Whole heads never trained on: {held_out_heads}.")
+DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a 3D Attention U-Net (channels "
+               "{channels}, instance norm) trained on MSD Task04 plus crops of real whole heads. On a T1 crop (or "
+               "ROI) around one hippocampus at about 1 mm it segments that hippocampus (1 Anterior, 2 Posterior); "
+               "on a whole head it locates both hippocampi by affine registration to the MNI ICBM152 template and "
+               "segments each side (1-2 left, 3-4 right anterior/posterior).")
+SELECTION = ("The weights are the epoch with the best mean Dice on the 40 MSD validation cases, which are also the "
+             "held-out MSD cases reported here (no fold trained on them; the choice of epoch makes that figure "
+             "slightly optimistic). The training options (robust augmentation, central z-score, channels) were "
+             "chosen from short runs scored on the same 40 MSD cases and on crops of the held-out heads. The "
+             "whole-head figures come from Testing/benchmarks/bench_whole_head.py on the shared whole heads; "
+             "the heads trained on are reported apart from the held-out ones.")
+
+
+def whole_head_metrics(results: Path) -> Dict[str, Any]:
+    """``metrics.whole_head`` from a ``bench_whole_head.py --json`` file (medians, the heads, the machine)."""
+    data = read_json(results, "whole-head benchmark results")
+    summary = data["summary"]
+    return {"method": "attention-unet segment (automatic localisation) vs hippodeep on the same heads in one run: "
+                      "per-side Dice of the whole hippocampus (median over sides); " + data["command"],
+            "heads": [row["case"] for row in data["heads"]], "held_out_heads": summary["held_out"],
+            "median_dice": summary["median_dice"], "median_dice_held_out": summary["median_dice_held_out"],
+            "median_seconds": summary["median_seconds"], "machine": data["machine"]}
 
 
 def refresh_digest(directory: Path, name: str = "hippocampus", pin_file: Optional[Path] = None) -> str:
@@ -204,6 +232,8 @@ def main() -> int:
     parser.add_argument("--refresh", action="store_true",
                         help="only (re)write domain and localization of the bundle at --output")
     parser.add_argument("--dataset", dest="dataset_option", type=Path)
+    parser.add_argument("--whole-head", type=Path, metavar="JSON",
+                        help="bench_whole_head.py --json results of the trained bundle (metrics.whole_head)")
     parser.add_argument("--nilearn-template", type=Path,
                         help="the ICBM152 2009a T1 from the nilearn wheel (needed except with --refresh-digest)")
     args = parser.parse_args()
@@ -241,12 +271,22 @@ def main() -> int:
         "volume_difference_ml": {name: round(values["volume_difference_ml"], 4)
                                  for name, values in report["mean"].items()},
     }
-    n_train, n_val = len(plan["training_cases"]), len(validation_names)
+    if args.whole_head is not None:
+        metrics["whole_head"] = whole_head_metrics(args.whole_head)
+    metrics["selection"] = SELECTION
+    metrics["training"] = dict(metrics.get("training", {}), case_names=plan["training_cases"])
+    msd_train = [name for name in plan["training_cases"] if name.startswith(MSD_PREFIX)]
+    crops = [name for name in plan["training_cases"] if not name.startswith(MSD_PREFIX)]
+    heads = sorted({name.rsplit("_", 1)[0] for name in crops})
+    held_out_heads = metrics.get("whole_head", {}).get("held_out_heads") or ["not measured"]
+    training_data = TRAINING_DATA.format(msd=len(msd_train) + len(validation_names), msd_train=len(msd_train),
+                                         msd_val=len(validation_names), crops=len(crops), heads=", ".join(heads),
+                                         held_out_heads=", ".join(held_out_heads))
     metadata = create_metadata(
-        name="hippocampus", version="1.0.0", labels=[label.to_dict() for label in trained.labels],
+        name="hippocampus", version=VERSION, labels=[label.to_dict() for label in trained.labels],
         patch_size=trained.patch_size, preprocessing=trained.metadata["preprocessing"], overlap=trained.overlap,
         description=DESCRIPTION.format(channels=tuple(trained.architecture["channels"])), license=LICENSE,
-        citation=CITATION, training_data=TRAINING_DATA.format(n=n_train + n_val, train=n_train, val=n_val),
+        citation=CITATION, training_data=training_data,
         metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
     bundle = save_bundle(trained.build_model(), metadata, args.output, force=True)
     refresh(bundle.path, args.dataset, args.nilearn_template)
