@@ -352,32 +352,84 @@ def test_image_smaller_than_one_patch_is_padded_and_segmented(predictor):
     assert set(np.unique(sitk.GetArrayViewFromImage(prediction.labels))) <= {0, 1, 2}
 
 
-@pytest.mark.shared_data
-def test_roi_processes_only_the_box_and_pastes_it_back(predictor, hippocampus_image):
-    image = hippocampus_image
-    a = image.TransformIndexToPhysicalPoint((8, 10, 6))
-    b = image.TransformIndexToPhysicalPoint((20, 30, 18))
-    # RAS = (-x, -y, z) of the LPS points
-    roi = (min(-a[0], -b[0]), max(-a[0], -b[0]), min(-a[1], -b[1]), max(-a[1], -b[1]), a[2], b[2])
-    prediction = predictor.predict(image, roi=roi, probabilities=True)
-    labels = sitk.GetArrayFromImage(prediction.labels)
-    assert prediction.labels.GetSize() == image.GetSize()
-    assert prediction.labels.GetOrigin() == image.GetOrigin()
-    inside = np.zeros(labels.shape, dtype=bool)
-    inside[6:19, 10:31, 8:21] = True
-    assert not labels[~inside].any()
-    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(prediction.probabilities[0])[~inside], 1.0)
+def _blob_volume(size, direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)) -> sitk.Image:
+    """A smooth 1 mm volume (x, y, z ``size``) that a random-weight model segments into uneven labels."""
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in size[::-1]], indexing="ij")
+    array = 400 * np.exp(-(i**2 + (1.3 * j) ** 2 + k**2) * 3) + 20 * np.sin(7 * i + 3 * j) + 5 * np.cos(5 * k)
+    image = sitk.GetImageFromArray(array.astype(np.float32))
+    image.SetOrigin((3.0, -7.0, 11.0))
+    image.SetDirection(direction)
+    return image
 
+
+def _ras_roi(image: sitk.Image, first, last):
+    """The RAS box whose voxel centres are ``first`` .. ``last`` (x, y, z indices, inclusive)."""
+    a, b = (image.TransformIndexToPhysicalPoint(index) for index in (first, last))
+    return (min(-a[0], -b[0]), max(-a[0], -b[0]), min(-a[1], -b[1]), max(-a[1], -b[1]), min(a[2], b[2]),
+            max(a[2], b[2]))
+
+
+def _windows(events):
+    return [message for _, _, message in events if message.startswith("Window")]
+
+
+def test_a_roi_about_the_models_size_is_one_window_centred_on_it(predictor):
+    image = _blob_volume((70, 64, 60))
+    first, last = (20, 16, 14), (49, 51, 43)  # 30 x 36 x 30 mm: the tiny model sees 32 mm, 1.25 x that is 40
+    roi = _ras_roi(image, first, last)
+    events = []
+    prediction = predictor.predict(image, roi=roi, probabilities=True, progress=lambda *event: events.append(event))
+    assert _windows(events) == ["Window 1/1 on cpu"]  # tiling the ROI plus its margin would take 8
+    labels = sitk.GetArrayFromImage(prediction.labels)
+    assert prediction.labels.GetSize() == image.GetSize() and prediction.labels.GetOrigin() == image.GetOrigin()
+    inside = np.zeros(labels.shape, dtype=bool)
+    inside[tuple(slice(a, b + 1) for a, b in zip(first[::-1], last[::-1]))] = True
+    assert not labels[~inside].any() and len(np.unique(labels[inside])) > 1
+    probabilities = {v: sitk.GetArrayViewFromImage(p) for v, p in prediction.probabilities.items()}
+    np.testing.assert_array_equal(probabilities[0][~inside], 1.0)
+    np.testing.assert_allclose(sum(probabilities.values())[inside], 1.0, atol=1e-4)
+
+    # Attention maps lie on the ROI's region (plus its margin) and are 0 outside the one view: 32 mm centred on it.
+    region = crop_to_roi(image, roi, ROI_MARGIN_VOXELS)[0]
+    fine = prediction.attention[0]
+    assert fine.GetSize() == region.GetSize()
+    np.testing.assert_allclose(fine.GetOrigin(), region.GetOrigin(), atol=1e-6)
+    centre = np.array([(roi[0] + roi[1]) / 2, (roi[2] + roi[3]) / 2, (roi[4] + roi[5]) / 2])
+    values = sitk.GetArrayViewFromImage(fine)
+    seen = np.argwhere(values > 0)[:, ::-1]
+    ras = np.array([fine.TransformIndexToPhysicalPoint([int(v) for v in index]) for index in seen]) * [-1, -1, 1]
+    assert np.all(np.abs(ras - centre) <= 16.5), np.abs(ras - centre).max(0)
+    assert 0 < (values > 0).mean() < 1
+
+
+def test_a_roi_that_is_the_models_view_segments_as_that_view(predictor):
+    # An upright RAS 1 mm grid of exactly the tiny model's 32 mm field of view: the one view is this very grid.
+    image = _blob_volume((32, 32, 32), direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    whole = predictor.predict(image, probabilities=True)
+    view = predictor.predict(image, roi=_ras_roi(image, (0, 0, 0), (31, 31, 31)), probabilities=True)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(view.labels), sitk.GetArrayViewFromImage(whole.labels))
+    for value, probability in whole.probabilities.items():
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(view.probabilities[value]),
+                                   sitk.GetArrayViewFromImage(probability), atol=1e-5)
+
+
+def test_a_larger_roi_is_tiled_as_its_crop_and_pasted_back(predictor):
+    image = _blob_volume((90, 80, 70))
+    first, last = (10, 12, 8), (59, 61, 52)  # 50 x 50 x 45 mm: more than 1.25 x the 32 mm view
+    roi = _ras_roi(image, first, last)
+    events = []
+    prediction = predictor.predict(image, roi=roi, progress=lambda *event: events.append(event))
+    assert len(_windows(events)) > 1
+    labels = sitk.GetArrayFromImage(prediction.labels)
+    inside = np.zeros(labels.shape, dtype=bool)
+    inside[tuple(slice(a, b + 1) for a, b in zip(first[::-1], last[::-1]))] = True
+    assert not labels[~inside].any()
     # Inside the box, it is exactly the prediction of the cropped region (ROI plus its context margin).
     region, start, stop = crop_to_roi(image, roi, ROI_MARGIN_VOXELS)
     direct = sitk.GetArrayFromImage(predictor.predict(region).labels)
     box = tuple(slice(lo, hi) for lo, hi in zip(start[::-1], stop[::-1]))
-    np.testing.assert_array_equal(labels[inside].reshape(13, 21, 13), direct[box])
-
-    # Attention maps cover the processed region only, with correct geometry.
-    fine = prediction.attention[0]
-    assert fine.GetSize() == region.GetSize()
-    np.testing.assert_allclose(fine.GetOrigin(), region.GetOrigin(), atol=1e-6)
+    np.testing.assert_array_equal(labels[inside].reshape(direct[box].shape), direct[box])
+    assert prediction.attention[0].GetSize() == region.GetSize()
 
     with pytest.raises(InputImageError, match="does not overlap"):
         predictor.predict(image, roi=(500, 510, 500, 510, 500, 510))

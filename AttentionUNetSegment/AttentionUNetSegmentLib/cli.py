@@ -144,8 +144,9 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
                         help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
                              "fp32 on the CPU (default: auto)")
     parser.add_argument("--roi", nargs="+", metavar="V",
-                        help="process only this box: R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm) or a Slicer "
-                             ".mrk.json ROI file")
+                        help="segment only this box: R_MIN R_MAX A_MIN A_MAX S_MIN S_MAX (RAS mm) or a Slicer "
+                             ".mrk.json ROI file; a box up to 1.25 times the model's field of view is segmented in "
+                             "one window centred on it, a larger one with sliding windows")
     parser.add_argument("--localize", choices=LOCALIZE_MODES, default="auto",
                         help="auto: when the model has a localiser and the input's field of view is larger than "
                              "the model's training data (a whole head), find the structure by registration to the "
