@@ -34,7 +34,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
-from AttentionUNetSegmentLib.runner import (
+from AttentionUNetSlicer.engineProcess import (
     EngineProcess,
     EtaEstimator,
     Progress,

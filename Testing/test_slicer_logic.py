@@ -26,7 +26,7 @@ slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
 from AttentionUNetSegmentLib.bundle import DIGEST_KEY, metadata_digest  # noqa: E402
-from AttentionUNetSegmentLib.runner import EtaEstimator  # noqa: E402
+from AttentionUNetSlicer.engineProcess import EtaEstimator  # noqa: E402
 from slicer_module_shims import load_module  # noqa: E402
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])

@@ -388,8 +388,8 @@ def test_every_script_and_resource_is_listed_in_cmake():
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk_scripts = ["AttentionUNetSegment.py"] + sorted(
-        p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AttentionUNetSegmentLib").rglob("*.py")
-        if "__pycache__" not in p.parts)
+        p.relative_to(MODULE_DIR).as_posix() for package in ("AttentionUNetSlicer", "AttentionUNetSegmentLib")
+        for p in (MODULE_DIR / package).rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(set(on_disk_scripts) - set(scripts)) == [], "scripts missing from MODULE_PYTHON_SCRIPTS"
     assert sorted(set(scripts) - set(on_disk_scripts)) == [], "listed scripts that do not exist"
     on_disk_resources = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
@@ -428,7 +428,7 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path):
     assert values["MODULE"] == ["AttentionUNetSegment"]
     assert values["PYTHON_UNITTEST"] == ["py_AttentionUNetSegment"]
     assert values["EXTENSION_NAME"] == ["AttentionUNet"] and values["CPACK"] == ["AttentionUNet"]
-    assert "AttentionUNetSegment/AttentionUNetSegmentLib/runner.py" in values["SCRIPT"]
+    assert "AttentionUNetSegment/AttentionUNetSlicer/engineProcess.py" in values["SCRIPT"]
     assert "AttentionUNetSegment/Resources/UI/AttentionUNetSegment.ui" in values["RESOURCE"]
     catalog = json.loads((ROOT / "AttentionUNet.json").read_text())
     assert values["EXTENSION_DEPENDS"][0].split(";") == catalog["build_dependencies"]
