@@ -17,7 +17,7 @@ from pathlib import Path
 MODULE_FILE = Path(__file__).resolve().parents[1] / "AttentionUNetSegment" / "AttentionUNetSegment.py"
 
 
-def _install_missing_modules() -> None:
+def install_missing_modules() -> None:
     import slicer
 
     if "qt" not in sys.modules:
@@ -67,7 +67,7 @@ def load_module(scene=None):
     default)."""
     import slicer
 
-    _install_missing_modules()
+    install_missing_modules()
     slicer.mrmlScene = scene if scene is not None else slicer.vtkMRMLScene()
     if "AttentionUNetSegment" in sys.modules:
         return sys.modules["AttentionUNetSegment"]

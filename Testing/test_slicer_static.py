@@ -19,6 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "AttentionUNetSegment"
 MODULE_FILE = MODULE_DIR / "AttentionUNetSegment.py"
+SLICER_PACKAGE = MODULE_DIR / "AttentionUNetSlicer"
+#: The files that call Slicer's API: the entry file and the Slicer package, less its engine-process client (plain
+#: Python, tested against real child processes in test_engineProcess.py).
+SLICER_FILES = [MODULE_FILE] + sorted(p for p in SLICER_PACKAGE.glob("*.py") if p.name != "engineProcess.py")
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "AttentionUNetSegment.ui"
 API_FILE = ROOT.parent / "shared" / "slicer-api" / "api.json"
 STAND_IN = Path(__file__).resolve().parent / "cmake"
@@ -38,9 +42,17 @@ def api() -> dict:
     return json.loads(API_FILE.read_text())
 
 
+def _source() -> str:
+    return "\n".join(path.read_text() for path in SLICER_FILES)
+
+
 @pytest.fixture(scope="module")
 def tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(), feature_version=(3, 9))
+    """Every Slicer-layer file as one module (each parsed on its own, bodies joined in file order)."""
+    body = []
+    for path in SLICER_FILES:
+        body += ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9)).body
+    return ast.Module(body=body, type_ignores=[])
 
 
 def _ui_widgets() -> Dict[str, str]:
@@ -214,7 +226,7 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
 
 
 def test_choice_constants_match_the_module(tree):
-    source = MODULE_FILE.read_text()
+    source = _source()
     assert 'DEVICES = ("auto", "cpu", "cuda")' in source
     assert 'EXPORT_FORMATS = ("nii.gz", "nrrd")' in source
 
@@ -278,7 +290,7 @@ def test_packaging_and_pytorchutils_calls_match_the_api(tree, api):
         if name == "PyTorchUtils.PyTorchUtilsLogic":
             assert not call.args
     assert problems == []
-    source = MODULE_FILE.read_text()
+    source = _source()
     assert 'pip_install("torch' not in source and "pip_install(['torch" not in source
 
 
@@ -321,7 +333,7 @@ def test_mrml_and_vtk_methods_called_exist_with_a_fitting_overload(tree, api):
 
 def test_mrml_classes_and_constants_exist(tree, api):
     classes = api["vtk_classes"]
-    source = MODULE_FILE.read_text()
+    source = _source()
     slicer = pytest.importorskip("slicer")
     for name in set(re.findall(r'"(vtkMRML\w+)"', source)):  # class names in AddNewNodeByClass / IsA
         assert name in classes or hasattr(slicer, name), f"{name} is not an MRML class"
@@ -350,8 +362,18 @@ def test_module_structure_follows_scripted_module_conventions(tree, api):
                 "AttentionUNetSegmentWidget": "ScriptedLoadableModuleWidget",
                 "AttentionUNetSegmentLogic": "ScriptedLoadableModuleLogic",
                 "AttentionUNetSegmentTest": "ScriptedLoadableModuleTest"}
+
+    def ancestors(name):
+        bases = [_dotted(b) for b in classes[name].bases] if name in classes else []
+        return set(bases).union(*(ancestors(b) for b in bases))
+
     for name, base in expected.items():
-        assert base in [_dotted(b) for b in classes[name].bases]
+        assert base in ancestors(name), f"{name} does not derive from {base}"
+    # Slicer looks the classes up by name in the entry file (the Logic and the panel may come from the package)
+    entry = {n.name for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)} | {
+        a.asname or a.name for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ImportFrom)
+        for a in n.names}
+    assert set(expected) <= entry
     allowed = set(api["ScriptedLoadableModule"]["classes"]["ScriptedLoadableModule"]["parent_attributes_set_in_init"])
     used = {node.attr for node in ast.walk(classes["AttentionUNetSegment"])
             if isinstance(node, ast.Attribute) and _dotted(node.value) == "self.parent"}
@@ -541,7 +563,7 @@ def test_dicom_export_uses_only_real_dicom_database_members_and_no_dicom_library
         if (arity is None) != (call is None) or (call is not None and not arity[0] <= len(call.args) <= arity[1]):
             problems.append(f"{ast.unparse(call or node)}: does not fit ctkDICOMDatabase.{node.attr}")
     assert problems == [] and used == set(CTK_DICOM_DATABASE)
-    source = MODULE_FILE.read_text()
+    source = _source()
     # the attribute DICOMScalarVolumePlugin sets (SOP Instance UIDs, space-separated)
     assert 'DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"' in source and "GetAttribute(DICOM_INSTANCE_UIDS)" in source
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
