@@ -16,6 +16,8 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
+from AttentionUNetSegmentLib import constants
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "AttentionUNetSegment"
 MODULE_FILE = MODULE_DIR / "AttentionUNetSegment.py"
@@ -215,8 +217,8 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
         notes = " ".join(matching[0].get("notes", []))
         if "requires Annotated[..., Choice" in notes:
             choices = ast.literal_eval(re.search(r"Choice\((.*)\)\]", annotation).group(1).replace(
-                "list(DEVICES)", repr(["auto", "cpu", "cuda"])).replace(
-                "list(EXPORT_FORMATS)", repr(["nii.gz", "nrrd"])))
+                "list(DEVICES)", repr(list(constants.DEVICES))).replace(
+                "list(OUTPUT_FORMATS)", repr(list(constants.OUTPUT_FORMATS))))
             root = ET.parse(UI_FILE).getroot()
             element = next(w for w in root.iter("widget") if w.get("name") == widget)
             items = [i.find("property/string").text for i in element.findall("item")]
@@ -225,10 +227,23 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
             assert "WithinRange" in annotation, f"{widget} binds {field} without bounds (RuntimeError in Slicer)"
 
 
-def test_choice_constants_match_the_module(tree):
-    source = _source()
-    assert 'DEVICES = ("auto", "cpu", "cuda")' in source
-    assert 'EXPORT_FORMATS = ("nii.gz", "nrrd")' in source
+def test_device_format_and_model_names_are_the_engines_own(tree):
+    """The Slicer layer spells no device, output format or default model: it imports the engine's definitions."""
+    assert constants.DEVICES == ("auto", "cpu", "cuda") and constants.OUTPUT_FORMATS == ("nii.gz", "nrrd")
+    spelled = [constants.DEVICES, constants.OUTPUT_FORMATS, constants.DEFAULT_MODEL]
+    assigned = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if value in spelled and not isinstance(node, ast.AnnAssign):  # a field's default is a use
+                assigned.append(ast.unparse(node))
+    assert assigned == []
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "AttentionUNetSegmentLib.constants" for alias in node.names}
+    assert {"DEFAULT_MODEL", "DEVICES", "OUTPUT_FORMATS"} <= imported
 
 
 # Slicer API calls

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
+# The engine's single definitions (its constants module imports nothing, so Slicer's start-up stays light).
+from AttentionUNetSegmentLib.constants import DEFAULT_MODEL, DEVICES, OUTPUT_FORMATS  # noqa: F401
 
-#: The engine's default model (``bundle.DEFAULT_MODEL``; the bundle module is imported only when needed because it
-#: loads SimpleITK, which would slow down Slicer's start-up).
-DEFAULT_MODEL = "hippocampus"
 MODULE_DIR = pathlib.Path(__file__).resolve().parents[1]  # the module folder
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
@@ -45,8 +44,6 @@ MAX_OVERLAP = 0.9
 #: The engine writes NRRD for the scene: exact direction cosines (NIfTI stores them as float32 quaternions).
 ENGINE_FORMAT = "nrrd"
 ENGINE_INPUT_STEM = "input"
-EXPORT_FORMATS = ("nii.gz", "nrrd")
-DEVICES = ("auto", "cpu", "cuda")
 POLL_INTERVAL_MS = 100
 
 

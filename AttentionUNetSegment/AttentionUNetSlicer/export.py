@@ -20,7 +20,7 @@ from AttentionUNetSlicer.definitions import (
     ATTRIBUTE_PREFIX,
     DICOM_INSTANCE_UIDS,
     DICOM_REQUIREMENTS_FILE,
-    EXPORT_FORMATS,
+    OUTPUT_FORMATS,
     REPORT_REQUIREMENTS_FILE,
     SIDE_TAG,
     SIDES,
@@ -134,8 +134,8 @@ class Export:
         written paths by kind."""
         from AttentionUNetSegmentLib.imageio import check_written_image
 
-        if fileFormat not in EXPORT_FORMATS:
-            raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {EXPORT_FORMATS}.")
+        if fileFormat not in OUTPUT_FORMATS:
+            raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {OUTPUT_FORMATS}.")
         outputDirectory = pathlib.Path(outputDirectory)
         outputDirectory.mkdir(parents=True, exist_ok=True)
         existing = self.existingExportFiles(segmentationNode, outputDirectory, fileFormat, dicomSeg)

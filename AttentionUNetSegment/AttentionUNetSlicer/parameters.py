@@ -6,7 +6,7 @@ from typing import Annotated
 from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 
-from AttentionUNetSlicer.definitions import DEFAULT_MODEL, DEVICES, EXPORT_FORMATS, MAX_OVERLAP
+from AttentionUNetSlicer.definitions import DEFAULT_MODEL, DEVICES, MAX_OVERLAP, OUTPUT_FORMATS
 
 
 @parameterNodeWrapper
@@ -25,6 +25,6 @@ class AttentionUNetSegmentParameterNode:
     testTimeAugmentation: bool = False
     largestComponent: bool = False
     exportDirectory: pathlib.Path
-    exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = "nii.gz"
+    exportFormat: Annotated[str, Choice(list(OUTPUT_FORMATS))] = "nii.gz"
     exportDicomSeg: bool = False
     batchAllVolumes: bool = False
