@@ -32,6 +32,8 @@ from slicer_module_shims import install_missing_modules, load_module  # noqa: E4
 install_missing_modules()  # before the Slicer package's modules import slicer.parameterNodeWrapper
 from AttentionUNetSlicer import definitions, dependencies, jobs, sceneNodes, widget  # noqa: E402
 
+Options = jobs.SegmentationOptions
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -101,7 +103,7 @@ def env(tiny_bundle):
 @pytest.fixture(scope="module")
 def first_result(env):
     progress, log = [], []
-    result = env["logic"].process(env["volume"], model=env["model"], device="cpu",
+    result = env["logic"].process(env["volume"], options=Options(model=env["model"], device="cpu"),
                                   progressCallback=lambda f, m, eta: progress.append(f), logCallback=log.append)
     return {"result": result, "progress": progress, "log": log}
 
@@ -274,7 +276,8 @@ def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
 def test_cancel_leaves_the_scene_unchanged(env):
     scene = env["scene"]
     before = _node_ids(scene)
-    job = env["logic"].process(env["volume"], model=env["model"], device="cpu", waitForCompletion=False)
+    job = env["logic"].process(env["volume"],
+                               options=Options(model=env["model"], device="cpu"), waitForCompletion=False)
     deadline = time.monotonic() + 120
     while job._engine.progress.stage == "starting" and time.monotonic() < deadline and job.poll():
         time.sleep(0.05)
@@ -289,8 +292,8 @@ def test_cancel_leaves_the_scene_unchanged(env):
 def test_cancelled_batch_reports_every_volume_and_adds_no_segmentation(env):
     scene = env["scene"]
     count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    job = env["logic"].processBatch([env["volume"], env["volume"]], waitForCompletion=False, model=env["model"],
-                                    device="cpu")
+    job = env["logic"].processBatch([env["volume"], env["volume"]],
+                                    options=Options(model=env["model"], device="cpu"), waitForCompletion=False)
     job.cancel()
     assert job.done and job.cancelled
     statuses = [job.summaryTable.GetCellText(r, 1) for r in range(job.summaryTable.GetNumberOfRows())]
@@ -306,14 +309,14 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     first_ids = [n.GetID() for n in first.attentionVolumes]
     first_date = first.segmentation.GetAttribute("AttentionUNet.Date")
 
-    new = logic.process(volume, model=env["model"], device="cpu", attentionMaps=True)
+    new = logic.process(volume, options=Options(model=env["model"], device="cpu", attentionMaps=True))
     assert new.segmentation.GetID() != first.segmentation.GetID()
     assert new.segmentation.GetName() != first.segmentation.GetName()
     assert not {n.GetID() for n in new.attentionVolumes} & set(first_ids)
     assert first.segmentation.GetAttribute("AttentionUNet.Date") == first_date  # untouched
 
     count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    again = logic.process(volume, new.segmentation, model=env["model"], device="cpu", overlap=0.25)
+    again = logic.process(volume, new.segmentation, options=Options(model=env["model"], device="cpu", overlap=0.25))
     assert again.segmentation is new.segmentation
     assert [n.GetID() for n in again.attentionVolumes] == [n.GetID() for n in new.attentionVolumes]
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
@@ -321,7 +324,8 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     assert again.segmentation.GetSegmentation().GetNumberOfSegments() == len(env["bundle"].labels)
 
     # Overwriting a run that made attention maps with one that makes none removes that run's maps too.
-    without = logic.process(volume, new.segmentation, model=env["model"], device="cpu", attentionMaps=False)
+    without = logic.process(volume, new.segmentation,
+                            options=Options(model=env["model"], device="cpu", attentionMaps=False))
     assert without.attentionVolumes == []
     assert all(scene.GetNodeByID(node_id) is None for node_id in (n.GetID() for n in new.attentionVolumes))
     assert new.segmentation.GetNumberOfNodeReferences(definitions.ATTENTION_ROLE) == 0
@@ -371,7 +375,7 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
     map_voxels = [slicer.util.arrayFromVolume(node).copy() for node in maps]
     before = _node_ids(scene)
 
-    job = jobs.SegmentationJob(logic, volume, target, jobs.SegmentationOptions(model=env["model"], device="cpu"),
+    job = jobs.SegmentationJob(logic, volume, target, Options(model=env["model"], device="cpu"),
                                  env["bundle"])
     with pytest.raises(definitions.AttentionUNetSegmentError, match="input_attention_"):
         logic.importResults(job, files, [])
@@ -384,8 +388,9 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
 
 @pytest.mark.slow
 def test_probability_maps_on_the_input_grid(env):
-    result = env["logic"].process(env["volume"], model=env["model"], device="cpu", attentionMaps=False,
-                                  probabilityMaps=True)
+    result = env["logic"].process(env["volume"],
+                                  options=Options(model=env["model"], device="cpu", attentionMaps=False,
+                                                  probabilityMaps=True))
     assert result.attentionVolumes == []
     assert [n.GetName() for n in result.probabilityVolumes] == [
         f"Oblique probability {label.name}" for label in env["bundle"].labels]
@@ -406,7 +411,7 @@ def test_volume_under_a_linear_transform_keeps_its_transform(env, first_result):
     matrix.SetElement(0, 3, 30.0)
     transform.SetMatrixTransformToParent(matrix)
     moved.SetAndObserveTransformNodeID(transform.GetID())
-    result = logic.process(moved, model=env["model"], device="cpu")
+    result = logic.process(moved, options=Options(model=env["model"], device="cpu"))
     for node in [result.segmentation, *result.attentionVolumes]:
         assert node.GetTransformNodeID() == transform.GetID()
     same = logic.exportToLabelMapNode(result.segmentation, moved)
@@ -426,7 +431,8 @@ def test_bundle_terminology_reaches_the_segments(env, tmp_path):
     metadata["labels"][0]["terminology"] = TERMINOLOGY
     metadata[DIGEST_KEY] = metadata_digest(metadata)  # as the author's re-export would
     (bundle_dir / "model.json").write_text(json.dumps(metadata))
-    result = env["logic"].process(env["volume"], model=str(bundle_dir), device="cpu", attentionMaps=False)
+    result = env["logic"].process(env["volume"],
+                                  options=Options(model=str(bundle_dir), device="cpu", attentionMaps=False))
     segments = result.segmentation.GetSegmentation()
     assert segments.GetNthSegment(0).GetTerminology() == TERMINOLOGY  # read through Slicer's own accessor
     assert segments.GetNthSegment(1).GetTerminology() != TERMINOLOGY  # Slicer's default stays where none is given
@@ -441,7 +447,8 @@ def test_roi_restricts_the_segmentation(env):
     center = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
     roi.SetXYZ(*center)
     roi.SetRadiusXYZ(8, 8, 10)
-    result = env["logic"].process(volume, model=env["model"], device="cpu", roi=roi, attentionMaps=False)
+    result = env["logic"].process(volume,
+                                  options=Options(model=env["model"], device="cpu", roi=roi, attentionMaps=False))
     assert result.attentionVolumes == []
     labelmap = env["logic"].exportToLabelMapNode(result.segmentation, volume)
     labels = slicer.util.arrayFromVolume(labelmap)
@@ -458,18 +465,18 @@ def test_roi_restricts_the_segmentation(env):
     assert (ijk <= np.ceil(corner_ijk.max(axis=0)) + 1).all()
     roi.SetXYZ(center[0] + 1000, center[1], center[2])
     with pytest.raises(definitions.AttentionUNetSegmentError, match="does not overlap"):
-        env["logic"].process(volume, model=env["model"], device="cpu", roi=roi)
+        env["logic"].process(volume, options=Options(model=env["model"], device="cpu", roi=roi))
 
 
 @pytest.mark.slow
 def test_compute_device_is_asked_of_the_engine_process(env):
     import torch
 
-    text = env["logic"].detectComputeDevice()
+    text = env["logic"].startDeviceQuery().wait().text
     assert text.startswith("GPU found" if torch.cuda.is_available() else "No CUDA GPU found"), text
     env["logic"].enginePython = "/nonexistent/python"
     try:
-        assert env["logic"].detectComputeDevice().startswith("Could not ask the engine")
+        assert env["logic"].startDeviceQuery().wait().text.startswith("Could not ask the engine")
     finally:
         env["logic"].enginePython = sys.executable
 
@@ -502,7 +509,7 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
     flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
     module, updates = env["module"], []
-    options = jobs.SegmentationOptions(model=env["model"], device="cpu", attentionMaps=False)
+    options = Options(model=env["model"], device="cpu", attentionMaps=False)
     job = jobs.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
     job._eta = EtaEstimator(clock=itertools.count(0.0, 10.0).__next__)  # 10 s between updates: an ETA at once
     table = job.start().wait().summaryTable
@@ -535,7 +542,7 @@ def _expect_rejected(env, match, volume, **kwargs):
     scene = env["scene"]
     before = _node_ids(scene)
     with pytest.raises(definitions.AttentionUNetSegmentError, match=match):
-        env["logic"].process(volume, **{"model": env["model"], "device": "cpu", **kwargs})
+        env["logic"].process(volume, options=Options(**{"model": env["model"], "device": "cpu", **kwargs}))
     assert _node_ids(scene) == before
 
 
@@ -625,7 +632,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
                                                 "normalization": {"scheme": "zscore"}})
     bundle = save_bundle(model, metadata, tmp_path / "wide")
     logic, scene = env["logic"], env["scene"]
-    result = logic.process(env["volume"], model=str(bundle.path), device="cpu", attentionMaps=False)
+    result = logic.process(env["volume"], options=Options(model=str(bundle.path), device="cpu", attentionMaps=False))
     counts = {row["value"]: row["voxels"] for row in result.statistics}
     assert set(counts) == {3, 300} and counts[3] > 0 and counts[300] > 0
     segments = result.segmentation.GetSegmentation()
@@ -866,7 +873,7 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
 
 def _import(env, bundle, volume, files, target=None, roi=None):
     module = env["module"]
-    job = jobs.SegmentationJob(env["logic"], volume, target, jobs.SegmentationOptions(model=str(bundle.path),
+    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path),
                                                                                          roi=roi), bundle)
     return env["logic"].importResults(job, files, [])
 
@@ -948,7 +955,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
 
     engine = summary_row(volume.GetName(), "done", row["model"], row["model_version"], report)
     assert {name: engine.get(name, "") for name in columns} == row
-    batch = jobs.BatchJob(logic, [volume], jobs.SegmentationOptions())
+    batch = jobs.BatchJob(logic, [volume], Options())
     batch.results.append(result)
     batch.rows.append(logic.resultSummaryRow(result))
     assert batch.summary.endswith("1 with warnings (see the table)")  # the panel's status after the batch
@@ -1005,7 +1012,7 @@ def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, loc
     module, logic, volume = env["module"], env["logic"], env["volume"]
 
     def command(bundle, **options):
-        job = jobs.SegmentationJob(logic, volume, None, jobs.SegmentationOptions(model=str(bundle.path),
+        job = jobs.SegmentationJob(logic, volume, None, Options(model=str(bundle.path),
                                                                                      **options), bundle)
         return job.engineCommand(tmp_path / "input.nrrd", tmp_path / "out")
 
@@ -1110,7 +1117,7 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
     module.AttentionUNetSegmentLogic._readVolumeFile(head_path, head)
     assert logic.willLocalize(head, bundle) and logic.domainWarnings(head, bundle) == []
     assert "field of view" in logic.domainWarnings(head, bundle, locateAutomatically=False)[0]
-    result = logic.process(head, model=definitions.DEFAULT_MODEL, device="cpu", attentionMaps=False)
+    result = logic.process(head, options=Options(model=definitions.DEFAULT_MODEL, device="cpu", attentionMaps=False))
     try:
         assert logic._segmentSides(result.segmentation) == ["left", "left", "right", "right"]
         assert set(result.sides) == {"left", "right"} and all(t["voxels"] > 0 for t in result.sides.values())
@@ -1177,7 +1184,7 @@ def dicom_volume(env, tmp_path, monkeypatch):
 def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dicom_volume, tmp_path):
     hd = pytest.importorskip("highdicom")
     logic, node = env["logic"], dicom_volume["node"]
-    result = logic.process(node, model=env["model"], device="cpu", attentionMaps=False)
+    result = logic.process(node, options=Options(model=env["model"], device="cpu", attentionMaps=False))
     assert logic.hasDicomSource(result.segmentation) and not logic.hasDicomSource(_plain_segmentation(env))
     files = logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
     seg_path = pathlib.Path(files["dicom_segmentation"])

@@ -89,8 +89,16 @@ def _calls(tree: ast.AST) -> Iterator[ast.Call]:
     return (node for node in ast.walk(tree) if isinstance(node, ast.Call))
 
 
+def _parameter_class(tree: ast.Module) -> ast.ClassDef:
+    """The parameterNodeWrapper class (made inside ``parameterNodeClass()``, on first use)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode":
+            return node
+    raise AssertionError("AttentionUNetSegmentParameterNode not found")
+
+
 def _parameter_fields(tree: ast.Module) -> Dict[str, ast.AST]:
-    for node in tree.body:
+    for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode":
             assert any(_dotted(d) == "parameterNodeWrapper" for d in node.decorator_list)
             return {item.target.id: item.annotation for item in node.body if isinstance(item, ast.AnnAssign)}
@@ -210,7 +218,8 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
         assert field in fields, f"{widget}: SlicerParameterName {field!r} is not a parameter"
         annotation = ast.unparse(fields[field])
         base = annotation.split("[", 1)[1].split(",")[0] if annotation.startswith("Annotated[") else annotation
-        datatype = ("vtkMRMLNode subclass (or Union/Optional of them)" if base.startswith("vtkMRML") else
+        node_class = base.removeprefix("slicer.").startswith("vtkMRML")
+        datatype = ("vtkMRMLNode subclass (or Union/Optional of them)" if node_class else
                     "pathlib.Path" if base == "pathlib.Path" else base)
         matching = [c for c in connectors if cls in c["widgets"] and datatype in c["datatypes"]]
         assert matching, f"{widget} ({cls}) cannot bind {field}: {annotation}"
@@ -541,8 +550,7 @@ def test_locate_automatically_checkbox_is_bound_on_by_default_and_follows_the_mo
                    if w.get("name") == "locateAutomaticallyCheckBox")
     assert element.find("property[@name='text']/string").text == "Locate automatically"
     assert element.find("property[@name='checked']/bool").text == "true"
-    wrapper = next(node for node in tree.body
-                   if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode")
+    wrapper = _parameter_class(tree)
     (field,) = [item for item in wrapper.body if isinstance(item, ast.AnnAssign)
                 and item.target.id == "locateAutomatically"]
     assert ast.unparse(field.annotation) == "bool" and ast.literal_eval(field.value) is True
@@ -587,3 +595,133 @@ def test_dicom_export_uses_only_real_dicom_database_members_and_no_dicom_library
     assert not imported & {"highdicom", "pydicom", "dcmqi"}, "the DICOM SEG is written by the engine process"
     requirements = (MODULE_DIR / "Resources" / "requirements-dicom.txt").read_text()
     assert "highdicom" in requirements and "pydicom" in requirements
+
+
+# What a real Slicer would break (issue 12): checks of the Qt-only code paths the tests cannot run
+
+
+def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    raise AssertionError(f"{cls}.{name} not found")
+
+
+def _called(node: ast.AST) -> List[str]:
+    return [_dotted(call.func) for call in _calls(node)]
+
+
+def test_the_panel_binds_each_parameter_node_wrapper_once(tree):
+    """Slicer 5.8.1's ``_connectGui`` returns no tag, so ``disconnectGui`` cannot undo a ``connectGui``: the panel
+    keeps its binding over exit/enter and binds again only for another wrapper (the Logic keeps one per node)."""
+    assert "self._disconnectParameterNode" not in _called(_method(tree, "PanelWidget", "exit"))
+    assert "self.setParameterNode" not in _called(_method(tree, "PanelWidget", "onSceneStartClose"))
+    first = _method(tree, "PanelWidget", "setParameterNode").body[1]  # after the docstring
+    assert isinstance(first, ast.If) and ast.unparse(first.test) == "inputParameterNode is self._parameterNode"
+    assert isinstance(first.body[0], ast.Return)
+    assert "parameterNode is not node" in ast.unparse(_method(tree, "AttentionUNetSegmentLogic", "getParameterNode"))
+
+
+def test_device_detection_never_waits_on_the_gui_thread(tree):
+    """Expanding Advanced starts a query through the engine-process client; the poll timer collects it."""
+    assert not [name for name in _called(tree) if name.startswith("subprocess.")], "a blocking subprocess call"
+    collapsed = _called(_method(tree, "PanelWidget", "onAdvancedCollapsed"))
+    assert "self.logic.startDeviceQuery" in collapsed and "self._pollTimer.start" in collapsed
+    assert "slicer.util.WaitCursor" not in collapsed
+    assert "query.poll" in _called(_method(tree, "PanelWidget", "onPollJob"))
+
+
+def test_closing_the_scene_stops_a_batch_without_building_its_table(tree):
+    close = _method(tree, "PanelWidget", "onSceneStartClose")
+    calls = [call for call in _calls(close) if _dotted(call.func) == "job.cancel"]
+    assert any(k.arg == "sceneClosing" and ast.literal_eval(k.value) is True for c in calls for k in c.keywords)
+    assert "self.logic.showTable" not in _called(close)
+
+
+def test_installs_ask_and_report_before_the_wait_cursor(tree):
+    """The dependencies step runs before ``WaitCursor`` (its questions are not under a busy cursor) and gets the
+    panel's status callback; every button that may install passes its dependencies step."""
+    run = _method(tree, "PanelWidget", "_runShowingErrors")
+    body = ast.unparse(run)
+    assert body.index("dependencies(statusCallback=self._showInstallStatus)") < body.index("slicer.util.WaitCursor()")
+    for handler, step in (("onApplyButton", "self.logic.ensureDependencies"),
+                          ("onBatchApplyButton", "self.logic.ensureDependencies"),
+                          ("onExportReportButton", "self.logic.ensureReportDependencies"),
+                          ("onExportButton", "self.logic.ensureDicomSegDependencies")):
+        assert step in ast.unparse(_method(tree, "PanelWidget", handler)), handler
+    assert "slicer.app.processEvents" in _called(_method(tree, "PanelWidget", "_showInstallStatus"))
+
+
+def test_panel_errors_are_caught_and_shown_not_reraised(tree):
+    """``tryWithErrorDisplay`` re-raises, so code after it never sees its failure: the panel catches, shows and
+    returns instead (one helper), and no Qt slot lets an exception escape."""
+    assert "slicer.util.tryWithErrorDisplay" not in _called(tree)
+    run = _method(tree, "PanelWidget", "_runShowingErrors")
+    (handler,) = [node for node in ast.walk(run) if isinstance(node, ast.ExceptHandler)]
+    assert ast.unparse(handler.type) == "Exception"
+    assert "slicer.util.errorDisplay" in _called(handler) and isinstance(handler.body[-1], ast.Return)
+    export = _method(tree, "PanelWidget", "onExportButton")
+    assert "self._runShowingErrors" in _called(export) and "existing is None" not in ast.unparse(export)
+
+
+def test_temporary_folders_come_from_slicers_temporary_path(tree):
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "tempfile" not in imported
+    assert "slicer.util.tempDirectory" in _called(tree)
+
+
+def test_the_model_combo_box_follows_the_parameter_node(tree):
+    """After a scene load the node's model is what Apply uses, so the combo box shows it."""
+    update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
+    assert "self.ui.modelComboBox.currentData != node.modelName" in update
+    assert "self._selectModelInCombo(node.modelName)" in update
+
+
+def test_the_input_selector_refuses_the_modules_own_maps(tree):
+    changed = ast.unparse(_method(tree, "PanelWidget", "onInputChanged"))
+    assert "not self.logic.isInputVolume(volume)" in changed and "node.inputVolume = None" in changed
+
+
+def test_user_visible_module_text_is_marked_for_translation(tree):
+    """As in Slicer's template: ``_()`` (``slicer.i18n.tr``) on the title, help and acknowledgement, the category
+    through ``translate("qSlicerAbstractCoreModule", ...)``."""
+    init = _method(tree, "AttentionUNetSegment", "__init__")
+    values = {_dotted(node.targets[0]): node.value for node in ast.walk(init) if isinstance(node, ast.Assign)}
+    for name in ("self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+        assert isinstance(values[name], ast.Call) and _dotted(values[name].func) == "_", name
+    (category,) = values["self.parent.categories"].elts
+    assert _dotted(category.func) == "translate" and category.args[0].value == "qSlicerAbstractCoreModule"
+    imports = {(node.module, alias.name, alias.asname) for node in ast.parse(MODULE_FILE.read_text()).body
+               if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert {("slicer.i18n", "tr", "_"), ("slicer.i18n", "translate", None)} <= imports
+
+
+def test_extension_metadata_agrees_everywhere():
+    """``AttentionUNet.s4ext`` (the design card lists it; the build regenerates it) and ``AttentionUNet.json``
+    (what the ExtensionsIndex reads) say the same as CMakeLists.txt; the contributor line has Slicer's
+    "Name (Organisation)" form and is the module's own."""
+    entries = {}
+    for line in (ROOT / "AttentionUNet.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            entries[key] = value.strip()
+    catalog = json.loads((ROOT / "AttentionUNet.json").read_text())
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert entries["scm"] == catalog.get("scm_type", "git")
+    assert entries["scmurl"] == catalog["scm_url"] and entries["scmrevision"] == catalog["scm_revision"]
+    assert entries["depends"].split() == catalog["build_dependencies"]
+    assert entries["category"] == catalog["category"]
+    assert entries["build_subdirectory"] == catalog["build_subdirectory"]
+    assert entries["enabled"] == ("1" if catalog.get("enabled", True) else "0")
+    if "tier" in catalog:
+        assert entries.get("tier", str(catalog["tier"])) == str(catalog["tier"])
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', cmake).group(1)
+    assert entries["contributors"] == contributors
+    assert re.fullmatch(r"[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*", contributors), contributors
+    definitions = ast.parse((SLICER_PACKAGE / "definitions.py").read_text())
+    (value,) = [ast.literal_eval(node.value) for node in definitions.body if isinstance(node, ast.Assign)
+                and _dotted(node.targets[0]) == "CONTRIBUTORS"]
+    assert ", ".join(value) == contributors

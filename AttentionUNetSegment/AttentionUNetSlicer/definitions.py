@@ -8,6 +8,9 @@ import pathlib
 # The engine's single definitions (its constants module imports nothing, so Slicer's start-up stays light).
 from AttentionUNetSegmentLib.constants import DEFAULT_MODEL, DEVICES, OUTPUT_FORMATS  # noqa: F401
 
+#: Who made the module, as Slicer shows it ("Name (Organisation)"); the extension's CMakeLists.txt and
+#: AttentionUNet.s4ext carry the same line.
+CONTRIBUTORS = ("AttentionUNet maintainers (SlicerAttentionUNet project)",)
 MODULE_DIR = pathlib.Path(__file__).resolve().parents[1]  # the module folder
 RESOURCES_DIR = MODULE_DIR / "Resources"
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"

@@ -3,29 +3,47 @@
 from __future__ import annotations
 
 import pathlib
-from typing import List
+from typing import Callable, List, Optional
 
 import slicer
 
-from AttentionUNetSlicer.definitions import REQUIREMENTS_FILE, TORCH_REQUIREMENT, AttentionUNetSegmentError
+from AttentionUNetSlicer.definitions import (
+    DICOM_REQUIREMENTS_FILE,
+    REPORT_REQUIREMENTS_FILE,
+    REQUIREMENTS_FILE,
+    TORCH_REQUIREMENT,
+    AttentionUNetSegmentError,
+)
 
 
 class DependencyInstaller:
     """Logic part: ``ensureDependencies`` and the requirement checks behind it."""
 
-    def ensureDependencies(self) -> None:
+    def ensureDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
-        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older)."""
-        self._ensureTorch()
-        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation")
+        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older).
+        ``statusCallback(text)`` is told what is being installed before each installation starts (the panel shows
+        it: an installation blocks for minutes)."""
+        self._ensureTorch(statusCallback)
+        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation", statusCallback)
 
-    def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str) -> None:
+    def ensureReportDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """What Export > Report (PDF) needs besides the engine's requirements (``ensureDependencies``)."""
+        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report", statusCallback)
+
+    def ensureDicomSegDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """What Export > DICOM SEG needs (highdicom, pydicom)."""
+        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, "The DICOM SEG export", statusCallback)
+
+    def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str,
+                            statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` names what needs them
         in messages."""
         requirements = _read_requirements(requirementsFile)
         missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
             return
+        status = _installStatus(statusCallback, ", ".join(missing))
         try:
             import slicer.packaging as packaging
         except ImportError:  # Slicer 5.8/5.10
@@ -33,10 +51,12 @@ class DependencyInstaller:
         try:
             if packaging is not None:
                 # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
+                status()  # pip_ensure asks first, then shows its own progress
                 packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
             elif slicer.util.confirmOkCancelDisplay(
                     "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
                     + "\n".join(missing), windowTitle="Install Python packages"):
+                status()
                 slicer.util.pip_install(missing)
             else:
                 raise AttentionUNetSegmentError(
@@ -53,8 +73,8 @@ class DependencyInstaller:
                 f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
                 "firewall or proxy see the README section 'Troubleshooting'. Restart 3D Slicer if it asks to.")
 
-    def _ensureTorch(self) -> None:
-        if _module_available("torch"):
+    def _ensureTorch(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        if moduleAvailable("torch"):
             import importlib.metadata
 
             try:
@@ -80,9 +100,18 @@ class DependencyInstaller:
                 "minutes and about 2 GB of disk space).", windowTitle="Install PyTorch"):
             raise AttentionUNetSegmentError("The segmentation needs PyTorch. Click Apply again and accept the "
                                             "installation, or install it from the PyTorch Utils module.")
+        _installStatus(statusCallback, "PyTorch")()
         if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
             raise AttentionUNetSegmentError("PyTorch could not be installed. Install it from the PyTorch Utils "
                                             "module (it shows the reason), then restart 3D Slicer.")
+
+
+def _installStatus(statusCallback: Optional[Callable[[str], None]], what: str) -> Callable[[], None]:
+    """What tells the panel that ``what`` is being installed now (nothing without a callback)."""
+    def status() -> None:
+        if statusCallback is not None:
+            statusCallback(f"Installing {what}; this can take several minutes...")
+    return status
 
 
 def _read_requirements(path: pathlib.Path) -> List[str]:
@@ -111,7 +140,11 @@ def _requirement_satisfied(requirement: str) -> bool:
     return parsed is None or parsed.specifier.contains(version, prereleases=True)
 
 
-def _module_available(name: str) -> bool:
+def moduleAvailable(name: str) -> bool:
+    """Whether ``name`` can be imported (``find_spec``; a module set to ``None`` in ``sys.modules`` cannot)."""
     import importlib.util
 
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False

@@ -126,6 +126,12 @@ def build_dicom_seg_command(labels: str, sources_file: str, segments: str, outpu
     return command + (["--force"] if force else [])
 
 
+def build_devices_command(python: Optional[str] = None) -> List[str]:
+    """The ``python -m AttentionUNetSegmentLib devices --json`` command: one JSON line naming the GPUs the engine
+    sees (no progress lines)."""
+    return [python or sys.executable, "-m", "AttentionUNetSegmentLib", "devices", "--json"]
+
+
 def format_duration(seconds: Optional[float]) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``; empty for ``None``."""
     if seconds is None:

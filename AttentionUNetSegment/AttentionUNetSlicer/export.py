@@ -8,7 +8,6 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import slicer
@@ -19,16 +18,15 @@ from AttentionUNetSlicer.definitions import (
     ATTENTION_ROLE,
     ATTRIBUTE_PREFIX,
     DICOM_INSTANCE_UIDS,
-    DICOM_REQUIREMENTS_FILE,
     OUTPUT_FORMATS,
-    REPORT_REQUIREMENTS_FILE,
     SIDE_TAG,
     SIDES,
     AttentionUNetSegmentError,
 )
-from AttentionUNetSlicer.engineProcess import EngineProcess, build_dicom_seg_command
+from AttentionUNetSlicer.engineProcess import build_dicom_seg_command
 from AttentionUNetSlicer.sceneNodes import _node_ids, _remove_nodes
 from AttentionUNetSlicer.segmentStatistics import _side_totals, _statistics_rows, _voxel_counts, _voxel_volume_ml
+from AttentionUNetSlicer.volumeFiles import workDirectory
 
 
 class Export:
@@ -219,10 +217,10 @@ class Export:
         path = pathlib.Path(outputDirectory) / self.reportFileName(segmentationNode)
         if path.exists() and not force:
             raise AttentionUNetSegmentError(f"{path} exists already. Choose another folder or allow overwriting.")
-        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report")
+        self.ensureReportDependencies()
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
-        workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-report-"))
+        workDir = workDirectory("report")
         try:
             labels = self._segmentLabels(segmentationNode)
             sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
@@ -292,8 +290,8 @@ class Export:
         highdicom and pydicom are installed on first use. Returns the path."""
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         files = self.dicomSourceFiles(referenceVolume)
-        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, "The DICOM SEG export")
-        work = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-SEG-"))
+        self.ensureDicomSegDependencies()
+        work = workDirectory("SEG")
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
         try:
@@ -316,7 +314,7 @@ class Export:
                          segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + "ModelVersion") or ENGINE_VERSION)
             command = build_dicom_seg_command(str(labelsPath), str(work / "sources.txt"), str(work / "segments.json"),
                                               str(outputPath), algorithm, python=self.pythonExecutable(), force=force)
-            outcome = EngineProcess(command, env=self.engineEnvironment(), cwd=str(work)).start().wait()
+            outcome = self.engineProcessFactory(command, env=self.engineEnvironment(), cwd=str(work)).start().wait()
         finally:
             _remove_nodes([labelmap, colors])
             shutil.rmtree(work, ignore_errors=True)

@@ -108,14 +108,25 @@ class InputChecks:
         return reference is not None and reference.GetID() == volumeNode.GetID()
 
     @staticmethod
-    def validateInputVolume(volumeNode) -> None:
+    def inputProblem(volumeNode) -> str:
+        """Why ``volumeNode`` is not an input by its kind (see ``isInputVolume``): empty when it is one."""
+        name = volumeNode.GetName()
+        role = volumeNode.GetAttribute(ATTRIBUTE_PREFIX + "Role")
+        if role:
+            return (f"'{name}' is a {role} map this module made, not an image: choose the volume it was made "
+                    "from, or another scalar volume.")
+        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
+            return f"'{name}' is a {volumeNode.GetClassName()}, not an intensity image: choose a scalar volume."
+        return ""
+
+    def validateInputVolume(self, volumeNode) -> None:
         """Raise ``AttentionUNetSegmentError`` (what is wrong + how to fix it) unless the volume can be segmented."""
         if volumeNode is None:
             raise AttentionUNetSegmentError("No input volume: choose the volume to segment in Inputs > Volume.")
         name = volumeNode.GetName()
-        if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            raise AttentionUNetSegmentError(
-                f"'{name}' is a {volumeNode.GetClassName()}, not an intensity image: choose a scalar volume.")
+        problem = self.inputProblem(volumeNode)
+        if problem:
+            raise AttentionUNetSegmentError(problem)
         image = volumeNode.GetImageData()
         if image is None or image.GetNumberOfPoints() == 0:
             raise AttentionUNetSegmentError(f"'{name}' has no voxels: load the image data first.")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -18,8 +18,16 @@ from AttentionUNetSlicer.definitions import (
     POLL_INTERVAL_MS,
     AttentionUNetSegmentError,
 )
-from AttentionUNetSlicer.engineProcess import EngineProcess, EtaEstimator, Progress, build_segment_command
+from AttentionUNetSlicer.dependencies import moduleAvailable
+from AttentionUNetSlicer.engineProcess import (
+    EngineProcess,
+    EtaEstimator,
+    Progress,
+    build_devices_command,
+    build_segment_command,
+)
 from AttentionUNetSlicer.sceneImport import SegmentationResult
+from AttentionUNetSlicer.volumeFiles import workDirectory
 
 
 @dataclass
@@ -83,13 +91,14 @@ class SegmentationJob:
             largest_component=options.largestComponent, output_format=ENGINE_FORMAT)
 
     def start(self) -> "SegmentationJob":
-        self._workDir = pathlib.Path(tempfile.mkdtemp(prefix="AttentionUNet-"))
+        self._workDir = workDirectory("segment")
         try:
             inputPath = self.logic.writeVolumeForEngine(self.inputVolume, self._workDir / "in")
             command = self.engineCommand(inputPath, self._workDir / "out")
             self._log(f"Segmenting '{self.inputVolume.GetName()}' with {self.bundle.name} {self.bundle.version}")
-            self._engine = EngineProcess(command, env=self.logic.engineEnvironment(), cwd=str(self._workDir),
-                                         on_progress=self._onProgress, on_log=self._log).start()
+            self._engine = self.logic.engineProcessFactory(command, env=self.logic.engineEnvironment(),
+                                                           cwd=str(self._workDir), on_progress=self._onProgress,
+                                                           on_log=self._log).start()
         except Exception:
             self._cleanup()
             raise
@@ -131,11 +140,7 @@ class SegmentationJob:
         return False
 
     def wait(self) -> "SegmentationJob":
-        while self.poll():
-            time.sleep(POLL_INTERVAL_MS / 1000.0)
-            if hasattr(slicer, "app"):
-                slicer.app.processEvents()
-        return self
+        return waitUntilDone(self)
 
     def cancel(self) -> None:
         """Stop the engine now; nothing is added to the scene."""
@@ -171,6 +176,7 @@ class BatchJob:
         self._index = -1
         self._current: Optional[SegmentationJob] = None
         self._started = time.monotonic()
+        self._sceneClosing = False
         self._eta = EtaEstimator()  # over the whole batch: each volume's own ETA covers only that volume
         self.model = (options.model or DEFAULT_MODEL, "")  # (name, version) for the rows of volumes not run
 
@@ -237,18 +243,99 @@ class BatchJob:
         return not self.done
 
     def wait(self) -> "BatchJob":
-        while self.poll():
-            time.sleep(POLL_INTERVAL_MS / 1000.0)
-        return self
+        return waitUntilDone(self)
 
-    def cancel(self) -> None:
+    def cancel(self, sceneClosing: bool = False) -> None:
+        """Stop the running volume's engine; the others are listed as not run. ``sceneClosing``: the scene is
+        being closed (``StartCloseEvent``), so no summary table is added to it."""
         self.cancelled = True
+        self._sceneClosing = sceneClosing
         if self._current is not None:
             self._current.cancel()
         self.poll()
 
     def _finish(self) -> None:
-        self.summaryTable = self.logic.createSummaryTable(self.rows, self.results)
+        if not self._sceneClosing:
+            self.summaryTable = self.logic.createSummaryTable(self.rows, self.results)
         self.seconds = time.monotonic() - self._started
         self.done = True
         self._log(f"Batch finished: {self.summary}")
+
+
+class DeviceQuery:
+    """The engine's ``devices --json`` in its own process (torch and a CUDA context never load into Slicer),
+    polled like the jobs; ``text`` says in words what the engine will run on once ``done``."""
+
+    def __init__(self, logic) -> None:
+        self.logic = logic
+        self.text = ""
+        self.done = False
+        self._engine = None
+
+    def start(self) -> "DeviceQuery":
+        if not moduleAvailable("torch"):
+            self._finish("PyTorch is not installed yet; it is installed on the first run. The CPU always works.")
+            return self
+        try:
+            self._engine = self.logic.engineProcessFactory(build_devices_command(self.logic.pythonExecutable()),
+                                                           env=self.logic.engineEnvironment()).start()
+        except OSError:
+            self._finish(DEVICE_QUERY_FAILED)
+        return self
+
+    def poll(self) -> bool:
+        if self.done:
+            return False
+        if self._engine.poll():
+            return True
+        self._finish(describeDevices(self._engine.result))
+        return False
+
+    def wait(self) -> "DeviceQuery":
+        return waitUntilDone(self)
+
+    def cancel(self) -> None:
+        if not self.done and self._engine is not None:
+            self._engine.cancel()
+            while self.poll():
+                time.sleep(0.01)
+
+    def _finish(self, text: str) -> None:
+        self.text, self.done = text, True
+
+
+DEVICE_QUERY_FAILED = "Could not ask the engine which devices it sees; 'auto' uses a GPU if there is one, else the CPU."
+
+
+def describeDevices(outcome) -> str:
+    """The panel's sentence for a finished ``devices --json`` run (its last output line is the JSON record)."""
+    try:
+        if outcome.cancelled or outcome.returncode != 0:
+            raise ValueError(outcome.error)
+        info = next(record for record in map(_jsonObject, reversed(outcome.log)) if "gpus" in record)
+        gpus = info["gpus"]
+        if gpus:
+            return (f"GPU found: {gpus[0]['name']} ({gpus[0]['memory_gb']:.0f} GB), CUDA {info.get('cuda')}. "
+                    "'auto' uses it.")
+    except (ValueError, StopIteration, KeyError, TypeError):
+        return DEVICE_QUERY_FAILED
+    return "No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it)."
+
+
+def _jsonObject(line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def waitUntilDone(job):
+    """Poll ``job`` until it has ended, letting Slicer's GUI handle its events meanwhile (the one ``wait`` of every
+    job)."""
+    while job.poll():
+        time.sleep(POLL_INTERVAL_MS / 1000.0)
+        if hasattr(slicer, "app"):
+            slicer.app.processEvents()
+    return job
+

@@ -32,3 +32,9 @@ class VolumeFiles:
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
             raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
+
+
+def workDirectory(purpose: str) -> pathlib.Path:
+    """A new folder for one engine run or export in Slicer's temporary folder (Application settings), which the
+    caller removes when done."""
+    return pathlib.Path(slicer.util.tempDirectory(f"AttentionUNet-{purpose}-"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import qt
 import slicer
 import vtk
+from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
@@ -15,7 +17,6 @@ from AttentionUNetSlicer.definitions import DEFAULT_MODEL, MAX_OVERLAP, POLL_INT
 from AttentionUNetSlicer.engineProcess import format_duration
 from AttentionUNetSlicer.jobs import BatchJob, SegmentationOptions
 from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
-from AttentionUNetSlicer.parameters import AttentionUNetSegmentParameterNode
 
 
 class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -28,6 +29,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._deviceQuery = None
         self._lastResult = None
         self._pollTimer = None
         self._models: List["ModelBundle"] = []
@@ -64,23 +66,32 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._job is not None and not self._job.done:
-            self._job.cancel()
+        for running in (self._job, self._deviceQuery):
+            if running is not None and not running.done:
+                running.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         self.removeObservers()
-        self._disconnectParameterNode()
+        self.setParameterNode(None)
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        self._disconnectParameterNode()
+        pass  # the widgets stay bound: binding the same wrapper again on enter() would wire them twice (Slicer 5.8)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None and not self._job.done:
-            self._job.cancel()
-        self.setParameterNode(None)
+        """A running batch stops without adding its summary table: the scene is being cleared, and the table
+        (and the layout showing it) would refer to a removed node."""
+        job, self._job = self._job, None
+        if job is not None and not job.done:
+            if isinstance(job, BatchJob):
+                job.cancel(sceneClosing=True)
+            else:
+                job.cancel()
+        self._pollTimer.stop()
+        self.ui.progressBar.setVisible(False)
+        self.ui.statusLabel.text = _("Cancelled: the scene was closed.") if job is not None else ""
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -97,7 +108,11 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
             self._parameterNodeGuiTag = None
 
-    def setParameterNode(self, inputParameterNode: Optional[AttentionUNetSegmentParameterNode]) -> None:
+    def setParameterNode(self, inputParameterNode) -> None:
+        """Bind the widgets to ``inputParameterNode`` (the Logic's one wrapper of the node), once: the same
+        wrapper again changes nothing."""
+        if inputParameterNode is self._parameterNode:
+            return
         self._disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
@@ -109,6 +124,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         running = self._job is not None and not self._job.done
         node = self._parameterNode
+        if node and self.ui.modelComboBox.currentData != node.modelName:
+            self._selectModelInCombo(node.modelName)  # e.g. a loaded scene's model: what Apply will use
         canRun = bool(node and node.inputVolume and self._models)
         self.ui.applyButton.text = "Cancel" if running else "Apply"
         self.ui.applyButton.enabled = running or canRun
@@ -203,14 +220,22 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._parameterNode.testTimeAugmentation = False
 
     def onAdvancedCollapsed(self, collapsed: bool) -> None:
-        if not collapsed and not self.ui.deviceInfoLabel.text:
-            with slicer.util.WaitCursor():
-                self.ui.deviceInfoLabel.text = self.logic.detectComputeDevice()
+        """The first time Advanced opens, ask the engine's process which devices it sees (polled by the timer:
+        the GUI never waits for it)."""
+        if not collapsed and not self.ui.deviceInfoLabel.text and self._deviceQuery is None:
+            self.ui.deviceInfoLabel.text = _("Asking the engine which devices it sees...")
+            self._deviceQuery = self.logic.startDeviceQuery()
+            self._pollTimer.start()
 
     def onInputChanged(self, volume) -> None:
-        """After a run its result stays selected as the output (for export); a new input must not make the next
-        Apply replace another volume's segmentation, so an output made for another volume is deselected."""
+        """This module's own outputs (attention and probability maps) are refused as inputs. After a run its
+        result stays selected as the output (for export); a new input must not make the next Apply replace
+        another volume's segmentation, so an output made for another volume is deselected."""
         node = self._parameterNode
+        if node and volume and not self.logic.isInputVolume(volume):
+            node.inputVolume = None
+            self.ui.statusLabel.text = self.logic.inputProblem(volume)
+            return
         if node and node.outputSegmentation and volume and \
                 not self.logic.segmentationBelongsTo(node.outputSegmentation, volume):
             node.outputSegmentation = None
@@ -233,21 +258,45 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job.cancel()
             return
         self.ui.logTextEdit.clear()
-        with slicer.util.tryWithErrorDisplay("Segmentation could not start.", waitCursor=True):
-            self._startJob(self.logic.startSegmentation(
-                self._parameterNode.inputVolume, self._parameterNode.outputSegmentation, options=self._options(),
-                progressCallback=self.onProgress, logCallback=self.appendLog))
+        node = self._parameterNode
+        self._runShowingErrors(_("Segmentation could not start."), lambda: self._startJob(
+            self.logic.startSegmentation(node.inputVolume, node.outputSegmentation, self._options(),
+                                         progressCallback=self.onProgress, logCallback=self.appendLog)),
+            dependencies=self.logic.ensureDependencies)
 
     def onBatchApplyButton(self) -> None:
         volumes = (self.logic.allInputVolumes() if self._parameterNode.batchAllVolumes
                    else list(self.ui.batchVolumesSelector.checkedNodes()))
         if not volumes:
-            slicer.util.errorDisplay("Check the volumes to segment in the Batch section, or tick 'All volumes'.")
+            slicer.util.errorDisplay(_("Check the volumes to segment in the Batch section, or tick 'All volumes'."))
             return
         self.ui.logTextEdit.clear()
-        with slicer.util.tryWithErrorDisplay("Batch segmentation could not start.", waitCursor=True):
-            self._startJob(self.logic.startBatch(volumes, options=self._options(),
-                                                 progressCallback=self.onProgress, logCallback=self.appendLog))
+        self._runShowingErrors(_("Batch segmentation could not start."), lambda: self._startJob(
+            self.logic.startBatch(volumes, self._options(), progressCallback=self.onProgress,
+                                  logCallback=self.appendLog)),
+            dependencies=self.logic.ensureDependencies)
+
+    def _runShowingErrors(self, failure: str, action: Callable[[], Any],
+                          dependencies: Optional[Callable[..., None]] = None) -> bool:
+        """Run ``action`` under a wait cursor; a problem is shown (``failure`` and what went wrong) and ``False``
+        returned. ``dependencies`` installs what the action needs first, outside the wait cursor (it may ask
+        before installing) and with its progress in the status line."""
+        try:
+            if dependencies is not None:
+                dependencies(statusCallback=self._showInstallStatus)
+            with slicer.util.WaitCursor():
+                action()
+            return True
+        except Exception as error:  # shown, never lost: a Qt slot has no caller to raise to
+            if not isinstance(error, AttentionUNetSegmentError):
+                logging.exception(failure)
+            self.ui.statusLabel.text = failure
+            slicer.util.errorDisplay(f"{failure}\n\n{error}", windowTitle=_("Attention U-Net"))
+            return False
+
+    def _showInstallStatus(self, message: str) -> None:
+        self.ui.statusLabel.text = message
+        slicer.app.processEvents()  # shown before the installation blocks
 
     def _startJob(self, job) -> None:
         self._job = job
@@ -258,13 +307,16 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onPollJob(self) -> None:
-        if self._job is None:
+        """The poll timer: the device query and the running job, each until it is done."""
+        query = self._deviceQuery
+        if query is not None and not query.poll():
+            self.ui.deviceInfoLabel.text = query.text
+        if self._job is not None:
+            self._job.poll()
+        if (self._job is None or self._job.done) and (query is None or query.done):
             self._pollTimer.stop()
+        if self._job is None or not self._job.done:
             return
-        self._job.poll()
-        if not self._job.done:
-            return
-        self._pollTimer.stop()
         job, self._job = self._job, None
         self.ui.progressBar.setVisible(False)
         if job.cancelled and isinstance(job, BatchJob):
@@ -318,21 +370,25 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node, directory = self._parameterNode, self._exportFolder()
         if not directory:
             return
-        existing = None
-        with slicer.util.tryWithErrorDisplay("Export failed."):
-            dicomSeg = node.exportDicomSeg and self.logic.hasDicomSource(node.outputSegmentation)
-            existing = self.logic.existingExportFiles(node.outputSegmentation, directory, node.exportFormat, dicomSeg)
-        if existing is None:  # the error was shown
+        dicomSeg = node.exportDicomSeg and self.logic.hasDicomSource(node.outputSegmentation)
+        existing = []
+        if not self._runShowingErrors(_("Export failed."), lambda: existing.extend(self.logic.existingExportFiles(
+                node.outputSegmentation, directory, node.exportFormat, dicomSeg))):
             return
         if existing and not slicer.util.confirmYesNoDisplay(
-                "These files exist already:\n" + "\n".join(existing) + "\n\nReplace them?"):
-            self.ui.statusLabel.text = "Export cancelled; the existing files were kept."
+                _("These files exist already:") + "\n" + "\n".join(existing) + "\n\n" + _("Replace them?")):
+            self.ui.statusLabel.text = _("Export cancelled; the existing files were kept.")
             return
-        with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+
+        def export():
             files = self.logic.exportForReport(node.outputSegmentation, directory, fileFormat=node.exportFormat,
                                                force=bool(existing), dicomSeg=dicomSeg)
             self.appendLog("Exported: " + ", ".join(files.values()))
-            self.ui.statusLabel.text = f"Exported {len(files)} files to {directory}"
+            self.ui.statusLabel.text = _("Exported {count} files to {folder}").format(count=len(files),
+                                                                                    folder=directory)
+
+        self._runShowingErrors(_("Export failed."), export,
+                               dependencies=self.logic.ensureDicomSegDependencies if dicomSeg else None)
 
     def onExportReportButton(self) -> None:
         node, directory = self._parameterNode, self._exportFolder()
@@ -342,15 +398,21 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if existing.exists() and not slicer.util.confirmYesNoDisplay(f"{existing} exists already.\n\nReplace it?"):
             self.ui.statusLabel.text = "Export cancelled; the existing report was kept."
             return
-        with slicer.util.tryWithErrorDisplay("Writing the PDF report failed.", waitCursor=True):
+
+        def export():
             path = self.logic.exportReportPdf(node.outputSegmentation, directory, force=existing.exists())
             self.appendLog(f"Report: {path}")
-            self.ui.statusLabel.text = f"Wrote the report {path}"
+            self.ui.statusLabel.text = _("Wrote the report {path}").format(path=path)
+
+        self._runShowingErrors(_("Writing the PDF report failed."), export,
+                               dependencies=self.logic.ensureReportDependencies)
 
     def onExportLabelmapButton(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Export to a label map failed.", waitCursor=True):
+        def export():
             labelmap = self.logic.exportToLabelMapNode(self._parameterNode.outputSegmentation)
-            self.ui.statusLabel.text = f"Created label map '{labelmap.GetName()}'."
+            self.ui.statusLabel.text = _("Created label map '{name}'.").format(name=labelmap.GetName())
+
+        self._runShowingErrors(_("Export to a label map failed."), export)
 
 
 def warningText(warnings: Sequence[str]) -> str:
