@@ -25,7 +25,8 @@ sitk = pytest.importorskip("SimpleITK")
 slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
-from AttentionUNetSegmentLib.bundle import DIGEST_KEY, metadata_digest  # noqa: E402
+from AttentionUNetSegmentLib.bundle import DIGEST_KEY, LabelInfo, metadata_digest  # noqa: E402
+from AttentionUNetSegmentLib.outputs import slicer_segmentation  # noqa: E402
 from AttentionUNetSlicer.engineProcess import EtaEstimator  # noqa: E402
 from slicer_module_shims import install_missing_modules, load_module  # noqa: E402
 
@@ -234,6 +235,16 @@ def test_export_for_report_files_read_back(env, first_result, tmp_path):
     assert not list((tmp_path / "nrrd").glob("*partial*"))
 
 
+def test_a_failed_export_writes_nothing(env, first_result, tmp_path):
+    """Every export file goes through the engine's one atomic writer (``imageio.atomic_output``): when one cannot
+    be put in place (here a folder holds the provenance file's name), none is, and no temporary is left."""
+    blocked = tmp_path / "Oblique_segmentation_provenance.json"
+    blocked.mkdir()
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Could not write the export"):
+        env["logic"].exportForReport(first_result["result"].segmentation, tmp_path, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == [blocked.name] and not list(blocked.iterdir())
+
+
 def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_result, tmp_path):
     """Export > Report (PDF): the engine's page (report.write_report_pdf) over the input, with the run's volumes,
     model and device; no node is left behind; an existing report is kept unless replacing is chosen."""
@@ -359,8 +370,8 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
     attention = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
     assert len(attention) == len(maps) >= 2
     attention[-1].write_bytes(b"NRRD0004\nthis is not a volume\n")
-    files = {"segmentation": str(out / "input_seg.nrrd"), "report": str(out / "input_report.json"),
-             "attention": [str(p) for p in attention]}
+    files = {"segmentation": str(out / "input_seg.nrrd"), "slicer_segmentation": str(out / "input_seg.seg.nrrd"),
+             "report": str(out / "input_report.json"), "attention": [str(p) for p in attention]}
 
     def labels():
         labelmap = logic.exportToLabelMapNode(target, volume)
@@ -867,7 +878,14 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
                                     "registration": {"metric": -0.5, "determinant": 1.0, "scales": [1, 1, 1],
                                                      "seconds": 1.0}})
     (folder / "input_report.json").write_text(json.dumps(report))
-    files = {"segmentation": str(folder / "input_seg.nrrd"), "report": str(folder / "input_report.json")}
+    # the Slicer segmentation, written by the engine's own writer (names, colours, values, terminology)
+    terminology = {1: LEFT_TERMINOLOGY} if located else {}
+    image = sitk.ReadImage(str(folder / "input_seg.nrrd"))
+    sitk.WriteImage(slicer_segmentation(image, [LabelInfo(s["value"], s["name"], tuple(s["color"]),
+                                                          terminology.get(s["value"], "")) for s in specs]),
+                    str(folder / "input_seg.seg.nrrd"), useCompression=True)
+    files = {"segmentation": str(folder / "input_seg.nrrd"), "slicer_segmentation": str(folder / "input_seg.seg.nrrd"),
+             "report": str(folder / "input_report.json")}
     return files, report, labels, boxes
 
 
@@ -1008,6 +1026,32 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     sceneNodes._remove_nodes([crop.segmentation, region])
 
 
+def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_bundle, moved_volume, tmp_path):
+    """The scene shows what the engine wrote, nothing rebuilt or recounted: segment names, colours, values and
+    terminology from its ``.seg.nrrd``, volumes and per-side totals from its report."""
+    files, report, _, _ = _write_engine_outputs(env, moved_volume, tmp_path / "out")
+    terminology = LEFT_TERMINOLOGY.replace("SCT^7771000^Left", "SCT^24028007^Right")
+    image = sitk.ReadImage(files["segmentation"])
+    written = [LabelInfo(s["value"], f"{s['name']} (engine)", (0.1, 0.2, 0.3), terminology) for s in LOCATED_LABELS]
+    sitk.WriteImage(slicer_segmentation(image, written), files["slicer_segmentation"], useCompression=True)
+    for index, segment in enumerate(report["segments"]):
+        segment.update(voxels=1000 + index, volume_ml=2.5 + index)  # not what the label map holds
+    report["sides"] = {"left": {"voxels": 2001, "volume_ml": 6.0}, "right": {"voxels": 2005, "volume_ml": 10.0}}
+    report["asymmetry_index"] = -0.5
+    pathlib.Path(files["report"]).write_text(json.dumps(report))
+    result = _import(env, located_bundle, moved_volume, files)
+    try:
+        segments = result.segmentation.GetSegmentation()
+        assert [segments.GetNthSegment(i).GetName() for i in range(4)] == [label.name for label in written]
+        assert all(segments.GetNthSegment(i).GetColor() == pytest.approx((0.1, 0.2, 0.3)) for i in range(4))
+        assert all(segments.GetNthSegment(i).GetTerminology() == terminology for i in range(4))
+        assert [(row["voxels"], row["volume_ml"]) for row in result.statistics] == [
+            (1000 + i, 2.5 + i) for i in range(4)]
+        assert result.sides == report["sides"] and result.asymmetryIndex == -0.5
+    finally:
+        sceneNodes._remove_nodes([result.segmentation, *result.localizationBoxes])
+
+
 def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, located_bundle, tmp_path):
     module, logic, volume = env["module"], env["logic"], env["volume"]
 
@@ -1072,7 +1116,8 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
     lambda report: report["localization"]["boxes"].update(right=[10.0, 0.0, 0.0, 1.0, 0.0, 1.0]),  # R_MIN > R_MAX
     lambda report: report["localization"]["boxes"].update(left=["a"] * 6),
     lambda report: report["segments"][2].update(value=True),
-    lambda report: report["segments"][0].pop("color"),
+    lambda report: report["segments"][0].pop("volume_ml"),
+    lambda report: report.update(segments=[]),
 ])
 def test_a_report_the_module_cannot_read_adds_nothing(env, located_bundle, moved_volume, tmp_path, damage):
     files, report, _, _ = _write_engine_outputs(env, moved_volume, tmp_path / "out")

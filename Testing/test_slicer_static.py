@@ -33,7 +33,8 @@ QT_SIGNALS = {"clicked(bool)", "currentIndexChanged(int)", "timeout()", "toggled
 #: Members of QWidget/QAbstractButton every widget has (PythonQt exposes the full Qt API of Q* classes).
 QT_WIDGET_MEMBERS = {"enabled", "toolTip", "visible", "setVisible", "setEnabled", "connect", "text", "blockSignals"}
 #: Call owners that are not MRML/VTK objects (module/class constructors, Qt, Python's pathlib).
-NON_MRML_OWNERS = {"slicer", "vtk", "qt", "pathlib", "PyTorchUtils", "SampleData.SampleDataLogic", "slicer.util"}
+NON_MRML_OWNERS = {"slicer", "vtk", "qt", "pathlib", "contextlib", "PyTorchUtils", "SampleData.SampleDataLogic",
+                   "slicer.util"}
 SUPPORTED_RELEASES = ("v5.12.3", "v5.10.0")  # the oldest Slicer supported (5.8) has the 5.10 API used here
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
-# The engine's single definitions (its constants module imports nothing, so Slicer's start-up stays light).
+# The engine's single definitions (these two modules import nothing, so Slicer's start-up stays light).
 from AttentionUNetSegmentLib.constants import DEFAULT_MODEL, DEVICES, OUTPUT_FORMATS  # noqa: F401
+from AttentionUNetSegmentLib.errors import AttentionUNetError
 
 #: Who made the module, as Slicer shows it ("Name (Organisation)"); the extension's CMakeLists.txt and
 #: AttentionUNet.s4ext carry the same line.
@@ -50,5 +51,6 @@ ENGINE_INPUT_STEM = "input"
 POLL_INTERVAL_MS = 100
 
 
-class AttentionUNetSegmentError(Exception):
-    """A problem the user can act on (what was wrong and how to fix it); shown as is in the panel."""
+class AttentionUNetSegmentError(AttentionUNetError):
+    """A problem the user can act on (what was wrong and how to fix it); shown as is in the panel. A kind of the
+    engine's ``AttentionUNetError``: one root for every error the user can act on."""

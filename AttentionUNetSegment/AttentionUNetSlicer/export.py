@@ -3,6 +3,7 @@ DICOM SEG (written by the engine process)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -63,6 +64,17 @@ class Export:
             found = segments.GetNthSegment(i).GetTag(SIDE_TAG, side)
             sides.append(str(side) if found and str(side) in SIDES else None)
         return sides
+
+    @staticmethod
+    def _labelColorTable(labels: Sequence[Any], name: str):
+        """A colour table whose index is the label value (names and colours of the segments)."""
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", slicer.mrmlScene.GenerateUniqueName(name))
+        table.SetTypeToUser()
+        table.SetNumberOfColors(max([label.value for label in labels] + [0]) + 1)
+        table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
+        for label in labels:
+            table.SetColor(label.value, label.name, *label.color, 1.0)
+        return table
 
     def exportToLabelMapNode(self, segmentationNode, referenceVolume=None, labelmapNode=None):
         """All segments into a label map volume node with stable label values (each segment's label value) on the
@@ -130,7 +142,8 @@ class Export:
         provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``, written first: when it fails
         nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
         written paths by kind."""
-        from AttentionUNetSegmentLib.imageio import check_written_image
+        from AttentionUNetSegmentLib.errors import AttentionUNetError
+        from AttentionUNetSegmentLib.imageio import atomic_output, check_written_image
 
         if fileFormat not in OUTPUT_FORMATS:
             raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {OUTPUT_FORMATS}.")
@@ -144,7 +157,6 @@ class Export:
         colors = labelmap.GetDisplayNode().GetColorNode()
         names = self.exportFileNames(segmentationNode, fileFormat, dicomSeg)
         paths = {kind: outputDirectory / name for kind, name in names.items()}
-        partials: List[pathlib.Path] = []
         try:
             labels = self._segmentLabels(segmentationNode)
             sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
@@ -165,34 +177,26 @@ class Export:
             }
             if sides:
                 writes["sides"] = _sides_csv(*_side_totals(rows))
-            labelPartial = paths["labelmap"].with_name(f"{paths['labelmap'].name}.partial-{os.getpid()}.{fileFormat}")
-            partials.append(labelPartial)
-            segmentationPartial = paths["segmentation"].with_name(f"{names['segmentation']}.partial-{os.getpid()}"
-                                                                   ".seg.nrrd")
-            partials.append(segmentationPartial)
-            for node, partial, final in ((labelmap, labelPartial, paths["labelmap"]),
-                                         (segmentationNode, segmentationPartial, paths["segmentation"])):
-                storage = node.CreateDefaultStorageNode()
-                storage.SetFileName(str(partial))
-                try:
+            # All or nothing: every file goes to its atomic_output temporary; the stack renames them all at the
+            # end, or removes them all when anything fails (the DICOM SEG included).
+            with contextlib.ExitStack() as stack:
+                for node, kind in ((labelmap, "labelmap"), (segmentationNode, "segmentation")):
+                    partial = stack.enter_context(atomic_output(paths[kind], force))
+                    storage = node.CreateDefaultStorageNode()
+                    storage.SetFileName(str(partial))
                     if not storage.WriteData(node):
-                        raise OSError(f"cannot write {partial.name}")
-                    check_written_image(partial, final)  # ITK's NIfTI writer does not report a full disk
-                except OSError as error:
-                    raise AttentionUNetSegmentError(f"Could not write {final.name} in {outputDirectory} ({error}): "
-                                                    "check that the folder is writable and has free space.")
-            for kind, text in writes.items():
-                partial = paths[kind].with_name(f"{paths[kind].name}.partial-{os.getpid()}")
-                partials.append(partial)
-                partial.write_text(text, encoding="utf-8")
-            if dicomSeg:
-                self.exportDicomSeg(segmentationNode, paths["dicom_segmentation"], referenceVolume, force=force)
-            for partial, kind in zip(partials, ["labelmap", "segmentation", *writes]):
-                os.replace(partial, paths[kind])
+                        raise OSError(f"cannot write {paths[kind].name}")
+                    check_written_image(partial, paths[kind])  # ITK's NIfTI writer does not report a full disk
+                for kind, text in writes.items():
+                    stack.enter_context(atomic_output(paths[kind], force)).write_text(text, encoding="utf-8")
+                if dicomSeg:
+                    self.exportDicomSeg(segmentationNode, paths["dicom_segmentation"], referenceVolume, force=force)
+        except AttentionUNetSegmentError:
+            raise
+        except (OSError, AttentionUNetError) as error:
+            raise AttentionUNetSegmentError(f"Could not write the export in {outputDirectory} ({error}): check that "
+                                            "the folder is writable and has free space.")
         finally:
-            for partial in partials:
-                if partial.exists():
-                    partial.unlink()
             _remove_nodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
 
@@ -247,6 +251,8 @@ class Export:
             write_report_pdf(read_image(files["image"]), read_label(files["labels"]),
                              read_label(files["attention"]) if "attention" in files else None, report, path,
                              referenceVolume.GetName(), force=force)
+        except AttentionUNetSegmentError:
+            raise
         except (AttentionUNetError, OSError) as error:
             raise AttentionUNetSegmentError(f"Could not write the report {path.name} in {outputDirectory}: {error}")
         finally:

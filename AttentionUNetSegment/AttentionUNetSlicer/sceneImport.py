@@ -27,7 +27,6 @@ from AttentionUNetSlicer.definitions import (
     AttentionUNetSegmentError,
 )
 from AttentionUNetSlicer.sceneNodes import _remove_nodes
-from AttentionUNetSlicer.segmentStatistics import _side_totals, _statistics_rows, _voxel_counts, _voxel_volume_ml
 
 
 @dataclass
@@ -65,16 +64,17 @@ class SceneImport:
         Everything is read into new nodes first; on any problem those are removed and the error raised, so the
         scene is as it was. Only then, when the user chose to reuse a segmentation, are its segments and its
         previous map volumes replaced by the new results."""
-        labelPath = pathlib.Path(files.get("segmentation", ""))
-        if not labelPath.is_file():
-            raise AttentionUNetSegmentError("The engine did not report a label map for the input; see the log.")
+        segmentationPath = pathlib.Path(files.get("slicer_segmentation", ""))
+        if not segmentationPath.is_file():
+            raise AttentionUNetSegmentError("The engine did not report a segmentation for the input; see the log.")
         report = self._readReport(files)
-        labels, labelSides = _run_labels(job.bundle, report)
+        statistics = _reportSegments(report)
+        sides, asymmetry = _reportSides(report)
         boxes = _localization_boxes(report)
         inputVolume = job.inputVolume
         provenance = self._provenance(job, report)
         probabilityFiles = files.get("probabilities") or {}
-        probabilityNames = [label.name for label in labels if label.name in probabilityFiles]
+        probabilityNames = [row["name"] for row in statistics if row["name"] in probabilityFiles]
         scene = slicer.mrmlScene
         added: List[Any] = []
         try:
@@ -83,22 +83,16 @@ class SceneImport:
             probabilities = self._loadMaps([pathlib.Path(probabilityFiles[name]) for name in probabilityNames],
                                            lambda k: f"{inputVolume.GetName()} probability {probabilityNames[k]}",
                                            added)
-            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "AttentionUNet temporary labels")
-            added.append(labelmap)
-            self._readVolumeFile(labelPath, labelmap)
-            statistics = _statistics_rows(labels, labelSides, _voxel_counts(labelmap), _voxel_volume_ml(labelmap))
             segmentation = scene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{inputVolume.GetName()} segmentation"))
             added.append(segmentation)
-            segmentation.CreateDefaultDisplayNodes()
-            self._fillSegmentation(segmentation, labelmap, inputVolume, labels, labelSides, added)
+            self._readSegmentation(segmentationPath, segmentation, inputVolume, statistics)
             localizationBoxes = self._addBoxes(inputVolume, job.bundle, boxes, added)
         except Exception as error:
             _remove_nodes(reversed(added))
             if isinstance(error, AttentionUNetSegmentError):
                 raise
             raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
-        _remove_nodes([labelmap])
         previousOwner = job.outputSegmentation
         if previousOwner is not None:
             attention = self._replaceMaps(previousOwner, ATTENTION_ROLE, attention)
@@ -121,7 +115,6 @@ class SceneImport:
         for index, node in enumerate(attention):
             node.SetAttribute(ATTRIBUTE_PREFIX + "Gate", str(index))
         self._placeInSubjectHierarchy(inputVolume, segmentation, attention + probabilities, localizationBoxes)
-        sides, asymmetry = _side_totals(statistics)
         warnings = [w for w in report.get("warnings") or [] if isinstance(w, str)]
         return SegmentationResult(inputVolume, segmentation, attention, probabilities, statistics, provenance, log,
                                   sides, asymmetry, localizationBoxes, warnings)
@@ -250,45 +243,27 @@ class SceneImport:
         return target
 
     @staticmethod
-    def _labelColorTable(labels: Sequence[Any], name: str):
-        """A colour table whose index is the label value (names and colours of the segments)."""
-        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLColorTableNode", slicer.mrmlScene.GenerateUniqueName(name))
-        table.SetTypeToUser()
-        table.SetNumberOfColors(max([label.value for label in labels] + [0]) + 1)
-        table.SetColor(0, "Background", 0.0, 0.0, 0.0, 0.0)
-        for label in labels:
-            table.SetColor(label.value, label.name, *label.color, 1.0)
-        return table
-
-    def _fillSegmentation(self, segmentation, labelmap, inputVolume, labels: Sequence[Any], sides: Dict[int, str],
-                          added: List[Any]) -> None:
-        """One segment per label of the run (names, colours, label values, terminology, side tag), reference
-        geometry = input."""
-        colors = self._labelColorTable(labels, "AttentionUNet temporary colors")
-        added.append(colors)
-        labelmap.CreateDefaultDisplayNodes()
-        labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+    def _readSegmentation(path: pathlib.Path, segmentation, inputVolume, statistics: Sequence[Dict[str, Any]]) -> None:
+        """Read the engine's ``.seg.nrrd`` (its segments' names, colours, label values and terminology, as the
+        engine wrote them) into ``segmentation`` with Slicer's reader; reference geometry = input; each segment of a
+        located run gets its side tag from the report."""
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.ReadData(segmentation):
+            raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
+        segmentation.CreateDefaultDisplayNodes()
         segments = segmentation.GetSegmentation()
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
-            raise AttentionUNetSegmentError("Importing the label map into the segmentation failed; see the log.")
-        byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegmentID(i)
+        byValue = {segments.GetNthSegment(i).GetLabelValue(): segments.GetNthSegment(i)
                    for i in range(segments.GetNumberOfSegments())}
-        for index, label in enumerate(labels):
-            segmentId = byValue.get(label.value)
-            if segmentId is None:  # nothing predicted for this label: keep an empty segment so every label shows
-                segmentId = segments.AddEmptySegment("", label.name, list(label.color))
-            segment = segments.GetSegment(segmentId)
-            segment.SetName(label.name)
-            segment.SetColor(*label.color)
-            segment.SetLabelValue(label.value)
-            if label.terminology:
-                segment.SetTag(segment.GetTerminologyEntryTagName(), label.terminology)
-            if label.value in sides:
-                segment.SetTag(SIDE_TAG, sides[label.value])
-            segments.SetSegmentIndex(segmentId, index)
-        slicer.mrmlScene.RemoveNode(colors)
-        added.remove(colors)
+        if sorted(byValue) != sorted(row["value"] for row in statistics):
+            raise AttentionUNetSegmentError(
+                f"The engine's {path.name} holds the label values {sorted(byValue)}, its report lists "
+                f"{sorted(row['value'] for row in statistics)}: reinstall the AttentionUNet extension so that its "
+                "engine and module match.")
+        for row in statistics:
+            if row["side"] is not None:
+                byValue[row["value"]].SetTag(SIDE_TAG, row["side"])
 
     @staticmethod
     def _placeInSubjectHierarchy(inputVolume, segmentation, maps: Sequence[Any], boxes: Sequence[Any] = ()) -> None:
@@ -323,36 +298,42 @@ class SceneImport:
         result.segmentation.GetDisplayNode().SetVisibility(True)
 
 
-def _run_labels(bundle: "ModelBundle", report: Dict[str, Any]):
-    """``(labels, sides)``: the label set that ran, as the report's ``segments`` list it (a located run has one
-    label per side and part), each with its terminology from the bundle's label lists, and ``{value: side}``;
-    the bundle's labels when the report lists none."""
-    from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE, LabelInfo
+def _reportSegments(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The run's segments as its report lists them (a located run has one per side and part): value, name, side
+    (``None`` unless located), voxels and mL, as the engine counted them on the input's grid."""
+    from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE
 
-    segments = report.get("segments")
-    if not segments:
-        return list(bundle.labels), {}
-    terminology = {(label.value, label.name): label.terminology for label in bundle.labels}
-    localization = bundle.metadata.get("localization")
-    for item in (localization.get("labels") if isinstance(localization, dict) else None) or []:
-        if isinstance(item, dict) and isinstance(item.get("terminology"), str):
-            terminology.setdefault((item.get("value"), item.get("name")), item["terminology"])
-    labels, sides = [], {}
-    for item in segments:
+    rows = []
+    for item in report.get("segments") or []:
         try:
-            value, name, color = item["value"], item["name"], tuple(float(c) for c in item["color"])
-            valid = (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_LABEL_VALUE
-                     and isinstance(name, str) and len(color) == 3)
-        except (KeyError, TypeError, ValueError):
+            row = {key: item[key] for key in ("value", "name", "voxels", "volume_ml")}
+            row["side"] = item.get("side") if item.get("side") in SIDES else None
+            valid = (isinstance(row["value"], int) and not isinstance(row["value"], bool)
+                     and 0 < row["value"] <= MAX_LABEL_VALUE and isinstance(row["name"], str)
+                     and isinstance(row["voxels"], int) and not isinstance(row["voxels"], bool)
+                     and isinstance(row["volume_ml"], (int, float)) and math.isfinite(row["volume_ml"]))
+        except (KeyError, TypeError):
             valid = False
         if not valid:
             raise AttentionUNetSegmentError(
                 f"The engine's report lists a segment the module cannot read ({str(item)[:200]}): reinstall the "
                 "AttentionUNet extension so that its engine and module match.")
-        labels.append(LabelInfo(value, name, color, terminology.get((value, name), "")))
-        if item.get("side") in SIDES:
-            sides[value] = item["side"]
-    return labels, sides
+        rows.append(row)
+    if not rows:
+        raise AttentionUNetSegmentError("The engine's report lists no segments: reinstall the AttentionUNet "
+                                        "extension so that its engine and module match.")
+    return rows
+
+
+def _reportSides(report: Dict[str, Any]):
+    """``(sides, asymmetry)``: the report's per-side totals ``{side: {"voxels", "volume_ml"}}`` in left/right order
+    and its asymmetry index (L - R) / ((L + R) / 2); ``({}, None)`` for a run that was not located."""
+    totals = report.get("sides")
+    if not isinstance(totals, dict):
+        return {}, None
+    sides = {side: totals[side] for side in SIDES if isinstance(totals.get(side), dict)}
+    asymmetry = report.get("asymmetry_index")
+    return sides, (float(asymmetry) if isinstance(asymmetry, (int, float)) and len(sides) == len(SIDES) else None)
 
 
 def _localization_boxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
