@@ -127,11 +127,11 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node and self.ui.modelComboBox.currentData != node.modelName:
             self._selectModelInCombo(node.modelName)  # e.g. a loaded scene's model: what Apply will use
         canRun = bool(node and node.inputVolume and self._models)
-        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or canRun
-        self.ui.applyButton.toolTip = ("Stop the running segmentation; the scene is left as it was" if running else
-                                       "Segment the input volume" if canRun else
-                                       "Select an input volume and a model first")
+        self.ui.applyButton.toolTip = (_("Stop the running segmentation; the scene is left as it was") if running
+                                       else _("Segment the input volume") if canRun else
+                                       _("Select an input volume and a model first"))
         self.ui.batchApplyButton.enabled = not running and bool(self._models)
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.exportCollapsibleButton):
@@ -142,8 +142,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canDicomSeg = bool(segmentation) and self.logic.hasDicomSource(segmentation)
         self.ui.exportDicomSegCheckBox.enabled = canDicomSeg
         self.ui.exportDicomSegCheckBox.toolTip = (
-            "Also write a DICOM Segmentation object that references the DICOM series and add it to the DICOM "
-            "database" if canDicomSeg else "Only for a segmentation of a volume loaded from the DICOM database")
+            _("Also write a DICOM Segmentation object that references the DICOM series and add it to the DICOM "
+              "database") if canDicomSeg else _("Only for a segmentation of a volume loaded from the DICOM database"))
         self.ui.exportReportButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
         bundle = self._currentBundle()
@@ -154,7 +154,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         canMirror = bool(bundle and bundle.mirror_axes)
         self.ui.ttaCheckBox.enabled = canMirror
         self.ui.ttaCheckBox.toolTip = ("" if canMirror or not bundle else
-                                       "This model records no mirror axes from its training, so it cannot be mirrored")
+                                       _("This model records no mirror axes from its training, so it cannot be "
+                                         "mirrored"))
         if not running:
             self._updateDomainStatus(node, bundle)
 
@@ -176,8 +177,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         lines = []
         try:
             if self.logic.willLocalize(volume, bundle, node.roi, node.locateAutomatically):
-                lines.append(f"'{volume.GetName()}' is much larger than the model's field of view: Locate "
-                             "automatically will find the structure and segment each side in its own box.")
+                lines.append(_("'{name}' is much larger than the model's field of view: Locate automatically will "
+                               "find the structure and segment each side in its own box.").format(
+                                   name=volume.GetName()))
             lines.append(warningText(self.logic.domainWarnings(volume, bundle, node.roi, node.locateAutomatically)))
         except AttentionUNetSegmentError as error:
             lines.append(warningText([str(error)]))
@@ -194,9 +196,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(f"{bundle.name} ({bundle.version})", bundle.name)
         combo.blockSignals(wasBlocked)
         for path, reason in problems:
-            self.appendLog(f"Model in {path} skipped: {reason}")
+            self.appendLog(_("Model in {path} skipped: {reason}").format(path=path, reason=reason))
         if not self._models:
-            self.ui.modelDescriptionLabel.text = (
+            self.ui.modelDescriptionLabel.text = _(
                 "No model is installed. Reinstall the AttentionUNet extension, or add a folder of model bundles "
                 "to the ATTENTION_UNET_MODELS environment variable and click Refresh.")
         self._selectModelInCombo(self._parameterNode.modelName if self._parameterNode else DEFAULT_MODEL)
@@ -302,7 +304,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = job
         self.ui.progressBar.setVisible(True)
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = "Starting..."
+        self.ui.statusLabel.text = _("Starting...")
         self._pollTimer.start()
         self.updateGUIFromParameterNode()
 
@@ -320,20 +322,21 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, self._job = self._job, None
         self.ui.progressBar.setVisible(False)
         if job.cancelled and isinstance(job, BatchJob):
-            self.ui.statusLabel.text = f"Batch cancelled ({job.summary}); finished volumes keep their results."
+            self.ui.statusLabel.text = _("Batch cancelled ({summary}); finished volumes keep their results.").format(
+                summary=job.summary)
             self.logic.showTable(job.summaryTable)
         elif job.cancelled:
-            self.ui.statusLabel.text = "Cancelled; the scene was left unchanged."
+            self.ui.statusLabel.text = _("Cancelled; the scene was left unchanged.")
         elif job.error:
-            self.ui.statusLabel.text = "Failed (see the log)."
-            slicer.util.errorDisplay(job.error, windowTitle="Attention U-Net segmentation failed")
+            self.ui.statusLabel.text = _("Failed (see the log).")
+            slicer.util.errorDisplay(job.error, windowTitle=_("Attention U-Net segmentation failed"))
         else:
             self.onJobSucceeded(job)
         self.updateGUIFromParameterNode()
 
     def onJobSucceeded(self, job) -> None:
         if isinstance(job, BatchJob):
-            self.ui.statusLabel.text = f"Batch finished: {job.summary}"
+            self.ui.statusLabel.text = _("Batch finished: {summary}").format(summary=job.summary)
             self.logic.showTable(job.summaryTable)
             return
         result = job.result
@@ -341,7 +344,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = result.segmentation
         self.logic.showResults(result)
         self.ui.statusLabel.text = "\n".join(
-            line for line in (f"Done in {format_duration(job.seconds)} on {result.device}.",
+            line for line in (_("Done in {duration} on {device}.").format(duration=format_duration(job.seconds),
+                                                                             device=result.device),
                               warningText(result.warnings)) if line)
 
     def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
@@ -359,10 +363,10 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = self._parameterNode
         directory = str(node.exportDirectory) if str(node.exportDirectory) not in ("", ".") else ""
         if not directory:
-            slicer.util.errorDisplay("Choose the folder to export to (Export for reports > Folder).")
+            slicer.util.errorDisplay(_("Choose the folder to export to (Export for reports > Folder)."))
             return ""
         if node.outputSegmentation is None:
-            slicer.util.errorDisplay("Choose the segmentation to export (Outputs > Segmentation).")
+            slicer.util.errorDisplay(_("Choose the segmentation to export (Outputs > Segmentation)."))
             return ""
         return directory
 
@@ -395,8 +399,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not directory:
             return
         existing = pathlib.Path(directory) / self.logic.reportFileName(node.outputSegmentation)
-        if existing.exists() and not slicer.util.confirmYesNoDisplay(f"{existing} exists already.\n\nReplace it?"):
-            self.ui.statusLabel.text = "Export cancelled; the existing report was kept."
+        if existing.exists() and not slicer.util.confirmYesNoDisplay(
+                _("{path} exists already.").format(path=existing) + "\n\n" + _("Replace it?")):
+            self.ui.statusLabel.text = _("Export cancelled; the existing report was kept.")
             return
 
         def export():
