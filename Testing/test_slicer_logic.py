@@ -1165,6 +1165,11 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
     result = logic.process(head, options=Options(model=definitions.DEFAULT_MODEL, device="cpu", attentionMaps=False))
     try:
         assert logic._segmentSides(result.segmentation) == ["left", "left", "right", "right"]
+        # standard terminology (SNOMED CT): hippocampus with its laterality, read through Slicer's own accessor
+        segments = result.segmentation.GetSegmentation()
+        codes = [segments.GetNthSegment(i).GetTerminology().split("~")[2:4] for i in range(4)]
+        assert codes == [["SCT^5976002^Hippocampus", "SCT^7771000^Left"]] * 2 + [
+            ["SCT^5976002^Hippocampus", "SCT^24028007^Right"]] * 2
         assert set(result.sides) == {"left", "right"} and all(t["voxels"] > 0 for t in result.sides.values())
         assert result.asymmetryIndex is not None and abs(result.asymmetryIndex) < 2
         assert [node.GetName() for node in result.localizationBoxes] == [
