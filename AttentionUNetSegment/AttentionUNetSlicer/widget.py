@@ -313,9 +313,10 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         query = self._deviceQuery
         if query is not None and not query.poll():
             self.ui.deviceInfoLabel.text = query.text
+            self._deviceQuery = query = None
         if self._job is not None:
             self._job.poll()
-        if (self._job is None or self._job.done) and (query is None or query.done):
+        if (self._job is None or self._job.done) and query is None:
             self._pollTimer.stop()
         if self._job is None or not self._job.done:
             return
