@@ -233,3 +233,20 @@ def test_progress_json_line_parsing_ignores_other_json(tmp_path):
     result = EngineProcess(command, on_log=log.append).start().wait(timeout=30)
     assert result.ok
     assert json.dumps({"not": "progress"}) in log and "{broken json" in log
+
+
+def test_the_client_imports_no_slicer_qt_or_vtk_and_nothing_heavy():
+    """It runs in Slicer's main thread but must stay testable (and importable) as plain Python."""
+    import subprocess
+
+    code = ("import sys, json; import AttentionUNetSlicer.engineProcess; print(json.dumps(sorted("
+            "{m.split('.')[0] for m in sys.modules} & {'slicer', 'qt', 'ctk', 'vtk', 'torch', 'SimpleITK'})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == []
+
+
+def test_devices_command_is_the_engines_json_query():
+    from AttentionUNetSlicer.engineProcess import build_devices_command
+
+    assert build_devices_command("/x/PythonSlicer") == ["/x/PythonSlicer", "-m", "AttentionUNetSegmentLib", "devices",
+                                                        "--json"]
