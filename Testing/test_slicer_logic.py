@@ -1,7 +1,8 @@
 """The Slicer module's Logic on real MRML (``slicer-core``) with the real engine in a child process.
 
-Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameterNodeWrapper) is shimmed
-(``slicer_module_shims.py``); scene, nodes, storage and segmentation logic are Slicer's own.
+Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameterNodeWrapper, slicer.i18n, a Qt-free
+tempDirectory) is shimmed (``slicer_module_shims.py``); scene, nodes, storage and segmentation logic are Slicer's
+own.
 """
 
 from __future__ import annotations
