@@ -157,3 +157,22 @@ def test_engine_runs_work_in_slicers_temporary_folder(env, tmp_path):
     (cwd,) = seen
     assert cwd.startswith(str(tmp_path)) and "AttentionUNet-segment-" in cwd
     assert not list(tmp_path.iterdir())  # removed when the run ended
+
+
+def test_scene_import_and_export_run_on_recorded_engine_outputs(env, tmp_path):
+    """The whole path after the engine, with no child process: the job imports what the engine wrote (segments
+    from its .seg.nrrd, volumes from its report), and Export writes its files from the scene."""
+    import csv
+
+    scene, logic = env["scene"], env["logic"]
+    volume = _add_volume(scene, "Recorded", _oblique_image(seed=4))
+    env["plan"].append(("done", volume))
+    result = logic.process(volume, options=jobs.SegmentationOptions(model=str(env["bundle"].path)))
+    segments = result.segmentation.GetSegmentation()
+    assert [segments.GetNthSegment(i).GetName() for i in range(2)] == ["Anterior", "Posterior"]
+    files = logic.exportForReport(result.segmentation, tmp_path / "export")
+    with open(files["volumes"], newline="") as stream:
+        counted = {int(row["value"]): int(row["voxels"]) for row in csv.DictReader(stream)}
+    assert counted == {row["value"]: row["voxels"] for row in result.statistics}  # the engine's counts, as exported
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(pathlib.Path(f).name
+                                                                            for f in files.values())
