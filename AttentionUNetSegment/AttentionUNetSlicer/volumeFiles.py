@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import uuid
 
 import slicer
 
@@ -36,5 +37,6 @@ class VolumeFiles:
 
 def workDirectory(purpose: str) -> pathlib.Path:
     """A new folder for one engine run or export in Slicer's temporary folder (Application settings), which the
-    caller removes when done."""
-    return pathlib.Path(slicer.util.tempDirectory(f"AttentionUNet-{purpose}-"))
+    caller removes when done. The random part keeps two runs started within the same millisecond apart (the
+    folder name's time has millisecond resolution)."""
+    return pathlib.Path(slicer.util.tempDirectory(f"AttentionUNet-{purpose}-{uuid.uuid4().hex[:8]}-"))
