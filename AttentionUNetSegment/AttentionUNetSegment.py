@@ -31,7 +31,7 @@ from AttentionUNetSlicer.definitions import (
 from AttentionUNetSlicer.dependencies import moduleAvailable
 from AttentionUNetSlicer.jobs import SegmentationOptions
 from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
-from AttentionUNetSlicer.segmentStatistics import _voxel_counts
+from AttentionUNetSlicer.segmentStatistics import voxelCounts
 from AttentionUNetSlicer.widget import PanelWidget
 
 
@@ -146,7 +146,7 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
         for actual, expected in zip(_ijk_to_ras(labelmap), _ijk_to_ras(volume)):
             self.assertAlmostEqual(actual, expected, places=4)
-        self.assertGreater(sum(_voxel_counts(labelmap).values()), 0, "the model found nothing in the sample")
+        self.assertGreater(sum(voxelCounts(labelmap).values()), 0, "the model found nothing in the sample")
 
         self.assertGreaterEqual(len(result.attentionVolumes), 1)
         volumeBounds = [0.0] * 6

@@ -143,7 +143,7 @@ def test_results_match_the_engine_run_directly_geometry_included(env, first_resu
         np.testing.assert_allclose(_sitk_ijk_to_ras(expected), _matrix(volume), atol=1e-5)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(expected))
     finally:
-        sceneNodes._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
     files = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
     assert len(result.attentionVolumes) == len(files) >= 1
@@ -282,7 +282,7 @@ def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
         assert colors.GetColorName(2) == "Posterior"
         assert labelmap.GetAttribute("AttentionUNet.Model") == env["bundle"].name
     finally:
-        sceneNodes._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
 
 def test_cancel_leaves_the_scene_unchanged(env):
@@ -354,7 +354,7 @@ def test_results_belong_to_their_input_only(env, first_result):
         assert not logic.segmentationBelongsTo(segmentation, other)
         assert not logic.segmentationBelongsTo(unrelated, volume)
     finally:
-        sceneNodes._remove_nodes([unrelated, other])
+        sceneNodes.removeNodes([unrelated, other])
 
 
 def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
@@ -377,7 +377,7 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
     def labels():
         labelmap = logic.exportToLabelMapNode(target, volume)
         voxels = slicer.util.arrayFromVolume(labelmap).copy()
-        sceneNodes._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
         return voxels
 
     segments = target.GetSegmentation()
@@ -656,7 +656,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
     with open(files["volumes"], newline="") as stream:
         assert {int(r["value"]): int(r["voxels"]) for r in csv.DictReader(stream)} == counts
 
-    sceneNodes._remove_nodes([result.segmentation])
+    sceneNodes.removeNodes([result.segmentation])
 
     # A segmentation imported from a uint16 label map can hold a value Slicer's int16 export would clip to 32767.
     wide = np.zeros(slicer.util.arrayFromVolume(env["volume"]).shape, np.uint16)
@@ -672,7 +672,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
         assert int((exported == 1).sum()) == 24 and set(np.unique(exported)) == {0, 1}  # a free value, not clipped
         assert labelmap.GetDisplayNode().GetColorNode().GetColorName(1) == "Wide labels"
     finally:
-        sceneNodes._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])
 
 
 def test_sample_data_registration_points_at_the_bundled_sample(env, monkeypatch):
@@ -830,7 +830,7 @@ def moved_volume(env):
     sh = scene.GetSubjectHierarchyNode()
     sh.CreateItem(env["study"], volume)
     yield volume
-    sceneNodes._remove_nodes([volume, transform])
+    sceneNodes.removeNodes([volume, transform])
 
 
 def _local_box(volume, fraction_lo, fraction_hi):
@@ -857,7 +857,7 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(folder / "input_seg.nrrd"))
     assert storage.WriteData(node)
-    sceneNodes._remove_nodes([node])
+    sceneNodes.removeNodes([node])
     voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
     specs = LOCATED_LABELS if located else [{**label, "side": None} for label in
                                              [{"value": 1, "name": "Anterior", "color": [0.9, 0.6, 0.2]},
@@ -990,7 +990,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     assert int(sides["right_voxels"]) == report["sides"]["right"]["voxels"]
     assert float(sides["right_volume_ml"]) == pytest.approx(report["sides"]["right"]["volume_ml"], rel=1e-5)
     assert float(sides["asymmetry_index"]) == pytest.approx(report["asymmetry_index"], rel=1e-5)
-    sceneNodes._remove_nodes([result.segmentation, *result.localizationBoxes, user_roi])
+    sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes, user_roi])
 
 
 def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, located_bundle, moved_volume, tmp_path):
@@ -1024,7 +1024,7 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     exported = logic.exportForReport(crop.segmentation, tmp_path / "export", referenceVolume=volume)
     assert "sides" not in exported and not list((tmp_path / "export").glob("*_sides.csv"))
     assert open(exported["volumes"]).readline().strip() == "value,name,voxels,volume_ml"
-    sceneNodes._remove_nodes([crop.segmentation, region])
+    sceneNodes.removeNodes([crop.segmentation, region])
 
 
 def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_bundle, moved_volume, tmp_path):
@@ -1050,7 +1050,7 @@ def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_b
             (1000 + i, 2.5 + i) for i in range(4)]
         assert result.sides == report["sides"] and result.asymmetryIndex == -0.5
     finally:
-        sceneNodes._remove_nodes([result.segmentation, *result.localizationBoxes])
+        sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes])
 
 
 def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, located_bundle, tmp_path):
@@ -1072,7 +1072,7 @@ def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, loc
         with_region = command(located_bundle, roi=roi)
         assert "--roi" in with_region and "--localize" not in with_region  # the Region wins over the localiser
     finally:
-        sceneNodes._remove_nodes([roi])
+        sceneNodes.removeNodes([roi])
     assert "--localize" not in command(env["bundle"])  # no localiser: the command is as before
 
 
@@ -1109,7 +1109,7 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
         assert "coarser" in coarse_warning
         assert logic.domainWarnings(head, env["bundle"]) == []  # no domain record: nothing to compare with
     finally:
-        sceneNodes._remove_nodes([along_a, head, coarse, roi])
+        sceneNodes.removeNodes([along_a, head, coarse, roi])
 
 
 @pytest.mark.parametrize("damage", [
@@ -1184,7 +1184,7 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
         left, right = (np.mean(np.reshape(_world_bounds(node), (3, 2)), axis=1) for node in result.localizationBoxes)
         assert left[0] < right[0]  # the left box lies towards -R
     finally:
-        sceneNodes._remove_nodes([result.segmentation, *result.localizationBoxes, head])
+        sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes, head])
 
 
 # Issue 13: Export > DICOM SEG for a volume from the DICOM database. slicer-core has no ctkDICOMDatabase: the two

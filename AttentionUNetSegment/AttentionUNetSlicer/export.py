@@ -25,8 +25,8 @@ from AttentionUNetSlicer.definitions import (
     AttentionUNetSegmentError,
 )
 from AttentionUNetSlicer.engineProcess import build_dicom_seg_command
-from AttentionUNetSlicer.sceneNodes import _node_ids, _remove_nodes
-from AttentionUNetSlicer.segmentStatistics import _side_totals, _statistics_rows, _voxel_counts, _voxel_volume_ml
+from AttentionUNetSlicer.sceneNodes import nodeIds, removeNodes
+from AttentionUNetSlicer.segmentStatistics import sideTotals, statisticsRows, voxelCounts, voxelVolumeMl
 from AttentionUNetSlicer.volumeFiles import workDirectory
 
 
@@ -84,7 +84,7 @@ class Export:
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         scene = slicer.mrmlScene
         labels = self._segmentLabels(segmentationNode)
-        before = _node_ids(scene, "vtkMRMLColorTableNode")
+        before = nodeIds(scene, "vtkMRMLColorTableNode")
         colors = self._labelColorTable(labels, f"{segmentationNode.GetName()} label colors")
         created = [colors]
         if labelmapNode is None:
@@ -98,10 +98,10 @@ class Export:
         exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
             segmentationNode, segmentIds, labelmapNode, referenceVolume, extent, colors)
         # the export also makes a "<segmentation>_ColorTable" copy; ours (with stable values) replaces it
-        _remove_nodes(scene.GetNodeByID(i) for i in _node_ids(scene, "vtkMRMLColorTableNode") - before
+        removeNodes(scene.GetNodeByID(i) for i in nodeIds(scene, "vtkMRMLColorTableNode") - before
                       if i != colors.GetID())
         if not exported:
-            _remove_nodes(reversed(created))
+            removeNodes(reversed(created))
             raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
         labelmapNode.CreateDefaultDisplayNodes()
         labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
@@ -160,8 +160,8 @@ class Export:
         try:
             labels = self._segmentLabels(segmentationNode)
             sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
-            voxelMl = _voxel_volume_ml(labelmap)
-            rows = _statistics_rows(labels, sides, _voxel_counts(labelmap), voxelMl)
+            voxelMl = voxelVolumeMl(labelmap)
+            rows = statisticsRows(labels, sides, voxelCounts(labelmap), voxelMl)
             writes = {
                 "label_table": "value,name,color\n" + "".join(
                     f"{label.value},{_csv(label.name)},{_hex(label.color)}\n" for label in labels),
@@ -176,7 +176,7 @@ class Export:
                     "files": names}, indent=2) + "\n",
             }
             if sides:
-                writes["sides"] = _sides_csv(*_side_totals(rows))
+                writes["sides"] = _sides_csv(*sideTotals(rows))
             # All or nothing: every file goes to its atomic_output temporary; the stack renames them all at the
             # end, or removes them all when anything fails (the DICOM SEG included).
             with contextlib.ExitStack() as stack:
@@ -197,7 +197,7 @@ class Export:
             raise AttentionUNetSegmentError(f"Could not write the export in {outputDirectory} ({error}): check that "
                                             "the folder is writable and has free space.")
         finally:
-            _remove_nodes([labelmap, colors])
+            removeNodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
 
     def reportFileName(self, segmentationNode) -> str:
@@ -228,10 +228,10 @@ class Export:
         try:
             labels = self._segmentLabels(segmentationNode)
             sides = {label.value: side for label, side in zip(labels, self._segmentSides(segmentationNode)) if side}
-            rows = _statistics_rows(labels, sides, _voxel_counts(labelmap), _voxel_volume_ml(labelmap))
+            rows = statisticsRows(labels, sides, voxelCounts(labelmap), voxelVolumeMl(labelmap))
             for row, label in zip(rows, labels):
                 row["color"] = list(label.color)
-            totals, asymmetry = _side_totals(rows)
+            totals, asymmetry = sideTotals(rows)
 
             def attribute(key: str) -> str:
                 return segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + key) or ""
@@ -257,7 +257,7 @@ class Export:
             raise AttentionUNetSegmentError(f"Could not write the report {path.name} in {outputDirectory}: {error}")
         finally:
             shutil.rmtree(workDir, ignore_errors=True)
-            _remove_nodes([labelmap, colors])
+            removeNodes([labelmap, colors])
         return str(path)
 
     def hasDicomSource(self, segmentationNode) -> bool:
@@ -322,7 +322,7 @@ class Export:
                                               str(outputPath), algorithm, python=self.pythonExecutable(), force=force)
             outcome = self.engineProcessFactory(command, env=self.engineEnvironment(), cwd=str(work)).start().wait()
         finally:
-            _remove_nodes([labelmap, colors])
+            removeNodes([labelmap, colors])
             shutil.rmtree(work, ignore_errors=True)
         if not outcome.ok:
             raise AttentionUNetSegmentError(f"Writing the DICOM SEG failed: {outcome.error}")

@@ -26,7 +26,7 @@ from AttentionUNetSlicer.definitions import (
     SIDES,
     AttentionUNetSegmentError,
 )
-from AttentionUNetSlicer.sceneNodes import _remove_nodes
+from AttentionUNetSlicer.sceneNodes import removeNodes
 
 
 @dataclass
@@ -89,7 +89,7 @@ class SceneImport:
             self._readSegmentation(segmentationPath, segmentation, inputVolume, statistics)
             localizationBoxes = self._addBoxes(inputVolume, job.bundle, boxes, added)
         except Exception as error:
-            _remove_nodes(reversed(added))
+            removeNodes(reversed(added))
             if isinstance(error, AttentionUNetSegmentError):
                 raise
             raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
@@ -164,7 +164,7 @@ class SceneImport:
                     or (regionInUse is not None and old.GetID() == regionInUse.GetID())):
                 continue
             names[old.GetAttribute(SIDE_TAG)] = old.GetName()
-            _remove_nodes([old])
+            removeNodes([old])
         for node in fresh:
             if node.GetAttribute(SIDE_TAG) in names:
                 node.SetName(names[node.GetAttribute(SIDE_TAG)])

@@ -6,11 +6,11 @@ from __future__ import annotations
 import slicer
 
 
-def _node_ids(scene, className: str) -> set:
+def nodeIds(scene, className: str) -> set:
     return {node.GetID() for node in slicer.util.getNodesByClass(className, scene)}
 
 
-def _remove_nodes(nodes) -> None:
+def removeNodes(nodes) -> None:
     """Remove nodes from the scene together with their display nodes (which the scene would otherwise keep)."""
     for node in nodes:
         scene = node.GetScene()

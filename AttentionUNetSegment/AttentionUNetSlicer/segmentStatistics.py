@@ -9,19 +9,19 @@ import slicer
 from AttentionUNetSlicer.definitions import SIDES
 
 
-def _voxel_volume_ml(volumeNode) -> float:
+def voxelVolumeMl(volumeNode) -> float:
     sx, sy, sz = volumeNode.GetSpacing()
     return sx * sy * sz / 1000.0
 
 
-def _voxel_counts(labelmapNode) -> Dict[int, int]:
+def voxelCounts(labelmapNode) -> Dict[int, int]:
     import numpy as np
 
     values, counts = np.unique(slicer.util.arrayFromVolume(labelmapNode), return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
 
 
-def _statistics_rows(labels: Sequence[Any], sides: Dict[int, str], counts: Dict[int, int],
+def statisticsRows(labels: Sequence[Any], sides: Dict[int, str], counts: Dict[int, int],
                      voxelMl: float) -> List[Dict[str, Any]]:
     """Per label: value, name, side (``None`` unless the run located each side), voxels and mL."""
     return [{"value": label.value, "name": label.name, "side": sides.get(label.value),
@@ -29,7 +29,7 @@ def _statistics_rows(labels: Sequence[Any], sides: Dict[int, str], counts: Dict[
             for label in labels]
 
 
-def _side_totals(rows: Sequence[Dict[str, Any]]):
+def sideTotals(rows: Sequence[Dict[str, Any]]):
     """``(sides, asymmetry)``: the engine's ``side_statistics`` of the segment rows (voxels and mL per side, the
     asymmetry index (L - R) / ((L + R) / 2)), sides in left/right order; ``({}, None)`` when no row has a side (a
     crop), and no index unless both sides are present."""
