@@ -677,7 +677,7 @@ def test_temporary_folders_come_from_slicers_temporary_path(tree):
 def test_the_model_combo_box_follows_the_parameter_node(tree):
     """After a scene load the node's model is what Apply uses, so the combo box shows it."""
     update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
-    assert "self.ui.modelComboBox.currentData != node.modelName" in update
+    assert "combo.itemData(combo.currentIndex) != node.modelName" in update
     assert "self._selectModelInCombo(node.modelName)" in update
 
 

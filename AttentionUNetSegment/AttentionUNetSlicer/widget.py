@@ -124,7 +124,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         running = self._job is not None and not self._job.done
         node = self._parameterNode
-        if node and self.ui.modelComboBox.currentData != node.modelName:
+        combo = self.ui.modelComboBox
+        if node and combo.itemData(combo.currentIndex) != node.modelName:
             self._selectModelInCombo(node.modelName)  # e.g. a loaded scene's model: what Apply will use
         canRun = bool(node and node.inputVolume and self._models)
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
