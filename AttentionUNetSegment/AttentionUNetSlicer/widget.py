@@ -236,8 +236,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         another volume's segmentation, so an output made for another volume is deselected."""
         node = self._parameterNode
         if node and volume and not self.logic.isInputVolume(volume):
-            node.inputVolume = None
             self.ui.statusLabel.text = self.logic.inputProblem(volume)
+            # after the selector's parameter binding has stored the choice (it may run after this slot)
+            qt.QTimer.singleShot(0, lambda: setattr(node, "inputVolume", None))
             return
         if node and node.outputSegmentation and volume and \
                 not self.logic.segmentationBelongsTo(node.outputSegmentation, volume):
