@@ -116,7 +116,7 @@ def test_closing_the_scene_during_a_batch_cancels_without_adding_a_table(env, tm
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
 
 
-def test_device_query_runs_in_the_engine_process_without_blocking(env, tmp_path):
+def test_device_query_runs_in_the_engine_process_without_blocking(env, tmp_path, monkeypatch):
     """Expanding Advanced starts the query and returns at once; the poll timer collects the answer."""
     logic = env["logic"]
     logic.engineProcessFactory = jobs.EngineProcess
@@ -129,6 +129,8 @@ def test_device_query_runs_in_the_engine_process_without_blocking(env, tmp_path)
     query = logic.startDeviceQuery()
     assert time.monotonic() - started < 1.0 and query.poll() and not query.done
     assert query.wait().text == "GPU found: H (80 GB), CUDA 12.1. 'auto' uses it."
+    monkeypatch.setattr(jobs, "DEVICE_QUERY_TIMEOUT_SECONDS", 0.5)
+    assert logic.startDeviceQuery().wait().text.startswith("Could not ask the engine")  # hung: given up
     failing = tmp_path / "failing"
     failing.write_text("#!/bin/sh\necho 'error: no torch' >&2\nexit 2\n")
     failing.chmod(0o755)

@@ -271,6 +271,7 @@ class DeviceQuery:
         self.text = ""
         self.done = False
         self._engine = None
+        self._deadline = time.monotonic() + DEVICE_QUERY_TIMEOUT_SECONDS
 
     def start(self) -> "DeviceQuery":
         if not moduleAvailable("torch"):
@@ -287,7 +288,11 @@ class DeviceQuery:
         if self.done:
             return False
         if self._engine.poll():
-            return True
+            if time.monotonic() < self._deadline:
+                return True
+            self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): say so instead of waiting on
+            self._finish(DEVICE_QUERY_FAILED)
+            return False
         self._finish(describeDevices(self._engine.result))
         return False
 
@@ -304,6 +309,8 @@ class DeviceQuery:
         self.text, self.done = text, True
 
 
+#: Seconds the device query may take (importing torch and initialising CUDA) before it is given up.
+DEVICE_QUERY_TIMEOUT_SECONDS = 60.0
 DEVICE_QUERY_FAILED = "Could not ask the engine which devices it sees; 'auto' uses a GPU if there is one, else the CPU."
 
 
