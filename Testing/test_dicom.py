@@ -584,7 +584,7 @@ def test_dicom_seg_command_writes_a_seg_of_a_label_map_given_with_slices_reverse
     """What the Slicer module's Export runs: files listed in an @file, segments from JSON, a label map whose slice
     axis runs the other way (same voxels): the SEG holds the same labels on the series' grid."""
     pytest.importorskip("highdicom")
-    from AttentionUNetSegmentLib.runner import build_dicom_seg_command
+    from AttentionUNetSlicer.engineProcess import build_dicom_seg_command
 
     folder = tmp_path / "series"
     files = write_series(folder, _volume((10, 24, 28)), rotation=OBLIQUE)

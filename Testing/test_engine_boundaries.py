@@ -1,5 +1,6 @@
 """The engine stays pure Python: it runs inside Slicer's Python and outside it, so it never imports Slicer's or
-Qt's modules (the Slicer layer passes MRML data to it as files or numpy arrays)."""
+Qt's modules (the Slicer layer passes MRML data to it as files or numpy arrays), nor the Slicer side's own package
+``AttentionUNetSlicer`` (which imports the engine, never the other way round)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import sys
 
 import AttentionUNetSegmentLib
 
-FORBIDDEN = ("slicer", "qt", "ctk", "vtk", "mrml")
+FORBIDDEN = ("slicer", "qt", "ctk", "vtk", "mrml", "AttentionUNetSlicer")
 
 
-def test_importing_every_engine_module_loads_no_slicer_qt_ctk_or_vtk():
+def test_importing_every_engine_module_loads_no_slicer_qt_ctk_vtk_or_slicer_package():
     modules = [f"AttentionUNetSegmentLib.{m.name}" for m in pkgutil.iter_modules(AttentionUNetSegmentLib.__path__)
                if m.name != "__main__"]  # that one runs the CLI
     assert {"AttentionUNetSegmentLib.inference", "AttentionUNetSegmentLib.training", "AttentionUNetSegmentLib.cli"} \

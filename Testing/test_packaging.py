@@ -28,6 +28,9 @@ def test_a_wheel_install_finds_the_bundled_model_and_sample(tmp_path):
                             "-w", str(tmp_path / "dist")], cwd=source, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "AttentionUNetSegmentLib/constants.py" in names
+    assert not [name for name in names if name.startswith("AttentionUNetSlicer")]  # the wheel is the engine only
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import json, AttentionUNetSegmentLib as lib; from AttentionUNetSegmentLib.bundle import ModelRegistry,"

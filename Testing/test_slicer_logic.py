@@ -1,7 +1,8 @@
 """The Slicer module's Logic on real MRML (``slicer-core``) with the real engine in a child process.
 
-Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameterNodeWrapper) is shimmed
-(``slicer_module_shims.py``); scene, nodes, storage and segmentation logic are Slicer's own.
+Only what ``slicer-core`` lacks (Qt, the ScriptedLoadableModule bases, parameterNodeWrapper, slicer.i18n, a Qt-free
+tempDirectory) is shimmed (``slicer_module_shims.py``); scene, nodes, storage and segmentation logic are Slicer's
+own.
 """
 
 from __future__ import annotations
@@ -25,9 +26,15 @@ sitk = pytest.importorskip("SimpleITK")
 slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
-from AttentionUNetSegmentLib.bundle import DIGEST_KEY, metadata_digest  # noqa: E402
-from AttentionUNetSegmentLib.runner import EtaEstimator  # noqa: E402
-from slicer_module_shims import load_module  # noqa: E402
+from AttentionUNetSegmentLib.bundle import DIGEST_KEY, LabelInfo, metadata_digest  # noqa: E402
+from AttentionUNetSegmentLib.outputs import slicer_segmentation  # noqa: E402
+from AttentionUNetSlicer.engineProcess import EtaEstimator  # noqa: E402
+from slicer_module_shims import install_missing_modules, load_module  # noqa: E402
+
+install_missing_modules()  # before the Slicer package's modules import slicer.parameterNodeWrapper
+from AttentionUNetSlicer import definitions, dependencies, jobs, sceneNodes, widget  # noqa: E402
+
+Options = jobs.SegmentationOptions
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -98,7 +105,7 @@ def env(tiny_bundle):
 @pytest.fixture(scope="module")
 def first_result(env):
     progress, log = [], []
-    result = env["logic"].process(env["volume"], model=env["model"], device="cpu",
+    result = env["logic"].process(env["volume"], options=Options(model=env["model"], device="cpu"),
                                   progressCallback=lambda f, m, eta: progress.append(f), logCallback=log.append)
     return {"result": result, "progress": progress, "log": log}
 
@@ -136,7 +143,7 @@ def test_results_match_the_engine_run_directly_geometry_included(env, first_resu
         np.testing.assert_allclose(_sitk_ijk_to_ras(expected), _matrix(volume), atol=1e-5)
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(labelmap), sitk.GetArrayFromImage(expected))
     finally:
-        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
     files = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
     assert len(result.attentionVolumes) == len(files) >= 1
@@ -223,10 +230,20 @@ def test_export_for_report_files_read_back(env, first_result, tmp_path):
         assert names["Anterior"]["labelValue"] == 1 and names["Posterior"]["labelValue"] == 2
         assert names["Posterior"]["color"] == pytest.approx([0.2, 0.6, 0.9], abs=1e-3)
 
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exist already"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="exist already"):
         logic.exportForReport(result.segmentation, tmp_path / "nrrd", fileFormat="nrrd")
     logic.exportForReport(result.segmentation, tmp_path / "nrrd", fileFormat="nrrd", force=True)
     assert not list((tmp_path / "nrrd").glob("*partial*"))
+
+
+def test_a_failed_export_writes_nothing(env, first_result, tmp_path):
+    """Every export file goes through the engine's one atomic writer (``imageio.atomic_output``): when one cannot
+    be put in place (here a folder holds the provenance file's name), none is, and no temporary is left."""
+    blocked = tmp_path / "Oblique_segmentation_provenance.json"
+    blocked.mkdir()
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Could not write the export"):
+        env["logic"].exportForReport(first_result["result"].segmentation, tmp_path, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == [blocked.name] and not list(blocked.iterdir())
 
 
 def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_result, tmp_path):
@@ -245,7 +262,7 @@ def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_resu
         assert row["name"] in text and f"{row['volume_ml']:.3f}" in text
     assert f"{env['bundle'].name} {env['bundle'].version}" in text and "Oblique" in text and "Apache-2.0" in text
     assert f"Device: {result.device}" in text
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exists already"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="exists already"):
         logic.exportReportPdf(result.segmentation, tmp_path)
     modified = path.stat().st_mtime_ns
     logic.exportReportPdf(result.segmentation, tmp_path, force=True)
@@ -265,13 +282,14 @@ def test_export_to_labelmap_node_keeps_stable_values(env, first_result):
         assert colors.GetColorName(2) == "Posterior"
         assert labelmap.GetAttribute("AttentionUNet.Model") == env["bundle"].name
     finally:
-        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
 
 
 def test_cancel_leaves_the_scene_unchanged(env):
     scene = env["scene"]
     before = _node_ids(scene)
-    job = env["logic"].process(env["volume"], model=env["model"], device="cpu", waitForCompletion=False)
+    job = env["logic"].process(env["volume"],
+                               options=Options(model=env["model"], device="cpu"), waitForCompletion=False)
     deadline = time.monotonic() + 120
     while job._engine.progress.stage == "starting" and time.monotonic() < deadline and job.poll():
         time.sleep(0.05)
@@ -286,8 +304,8 @@ def test_cancel_leaves_the_scene_unchanged(env):
 def test_cancelled_batch_reports_every_volume_and_adds_no_segmentation(env):
     scene = env["scene"]
     count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    job = env["logic"].processBatch([env["volume"], env["volume"]], waitForCompletion=False, model=env["model"],
-                                    device="cpu")
+    job = env["logic"].processBatch([env["volume"], env["volume"]],
+                                    options=Options(model=env["model"], device="cpu"), waitForCompletion=False)
     job.cancel()
     assert job.done and job.cancelled
     statuses = [job.summaryTable.GetCellText(r, 1) for r in range(job.summaryTable.GetNumberOfRows())]
@@ -303,14 +321,14 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     first_ids = [n.GetID() for n in first.attentionVolumes]
     first_date = first.segmentation.GetAttribute("AttentionUNet.Date")
 
-    new = logic.process(volume, model=env["model"], device="cpu", attentionMaps=True)
+    new = logic.process(volume, options=Options(model=env["model"], device="cpu", attentionMaps=True))
     assert new.segmentation.GetID() != first.segmentation.GetID()
     assert new.segmentation.GetName() != first.segmentation.GetName()
     assert not {n.GetID() for n in new.attentionVolumes} & set(first_ids)
     assert first.segmentation.GetAttribute("AttentionUNet.Date") == first_date  # untouched
 
     count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    again = logic.process(volume, new.segmentation, model=env["model"], device="cpu", overlap=0.25)
+    again = logic.process(volume, new.segmentation, options=Options(model=env["model"], device="cpu", overlap=0.25))
     assert again.segmentation is new.segmentation
     assert [n.GetID() for n in again.attentionVolumes] == [n.GetID() for n in new.attentionVolumes]
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
@@ -318,10 +336,11 @@ def test_existing_outputs_overwritten_only_when_chosen(env, first_result):
     assert again.segmentation.GetSegmentation().GetNumberOfSegments() == len(env["bundle"].labels)
 
     # Overwriting a run that made attention maps with one that makes none removes that run's maps too.
-    without = logic.process(volume, new.segmentation, model=env["model"], device="cpu", attentionMaps=False)
+    without = logic.process(volume, new.segmentation,
+                            options=Options(model=env["model"], device="cpu", attentionMaps=False))
     assert without.attentionVolumes == []
     assert all(scene.GetNodeByID(node_id) is None for node_id in (n.GetID() for n in new.attentionVolumes))
-    assert new.segmentation.GetNumberOfNodeReferences(env["module"].ATTENTION_ROLE) == 0
+    assert new.segmentation.GetNumberOfNodeReferences(definitions.ATTENTION_ROLE) == 0
 
 
 def test_results_belong_to_their_input_only(env, first_result):
@@ -335,7 +354,7 @@ def test_results_belong_to_their_input_only(env, first_result):
         assert not logic.segmentationBelongsTo(segmentation, other)
         assert not logic.segmentationBelongsTo(unrelated, volume)
     finally:
-        env["module"]._remove_nodes([unrelated, other])
+        sceneNodes.removeNodes([unrelated, other])
 
 
 def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
@@ -352,13 +371,13 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
     attention = sorted(out.glob("input_attention_*.nrrd"), key=lambda p: int(p.name.split("_")[-1].split(".")[0]))
     assert len(attention) == len(maps) >= 2
     attention[-1].write_bytes(b"NRRD0004\nthis is not a volume\n")
-    files = {"segmentation": str(out / "input_seg.nrrd"), "report": str(out / "input_report.json"),
-             "attention": [str(p) for p in attention]}
+    files = {"segmentation": str(out / "input_seg.nrrd"), "slicer_segmentation": str(out / "input_seg.seg.nrrd"),
+             "report": str(out / "input_report.json"), "attention": [str(p) for p in attention]}
 
     def labels():
         labelmap = logic.exportToLabelMapNode(target, volume)
         voxels = slicer.util.arrayFromVolume(labelmap).copy()
-        module._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap])
         return voxels
 
     segments = target.GetSegmentation()
@@ -368,9 +387,9 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
     map_voxels = [slicer.util.arrayFromVolume(node).copy() for node in maps]
     before = _node_ids(scene)
 
-    job = module.SegmentationJob(logic, volume, target, module.SegmentationOptions(model=env["model"], device="cpu"),
+    job = jobs.SegmentationJob(logic, volume, target, Options(model=env["model"], device="cpu"),
                                  env["bundle"])
-    with pytest.raises(module.AttentionUNetSegmentError, match="input_attention_"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="input_attention_"):
         logic.importResults(job, files, [])
     assert _node_ids(scene) == before
     assert [segments.GetNthSegmentID(i) for i in range(segments.GetNumberOfSegments())] == ids
@@ -381,8 +400,9 @@ def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_res
 
 @pytest.mark.slow
 def test_probability_maps_on_the_input_grid(env):
-    result = env["logic"].process(env["volume"], model=env["model"], device="cpu", attentionMaps=False,
-                                  probabilityMaps=True)
+    result = env["logic"].process(env["volume"],
+                                  options=Options(model=env["model"], device="cpu", attentionMaps=False,
+                                                  probabilityMaps=True))
     assert result.attentionVolumes == []
     assert [n.GetName() for n in result.probabilityVolumes] == [
         f"Oblique probability {label.name}" for label in env["bundle"].labels]
@@ -403,7 +423,7 @@ def test_volume_under_a_linear_transform_keeps_its_transform(env, first_result):
     matrix.SetElement(0, 3, 30.0)
     transform.SetMatrixTransformToParent(matrix)
     moved.SetAndObserveTransformNodeID(transform.GetID())
-    result = logic.process(moved, model=env["model"], device="cpu")
+    result = logic.process(moved, options=Options(model=env["model"], device="cpu"))
     for node in [result.segmentation, *result.attentionVolumes]:
         assert node.GetTransformNodeID() == transform.GetID()
     same = logic.exportToLabelMapNode(result.segmentation, moved)
@@ -423,7 +443,8 @@ def test_bundle_terminology_reaches_the_segments(env, tmp_path):
     metadata["labels"][0]["terminology"] = TERMINOLOGY
     metadata[DIGEST_KEY] = metadata_digest(metadata)  # as the author's re-export would
     (bundle_dir / "model.json").write_text(json.dumps(metadata))
-    result = env["logic"].process(env["volume"], model=str(bundle_dir), device="cpu", attentionMaps=False)
+    result = env["logic"].process(env["volume"],
+                                  options=Options(model=str(bundle_dir), device="cpu", attentionMaps=False))
     segments = result.segmentation.GetSegmentation()
     assert segments.GetNthSegment(0).GetTerminology() == TERMINOLOGY  # read through Slicer's own accessor
     assert segments.GetNthSegment(1).GetTerminology() != TERMINOLOGY  # Slicer's default stays where none is given
@@ -438,7 +459,8 @@ def test_roi_restricts_the_segmentation(env):
     center = [(bounds[2 * a] + bounds[2 * a + 1]) / 2 for a in range(3)]
     roi.SetXYZ(*center)
     roi.SetRadiusXYZ(8, 8, 10)
-    result = env["logic"].process(volume, model=env["model"], device="cpu", roi=roi, attentionMaps=False)
+    result = env["logic"].process(volume,
+                                  options=Options(model=env["model"], device="cpu", roi=roi, attentionMaps=False))
     assert result.attentionVolumes == []
     labelmap = env["logic"].exportToLabelMapNode(result.segmentation, volume)
     labels = slicer.util.arrayFromVolume(labelmap)
@@ -454,19 +476,19 @@ def test_roi_restricts_the_segmentation(env):
     assert (ijk >= np.floor(corner_ijk.min(axis=0)) - 1).all()
     assert (ijk <= np.ceil(corner_ijk.max(axis=0)) + 1).all()
     roi.SetXYZ(center[0] + 1000, center[1], center[2])
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="does not overlap"):
-        env["logic"].process(volume, model=env["model"], device="cpu", roi=roi)
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="does not overlap"):
+        env["logic"].process(volume, options=Options(model=env["model"], device="cpu", roi=roi))
 
 
 @pytest.mark.slow
 def test_compute_device_is_asked_of_the_engine_process(env):
     import torch
 
-    text = env["logic"].detectComputeDevice()
+    text = env["logic"].startDeviceQuery().wait().text
     assert text.startswith("GPU found" if torch.cuda.is_available() else "No CUDA GPU found"), text
     env["logic"].enginePython = "/nonexistent/python"
     try:
-        assert env["logic"].detectComputeDevice().startswith("Could not ask the engine")
+        assert env["logic"].startDeviceQuery().wait().text.startswith("Could not ask the engine")
     finally:
         env["logic"].enginePython = sys.executable
 
@@ -499,8 +521,8 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
     flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
     module, updates = env["module"], []
-    options = module.SegmentationOptions(model=env["model"], device="cpu", attentionMaps=False)
-    job = module.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
+    options = Options(model=env["model"], device="cpu", attentionMaps=False)
+    job = jobs.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
     job._eta = EtaEstimator(clock=itertools.count(0.0, 10.0).__next__)  # 10 s between updates: an ETA at once
     table = job.start().wait().summaryTable
     fractions = [fraction for fraction, _, _ in updates]
@@ -531,8 +553,8 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
 def _expect_rejected(env, match, volume, **kwargs):
     scene = env["scene"]
     before = _node_ids(scene)
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match=match):
-        env["logic"].process(volume, **{"model": env["model"], "device": "cpu", **kwargs})
+    with pytest.raises(definitions.AttentionUNetSegmentError, match=match):
+        env["logic"].process(volume, options=Options(**{"model": env["model"], "device": "cpu", **kwargs}))
     assert _node_ids(scene) == before
 
 
@@ -622,7 +644,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
                                                 "normalization": {"scheme": "zscore"}})
     bundle = save_bundle(model, metadata, tmp_path / "wide")
     logic, scene = env["logic"], env["scene"]
-    result = logic.process(env["volume"], model=str(bundle.path), device="cpu", attentionMaps=False)
+    result = logic.process(env["volume"], options=Options(model=str(bundle.path), device="cpu", attentionMaps=False))
     counts = {row["value"]: row["voxels"] for row in result.statistics}
     assert set(counts) == {3, 300} and counts[3] > 0 and counts[300] > 0
     segments = result.segmentation.GetSegmentation()
@@ -634,7 +656,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
     with open(files["volumes"], newline="") as stream:
         assert {int(r["value"]): int(r["voxels"]) for r in csv.DictReader(stream)} == counts
 
-    env["module"]._remove_nodes([result.segmentation])
+    sceneNodes.removeNodes([result.segmentation])
 
     # A segmentation imported from a uint16 label map can hold a value Slicer's int16 export would clip to 32767.
     wide = np.zeros(slicer.util.arrayFromVolume(env["volume"]).shape, np.uint16)
@@ -650,7 +672,7 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
         assert int((exported == 1).sum()) == 24 and set(np.unique(exported)) == {0, 1}  # a free value, not clipped
         assert labelmap.GetDisplayNode().GetColorNode().GetColorName(1) == "Wide labels"
     finally:
-        env["module"]._remove_nodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])
+        sceneNodes.removeNodes([labelmap.GetDisplayNode().GetColorNode(), labelmap, imported, source])
 
 
 def test_sample_data_registration_points_at_the_bundled_sample(env, monkeypatch):
@@ -697,7 +719,7 @@ def missing_requirement(env, tmp_path, monkeypatch):
     """A requirements file with one package that is not installed and one that is."""
     path = tmp_path / "requirements.txt"
     path.write_text("# test\nattention-unet-no-such-package>=1.0\nnumpy>=1.0\n", encoding="utf-8")
-    monkeypatch.setattr(env["module"], "REQUIREMENTS_FILE", path)
+    monkeypatch.setattr(dependencies, "REQUIREMENTS_FILE", path)
     return path
 
 
@@ -731,7 +753,7 @@ def test_dependencies_go_through_pip_ensure_as_requirement_objects(env, missing_
         raise RuntimeError("the user declined")
 
     fake.pip_ensure = declined
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="accept the installation"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="accept the installation"):
         env["logic"].ensureDependencies()
 
 
@@ -744,18 +766,18 @@ def test_dependencies_on_slicer_before_5_11_are_confirmed_then_pip_installed(env
     env["logic"].ensureDependencies()
     assert installed == [["attention-unet-no-such-package>=1.0"]]  # only what is missing (numpy is installed)
     answers[0] = False
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="accept the installation"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="accept the installation"):
         env["logic"].ensureDependencies()
 
 
 def test_an_installed_torch_older_than_required_is_refused(env, monkeypatch):
-    monkeypatch.setattr(env["module"], "TORCH_REQUIREMENT", ">=99")
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="too old.*PyTorch Utils"):
+    monkeypatch.setattr(dependencies, "TORCH_REQUIREMENT", ">=99")
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="too old.*PyTorch Utils"):
         env["logic"].ensureDependencies()
 
 
 def test_requirement_checks_read_version_pins(env):
-    satisfied = env["module"]._requirement_satisfied
+    satisfied = dependencies._requirement_satisfied
     assert satisfied("numpy>=1.0") and not satisfied("numpy>=999") and not satisfied("attention-unet-no-such-package")
 
 
@@ -808,7 +830,7 @@ def moved_volume(env):
     sh = scene.GetSubjectHierarchyNode()
     sh.CreateItem(env["study"], volume)
     yield volume
-    env["module"]._remove_nodes([volume, transform])
+    sceneNodes.removeNodes([volume, transform])
 
 
 def _local_box(volume, fraction_lo, fraction_hi):
@@ -835,7 +857,7 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(folder / "input_seg.nrrd"))
     assert storage.WriteData(node)
-    module._remove_nodes([node])
+    sceneNodes.removeNodes([node])
     voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
     specs = LOCATED_LABELS if located else [{**label, "side": None} for label in
                                              [{"value": 1, "name": "Anterior", "color": [0.9, 0.6, 0.2]},
@@ -857,13 +879,20 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
                                     "registration": {"metric": -0.5, "determinant": 1.0, "scales": [1, 1, 1],
                                                      "seconds": 1.0}})
     (folder / "input_report.json").write_text(json.dumps(report))
-    files = {"segmentation": str(folder / "input_seg.nrrd"), "report": str(folder / "input_report.json")}
+    # the Slicer segmentation, written by the engine's own writer (names, colours, values, terminology)
+    terminology = {1: LEFT_TERMINOLOGY} if located else {}
+    image = sitk.ReadImage(str(folder / "input_seg.nrrd"))
+    sitk.WriteImage(slicer_segmentation(image, [LabelInfo(s["value"], s["name"], tuple(s["color"]),
+                                                          terminology.get(s["value"], "")) for s in specs]),
+                    str(folder / "input_seg.seg.nrrd"), useCompression=True)
+    files = {"segmentation": str(folder / "input_seg.nrrd"), "slicer_segmentation": str(folder / "input_seg.seg.nrrd"),
+             "report": str(folder / "input_report.json")}
     return files, report, labels, boxes
 
 
 def _import(env, bundle, volume, files, target=None, roi=None):
     module = env["module"]
-    job = module.SegmentationJob(env["logic"], volume, target, module.SegmentationOptions(model=str(bundle.path),
+    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path),
                                                                                          roi=roi), bundle)
     return env["logic"].importResults(job, files, [])
 
@@ -920,7 +949,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
         np.testing.assert_allclose(_world_bounds(node), expected, atol=1e-6)
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == sh.GetItemParent(
             sh.GetItemByDataNode(result.segmentation)) == env["study"]
-    assert [result.segmentation.GetNthNodeReference(module.LOCALIZATION_BOX_ROLE, i).GetID() for i in range(2)] == [
+    assert [result.segmentation.GetNthNodeReference(definitions.LOCALIZATION_BOX_ROLE, i).GetID() for i in range(2)] == [
         node.GetID() for node in result.localizationBoxes]
     # Chosen as the Region of a new run, a box is exactly the box the engine segmented (in the input's coordinates).
     np.testing.assert_allclose(logic.roiBoxInVolumeCoordinates(result.localizationBoxes[0], volume), boxes["left"],
@@ -929,7 +958,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
 
     # Warnings: in the panel's status and on every row of the batch table, with per-side totals.
     assert result.warnings == [warning]
-    assert module.warningText(result.warnings) == f"Warning: {warning}"
+    assert widget.warningText(result.warnings) == f"Warning: {warning}"
     table = logic.createSummaryTable([logic.resultSummaryRow(result)], [result])
     columns = [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())]
     (row,) = [dict(zip(columns, (table.GetCellText(r, c) for c in range(len(columns)))))
@@ -945,7 +974,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
 
     engine = summary_row(volume.GetName(), "done", row["model"], row["model_version"], report)
     assert {name: engine.get(name, "") for name in columns} == row
-    batch = module.BatchJob(logic, [volume], module.SegmentationOptions())
+    batch = jobs.BatchJob(logic, [volume], Options())
     batch.results.append(result)
     batch.rows.append(logic.resultSummaryRow(result))
     assert batch.summary.endswith("1 with warnings (see the table)")  # the panel's status after the batch
@@ -961,7 +990,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     assert int(sides["right_voxels"]) == report["sides"]["right"]["voxels"]
     assert float(sides["right_volume_ml"]) == pytest.approx(report["sides"]["right"]["volume_ml"], rel=1e-5)
     assert float(sides["asymmetry_index"]) == pytest.approx(report["asymmetry_index"], rel=1e-5)
-    module._remove_nodes([result.segmentation, *result.localizationBoxes, user_roi])
+    sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes, user_roi])
 
 
 def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, located_bundle, moved_volume, tmp_path):
@@ -988,21 +1017,47 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     assert _roi_state(region) == region_before
     assert scene.GetNodeByID(again.localizationBoxes[1].GetID()) is None  # the tool's other box went with its run
     assert crop.localizationBoxes == [] and crop.sides == {} and crop.asymmetryIndex is None and crop.warnings == []
-    assert crop.segmentation.GetNumberOfNodeReferences(module.LOCALIZATION_BOX_ROLE) == 0
+    assert crop.segmentation.GetNumberOfNodeReferences(definitions.LOCALIZATION_BOX_ROLE) == 0
     assert logic._segmentSides(crop.segmentation) == [None, None]
     crop_row = logic.resultSummaryRow(crop)
     assert [name for name in crop_row if name.endswith(" (mL)")] == ["Anterior (mL)", "Posterior (mL)"]
     exported = logic.exportForReport(crop.segmentation, tmp_path / "export", referenceVolume=volume)
     assert "sides" not in exported and not list((tmp_path / "export").glob("*_sides.csv"))
     assert open(exported["volumes"]).readline().strip() == "value,name,voxels,volume_ml"
-    module._remove_nodes([crop.segmentation, region])
+    sceneNodes.removeNodes([crop.segmentation, region])
+
+
+def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_bundle, moved_volume, tmp_path):
+    """The scene shows what the engine wrote, nothing rebuilt or recounted: segment names, colours, values and
+    terminology from its ``.seg.nrrd``, volumes and per-side totals from its report."""
+    files, report, _, _ = _write_engine_outputs(env, moved_volume, tmp_path / "out")
+    terminology = LEFT_TERMINOLOGY.replace("SCT^7771000^Left", "SCT^24028007^Right")
+    image = sitk.ReadImage(files["segmentation"])
+    written = [LabelInfo(s["value"], f"{s['name']} (engine)", (0.1, 0.2, 0.3), terminology) for s in LOCATED_LABELS]
+    sitk.WriteImage(slicer_segmentation(image, written), files["slicer_segmentation"], useCompression=True)
+    for index, segment in enumerate(report["segments"]):
+        segment.update(voxels=1000 + index, volume_ml=2.5 + index)  # not what the label map holds
+    report["sides"] = {"left": {"voxels": 2001, "volume_ml": 6.0}, "right": {"voxels": 2005, "volume_ml": 10.0}}
+    report["asymmetry_index"] = -0.5
+    pathlib.Path(files["report"]).write_text(json.dumps(report))
+    result = _import(env, located_bundle, moved_volume, files)
+    try:
+        segments = result.segmentation.GetSegmentation()
+        assert [segments.GetNthSegment(i).GetName() for i in range(4)] == [label.name for label in written]
+        assert all(segments.GetNthSegment(i).GetColor() == pytest.approx((0.1, 0.2, 0.3)) for i in range(4))
+        assert all(segments.GetNthSegment(i).GetTerminology() == terminology for i in range(4))
+        assert [(row["voxels"], row["volume_ml"]) for row in result.statistics] == [
+            (1000 + i, 2.5 + i) for i in range(4)]
+        assert result.sides == report["sides"] and result.asymmetryIndex == -0.5
+    finally:
+        sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes])
 
 
 def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, located_bundle, tmp_path):
     module, logic, volume = env["module"], env["logic"], env["volume"]
 
     def command(bundle, **options):
-        job = module.SegmentationJob(logic, volume, None, module.SegmentationOptions(model=str(bundle.path),
+        job = jobs.SegmentationJob(logic, volume, None, Options(model=str(bundle.path),
                                                                                      **options), bundle)
         return job.engineCommand(tmp_path / "input.nrrd", tmp_path / "out")
 
@@ -1017,7 +1072,7 @@ def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, loc
         with_region = command(located_bundle, roi=roi)
         assert "--roi" in with_region and "--localize" not in with_region  # the Region wins over the localiser
     finally:
-        env["module"]._remove_nodes([roi])
+        sceneNodes.removeNodes([roi])
     assert "--localize" not in command(env["bundle"])  # no localiser: the command is as before
 
 
@@ -1040,7 +1095,7 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
         assert logic.domainWarnings(along_a, located_bundle, locateAutomatically=False) == []
         outside = logic.domainWarnings(head, located_bundle, locateAutomatically=False)
         assert len(outside) == 1 and "field of view" in outside[0] and "Locate automatically" in outside[0]
-        assert module.warningText(outside).startswith("Warning: the input's field of view")
+        assert widget.warningText(outside).startswith("Warning: the input's field of view")
         assert logic.domainWarnings(head, located_bundle) == []  # the localiser cuts the model's view out
         assert logic.willLocalize(head, located_bundle)  # ... which the panel says instead
         assert not logic.willLocalize(head, located_bundle, locateAutomatically=False)
@@ -1054,7 +1109,7 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
         assert "coarser" in coarse_warning
         assert logic.domainWarnings(head, env["bundle"]) == []  # no domain record: nothing to compare with
     finally:
-        module._remove_nodes([along_a, head, coarse, roi])
+        sceneNodes.removeNodes([along_a, head, coarse, roi])
 
 
 @pytest.mark.parametrize("damage", [
@@ -1062,14 +1117,15 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
     lambda report: report["localization"]["boxes"].update(right=[10.0, 0.0, 0.0, 1.0, 0.0, 1.0]),  # R_MIN > R_MAX
     lambda report: report["localization"]["boxes"].update(left=["a"] * 6),
     lambda report: report["segments"][2].update(value=True),
-    lambda report: report["segments"][0].pop("color"),
+    lambda report: report["segments"][0].pop("volume_ml"),
+    lambda report: report.update(segments=[]),
 ])
 def test_a_report_the_module_cannot_read_adds_nothing(env, located_bundle, moved_volume, tmp_path, damage):
     files, report, _, _ = _write_engine_outputs(env, moved_volume, tmp_path / "out")
     damage(report)
     pathlib.Path(files["report"]).write_text(json.dumps(report))
     before = _node_ids(env["scene"])
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="reinstall the AttentionUNet extension"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="reinstall the AttentionUNet extension"):
         _import(env, located_bundle, moved_volume, files)
     assert _node_ids(env["scene"]) == before
 
@@ -1100,16 +1156,21 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
     if not head_path.is_file():
         pytest.skip(f"shared whole-head data not found at {head_path}")
     module, logic, scene = env["module"], env["logic"], env["scene"]
-    bundle = logic.resolveModel(module.DEFAULT_MODEL)
+    bundle = logic.resolveModel(definitions.DEFAULT_MODEL)
     if not logic.hasLocalizer(bundle):
         pytest.skip("the bundled model declares no localiser yet")
     head = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Subject 1")
     module.AttentionUNetSegmentLogic._readVolumeFile(head_path, head)
     assert logic.willLocalize(head, bundle) and logic.domainWarnings(head, bundle) == []
     assert "field of view" in logic.domainWarnings(head, bundle, locateAutomatically=False)[0]
-    result = logic.process(head, model=module.DEFAULT_MODEL, device="cpu", attentionMaps=False)
+    result = logic.process(head, options=Options(model=definitions.DEFAULT_MODEL, device="cpu", attentionMaps=False))
     try:
         assert logic._segmentSides(result.segmentation) == ["left", "left", "right", "right"]
+        # standard terminology (SNOMED CT): hippocampus with its laterality, read through Slicer's own accessor
+        segments = result.segmentation.GetSegmentation()
+        codes = [segments.GetNthSegment(i).GetTerminology().split("~")[2:4] for i in range(4)]
+        assert codes == [["SCT^5976002^Hippocampus", "SCT^7771000^Left"]] * 2 + [
+            ["SCT^5976002^Hippocampus", "SCT^24028007^Right"]] * 2
         assert set(result.sides) == {"left", "right"} and all(t["voxels"] > 0 for t in result.sides.values())
         assert result.asymmetryIndex is not None and abs(result.asymmetryIndex) < 2
         assert [node.GetName() for node in result.localizationBoxes] == [
@@ -1123,7 +1184,7 @@ def test_whole_head_is_located_by_the_real_engine_with_the_bundled_model(env):
         left, right = (np.mean(np.reshape(_world_bounds(node), (3, 2)), axis=1) for node in result.localizationBoxes)
         assert left[0] < right[0]  # the left box lies towards -R
     finally:
-        module._remove_nodes([result.segmentation, *result.localizationBoxes, head])
+        sceneNodes.removeNodes([result.segmentation, *result.localizationBoxes, head])
 
 
 # Issue 13: Export > DICOM SEG for a volume from the DICOM database. slicer-core has no ctkDICOMDatabase: the two
@@ -1174,7 +1235,7 @@ def dicom_volume(env, tmp_path, monkeypatch):
 def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dicom_volume, tmp_path):
     hd = pytest.importorskip("highdicom")
     logic, node = env["logic"], dicom_volume["node"]
-    result = logic.process(node, model=env["model"], device="cpu", attentionMaps=False)
+    result = logic.process(node, options=Options(model=env["model"], device="cpu", attentionMaps=False))
     assert logic.hasDicomSource(result.segmentation) and not logic.hasDicomSource(_plain_segmentation(env))
     files = logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
     seg_path = pathlib.Path(files["dicom_segmentation"])
@@ -1191,7 +1252,7 @@ def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dic
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True,
                                                skip_overlap_checks=True)
     np.testing.assert_array_equal(pixels, labels)
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="exist already"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="exist already"):
         logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
 
 
@@ -1209,8 +1270,8 @@ def test_dicom_seg_export_needs_the_instances_in_the_database(env, dicom_volume,
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(node)
     segmentation.GetSegmentation().AddEmptySegment("", "drawn", [1.0, 0.0, 0.0])
     dicom_volume["database"].files.popitem()
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="no file for 1 of the 12 images"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="no file for 1 of the 12 images"):
         logic.exportDicomSeg(segmentation, tmp_path / "x_seg.dcm")
-    with pytest.raises(env["module"].AttentionUNetSegmentError, match="not loaded from the DICOM database"):
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="not loaded from the DICOM database"):
         logic.exportDicomSeg(_plain_segmentation(env), tmp_path / "y_seg.dcm")
     assert not list(tmp_path.glob("*.dcm"))

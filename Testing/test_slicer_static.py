@@ -16,9 +16,15 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
+from AttentionUNetSegmentLib import constants
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "AttentionUNetSegment"
 MODULE_FILE = MODULE_DIR / "AttentionUNetSegment.py"
+SLICER_PACKAGE = MODULE_DIR / "AttentionUNetSlicer"
+#: The files that call Slicer's API: the entry file and the Slicer package, less its engine-process client (plain
+#: Python, tested against real child processes in test_engineProcess.py).
+SLICER_FILES = [MODULE_FILE] + sorted(p for p in SLICER_PACKAGE.glob("*.py") if p.name != "engineProcess.py")
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "AttentionUNetSegment.ui"
 API_FILE = ROOT.parent / "shared" / "slicer-api" / "api.json"
 STAND_IN = Path(__file__).resolve().parent / "cmake"
@@ -27,7 +33,8 @@ QT_SIGNALS = {"clicked(bool)", "currentIndexChanged(int)", "timeout()", "toggled
 #: Members of QWidget/QAbstractButton every widget has (PythonQt exposes the full Qt API of Q* classes).
 QT_WIDGET_MEMBERS = {"enabled", "toolTip", "visible", "setVisible", "setEnabled", "connect", "text", "blockSignals"}
 #: Call owners that are not MRML/VTK objects (module/class constructors, Qt, Python's pathlib).
-NON_MRML_OWNERS = {"slicer", "vtk", "qt", "pathlib", "PyTorchUtils", "SampleData.SampleDataLogic", "slicer.util"}
+NON_MRML_OWNERS = {"slicer", "vtk", "qt", "pathlib", "contextlib", "PyTorchUtils", "SampleData.SampleDataLogic",
+                   "slicer.util"}
 SUPPORTED_RELEASES = ("v5.12.3", "v5.10.0")  # the oldest Slicer supported (5.8) has the 5.10 API used here
 
 
@@ -38,9 +45,17 @@ def api() -> dict:
     return json.loads(API_FILE.read_text())
 
 
+def _source() -> str:
+    return "\n".join(path.read_text() for path in SLICER_FILES)
+
+
 @pytest.fixture(scope="module")
 def tree() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(), feature_version=(3, 9))
+    """Every Slicer-layer file as one module (each parsed on its own, bodies joined in file order)."""
+    body = []
+    for path in SLICER_FILES:
+        body += ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9)).body
+    return ast.Module(body=body, type_ignores=[])
 
 
 def _ui_widgets() -> Dict[str, str]:
@@ -75,8 +90,16 @@ def _calls(tree: ast.AST) -> Iterator[ast.Call]:
     return (node for node in ast.walk(tree) if isinstance(node, ast.Call))
 
 
+def _parameter_class(tree: ast.Module) -> ast.ClassDef:
+    """The parameterNodeWrapper class (made inside ``parameterNodeClass()``, on first use)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode":
+            return node
+    raise AssertionError("AttentionUNetSegmentParameterNode not found")
+
+
 def _parameter_fields(tree: ast.Module) -> Dict[str, ast.AST]:
-    for node in tree.body:
+    for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode":
             assert any(_dotted(d) == "parameterNodeWrapper" for d in node.decorator_list)
             return {item.target.id: item.annotation for item in node.body if isinstance(item, ast.AnnAssign)}
@@ -196,15 +219,16 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
         assert field in fields, f"{widget}: SlicerParameterName {field!r} is not a parameter"
         annotation = ast.unparse(fields[field])
         base = annotation.split("[", 1)[1].split(",")[0] if annotation.startswith("Annotated[") else annotation
-        datatype = ("vtkMRMLNode subclass (or Union/Optional of them)" if base.startswith("vtkMRML") else
+        node_class = base.removeprefix("slicer.").startswith("vtkMRML")
+        datatype = ("vtkMRMLNode subclass (or Union/Optional of them)" if node_class else
                     "pathlib.Path" if base == "pathlib.Path" else base)
         matching = [c for c in connectors if cls in c["widgets"] and datatype in c["datatypes"]]
         assert matching, f"{widget} ({cls}) cannot bind {field}: {annotation}"
         notes = " ".join(matching[0].get("notes", []))
         if "requires Annotated[..., Choice" in notes:
             choices = ast.literal_eval(re.search(r"Choice\((.*)\)\]", annotation).group(1).replace(
-                "list(DEVICES)", repr(["auto", "cpu", "cuda"])).replace(
-                "list(EXPORT_FORMATS)", repr(["nii.gz", "nrrd"])))
+                "list(DEVICES)", repr(list(constants.DEVICES))).replace(
+                "list(OUTPUT_FORMATS)", repr(list(constants.OUTPUT_FORMATS))))
             root = ET.parse(UI_FILE).getroot()
             element = next(w for w in root.iter("widget") if w.get("name") == widget)
             items = [i.find("property/string").text for i in element.findall("item")]
@@ -213,10 +237,23 @@ def test_every_slicer_parameter_name_is_a_field_with_a_matching_connector(tree, 
             assert "WithinRange" in annotation, f"{widget} binds {field} without bounds (RuntimeError in Slicer)"
 
 
-def test_choice_constants_match_the_module(tree):
-    source = MODULE_FILE.read_text()
-    assert 'DEVICES = ("auto", "cpu", "cuda")' in source
-    assert 'EXPORT_FORMATS = ("nii.gz", "nrrd")' in source
+def test_device_format_and_model_names_are_the_engines_own(tree):
+    """The Slicer layer spells no device, output format or default model: it imports the engine's definitions."""
+    assert constants.DEVICES == ("auto", "cpu", "cuda") and constants.OUTPUT_FORMATS == ("nii.gz", "nrrd")
+    spelled = [constants.DEVICES, constants.OUTPUT_FORMATS, constants.DEFAULT_MODEL]
+    assigned = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if value in spelled and not isinstance(node, ast.AnnAssign):  # a field's default is a use
+                assigned.append(ast.unparse(node))
+    assert assigned == []
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "AttentionUNetSegmentLib.constants" for alias in node.names}
+    assert {"DEFAULT_MODEL", "DEVICES", "OUTPUT_FORMATS"} <= imported
 
 
 # Slicer API calls
@@ -278,7 +315,7 @@ def test_packaging_and_pytorchutils_calls_match_the_api(tree, api):
         if name == "PyTorchUtils.PyTorchUtilsLogic":
             assert not call.args
     assert problems == []
-    source = MODULE_FILE.read_text()
+    source = _source()
     assert 'pip_install("torch' not in source and "pip_install(['torch" not in source
 
 
@@ -321,7 +358,7 @@ def test_mrml_and_vtk_methods_called_exist_with_a_fitting_overload(tree, api):
 
 def test_mrml_classes_and_constants_exist(tree, api):
     classes = api["vtk_classes"]
-    source = MODULE_FILE.read_text()
+    source = _source()
     slicer = pytest.importorskip("slicer")
     for name in set(re.findall(r'"(vtkMRML\w+)"', source)):  # class names in AddNewNodeByClass / IsA
         assert name in classes or hasattr(slicer, name), f"{name} is not an MRML class"
@@ -350,8 +387,18 @@ def test_module_structure_follows_scripted_module_conventions(tree, api):
                 "AttentionUNetSegmentWidget": "ScriptedLoadableModuleWidget",
                 "AttentionUNetSegmentLogic": "ScriptedLoadableModuleLogic",
                 "AttentionUNetSegmentTest": "ScriptedLoadableModuleTest"}
+
+    def ancestors(name):
+        bases = [_dotted(b) for b in classes[name].bases] if name in classes else []
+        return set(bases).union(*(ancestors(b) for b in bases))
+
     for name, base in expected.items():
-        assert base in [_dotted(b) for b in classes[name].bases]
+        assert base in ancestors(name), f"{name} does not derive from {base}"
+    # Slicer looks the classes up by name in the entry file (the Logic and the panel may come from the package)
+    entry = {n.name for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ClassDef)} | {
+        a.asname or a.name for n in ast.parse(MODULE_FILE.read_text()).body if isinstance(n, ast.ImportFrom)
+        for a in n.names}
+    assert set(expected) <= entry
     allowed = set(api["ScriptedLoadableModule"]["classes"]["ScriptedLoadableModule"]["parent_attributes_set_in_init"])
     used = {node.attr for node in ast.walk(classes["AttentionUNetSegment"])
             if isinstance(node, ast.Attribute) and _dotted(node.value) == "self.parent"}
@@ -388,8 +435,8 @@ def test_every_script_and_resource_is_listed_in_cmake():
     scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk_scripts = ["AttentionUNetSegment.py"] + sorted(
-        p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "AttentionUNetSegmentLib").rglob("*.py")
-        if "__pycache__" not in p.parts)
+        p.relative_to(MODULE_DIR).as_posix() for package in ("AttentionUNetSlicer", "AttentionUNetSegmentLib")
+        for p in (MODULE_DIR / package).rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(set(on_disk_scripts) - set(scripts)) == [], "scripts missing from MODULE_PYTHON_SCRIPTS"
     assert sorted(set(scripts) - set(on_disk_scripts)) == [], "listed scripts that do not exist"
     on_disk_resources = sorted(p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "Resources").rglob("*")
@@ -428,7 +475,7 @@ def test_cmake_configures_against_a_stand_in_slicer(tmp_path):
     assert values["MODULE"] == ["AttentionUNetSegment"]
     assert values["PYTHON_UNITTEST"] == ["py_AttentionUNetSegment"]
     assert values["EXTENSION_NAME"] == ["AttentionUNet"] and values["CPACK"] == ["AttentionUNet"]
-    assert "AttentionUNetSegment/AttentionUNetSegmentLib/runner.py" in values["SCRIPT"]
+    assert "AttentionUNetSegment/AttentionUNetSlicer/engineProcess.py" in values["SCRIPT"]
     assert "AttentionUNetSegment/Resources/UI/AttentionUNetSegment.ui" in values["RESOURCE"]
     catalog = json.loads((ROOT / "AttentionUNet.json").read_text())
     assert values["EXTENSION_DEPENDS"][0].split(";") == catalog["build_dependencies"]
@@ -504,8 +551,7 @@ def test_locate_automatically_checkbox_is_bound_on_by_default_and_follows_the_mo
                    if w.get("name") == "locateAutomaticallyCheckBox")
     assert element.find("property[@name='text']/string").text == "Locate automatically"
     assert element.find("property[@name='checked']/bool").text == "true"
-    wrapper = next(node for node in tree.body
-                   if isinstance(node, ast.ClassDef) and node.name == "AttentionUNetSegmentParameterNode")
+    wrapper = _parameter_class(tree)
     (field,) = [item for item in wrapper.body if isinstance(item, ast.AnnAssign)
                 and item.target.id == "locateAutomatically"]
     assert ast.unparse(field.annotation) == "bool" and ast.literal_eval(field.value) is True
@@ -541,7 +587,7 @@ def test_dicom_export_uses_only_real_dicom_database_members_and_no_dicom_library
         if (arity is None) != (call is None) or (call is not None and not arity[0] <= len(call.args) <= arity[1]):
             problems.append(f"{ast.unparse(call or node)}: does not fit ctkDICOMDatabase.{node.attr}")
     assert problems == [] and used == set(CTK_DICOM_DATABASE)
-    source = MODULE_FILE.read_text()
+    source = _source()
     # the attribute DICOMScalarVolumePlugin sets (SOP Instance UIDs, space-separated)
     assert 'DICOM_INSTANCE_UIDS = "DICOM.instanceUIDs"' in source and "GetAttribute(DICOM_INSTANCE_UIDS)" in source
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
@@ -550,3 +596,133 @@ def test_dicom_export_uses_only_real_dicom_database_members_and_no_dicom_library
     assert not imported & {"highdicom", "pydicom", "dcmqi"}, "the DICOM SEG is written by the engine process"
     requirements = (MODULE_DIR / "Resources" / "requirements-dicom.txt").read_text()
     assert "highdicom" in requirements and "pydicom" in requirements
+
+
+# What a real Slicer would break (issue 12): checks of the Qt-only code paths the tests cannot run
+
+
+def _method(tree: ast.Module, cls: str, name: str) -> ast.FunctionDef:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name == name:
+                    return item
+    raise AssertionError(f"{cls}.{name} not found")
+
+
+def _called(node: ast.AST) -> List[str]:
+    return [_dotted(call.func) for call in _calls(node)]
+
+
+def test_the_panel_binds_each_parameter_node_wrapper_once(tree):
+    """Slicer 5.8.1's ``_connectGui`` returns no tag, so ``disconnectGui`` cannot undo a ``connectGui``: the panel
+    keeps its binding over exit/enter and binds again only for another wrapper (the Logic keeps one per node)."""
+    assert "self._disconnectParameterNode" not in _called(_method(tree, "PanelWidget", "exit"))
+    assert "self.setParameterNode" not in _called(_method(tree, "PanelWidget", "onSceneStartClose"))
+    first = _method(tree, "PanelWidget", "setParameterNode").body[1]  # after the docstring
+    assert isinstance(first, ast.If) and ast.unparse(first.test) == "inputParameterNode is self._parameterNode"
+    assert isinstance(first.body[0], ast.Return)
+    assert "parameterNode is not node" in ast.unparse(_method(tree, "AttentionUNetSegmentLogic", "getParameterNode"))
+
+
+def test_device_detection_never_waits_on_the_gui_thread(tree):
+    """Expanding Advanced starts a query through the engine-process client; the poll timer collects it."""
+    assert not [name for name in _called(tree) if name.startswith("subprocess.")], "a blocking subprocess call"
+    collapsed = _called(_method(tree, "PanelWidget", "onAdvancedCollapsed"))
+    assert "self.logic.startDeviceQuery" in collapsed and "self._pollTimer.start" in collapsed
+    assert "slicer.util.WaitCursor" not in collapsed
+    assert "query.poll" in _called(_method(tree, "PanelWidget", "onPollJob"))
+
+
+def test_closing_the_scene_stops_a_batch_without_building_its_table(tree):
+    close = _method(tree, "PanelWidget", "onSceneStartClose")
+    calls = [call for call in _calls(close) if _dotted(call.func) == "job.cancel"]
+    assert any(k.arg == "sceneClosing" and ast.literal_eval(k.value) is True for c in calls for k in c.keywords)
+    assert "self.logic.showTable" not in _called(close)
+
+
+def test_installs_ask_and_report_before_the_wait_cursor(tree):
+    """The dependencies step runs before ``WaitCursor`` (its questions are not under a busy cursor) and gets the
+    panel's status callback; every button that may install passes its dependencies step."""
+    run = _method(tree, "PanelWidget", "_runShowingErrors")
+    body = ast.unparse(run)
+    assert body.index("dependencies(statusCallback=self._showInstallStatus)") < body.index("slicer.util.WaitCursor()")
+    for handler, step in (("onApplyButton", "self.logic.ensureDependencies"),
+                          ("onBatchApplyButton", "self.logic.ensureDependencies"),
+                          ("onExportReportButton", "self.logic.ensureReportDependencies"),
+                          ("onExportButton", "self.logic.ensureDicomSegDependencies")):
+        assert step in ast.unparse(_method(tree, "PanelWidget", handler)), handler
+    assert "slicer.app.processEvents" in _called(_method(tree, "PanelWidget", "_showInstallStatus"))
+
+
+def test_panel_errors_are_caught_and_shown_not_reraised(tree):
+    """``tryWithErrorDisplay`` re-raises, so code after it never sees its failure: the panel catches, shows and
+    returns instead (one helper), and no Qt slot lets an exception escape."""
+    assert "slicer.util.tryWithErrorDisplay" not in _called(tree)
+    run = _method(tree, "PanelWidget", "_runShowingErrors")
+    (handler,) = [node for node in ast.walk(run) if isinstance(node, ast.ExceptHandler)]
+    assert ast.unparse(handler.type) == "Exception"
+    assert "slicer.util.errorDisplay" in _called(handler) and isinstance(handler.body[-1], ast.Return)
+    export = _method(tree, "PanelWidget", "onExportButton")
+    assert "self._runShowingErrors" in _called(export) and "existing is None" not in ast.unparse(export)
+
+
+def test_temporary_folders_come_from_slicers_temporary_path(tree):
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "tempfile" not in imported
+    assert "slicer.util.tempDirectory" in _called(tree)
+
+
+def test_the_model_combo_box_follows_the_parameter_node(tree):
+    """After a scene load the node's model is what Apply uses, so the combo box shows it."""
+    update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
+    assert "combo.itemData(combo.currentIndex) != node.modelName" in update
+    assert "self._selectModelInCombo(node.modelName)" in update
+
+
+def test_the_input_selector_refuses_the_modules_own_maps(tree):
+    changed = ast.unparse(_method(tree, "PanelWidget", "onInputChanged"))
+    assert "not self.logic.isInputVolume(volume)" in changed and "setattr(node, 'inputVolume', None)" in changed
+
+
+def test_user_visible_module_text_is_marked_for_translation(tree):
+    """As in Slicer's template: ``_()`` (``slicer.i18n.tr``) on the title, help and acknowledgement, the category
+    through ``translate("qSlicerAbstractCoreModule", ...)``."""
+    init = _method(tree, "AttentionUNetSegment", "__init__")
+    values = {_dotted(node.targets[0]): node.value for node in ast.walk(init) if isinstance(node, ast.Assign)}
+    for name in ("self.parent.title", "self.parent.helpText", "self.parent.acknowledgementText"):
+        assert isinstance(values[name], ast.Call) and _dotted(values[name].func) == "_", name
+    (category,) = values["self.parent.categories"].elts
+    assert _dotted(category.func) == "translate" and category.args[0].value == "qSlicerAbstractCoreModule"
+    imports = {(node.module, alias.name, alias.asname) for node in ast.parse(MODULE_FILE.read_text()).body
+               if isinstance(node, ast.ImportFrom) for alias in node.names}
+    assert {("slicer.i18n", "tr", "_"), ("slicer.i18n", "translate", None)} <= imports
+
+
+def test_extension_metadata_agrees_everywhere():
+    """``AttentionUNet.s4ext`` (the design card lists it; the build regenerates it) and ``AttentionUNet.json``
+    (what the ExtensionsIndex reads) say the same as CMakeLists.txt; the contributor line has Slicer's
+    "Name (Organisation)" form and is the module's own."""
+    entries = {}
+    for line in (ROOT / "AttentionUNet.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            entries[key] = value.strip()
+    catalog = json.loads((ROOT / "AttentionUNet.json").read_text())
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert entries["scm"] == catalog.get("scm_type", "git")
+    assert entries["scmurl"] == catalog["scm_url"] and entries["scmrevision"] == catalog["scm_revision"]
+    assert entries["depends"].split() == catalog["build_dependencies"]
+    assert entries["category"] == catalog["category"]
+    assert entries["build_subdirectory"] == catalog["build_subdirectory"]
+    assert entries["enabled"] == ("1" if catalog.get("enabled", True) else "0")
+    if "tier" in catalog:
+        assert entries.get("tier", str(catalog["tier"])) == str(catalog["tier"])
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', cmake).group(1)
+    assert entries["contributors"] == contributors
+    assert re.fullmatch(r"[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*", contributors), contributors
+    definitions = ast.parse((SLICER_PACKAGE / "definitions.py").read_text())
+    (value,) = [ast.literal_eval(node.value) for node in definitions.body if isinstance(node, ast.Assign)
+                and _dotted(node.targets[0]) == "CONTRIBUTORS"]
+    assert ", ".join(value) == contributors

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import __version__
+from .constants import DEFAULT_MODEL
 from .errors import ModelBundleError
 from .jsonfile import read_json
 from .preprocessing import PreprocessingSpec
@@ -51,7 +52,6 @@ MAX_FOLDS = 16
 DIGEST_KEY = "metadata_sha256"
 METADATA_FILE = "model.json"
 WEIGHTS_FILE = "model.safetensors"
-DEFAULT_MODEL = "hippocampus"
 MODELS_ENV = "ATTENTION_UNET_MODELS"
 #: The extension's ``AttentionUNetSegment/Resources`` (source tree, Slicer install), or the copy of its models and
 #: sample that a wheel installs as ``AttentionUNetSegmentLib/resources``.

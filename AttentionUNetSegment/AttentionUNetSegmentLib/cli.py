@@ -27,6 +27,7 @@ from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Seque
 from . import __version__
 from .arguments import positive_int
 from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
+from .constants import DEVICES
 from .domain import LOCALIZE_MODES, exceeds_field_of_view
 from .errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError
 from .jsonfile import read_json
@@ -118,7 +119,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the network runs; auto = CUDA when available (default: auto)")
     parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None,
                         help="bar (terminal, with ETA), json (one object per line on stdout), none "

@@ -34,6 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
+from .constants import OUTPUT_FORMATS
 from .bundle import LabelInfo, ModelBundle
 from .errors import AttentionUNetError, OutputExistsError
 from .imageio import atomic_output, files_read_for, temporary_path, write_partial
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-OUTPUT_FORMATS = ("nii.gz", "nrrd")
 #: ``Segmentation_*`` fields Slicer's segmentation storage node (and ``slicerio``) read from a ``.seg.nrrd``.
 #: Both spellings of the source representation are written: Slicer >= 5.4 reads ``SourceRepresentation``, older
 #: Slicer and ``slicerio`` read ``MasterRepresentation``.

@@ -44,6 +44,7 @@ from .arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
 from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
                      create_metadata, device_memory, estimate_memory, save_bundle)
+from .constants import DEVICES
 from .domain import measure_domain
 from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
 from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
@@ -954,7 +955,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        "keeping the best checkpoint and exporting the bundle")
     group.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly")
     group.add_argument("--force", action="store_true", help="replace an existing output bundle / work dir run")
-    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    group.add_argument("--device", choices=DEVICES, default="auto")
     group.add_argument("--threads", type=int, help="torch intra-op threads per process")
     group.add_argument("--progress", choices=["bar", "json", "none"], default=None)
 

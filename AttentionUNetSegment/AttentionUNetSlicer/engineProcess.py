@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from .domain import LOCALIZE_MODES
+from AttentionUNetSegmentLib.domain import LOCALIZE_MODES
 
 #: Seconds a cancelled engine gets to exit after SIGTERM before it is killed.
 CANCEL_GRACE_SECONDS = 3.0
@@ -124,6 +124,12 @@ def build_dicom_seg_command(labels: str, sources_file: str, segments: str, outpu
                "--source", f"@{sources_file}", "--segments", str(segments), "--algorithm", *map(str, algorithm),
                "--output", str(output), "--progress", "json"]
     return command + (["--force"] if force else [])
+
+
+def build_devices_command(python: Optional[str] = None) -> List[str]:
+    """The ``python -m AttentionUNetSegmentLib devices --json`` command: one JSON line naming the GPUs the engine
+    sees (no progress lines)."""
+    return [python or sys.executable, "-m", "AttentionUNetSegmentLib", "devices", "--json"]
 
 
 def format_duration(seconds: Optional[float]) -> str:

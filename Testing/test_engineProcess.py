@@ -1,4 +1,4 @@
-"""The out-of-process engine runner (``runner.py``) driven against real child processes."""
+"""The Slicer side's engine-process client (``AttentionUNetSlicer.engineProcess``) against real child processes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from AttentionUNetSegmentLib.runner import (
+from AttentionUNetSlicer.engineProcess import (
     EngineProcess,
     EtaEstimator,
     build_segment_command,
@@ -127,7 +127,7 @@ def test_cancel_stops_the_engine_behind_a_launcher(tmp_path):
 def test_cancel_does_not_wait_for_a_grandchild_that_escaped_the_process_group(tmp_path, monkeypatch):
     """A grandchild in its own session survives the group signal and keeps the output pipes open: the run must
     still end once the engine itself has gone (after the grace period), not hang the GUI."""
-    import AttentionUNetSegmentLib.runner as runner
+    import AttentionUNetSlicer.engineProcess as runner
 
     monkeypatch.setattr(runner, "CANCEL_GRACE_SECONDS", 0.5)
     pid_file = tmp_path / "grandchild.pid"
@@ -162,7 +162,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM handling is POSIX-specific")
 def test_cancel_kills_an_engine_that_ignores_sigterm(tmp_path, monkeypatch):
-    import AttentionUNetSegmentLib.runner as runner
+    import AttentionUNetSlicer.engineProcess as runner
 
     monkeypatch.setattr(runner, "CANCEL_GRACE_SECONDS", 0.5)
     command = _script(tmp_path, """
@@ -233,3 +233,20 @@ def test_progress_json_line_parsing_ignores_other_json(tmp_path):
     result = EngineProcess(command, on_log=log.append).start().wait(timeout=30)
     assert result.ok
     assert json.dumps({"not": "progress"}) in log and "{broken json" in log
+
+
+def test_the_client_imports_no_slicer_qt_or_vtk_and_nothing_heavy():
+    """It runs in Slicer's main thread but must stay testable (and importable) as plain Python."""
+    import subprocess
+
+    code = ("import sys, json; import AttentionUNetSlicer.engineProcess; print(json.dumps(sorted("
+            "{m.split('.')[0] for m in sys.modules} & {'slicer', 'qt', 'ctk', 'vtk', 'torch', 'SimpleITK'})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert json.loads(done.stdout) == []
+
+
+def test_devices_command_is_the_engines_json_query():
+    from AttentionUNetSlicer.engineProcess import build_devices_command
+
+    assert build_devices_command("/x/PythonSlicer") == ["/x/PythonSlicer", "-m", "AttentionUNetSegmentLib", "devices",
+                                                        "--json"]

@@ -1,0 +1,150 @@
+"""Installing what the engine needs on first use: torch through the PyTorch extension, the rest with pip."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Callable, List, Optional
+
+import slicer
+
+from AttentionUNetSlicer.definitions import (
+    DICOM_REQUIREMENTS_FILE,
+    REPORT_REQUIREMENTS_FILE,
+    REQUIREMENTS_FILE,
+    TORCH_REQUIREMENT,
+    AttentionUNetSegmentError,
+)
+
+
+class DependencyInstaller:
+    """Logic part: ``ensureDependencies`` and the requirement checks behind it."""
+
+    def ensureDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
+        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older).
+        ``statusCallback(text)`` is told what is being installed before each installation starts (the panel shows
+        it: an installation blocks for minutes)."""
+        self._ensureTorch(statusCallback)
+        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation", statusCallback)
+
+    def ensureReportDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """What Export > Report (PDF) needs besides the engine's requirements (``ensureDependencies``)."""
+        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report", statusCallback)
+
+    def ensureDicomSegDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """What Export > DICOM SEG needs (highdicom, pydicom)."""
+        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, "The DICOM SEG export", statusCallback)
+
+    def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str,
+                            statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` names what needs them
+        in messages."""
+        requirements = _read_requirements(requirementsFile)
+        missing = [req for req in requirements if not _requirement_satisfied(req)]
+        if not missing:
+            return
+        status = _installStatus(statusCallback, ", ".join(missing))
+        try:
+            import slicer.packaging as packaging
+        except ImportError:  # Slicer 5.8/5.10
+            packaging = None
+        try:
+            if packaging is not None:
+                # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
+                status()  # pip_ensure asks first, then shows its own progress
+                packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
+            elif slicer.util.confirmOkCancelDisplay(
+                    "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
+                    + "\n".join(missing), windowTitle="Install Python packages"):
+                status()
+                slicer.util.pip_install(missing)
+            else:
+                raise AttentionUNetSegmentError(
+                    f"{purpose} needs these Python packages: " + ", ".join(missing) + ". Click again and accept "
+                    "the installation.")
+        except AttentionUNetSegmentError:
+            raise
+        except RuntimeError as error:  # pip_ensure: the user declined the installation
+            raise AttentionUNetSegmentError(
+                f"{purpose} needs these Python packages: " + ", ".join(missing) + f" ({error}). Click again and "
+                "accept the installation.")
+        except Exception as error:
+            raise AttentionUNetSegmentError(
+                f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
+                "firewall or proxy see the README section 'Troubleshooting'. Restart 3D Slicer if it asks to.")
+
+    def _ensureTorch(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
+        if moduleAvailable("torch"):
+            import importlib.metadata
+
+            try:
+                version = importlib.metadata.version("torch")
+            except importlib.metadata.PackageNotFoundError:  # a build without package metadata: cannot tell
+                return
+            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
+                raise AttentionUNetSegmentError(
+                    f"PyTorch {version} is too old: the segmentation needs torch{TORCH_REQUIREMENT}. Update it in "
+                    "the PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply again.")
+            return
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise AttentionUNetSegmentError(
+                "PyTorch is missing. Install the 'PyTorch' extension from the Extensions Manager, restart "
+                "3D Slicer, then click Apply again.")
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        if torchLogic.torchInstalled():
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                "Attention U-Net needs PyTorch. It will be downloaded and installed now (this can take several "
+                "minutes and about 2 GB of disk space).", windowTitle="Install PyTorch"):
+            raise AttentionUNetSegmentError("The segmentation needs PyTorch. Click Apply again and accept the "
+                                            "installation, or install it from the PyTorch Utils module.")
+        _installStatus(statusCallback, "PyTorch")()
+        if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
+            raise AttentionUNetSegmentError("PyTorch could not be installed. Install it from the PyTorch Utils "
+                                            "module (it shows the reason), then restart 3D Slicer.")
+
+
+def _installStatus(statusCallback: Optional[Callable[[str], None]], what: str) -> Callable[[], None]:
+    """What tells the panel that ``what`` is being installed now (nothing without a callback)."""
+    def status() -> None:
+        if statusCallback is not None:
+            statusCallback(f"Installing {what}; this can take several minutes...")
+    return status
+
+
+def _read_requirements(path: pathlib.Path) -> List[str]:
+    if not path.is_file():
+        return []
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line]
+
+
+def _requirement_satisfied(requirement: str) -> bool:
+    """Whether an installed distribution satisfies ``requirement`` (name and, where ``packaging`` is available,
+    its version specifier)."""
+    import importlib.metadata
+    import re
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # only the name can be checked
+        Requirement = None
+    parsed = Requirement(requirement) if Requirement is not None else None
+    name = parsed.name if parsed is not None else re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0]
+    try:
+        version = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return parsed is None or parsed.specifier.contains(version, prereleases=True)
+
+
+def moduleAvailable(name: str) -> bool:
+    """Whether ``name`` can be imported (``find_spec``; a module set to ``None`` in ``sys.modules`` cannot)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
