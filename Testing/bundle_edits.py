@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from AttentionUNetSegmentLib.bundle import DIGEST_KEY, metadata_digest
+from AttentionUNetSegmentLib.model.bundle import DIGEST_KEY, metadata_digest
 
 
 def edit_metadata(directory: Path, edit, redigest: bool = True) -> None:

@@ -44,8 +44,8 @@ def tiny_bundle(tmp_path_factory):
     its directory is ``tiny_bundle.path``."""
     import torch
 
-    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     torch.manual_seed(0)
     model = AttentionUNet(in_channels=1, out_channels=3, channels=(4, 8, 16), norm="instance")

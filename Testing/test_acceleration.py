@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from AttentionUNetSegmentLib.acceleration import InstanceNormReLU, OneDNNConv3d, optimize_for_inference
-from AttentionUNetSegmentLib.network import AttentionUNet
+from AttentionUNetSegmentLib.model.acceleration import InstanceNormReLU, OneDNNConv3d, optimize_for_inference
+from AttentionUNetSegmentLib.model.network import AttentionUNet
 
 
 @pytest.fixture(scope="module")

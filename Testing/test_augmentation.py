@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from AttentionUNetSegmentLib.augmentation import (AugmentationConfig, PatchSampler, extract_patch,
+from AttentionUNetSegmentLib.training.augmentation import (AugmentationConfig, PatchSampler, extract_patch,
                                                   random_spatial_matrix, sampling_grid)
-from AttentionUNetSegmentLib.datasets import PreprocessedCase, foreground_samples
-from AttentionUNetSegmentLib.planning import plan_flip_axes
+from AttentionUNetSegmentLib.training.datasets import PreprocessedCase, foreground_samples
+from AttentionUNetSegmentLib.training.planning import plan_flip_axes
 
 
 def _phantom(shape=(30, 36, 32)) -> PreprocessedCase:
@@ -117,7 +117,7 @@ def _edge_energy(patch: torch.Tensor) -> float:
 
 
 def test_gaussian_blur_smooths_keeps_the_mean_and_a_constant():
-    from AttentionUNetSegmentLib.augmentation import gaussian_blur
+    from AttentionUNetSegmentLib.training.augmentation import gaussian_blur
 
     patch = _ramp()
     blurred = gaussian_blur(patch, (1.0, 1.0, 1.0))
@@ -129,7 +129,7 @@ def test_gaussian_blur_smooths_keeps_the_mean_and_a_constant():
 
 
 def test_simulated_low_resolution_is_the_coarse_scan_interpolated_back():
-    from AttentionUNetSegmentLib.augmentation import simulate_low_resolution
+    from AttentionUNetSegmentLib.training.augmentation import simulate_low_resolution
 
     patch = _ramp((24, 28, 20))
     low = simulate_low_resolution(patch, (0.5, 0.5, 0.5))
@@ -145,7 +145,7 @@ def test_simulated_low_resolution_is_the_coarse_scan_interpolated_back():
 
 
 def test_bias_field_is_smooth_positive_and_seeded():
-    from AttentionUNetSegmentLib.augmentation import bias_field
+    from AttentionUNetSegmentLib.training.augmentation import bias_field
 
     field = bias_field((20, 24, 16), 0.2, np.random.default_rng(4))
     assert field.shape == (1, 20, 24, 16) and float(field.min()) > 0
@@ -155,7 +155,7 @@ def test_bias_field_is_smooth_positive_and_seeded():
 
 
 def test_strong_set_changes_intensities_keeps_labels_and_is_deterministic():
-    from AttentionUNetSegmentLib.augmentation import augment_intensity
+    from AttentionUNetSegmentLib.training.augmentation import augment_intensity
 
     case = _phantom()
     assert AugmentationConfig.robust().low_resolution_probability > 0

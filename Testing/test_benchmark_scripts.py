@@ -57,11 +57,11 @@ def test_head_crops_are_the_regions_localised_inference_segments(tmp_path):
     train accepts next to MSD-style fine labels, and an evaluation of them."""
     import SimpleITK as sitk
 
-    from AttentionUNetSegmentLib.bundle import ModelRegistry
-    from AttentionUNetSegmentLib.datasets import load_datasets
+    from AttentionUNetSegmentLib.model.bundle import ModelRegistry
+    from AttentionUNetSegmentLib.training.datasets import load_datasets
     from AttentionUNetSegmentLib.errors import DatasetError
-    from AttentionUNetSegmentLib.inference import ROI_MARGIN_VOXELS
-    from AttentionUNetSegmentLib.localization import box_grid
+    from AttentionUNetSegmentLib.inference.predictor import ROI_MARGIN_VOXELS
+    from AttentionUNetSegmentLib.preprocessing.localization import box_grid
 
     out = tmp_path / "crops"
     _run("make_head_crops.py", str(out), "--cases", "ixi012")

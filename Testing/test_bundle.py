@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bundle_edits import edit_metadata
-from AttentionUNetSegmentLib.bundle import (
+from AttentionUNetSegmentLib.model.bundle import (
     DEFAULT_MODEL,
     FORMAT_VERSION,
     MODELS_ENV,
@@ -24,7 +24,7 @@ from AttentionUNetSegmentLib.bundle import (
     save_bundle,
 )
 from AttentionUNetSegmentLib.errors import ModelBundleError
-from AttentionUNetSegmentLib.network import AttentionUNet
+from AttentionUNetSegmentLib.model.network import AttentionUNet
 
 
 @pytest.fixture
@@ -207,7 +207,7 @@ def test_registry_search_path_puts_environment_first(tmp_path, monkeypatch):
 
 def test_registry_listing_and_cli_import_do_not_import_torch(tiny_bundle):
     code = (
-        "import sys; from AttentionUNetSegmentLib.bundle import ModelRegistry; import AttentionUNetSegmentLib.cli; "
+        "import sys; from AttentionUNetSegmentLib.model.bundle import ModelRegistry; import AttentionUNetSegmentLib.cli.main; "
         f"names = [b.name for b in ModelRegistry([{str(tiny_bundle.path.parent)!r}]).list()]; "
         "assert names == ['tiny'], names; assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -26,8 +26,8 @@ import SimpleITK as sitk
 import torch
 
 from bundle_edits import edit_metadata
-from AttentionUNetSegmentLib import bundle as bundle_module
-from AttentionUNetSegmentLib.bundle import (
+from AttentionUNetSegmentLib.model import bundle as bundle_module
+from AttentionUNetSegmentLib.model.bundle import (
     BUNDLED_MODELS_DIR,
     DIGEST_KEY,
     MAX_METADATA_BYTES,
@@ -43,11 +43,11 @@ from AttentionUNetSegmentLib.bundle import (
     read_metadata,
     save_bundle,
 )
-from AttentionUNetSegmentLib.cli import main
+from AttentionUNetSegmentLib.cli.main import main
 from AttentionUNetSegmentLib.errors import InputImageError, ModelBundleError
-from AttentionUNetSegmentLib.network import AttentionUNet
-from AttentionUNetSegmentLib.preprocessing import resample_to_spacing
-from AttentionUNetSegmentLib.training import train
+from AttentionUNetSegmentLib.model.network import AttentionUNet
+from AttentionUNetSegmentLib.preprocessing.preprocess import resample_to_spacing
+from AttentionUNetSegmentLib.training.trainer import train
 
 from test_training import _config, make_dataset
 
@@ -254,7 +254,7 @@ def test_weights_are_hashed_in_bounded_chunks(tmp_path):
     big = tmp_path / "big.bin"
     with open(big, "wb") as stream:
         stream.truncate(GIB)
-    code = ("import resource, sys; from AttentionUNetSegmentLib.bundle import file_sha256; "
+    code = ("import resource, sys; from AttentionUNetSegmentLib.model.bundle import file_sha256; "
             "used = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024; "
             "resource.setrlimit(resource.RLIMIT_AS, (used + (256 << 20),) * 2); print(file_sha256(sys.argv[1]))")
     result = subprocess.run([sys.executable, "-c", code, str(big)], capture_output=True, text=True, timeout=120)

@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib import cli
-from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, DEFAULT_MODEL, MODELS_ENV
-from AttentionUNetSegmentLib.imageio import image_stem
+from AttentionUNetSegmentLib.cli import main as cli
+from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, DEFAULT_MODEL, MODELS_ENV
+from AttentionUNetSegmentLib.fileio.imageio import image_stem
 
 #: Direction cosines of an oblique acquisition: a 0.4 rad rotation about an oblique axis (exactly orthonormal).
 OBLIQUE = sitk.VersorTransform((0.3, -0.5, 0.8), 0.4).GetMatrix()
@@ -398,7 +398,7 @@ def test_summary_and_gradcheck_commands(tiny_bundle, capsys):
 def test_gradcheck_exits_1_when_a_parameter_gets_no_gradient(tiny_bundle, tmp_path, capsys):
     import torch
 
-    from AttentionUNetSegmentLib.bundle import save_bundle
+    from AttentionUNetSegmentLib.model.bundle import save_bundle
 
     model = tiny_bundle.build_model("cpu")
     with torch.no_grad():
@@ -459,8 +459,8 @@ def test_demo_preview(tmp_path, capsys):
 def test_preview_draws_the_segmentation_and_an_attention_map(tiny_bundle, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from AttentionUNetSegmentLib.errors import OutputExistsError
-    from AttentionUNetSegmentLib.outputs import plan_outputs
-    from AttentionUNetSegmentLib.preview import write_preview
+    from AttentionUNetSegmentLib.inference.outputs import plan_outputs
+    from AttentionUNetSegmentLib.inference.preview import write_preview
 
     image = tmp_path / "case.nii.gz"
     make_volume(image, (20, 18, 12), (1.0, 1.2, 2.0))
@@ -504,7 +504,7 @@ def test_train_and_evaluate_commands_come_from_their_modules(capsys):
     parser = cli.build_parser(["train"])
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert {"segment", "models", "summary", "gradcheck", "demo", "train", "evaluate"} <= set(commands)
-    from AttentionUNetSegmentLib import training
+    from AttentionUNetSegmentLib.training import trainer as training
 
     assert commands["train"].get_default("handler") is training.run_from_args
     status, _, err = run_main(capsys, "evaluate")  # required options missing: a usage error, not a traceback

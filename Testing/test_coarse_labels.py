@@ -11,14 +11,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AttentionUNetSegmentLib.bundle import load_bundle
-from AttentionUNetSegmentLib.cli import main
-from AttentionUNetSegmentLib.datasets import CaseCache, load_datasets, split_cases
+from AttentionUNetSegmentLib.model.bundle import load_bundle
+from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.training.datasets import CaseCache, load_datasets, split_cases
 from AttentionUNetSegmentLib.errors import DatasetError
-from AttentionUNetSegmentLib.losses import DiceCELoss, SegmentationLoss
-from AttentionUNetSegmentLib.network import NetworkOutput
-from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
-from AttentionUNetSegmentLib.training import to_channel_labels, train
+from AttentionUNetSegmentLib.training.losses import DiceCELoss, SegmentationLoss
+from AttentionUNetSegmentLib.model.network import NetworkOutput
+from AttentionUNetSegmentLib.preprocessing.preprocess import PreprocessingSpec
+from AttentionUNetSegmentLib.training.trainer import to_channel_labels, train
 
 from test_training import _config, make_dataset
 

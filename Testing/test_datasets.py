@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.datasets import inspect_dataset, load_dataset, split_cases
+from AttentionUNetSegmentLib.training.datasets import inspect_dataset, load_dataset, split_cases
 from AttentionUNetSegmentLib.errors import DatasetError
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, load_bundle
-from AttentionUNetSegmentLib.evaluation import dice_score
-from AttentionUNetSegmentLib.imageio import read_image
-from AttentionUNetSegmentLib.inference import Predictor
+from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, load_bundle
+from AttentionUNetSegmentLib.evaluation.evaluate import dice_score
+from AttentionUNetSegmentLib.fileio.imageio import read_image
+from AttentionUNetSegmentLib.inference.predictor import Predictor
 
 MODEL_DIR = BUNDLED_MODELS_DIR / "hippocampus"
 SAMPLE = BUNDLED_MODELS_DIR.parent / "SampleData" / "MNI152_hippocampus_left_T1.nii.gz"

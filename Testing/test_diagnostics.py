@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from AttentionUNetSegmentLib.diagnostics import check_gradient_flow, summarize
-from AttentionUNetSegmentLib.network import AttentionUNet
+from AttentionUNetSegmentLib.model.diagnostics import check_gradient_flow, summarize
+from AttentionUNetSegmentLib.model.network import AttentionUNet
 
 
 def test_single_conv_flops_match_hand_count():

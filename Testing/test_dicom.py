@@ -24,11 +24,11 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
-from AttentionUNetSegmentLib import dicomio  # noqa: E402
-from AttentionUNetSegmentLib.bundle import load_bundle  # noqa: E402
-from AttentionUNetSegmentLib.cli import segment_files  # noqa: E402
+from AttentionUNetSegmentLib.fileio import dicomio  # noqa: E402
+from AttentionUNetSegmentLib.model.bundle import load_bundle  # noqa: E402
+from AttentionUNetSegmentLib.cli.main import segment_files  # noqa: E402
 from AttentionUNetSegmentLib.errors import AttentionUNetError, InputImageError  # noqa: E402
-from AttentionUNetSegmentLib.imageio import files_read_for  # noqa: E402
+from AttentionUNetSegmentLib.fileio.imageio import files_read_for  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MPRAGE = REPO_ROOT.parent / "shared" / "data" / "dicom" / "mprage_trio"
@@ -426,7 +426,7 @@ def test_localised_labels_1_to_4_with_laterality_round_trip_through_dcmqi(tmp_pa
     """The shipped model's per-side labels (values 1-4, terminology with Left/Right modifiers) on an oblique
     series, written by the real SEG writer and converted back by dcmqi."""
     pytest.importorskip("highdicom")
-    from AttentionUNetSegmentLib.dicomseg import build_segmentation, save_segmentation
+    from AttentionUNetSegmentLib.inference.dicomseg import build_segmentation, save_segmentation
 
     folder = tmp_path / "series"
     write_series(folder, _volume((12, 30, 32)), rotation=OBLIQUE)
@@ -453,7 +453,7 @@ def test_localised_labels_1_to_4_with_laterality_round_trip_through_dcmqi(tmp_pa
 
 def test_label_values_without_a_segment_and_other_grids_are_refused(tmp_path, tiny_bundle):
     pytest.importorskip("highdicom")
-    from AttentionUNetSegmentLib.dicomseg import build_segmentation
+    from AttentionUNetSegmentLib.inference.dicomseg import build_segmentation
 
     folder = tmp_path / "series"
     write_series(folder, _volume((6, 20, 24)))
@@ -489,7 +489,7 @@ def test_missing_highdicom_is_one_error_naming_the_extra(tmp_path, tiny_bundle):
     folder = tmp_path / "series"
     write_series(folder, _volume((6, 20, 24)))
     out = tmp_path / "out"
-    code = ("import sys; sys.modules['highdicom'] = None; from AttentionUNetSegmentLib.cli import main; "
+    code = ("import sys; sys.modules['highdicom'] = None; from AttentionUNetSegmentLib.cli.main import main; "
             f"sys.exit(main(['segment', {str(folder)!r}, '--output-dir', {str(out)!r}, '--model', "
             f"{str(tiny_bundle.path)!r}, '--dicom-seg']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -641,7 +641,7 @@ def test_dicom_seg_command_refuses_labels_on_another_grid(tmp_path):
 
 def test_the_dicom_extra_names_this_distribution_and_matches_the_slicer_requirements():
     tomllib = pytest.importorskip("tomllib")
-    from AttentionUNetSegmentLib.dicomseg import DISTRIBUTION
+    from AttentionUNetSegmentLib.inference.dicomseg import DISTRIBUTION
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     assert project["name"] == DISTRIBUTION

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from AttentionUNetSegmentLib.domain import domain_warnings, exceeds_field_of_view, measure_domain, world_extent
+from AttentionUNetSegmentLib.preprocessing.domain import domain_warnings, exceeds_field_of_view, measure_domain, world_extent
 
 CROPS = measure_domain([(36, 50, 36), (34, 52, 38), (38, 48, 34)], [(1.0, 1.0, 1.0)] * 3, modality="MRI")
 

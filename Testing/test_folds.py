@@ -16,16 +16,16 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AttentionUNetSegmentLib.bundle import (DIGEST_KEY, FOLDS_FORMAT_VERSION, MAX_WINDOW_BYTES, ModelBundle,
+from AttentionUNetSegmentLib.model.bundle import (DIGEST_KEY, FOLDS_FORMAT_VERSION, MAX_WINDOW_BYTES, ModelBundle,
                                             ModelRegistry, estimate_memory, file_sha256, load_bundle,
                                             parameter_count, read_metadata, save_bundle, save_ensemble)
-from AttentionUNetSegmentLib.cli import main
-from AttentionUNetSegmentLib.datasets import CaseRecord, load_dataset, plan_split, split_cases
+from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.training.datasets import CaseRecord, load_dataset, plan_split, split_cases
 from AttentionUNetSegmentLib.errors import DatasetError, ModelBundleError
-from AttentionUNetSegmentLib.inference import FoldEnsemble, Predictor
-from AttentionUNetSegmentLib.localization import Registration
-from AttentionUNetSegmentLib.network import AttentionUNet
-from AttentionUNetSegmentLib.training import train
+from AttentionUNetSegmentLib.inference.predictor import FoldEnsemble, Predictor
+from AttentionUNetSegmentLib.preprocessing.localization import Registration
+from AttentionUNetSegmentLib.model.network import AttentionUNet
+from AttentionUNetSegmentLib.training.trainer import train
 
 from bundle_edits import edit_metadata
 from conftest import REPO_ROOT, TINY_LABELS

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib.errors import InputImageError, OutputExistsError
-from AttentionUNetSegmentLib.imageio import (
+from AttentionUNetSegmentLib.fileio.imageio import (
     LPS_FROM_RAS,
     _read_with_nibabel,
     atomic_output,
@@ -221,7 +221,7 @@ def test_image_stem(name, stem):
 def test_a_truncated_nifti_is_caught(tmp_path, extension, version):
     """ITK's NIfTI writer leaves a short file without an error when the disk fills up; the check catches it (NIfTI-1
     as ITK writes it; NIfTI-2, as other writers make it, is read too)."""
-    from AttentionUNetSegmentLib.imageio import check_written_image
+    from AttentionUNetSegmentLib.fileio.imageio import check_written_image
 
     data = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32)
     path = tmp_path / f"full{extension}"

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 import torch
 
 from AttentionUNetSegmentLib.errors import AttentionUNetError, CancelledError, InputImageError
-from AttentionUNetSegmentLib.imageio import read_image
-from AttentionUNetSegmentLib.inference import (
+from AttentionUNetSegmentLib.fileio.imageio import read_image
+from AttentionUNetSegmentLib.inference.predictor import (
     IMPORTANCE_FLOOR,
     ROI_MARGIN_VOXELS,
     PRECISIONS,
@@ -24,9 +24,9 @@ from AttentionUNetSegmentLib.inference import (
     sliding_window_inference,
     window_starts,
 )
-from AttentionUNetSegmentLib.network import AttentionUNet
-from AttentionUNetSegmentLib.postprocessing import keep_largest_component
-from AttentionUNetSegmentLib.preprocessing import crop_to_roi, preprocess
+from AttentionUNetSegmentLib.model.network import AttentionUNet
+from AttentionUNetSegmentLib.inference.postprocessing import keep_largest_component
+from AttentionUNetSegmentLib.preprocessing.preprocess import crop_to_roi, preprocess
 from test_imageio import oblique_image
 
 
@@ -133,7 +133,7 @@ def test_mirror_axes_are_the_canonical_itk_axes_mapped_to_zyx_tensor_dims():
     tensor = torch.from_numpy(sitk.GetArrayFromImage(ramp))[None, None]
     np.testing.assert_array_equal(flipped_x, tensor.flip(mirror_sets(("x",))[1])[0, 0].numpy())
     # ... and training's "x" flip (augmentation on the same z, y, x arrays) is that same flip.
-    from AttentionUNetSegmentLib.augmentation import (AugmentationConfig, extract_patch, random_spatial_matrix,
+    from AttentionUNetSegmentLib.training.augmentation import (AugmentationConfig, extract_patch, random_spatial_matrix,
                                                       sampling_grid)
 
     config = AugmentationConfig(rotation_probability=0.0, scale_probability=0.0, flip_axes=("x",),
@@ -145,7 +145,7 @@ def test_mirror_axes_are_the_canonical_itk_axes_mapped_to_zyx_tensor_dims():
 
 
 def test_tta_is_refused_for_a_bundle_that_does_not_record_safe_mirror_axes(tiny_bundle, tmp_path):
-    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.model.bundle import create_metadata, save_bundle
 
     for axes, match in ((None, "does not record which axes"), ((), "trained without mirroring")):
         metadata = create_metadata("old", [label.to_dict() for label in tiny_bundle.labels], tiny_bundle.patch_size,
@@ -211,7 +211,7 @@ def test_precision_choice_reaches_the_forward_passes(model):
 
 
 def test_cli_offers_the_engine_precisions():
-    from AttentionUNetSegmentLib.cli import build_parser
+    from AttentionUNetSegmentLib.cli.main import build_parser
 
     parser = build_parser()
     for precision in PRECISIONS:
@@ -471,8 +471,8 @@ def test_progress_is_monotonic_and_cancel_stops_promptly(tiny_bundle):
 def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bundle, monkeypatch):
     """Out-of-memory is injected where CUDA would raise it (the window loop), on a predictor that believes it runs
     on a GPU with 4 windows per batch: 4 -> 2 -> 1 window(s), then the CPU in fp32 with the tuned CPU model."""
-    from AttentionUNetSegmentLib import inference
-    from AttentionUNetSegmentLib.acceleration import OneDNNConv3d, cpu_optimizations_available
+    from AttentionUNetSegmentLib.inference import predictor as inference
+    from AttentionUNetSegmentLib.model.acceleration import OneDNNConv3d, cpu_optimizations_available
 
     real = inference.sliding_window_inference
     attempts = []

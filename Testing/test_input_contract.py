@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib import cli
-from AttentionUNetSegmentLib.datasets import inspect_dataset, load_dataset
+from AttentionUNetSegmentLib.cli import main as cli
+from AttentionUNetSegmentLib.training.datasets import inspect_dataset, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError, InputImageError
-from AttentionUNetSegmentLib.imageio import (DEFAULT_MAX_VOXELS, LPS_FROM_RAS, MAX_VOXELS_VARIABLE, read_image,
+from AttentionUNetSegmentLib.fileio.imageio import (DEFAULT_MAX_VOXELS, LPS_FROM_RAS, MAX_VOXELS_VARIABLE, read_image,
                                              read_label)
-from AttentionUNetSegmentLib.preprocessing import normalize
+from AttentionUNetSegmentLib.preprocessing.preprocess import normalize
 
 try:
     import resource
@@ -346,7 +346,7 @@ def test_header_scaling_that_overflows_is_reported_as_the_headers_scaling(tmp_pa
 
 
 def test_the_nibabel_reader_scales_like_itk_in_float32(tmp_path):
-    from AttentionUNetSegmentLib.imageio import _read_with_nibabel
+    from AttentionUNetSegmentLib.fileio.imageio import _read_with_nibabel
 
     nifti = nib.Nifti1Image(smooth_volume().astype(np.int16).transpose(2, 1, 0), np.diag([1.0, 1.0, 2.0, 1.0]))
     nifti.header.set_slope_inter(2.0, 1.0)
@@ -456,7 +456,7 @@ def test_a_pairs_csv_that_is_not_a_regular_file_is_refused(tmp_path):
 
 
 def test_evaluation_references_go_through_the_reader_checks(tmp_path):
-    from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate
+    from AttentionUNetSegmentLib.evaluation.evaluate import EvaluationCase, evaluate
 
     (tmp_path / "case.nii.gz").write_bytes(gzip.compress(nifti_bytes((1300, 1300, 1300), np.uint8)))
     with pytest.raises(DatasetError, match=r"case case: .*case.nii.gz declares size 1300 x 1300 x 1300"):

@@ -18,8 +18,8 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from AttentionUNetSegmentLib.bundle import BUNDLED_MODELS_DIR, create_metadata, load_bundle, save_bundle
-from AttentionUNetSegmentLib.localization import fraction_inside, register
+from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, create_metadata, load_bundle, save_bundle
+from AttentionUNetSegmentLib.preprocessing.localization import fraction_inside, register
 
 from conftest import REPO_ROOT, TINY_LABELS
 

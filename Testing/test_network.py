@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from AttentionUNetSegmentLib.network import (
+from AttentionUNetSegmentLib.model.network import (
     GATE_OPEN_BIAS,
     AttentionGate,
     AttentionMapRecorder,

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.bundle import LabelInfo
+from AttentionUNetSegmentLib.model.bundle import LabelInfo
 from AttentionUNetSegmentLib.errors import OutputExistsError
-from AttentionUNetSegmentLib.inference import Prediction
-from AttentionUNetSegmentLib.outputs import (
+from AttentionUNetSegmentLib.inference.predictor import Prediction
+from AttentionUNetSegmentLib.inference.outputs import (
     plan_outputs,
     safe_name,
     segment_statistics,

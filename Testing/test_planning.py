@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from AttentionUNetSegmentLib.planning import CaseFingerprint, DatasetFingerprint, TrainingPlan, plan_training
+from AttentionUNetSegmentLib.training.planning import CaseFingerprint, DatasetFingerprint, TrainingPlan, plan_training
 
 
 def _fingerprint(spacings, sizes, modality="MRI", intensities=()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.postprocessing import keep_central_component
+from AttentionUNetSegmentLib.inference.postprocessing import keep_central_component
 
 
 def test_the_component_near_the_box_centre_wins_over_a_larger_one_at_the_edge():

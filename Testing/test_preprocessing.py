@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib.errors import InputImageError, ModelBundleError
-from AttentionUNetSegmentLib.imageio import read_image
-from AttentionUNetSegmentLib.preprocessing import (
+from AttentionUNetSegmentLib.fileio.imageio import read_image
+from AttentionUNetSegmentLib.preprocessing.preprocess import (
     PreprocessingSpec,
     crop_to_roi,
     normalize,
@@ -223,7 +223,7 @@ def test_central_zscore_is_not_disturbed_by_what_surrounds_the_structure():
 
 
 def test_planned_central_zscore_covers_the_median_field_of_view():
-    from AttentionUNetSegmentLib.planning import CaseFingerprint, DatasetFingerprint, plan_normalization
+    from AttentionUNetSegmentLib.training.planning import CaseFingerprint, DatasetFingerprint, plan_normalization
 
     cases = [CaseFingerprint(f"c{i}", (1.0, 1.0, 2.0), (35 + i, 50, 18), {1: 10}, [1.0]) for i in range(3)]
     assert plan_normalization(DatasetFingerprint(cases), "zscore-central") == {

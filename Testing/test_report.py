@@ -15,10 +15,10 @@ import SimpleITK as sitk
 
 pytest.importorskip("matplotlib")
 
-from AttentionUNetSegmentLib import cli  # noqa: E402
-from AttentionUNetSegmentLib.bundle import LabelInfo  # noqa: E402
-from AttentionUNetSegmentLib.outputs import plan_outputs, segment_statistics, side_statistics  # noqa: E402
-from AttentionUNetSegmentLib.report import (  # noqa: E402
+from AttentionUNetSegmentLib.cli import main as cli  # noqa: E402
+from AttentionUNetSegmentLib.model.bundle import LabelInfo  # noqa: E402
+from AttentionUNetSegmentLib.inference.outputs import plan_outputs, segment_statistics, side_statistics  # noqa: E402
+from AttentionUNetSegmentLib.inference.report import (  # noqa: E402
     EDGE_LETTERS,
     RESEARCH_USE,
     Structure,
@@ -264,7 +264,7 @@ def test_preview_has_a_legend_orientation_letters_and_equal_panels(tiny_bundle, 
     six panels of one size in aligned rows and columns."""
     import matplotlib.image
 
-    from AttentionUNetSegmentLib import preview
+    from AttentionUNetSegmentLib.inference import preview
     from test_cli import make_volume
 
     image = tmp_path / "case.nii.gz"
@@ -295,7 +295,7 @@ WHOLE_HEAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "w
 def test_report_of_a_real_whole_head_with_the_bundled_model(tmp_path, capsys):
     """The default model on a real head: a localised run's PDF names the four per-side segments with their volumes
     and the asymmetry index; the same page drawn to PNG has a row per side with both sides' outlines."""
-    from AttentionUNetSegmentLib.imageio import read_image
+    from AttentionUNetSegmentLib.fileio.imageio import read_image
 
     out = tmp_path / "out"
     assert cli.main(["segment", str(WHOLE_HEAD), "--output-dir", str(out), "--device", "cpu",

@@ -26,8 +26,8 @@ sitk = pytest.importorskip("SimpleITK")
 slicerio = pytest.importorskip("slicerio")
 vtk = pytest.importorskip("vtk")
 
-from AttentionUNetSegmentLib.bundle import DIGEST_KEY, LabelInfo, metadata_digest  # noqa: E402
-from AttentionUNetSegmentLib.outputs import slicer_segmentation  # noqa: E402
+from AttentionUNetSegmentLib.model.bundle import DIGEST_KEY, LabelInfo, metadata_digest  # noqa: E402
+from AttentionUNetSegmentLib.inference.outputs import slicer_segmentation  # noqa: E402
 from AttentionUNetSlicer.engineProcess import EtaEstimator  # noqa: E402
 from slicer_module_shims import install_missing_modules, load_module  # noqa: E402
 
@@ -630,8 +630,8 @@ def test_label_values_above_255_survive_the_engine_the_scene_and_the_export(env,
     label map and the CSV volumes; a segment whose value a label map cannot hold is exported under a free value."""
     import torch
 
-    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     torch.manual_seed(0)
     model = AttentionUNet(in_channels=1, out_channels=3, channels=(4, 8, 16))
@@ -970,7 +970,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     assert row["left (mL)"] == f"{report['sides']['left']['volume_ml']:.3f}"
     assert float(row["asymmetry index"]) == pytest.approx(report["asymmetry_index"], abs=1e-4)
     # The engine's summary.csv row of the same report has the same cells.
-    from AttentionUNetSegmentLib.outputs import summary_row
+    from AttentionUNetSegmentLib.inference.outputs import summary_row
 
     engine = summary_row(volume.GetName(), "done", row["model"], row["model_version"], report)
     assert {name: engine.get(name, "") for name in columns} == row

@@ -14,13 +14,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from AttentionUNetSegmentLib.bundle import load_bundle
-from AttentionUNetSegmentLib.cli import main
-from AttentionUNetSegmentLib.datasets import CaseCache, load_dataset
+from AttentionUNetSegmentLib.model.bundle import load_bundle
+from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.training.datasets import CaseCache, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError
-from AttentionUNetSegmentLib.preprocessing import PreprocessingSpec
-from AttentionUNetSegmentLib.inference import Predictor
-from AttentionUNetSegmentLib.training import TrainingConfig, epoch_label, to_channel_labels, train
+from AttentionUNetSegmentLib.preprocessing.preprocess import PreprocessingSpec
+from AttentionUNetSegmentLib.inference.predictor import Predictor
+from AttentionUNetSegmentLib.training.trainer import TrainingConfig, epoch_label, to_channel_labels, train
 
 SHAPE = (20, 24, 20)  # (z, y, x)
 

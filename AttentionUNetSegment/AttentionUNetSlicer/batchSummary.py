@@ -19,14 +19,14 @@ class BatchSummary:
     @staticmethod
     def summaryRow(volume, status: str, model: Sequence[str], message: str = "") -> Dict[str, str]:
         """The row of a volume that was not segmented (``model``: name and version)."""
-        from AttentionUNetSegmentLib.outputs import summary_row
+        from AttentionUNetSegmentLib.inference.outputs import summary_row
 
         return summary_row(volume.GetName(), status, model[0], model[1], error=message)
 
     def resultSummaryRow(self, result: SegmentationResult) -> Dict[str, str]:
         """A segmented volume's row: every segment's mL, per-side totals and the asymmetry index for a located
         run, its warnings (the engine's ``summary_row``, as in ``summary.csv``)."""
-        from AttentionUNetSegmentLib.outputs import summary_row
+        from AttentionUNetSegmentLib.inference.outputs import summary_row
 
         return summary_row(result.inputVolume.GetName(), "done", result.provenance.get("Model", ""),
                            result.provenance.get("ModelVersion", ""), self.summaryReport(result))
@@ -34,7 +34,7 @@ class BatchSummary:
     def createSummaryTable(self, rows: Sequence[Dict[str, str]], results: Sequence[SegmentationResult]):
         """A table node with the columns of the engine's ``summary.csv`` for these results (``summary_columns``),
         one row per volume."""
-        from AttentionUNetSegmentLib.outputs import summary_columns
+        from AttentionUNetSegmentLib.inference.outputs import summary_columns
 
         columns = summary_columns([self.summaryReport(result) for result in results])
         table = slicer.mrmlScene.AddNewNodeByClass(

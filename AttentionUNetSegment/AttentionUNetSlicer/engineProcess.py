@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-from AttentionUNetSegmentLib.domain import LOCALIZE_MODES
+from AttentionUNetSegmentLib.preprocessing.domain import LOCALIZE_MODES
 
 #: Seconds a cancelled engine gets to exit after SIGTERM before it is killed.
 CANCEL_GRACE_SECONDS = 3.0

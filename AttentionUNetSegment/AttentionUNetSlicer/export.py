@@ -41,7 +41,7 @@ class Export:
     def _segmentLabels(segmentationNode) -> List[Any]:
         """``(value, name, color)`` of every segment; values are the stored label values, made unique and within
         1..32767 (a label map is 16-bit signed: Slicer's export would clip larger values)."""
-        from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE, LabelInfo
+        from AttentionUNetSegmentLib.model.bundle import MAX_LABEL_VALUE, LabelInfo
 
         segments = segmentationNode.GetSegmentation()
         labels, used = [], set()
@@ -143,7 +143,7 @@ class Export:
         nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
         written paths by kind."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
-        from AttentionUNetSegmentLib.imageio import atomic_output, check_written_image
+        from AttentionUNetSegmentLib.fileio.imageio import atomic_output, check_written_image
 
         if fileFormat not in OUTPUT_FORMATS:
             raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {OUTPUT_FORMATS}.")
@@ -210,8 +210,8 @@ class Export:
         segments as they are now, model, device and warnings from the run's provenance. Existing files are kept
         unless ``force``. Returns the path."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
-        from AttentionUNetSegmentLib.imageio import read_image, read_label
-        from AttentionUNetSegmentLib.report import write_report_pdf
+        from AttentionUNetSegmentLib.fileio.imageio import read_image, read_label
+        from AttentionUNetSegmentLib.inference.report import write_report_pdf
 
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         if referenceVolume is None:

@@ -27,7 +27,7 @@ class InputChecks:
     def willLocalize(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True) -> bool:
         """Whether the engine will locate the structure (``--localize auto``): the model has a localiser, no
         Region is chosen and the volume's field of view exceeds the model's (the engine's own test)."""
-        from AttentionUNetSegmentLib.domain import exceeds_field_of_view
+        from AttentionUNetSegmentLib.preprocessing.domain import exceeds_field_of_view
 
         image = volumeNode.GetImageData()
         if not (self.hasLocalizer(bundle) and locateAutomatically and not roi and image is not None):
@@ -52,7 +52,7 @@ class InputChecks:
     def _domainCheck(self, volumeNode, bundle: "ModelBundle", roi, fieldOfView: bool) -> List[str]:
         """``domain_warnings`` on the volume's grid (or the ROI's part of it); ``fieldOfView=False`` skips the
         field-of-view check."""
-        from AttentionUNetSegmentLib.domain import domain_warnings
+        from AttentionUNetSegmentLib.preprocessing.domain import domain_warnings
 
         domain = bundle.metadata.get("domain")
         image = volumeNode.GetImageData()

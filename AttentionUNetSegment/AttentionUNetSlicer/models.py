@@ -11,7 +11,7 @@ class ModelCatalog:
     """Logic part: the installed models (metadata only; nothing heavy is imported)."""
 
     def modelRegistry(self) -> "ModelRegistry":
-        from AttentionUNetSegmentLib.bundle import ModelRegistry
+        from AttentionUNetSegmentLib.model.bundle import ModelRegistry
 
         return ModelRegistry(self.modelSearchPath)
 

@@ -123,7 +123,7 @@ class SceneImport:
     def _readReport(files: Dict[str, Any]) -> Dict[str, Any]:
         """The engine's ``<stem>_report.json`` (empty when the engine listed none)."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
-        from AttentionUNetSegmentLib.jsonfile import read_json
+        from AttentionUNetSegmentLib.fileio.jsonfile import read_json
 
         if not files.get("report"):
             return {}
@@ -301,7 +301,7 @@ class SceneImport:
 def _reportSegments(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     """The run's segments as its report lists them (a located run has one per side and part): value, name, side
     (``None`` unless located), voxels and mL, as the engine counted them on the input's grid."""
-    from AttentionUNetSegmentLib.bundle import MAX_LABEL_VALUE
+    from AttentionUNetSegmentLib.model.bundle import MAX_LABEL_VALUE
 
     rows = []
     for item in report.get("segments") or []:

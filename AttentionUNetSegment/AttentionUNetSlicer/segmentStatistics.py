@@ -33,7 +33,7 @@ def sideTotals(rows: Sequence[Dict[str, Any]]):
     """``(sides, asymmetry)``: the engine's ``side_statistics`` of the segment rows (voxels and mL per side, the
     asymmetry index (L - R) / ((L + R) / 2)), sides in left/right order; ``({}, None)`` when no row has a side (a
     crop), and no index unless both sides are present."""
-    from AttentionUNetSegmentLib.outputs import side_statistics
+    from AttentionUNetSegmentLib.inference.outputs import side_statistics
 
     totals, asymmetry = side_statistics(rows)
     sides = {side: totals[side] for side in SIDES if side in (totals or {})}

@@ -164,8 +164,8 @@ def fixed_seed_bundle(work_dir: Path, patch: int, spacing: float, channels: Sequ
         return directory
     import torch
 
-    from AttentionUNetSegmentLib.bundle import create_metadata, save_bundle
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     torch.manual_seed(0)
     metadata = create_metadata(
@@ -238,9 +238,9 @@ def head_volume(work_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- workers
 def run_ours(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str, Any]) -> Dict[str, Any]:
-    from AttentionUNetSegmentLib.bundle import load_bundle
-    from AttentionUNetSegmentLib.imageio import read_image, write_image
-    from AttentionUNetSegmentLib.inference import Predictor
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
+    from AttentionUNetSegmentLib.fileio.imageio import read_image, write_image
+    from AttentionUNetSegmentLib.inference.predictor import Predictor
 
     predictor = Predictor(load_bundle(bundle_path), device=spec.get("device", "cpu"), overlap=0.5)
     baseline = bc.current_rss_mb()
@@ -259,7 +259,7 @@ def run_monai(image_path: Path, bundle_path: Path, output: Path, spec: Dict[str,
     from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, Invertd, LoadImaged,
                                   NormalizeIntensityd, Orientationd, SaveImaged, Spacingd)
 
-    from AttentionUNetSegmentLib.bundle import load_bundle
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     model = bundle.build_model("cpu").eval()
@@ -301,7 +301,7 @@ def run_monai_sitk(image_path: Path, bundle_path: Path, output: Path, spec: Dict
     import torch
     from monai.inferers import sliding_window_inference
 
-    from AttentionUNetSegmentLib.bundle import load_bundle
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
 
     bundle = load_bundle(bundle_path)
     model = bundle.build_model("cpu").eval()

@@ -38,7 +38,7 @@ def build(implementation: str, channels, out_channels: int = 3):
         from monai.networks.nets import AttentionUnet
 
         return AttentionUnet(3, 1, out_channels, channels, strides=(2,) * (len(channels) - 1)).eval()
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     return AttentionUNet(1, out_channels, channels).eval()
 
@@ -58,7 +58,7 @@ def work(spec: Dict[str, Any]) -> Dict[str, Any]:
     model = build(spec["implementation"], channels)
     x = torch.randn(1, 1, patch, patch, patch)
     if spec["implementation"] == "ours-optimised":
-        from AttentionUNetSegmentLib.acceleration import optimize_for_inference
+        from AttentionUNetSegmentLib.model.acceleration import optimize_for_inference
 
         model = optimize_for_inference(model, "cpu")
     baseline = bc.current_rss_mb()

@@ -43,7 +43,7 @@ def work(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     device = torch.device(spec["device"])
     dtype_name, use_scaler, checkpointing = VARIANTS[spec["variant"]]

@@ -234,9 +234,9 @@ def main() -> int:
         print(f"needs {HEADS} and {HIPPODEEP}", file=sys.stderr)
         return 2
     sys.path.insert(0, str(REPO_ROOT / "AttentionUNetSegment"))
-    from AttentionUNetSegmentLib.bundle import ModelRegistry
-    from AttentionUNetSegmentLib.imageio import read_image
-    from AttentionUNetSegmentLib.inference import Predictor
+    from AttentionUNetSegmentLib.model.bundle import ModelRegistry
+    from AttentionUNetSegmentLib.fileio.imageio import read_image
+    from AttentionUNetSegmentLib.inference.predictor import Predictor
 
     predictor = Predictor(ModelRegistry().resolve(args.model), device="cpu")
     heads = sorted((HEADS / "images").glob("*.nii.gz"))

@@ -34,10 +34,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from AttentionUNetSegmentLib.bundle import ModelRegistry
-    from AttentionUNetSegmentLib.inference import Predictor
-    from AttentionUNetSegmentLib.jsonfile import read_json
-    from AttentionUNetSegmentLib.postprocessing import keep_central_component, keep_largest_component
+    from AttentionUNetSegmentLib.model.bundle import ModelRegistry
+    from AttentionUNetSegmentLib.inference.predictor import Predictor
+    from AttentionUNetSegmentLib.fileio.jsonfile import read_json
+    from AttentionUNetSegmentLib.inference.postprocessing import keep_central_component, keep_largest_component
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("crops", type=Path, help="a make_head_crops.py dataset folder")

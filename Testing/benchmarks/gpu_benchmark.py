@@ -60,7 +60,7 @@ def window_flops(channels, patch: int) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from AttentionUNetSegmentLib.network import AttentionUNet
+    from AttentionUNetSegmentLib.model.network import AttentionUNet
 
     model = AttentionUNet(1, 3, channels).to("meta").eval()
     counter = FlopCounterMode(display=False)
@@ -73,10 +73,10 @@ def count_windows(image_path: Path, bundle_path: Path) -> int:
     """Windows the engine runs for this image (from the preprocessed size and the engine's window layout)."""
     import itertools
 
-    from AttentionUNetSegmentLib import inference
-    from AttentionUNetSegmentLib.bundle import load_bundle
-    from AttentionUNetSegmentLib.imageio import read_image
-    from AttentionUNetSegmentLib.preprocessing import preprocess
+    from AttentionUNetSegmentLib.inference import predictor as inference
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
+    from AttentionUNetSegmentLib.fileio.imageio import read_image
+    from AttentionUNetSegmentLib.preprocessing.preprocess import preprocess
 
     bundle = load_bundle(bundle_path)
     prepared = preprocess(read_image(image_path), bundle.preprocessing)
@@ -91,9 +91,9 @@ def inference_work(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Worker: cold + warm end-to-end runs of one precision; returns times and stage breakdowns."""
     import torch
 
-    from AttentionUNetSegmentLib import inference
-    from AttentionUNetSegmentLib.bundle import load_bundle
-    from AttentionUNetSegmentLib.imageio import read_image, write_image
+    from AttentionUNetSegmentLib.inference import predictor as inference
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
+    from AttentionUNetSegmentLib.fileio.imageio import read_image, write_image
 
     if spec["precision"] == "fp32":  # true fp32, not TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = False

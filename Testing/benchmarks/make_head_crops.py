@@ -41,8 +41,8 @@ def crop_side(image: sitk.Image, label: sitk.Image, transform: sitk.Transform, b
               spacing: Sequence[float], value: int) -> "tuple[sitk.Image, sitk.Image]":
     """Template box ``box`` plus its context margin on the grid ``predict_localized`` resamples onto, and the
     side's label (``value`` -> 1) on the same grid."""
-    from AttentionUNetSegmentLib.inference import ROI_MARGIN_VOXELS
-    from AttentionUNetSegmentLib.localization import box_grid
+    from AttentionUNetSegmentLib.inference.predictor import ROI_MARGIN_VOXELS
+    from AttentionUNetSegmentLib.preprocessing.localization import box_grid
 
     margin = np.repeat(np.asarray(spacing, float) * ROI_MARGIN_VOXELS, 2)
     context = [v - m if i % 2 == 0 else v + m for i, (v, m) in enumerate(zip(box, margin))]
@@ -56,10 +56,10 @@ def crop_side(image: sitk.Image, label: sitk.Image, transform: sitk.Transform, b
 
 
 def build(output: Path, cases: Sequence[str], heads: Path, model: Optional[str], force: bool) -> int:
-    from AttentionUNetSegmentLib.bundle import ModelRegistry
+    from AttentionUNetSegmentLib.model.bundle import ModelRegistry
     from AttentionUNetSegmentLib.errors import AttentionUNetError
-    from AttentionUNetSegmentLib.imageio import read_image, read_label
-    from AttentionUNetSegmentLib.localization import check_plausible, read_template, register
+    from AttentionUNetSegmentLib.fileio.imageio import read_image, read_label
+    from AttentionUNetSegmentLib.preprocessing.localization import check_plausible, read_template, register
 
     output = output.resolve()
     if REPO_ROOT == output or REPO_ROOT in output.parents:

@@ -43,16 +43,16 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib import bundle as bundle_module
-from AttentionUNetSegmentLib.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, METADATA_FILE,
+from AttentionUNetSegmentLib.model import bundle as bundle_module
+from AttentionUNetSegmentLib.model.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY, METADATA_FILE,
                                             SINGLE_WEIGHTS_FORMAT_VERSION, create_metadata, file_sha256, load_bundle,
                                             metadata_digest, save_bundle)
-from AttentionUNetSegmentLib.domain import measure_domain
+from AttentionUNetSegmentLib.preprocessing.domain import measure_domain
 from AttentionUNetSegmentLib.errors import ModelBundleError
-from AttentionUNetSegmentLib.imageio import atomic_output
-from AttentionUNetSegmentLib.jsonfile import read_json
-from AttentionUNetSegmentLib.evaluation import EvaluationCase, evaluate, write_report
-from AttentionUNetSegmentLib.inference import Predictor
+from AttentionUNetSegmentLib.fileio.imageio import atomic_output
+from AttentionUNetSegmentLib.fileio.jsonfile import read_json
+from AttentionUNetSegmentLib.evaluation.evaluate import EvaluationCase, evaluate, write_report
+from AttentionUNetSegmentLib.inference.predictor import Predictor
 
 TEMPLATE_FILE, TEMPLATE_LICENSE_FILE = "template.nii.gz", "LICENSE-MNI152.txt"
 VERSION = "2.0.0"

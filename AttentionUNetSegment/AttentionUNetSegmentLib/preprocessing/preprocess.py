@@ -13,7 +13,7 @@ from typing import Dict, Iterator, Mapping, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError, ModelBundleError
+from ..errors import InputImageError, ModelBundleError
 
 NORMALIZATION_SCHEMES = ("zscore", "ct")
 

@@ -20,7 +20,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError
+from ..errors import InputImageError
 from .imageio import SHEAR_TOLERANCE_VOXELS, _check_voxel_count, _orthonormal_direction, validate_image
 
 PathLike = Union[str, Path]
@@ -85,7 +85,7 @@ class DicomSeries:
     @property
     def stem(self) -> str:
         """The output file name stem: the series description, else its UID, made safe for file names."""
-        from .outputs import safe_name
+        from ..inference.outputs import safe_name
 
         return safe_name(self.description or self.uid)
 

@@ -33,15 +33,15 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .constants import OUTPUT_FORMATS
-from .bundle import LabelInfo, ModelBundle
-from .errors import AttentionUNetError, OutputExistsError
-from .imageio import atomic_output, files_read_for, temporary_path, write_partial
+from .. import __version__
+from ..constants import OUTPUT_FORMATS
+from ..model.bundle import LabelInfo, ModelBundle
+from ..errors import AttentionUNetError, OutputExistsError
+from ..fileio.imageio import atomic_output, files_read_for, temporary_path, write_partial
 
 if TYPE_CHECKING:
-    from .dicomio import DicomSeries
-    from .inference import Prediction
+    from ..fileio.dicomio import DicomSeries
+    from .predictor import Prediction
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -24,16 +24,16 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
-from . import __version__
+from .. import __version__
 from .arguments import positive_int
-from .bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
-from .constants import DEVICES
-from .domain import LOCALIZE_MODES, exceeds_field_of_view
-from .errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError
-from .jsonfile import read_json
-from .outputs import (OUTPUT_FORMATS, SUMMARY_NAME, OutputPaths, check_writable, plan_outputs, summary_columns,
+from ..model.bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry, device_memory, estimate_memory
+from ..constants import DEVICES
+from ..preprocessing.domain import LOCALIZE_MODES, exceeds_field_of_view
+from ..errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError
+from ..fileio.jsonfile import read_json
+from ..inference.outputs import (OUTPUT_FORMATS, SUMMARY_NAME, OutputPaths, check_writable, plan_outputs, summary_columns,
                       summary_row, write_prediction, write_summary)
-from .progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
+from ..progress import PROGRESS_KINDS, default_progress_kind, make_progress, scaled
 
 #: Where the demo's sample volume is (next to the bundled models).
 SAMPLE_DATA_DIR = RESOURCES_DIR / "SampleData"
@@ -179,7 +179,7 @@ def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
     for a folder whose series is refused: its error, by input index, is in the second value so a batch records
     it as that input's failure); ``--series`` and ``--dicom-seg`` are refused where they cannot apply, and
     ``--dicom-seg`` without highdicom."""
-    from .dicomio import find_series, is_series_input
+    from ..fileio.dicomio import find_series, is_series_input
 
     folders = [is_series_input(path) for path in inputs]
     if series is not None and not any(folders):
@@ -190,7 +190,7 @@ def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
         if plain:
             raise UsageError(f"--dicom-seg writes a DICOM Segmentation of a DICOM series, but {plain[0]} is not a "
                              "DICOM folder; give the series' folder or drop --dicom-seg")
-        from .dicomseg import require_highdicom
+        from ..inference.dicomseg import require_highdicom
 
         require_highdicom()
     sources: List[Any] = []
@@ -206,7 +206,7 @@ def _dicom_sources(inputs: Sequence[str], series: Optional[str], dicom_seg: bool
 
 def _study_inputs(inputs: Sequence[str], series: Optional[str]) -> List[str]:
     """``inputs`` with every folder of DICOM studies replaced by its series folders (``dicomio.study_folders``)."""
-    from .dicomio import is_series_input, study_folders
+    from ..fileio.dicomio import is_series_input, study_folders
 
     return [str(folder) for path in inputs
             for folder in (study_folders(path, series) if is_series_input(path) else [path])]
@@ -215,8 +215,8 @@ def _study_inputs(inputs: Sequence[str], series: Optional[str]) -> List[str]:
 def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
     """File names without their image extension; a DICOM series' description or UID (``DicomSeries.stem``), and
     where several series share a description (one protocol over many studies) with the end of their UID."""
-    from .imageio import image_stem
-    from .outputs import safe_name
+    from ..fileio.imageio import image_stem
+    from ..inference.outputs import safe_name
 
     stems = [source.stem if source is not None else image_stem(path) for path, source in zip(inputs, sources)]
     folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one
@@ -279,17 +279,17 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     writes ``<stem>_seg.dcm``; patient data goes into no other output unless ``keep_patient_info`` (the report's
     ``patient``).
     """
-    from .dicomio import read_series
-    from .domain import domain_warnings
-    from .imageio import read_image, remove_stale_temporaries
-    from .preprocessing import crop_to_roi
+    from ..fileio.dicomio import read_series
+    from ..preprocessing.domain import domain_warnings
+    from ..fileio.imageio import read_image, remove_stale_temporaries
+    from ..preprocessing.preprocess import crop_to_roi
 
     if localize not in LOCALIZE_MODES:
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
     warn = warn or (lambda _text: None)
     if report_pdf:
-        from .report import require_matplotlib
+        from ..inference.report import require_matplotlib
 
         require_matplotlib()
     inputs = _study_inputs(inputs, series)
@@ -342,11 +342,11 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     spec = bundle.localization if any(localized.values()) else None
     template = None
     if spec is not None:
-        from .localization import read_template
+        from ..preprocessing.localization import read_template
 
         template = read_template(spec)
 
-    from .inference import Predictor
+    from ..inference.predictor import Predictor
 
     predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
     needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size, folds=bundle.fold_count)
@@ -432,7 +432,7 @@ def _write_summary(path: Path, stems: Sequence[str], written: Mapping[str, Outpu
 def _predict_localized(predictor, image, spec, template, attention: bool, probabilities: bool,
                        largest_component: bool, report):
     """Register ``image`` to the bundle's template, check the result, and segment each side's box."""
-    from .localization import check_plausible, map_box, register
+    from ..preprocessing.localization import check_plausible, map_box, register
 
     report("localize", 0.0, "Locating the structure (registration to the model's template)")
     registration = register(image, template)
@@ -537,7 +537,7 @@ def _configure_dicom_seg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_dicom_seg(args: argparse.Namespace) -> int:
     """Write a DICOM SEG of an existing label map (the Slicer module's Export > DICOM SEG runs this)."""
-    from .dicomseg import write_dicom_seg
+    from ..inference.dicomseg import write_dicom_seg
 
     path = write_dicom_seg(args.labels, args.source, args.segments, args.output, tuple(args.algorithm),
                            series_uid=args.series, force=args.force)
@@ -576,7 +576,7 @@ def _whole_head_line(section: Any) -> str:
 def model_card(bundle: ModelBundle) -> str:
     """A Markdown model card of ``bundle`` from its ``model.json``: what it segments, its networks, data, training
     and metrics, and a fold ensemble's cross-validation table."""
-    from .ensemble import cross_validation_table
+    from ..model.ensemble import cross_validation_table
 
     metadata = bundle.metadata
     metrics = metadata.get("metrics") if isinstance(metadata.get("metrics"), dict) else {}
@@ -665,7 +665,7 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _network_and_size(args: argparse.Namespace):
-    from .network import AttentionUNet
+    from ..model.network import AttentionUNet
 
     if args.channels:
         if len(args.channels) < 2:
@@ -684,7 +684,7 @@ def _network_and_size(args: argparse.Namespace):
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from .diagnostics import summarize
+    from ..model.diagnostics import summarize
 
     model, size_zyx = _network_and_size(args)
     print(summarize(model, size_zyx).format_table())
@@ -694,7 +694,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_gradcheck(args: argparse.Namespace) -> int:
     import torch
 
-    from .diagnostics import check_gradient_flow
+    from ..model.diagnostics import check_gradient_flow
 
     model, size_zyx = _network_and_size(args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -718,7 +718,7 @@ def _check_demo_folder(folder: Path, stem: str, force: bool) -> None:
     """The demo refreshes its own folder: it may hold nothing but what a demo run writes (``<stem>_seg.nii.gz``,
     ``_seg.seg.nrrd``, ``_attention_<k>.nii.gz``, ``_report.json``, ``_preview.png`` and this tool's temporary
     folders), or anything with ``force`` (then only the demo's own files are replaced)."""
-    from .imageio import TEMP_DIR_PREFIX
+    from ..fileio.imageio import TEMP_DIR_PREFIX
 
     if not folder.exists() or force:
         return
@@ -739,9 +739,9 @@ def _check_demo_folder(folder: Path, stem: str, force: bool) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Segment the bundled sample into ``--output-dir`` and draw the preview; run again, it refreshes the
     folder's demo files (``_check_demo_folder``)."""
-    from .imageio import image_stem
-    from .preview import write_preview
-    from .report import require_matplotlib
+    from ..fileio.imageio import image_stem
+    from ..inference.preview import write_preview
+    from ..inference.report import require_matplotlib
 
     require_matplotlib()
     sample = find_sample()
@@ -758,9 +758,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------- main
 #: Commands provided by the training modules (issue 3): command -> module.
-OPTIONAL_COMMANDS = {"train": ("training", "train a model on a labelled dataset"),
-                     "evaluate": ("evaluation", "score a model against reference segmentations"),
-                     "ensemble": ("ensemble", "combine the fold bundles of a cross-validation into one model")}
+ENGINE_PACKAGE = __package__.rpartition(".")[0]
+OPTIONAL_COMMANDS = {"train": ("training.trainer", "train a model on a labelled dataset"),
+                     "evaluate": ("evaluation.evaluate", "score a model against reference segmentations"),
+                     "ensemble": ("model.ensemble", "combine the fold bundles of a cross-validation into one model")}
 
 
 def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
@@ -807,11 +808,11 @@ def build_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParse
 
     requested = next((arg for arg in (argv or ()) if not arg.startswith("-")), None)
     for command, (name, summary_line) in OPTIONAL_COMMANDS.items():
-        if importlib.util.find_spec(f"{__package__}.{name}") is None:
+        if importlib.util.find_spec(f"{ENGINE_PACKAGE}.{name}") is None:
             continue
         sub = commands.add_parser(command, help=summary_line)
         if command == requested:
-            module = importlib.import_module(f".{name}", __package__)
+            module = importlib.import_module(f"{ENGINE_PACKAGE}.{name}")
             module.configure_parser(sub)
             sub.set_defaults(handler=module.run_from_args)
     return parser

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .bundle import ModelBundle, ModelRegistry, create_metadata, save_ensemble
-from .errors import AttentionUNetError, ModelBundleError, OutputExistsError
+from ..errors import AttentionUNetError, ModelBundleError, OutputExistsError
 
 #: Sections every fold must share: what inference runs, and how the folds were planned and split.
 _SHARED = ("architecture", "labels", "preprocessing", "inference", "localization")

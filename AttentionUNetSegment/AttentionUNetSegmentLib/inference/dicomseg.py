@@ -21,12 +21,12 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .bundle import MAX_LABEL_VALUE, LabelInfo
-from .dicomio import DicomSeries, find_series, is_series_input, series_from_files
-from .errors import AttentionUNetError, OutputExistsError
-from .imageio import SHEAR_TOLERANCE_VOXELS, atomic_output, read_label
-from .jsonfile import read_json
+from .. import __version__
+from ..model.bundle import MAX_LABEL_VALUE, LabelInfo
+from ..fileio.dicomio import DicomSeries, find_series, is_series_input, series_from_files
+from ..errors import AttentionUNetError, OutputExistsError
+from ..fileio.imageio import SHEAR_TOLERANCE_VOXELS, atomic_output, read_label
+from ..fileio.jsonfile import read_json
 
 #: The distribution name the ``[dicom]`` extra belongs to (pyproject ``[project] name``).
 DISTRIBUTION = "attention-unet-segment"

@@ -39,21 +39,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import __version__
-from .arguments import label_name, label_names as parse_label_names
+from .. import __version__
+from ..cli.arguments import label_name, label_names as parse_label_names
 from .augmentation import AugmentationConfig, PatchSampler
-from .bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
+from ..model.bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
                      create_metadata, device_memory, estimate_memory, save_bundle)
-from .constants import DEVICES
-from .domain import measure_domain
+from ..constants import DEVICES
+from ..preprocessing.domain import measure_domain
 from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
-from .errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
-from .jsonfile import read_json
-from .inference import DEFAULT_BATCH_SIZE, sliding_window_inference
+from ..errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
+from ..fileio.jsonfile import read_json
+from ..inference.predictor import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
-from .network import AttentionUNet, NetworkOutput
+from ..model.network import AttentionUNet, NetworkOutput
 from .planning import NORMALIZATION_SCHEMES, TrainingPlan, plan_training
-from .preprocessing import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
+from ..preprocessing.preprocess import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
 
 #: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
@@ -864,7 +864,7 @@ def train_folds(config: TrainingConfig) -> Optional[Path]:
     that fold, its work folder and bundle in ``<work_dir>/fold<K>/`` (with ``resume``, folds that have a
     checkpoint continue, the others start), then write their ensemble at ``config.output``; returns it on rank 0.
     """
-    from .ensemble import combine_folds
+    from ..model.ensemble import combine_folds
 
     check_config(config)
     output, work_dir = Path(config.output).expanduser(), Path(config.work_dir).expanduser()
@@ -886,7 +886,7 @@ def train_folds(config: TrainingConfig) -> Optional[Path]:
                                    resume=config.resume and (work / "checkpoints" / "last.pt").exists())))
     if folds[0] is None:  # not rank 0
         return None
-    from .bundle import load_bundle
+    from ..model.bundle import load_bundle
 
     return combine_folds([load_bundle(path) for path in folds], output, force=True).path
 

@@ -27,10 +27,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from .arguments import label_name, label_names as parse_label_names
-from .datasets import grid_differences, load_dataset
-from .errors import DatasetError, InputImageError, OutputExistsError
-from .imageio import READ_EXTENSIONS, image_stem, read_image, read_label
+from ..cli.arguments import label_name, label_names as parse_label_names
+from ..training.datasets import grid_differences, load_dataset
+from ..errors import DatasetError, InputImageError, OutputExistsError
+from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
 
 METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
            "volume_difference_percent")
@@ -299,12 +299,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``attention-unet evaluate``; prints the mean metrics per label."""
-    from .progress import default_progress_kind, make_progress
+    from ..progress import default_progress_kind, make_progress
 
     names = parse_label_names(args.label_names)
     bundle = None
     if args.model:
-        from .bundle import ModelRegistry
+        from ..model.bundle import ModelRegistry
 
         bundle = ModelRegistry().resolve(args.model)
         if names is None:
@@ -313,7 +313,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     cases = _selected(cases, _held_out_cases(bundle) if args.held_out else args.cases, args.cases_file)
     predictor = None
     if bundle is not None:
-        from .inference import Predictor
+        from ..inference.predictor import Predictor
 
         predictor = Predictor(bundle, device=args.device, tta=args.tta)
     if not labels:

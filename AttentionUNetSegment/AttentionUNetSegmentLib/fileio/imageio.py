@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputImageError, OutputExistsError
+from ..errors import InputImageError, OutputExistsError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -24,16 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import __version__
-from .constants import DEFAULT_MODEL
-from .errors import ModelBundleError
-from .jsonfile import read_json
-from .preprocessing import PreprocessingSpec
+from .. import __version__
+from ..constants import DEFAULT_MODEL
+from ..errors import ModelBundleError
+from ..fileio.jsonfile import read_json
+from ..preprocessing.preprocess import PreprocessingSpec
 
 if TYPE_CHECKING:  # imported for annotations only; torch stays out of module scope
     import torch
 
-    from .localization import LocalizerSpec
+    from ..preprocessing.localization import LocalizerSpec
 
     from .network import AttentionUNet
 
@@ -55,9 +55,9 @@ WEIGHTS_FILE = "model.safetensors"
 MODELS_ENV = "ATTENTION_UNET_MODELS"
 #: The extension's ``AttentionUNetSegment/Resources`` (source tree, Slicer install), or the copy of its models and
 #: sample that a wheel installs as ``AttentionUNetSegmentLib/resources``.
-_PACKAGED_RESOURCES = Path(__file__).resolve().parent / "resources"
+_PACKAGED_RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 RESOURCES_DIR = (_PACKAGED_RESOURCES if _PACKAGED_RESOURCES.is_dir()
-                 else Path(__file__).resolve().parents[1] / "Resources")
+                 else Path(__file__).resolve().parents[2] / "Resources")
 #: Models shipped with the extension: ``<RESOURCES_DIR>/Models/<name>/``.
 BUNDLED_MODELS_DIR = RESOURCES_DIR / "Models"
 
@@ -466,7 +466,7 @@ class ModelBundle:
         """The bundle's localiser (``localization.LocalizerSpec``), or None when it declares none."""
         if "localization" not in self.metadata:
             return None
-        from .localization import LocalizerSpec
+        from ..preprocessing.localization import LocalizerSpec
 
         try:
             return LocalizerSpec.from_dict(self.metadata["localization"], self.path)

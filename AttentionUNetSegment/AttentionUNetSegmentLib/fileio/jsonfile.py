@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 from typing import Any, Type, Union
 
-from .errors import AttentionUNetError
+from ..errors import AttentionUNetError
 
 #: Largest JSON document read (bytes). Every JSON the engine reads is metadata: kilobytes, never gigabytes.
 MAX_JSON_BYTES = 16 * 1024 * 1024

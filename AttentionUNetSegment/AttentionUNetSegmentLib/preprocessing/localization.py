@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import AttentionUNetError
+from ..errors import AttentionUNetError
 
 METHODS = ("template-affine",)
 SIDES = ("left", "right")

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
-from .errors import AttentionUNetError
-from .imageio import atomic_output
+from .. import __version__
+from ..errors import AttentionUNetError
+from ..fileio.imageio import atomic_output
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -27,17 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .acceleration import optimize_for_inference
-from .bundle import LabelInfo
-from .errors import AttentionUNetError, CancelledError
-from .imageio import validate_image
-from .network import AttentionUNet
+from ..model.acceleration import optimize_for_inference
+from ..model.bundle import LabelInfo
+from ..errors import AttentionUNetError, CancelledError
+from ..fileio.imageio import validate_image
+from ..model.network import AttentionUNet
 from .postprocessing import keep_central_component, keep_largest_component
-from .preprocessing import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
-from .progress import scaled
+from ..preprocessing.preprocess import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
+from ..progress import scaled
 
 if TYPE_CHECKING:
-    from .localization import LocalizerSpec, Registration
+    from ..preprocessing.localization import LocalizerSpec, Registration
 
 LOGGER = logging.getLogger(__name__)
 
@@ -549,7 +549,7 @@ class Predictor:
         ``largest_component``: per side, the connected component of all its labels together that
         ``keep_central_component`` picks (large and near the box's centre), not each label's largest.
         """
-        from .localization import box_corners_lps, map_box
+        from ..preprocessing.localization import box_corners_lps, map_box
 
         report = progress or (lambda stage, fraction, message: None)
         started = time.perf_counter()
@@ -652,7 +652,7 @@ class Predictor:
         identity), segmented with ``predict``, and its class probabilities are mapped back linearly onto
         ``target`` (a box of the input grid), where the argmax gives the model's label values; gate ``k``'s map
         goes onto ``gate_reference``'s grid pooled by ``2**k`` (0 outside the view)."""
-        from .localization import box_grid
+        from ..preprocessing.localization import box_grid
 
         clock = time.perf_counter()
         grid = box_grid(view_ras, self.spec.target_spacing)

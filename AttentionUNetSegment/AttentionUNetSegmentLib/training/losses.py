@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .network import NetworkOutput
+from ..model.network import NetworkOutput
 
 
 #: A case's label space: for each of its classes (index 0 = background), the network channels it merges, e.g.

@@ -1,0 +1,1 @@
+"""Scoring segmentations against reference labels (Dice, HD95, volume difference)."""

@@ -1,0 +1,1 @@
+"""Training a bundle: datasets, planning, augmentation, losses and the trainer."""
