@@ -504,8 +504,8 @@ def test_train_and_evaluate_commands_come_from_their_modules(capsys):
     parser = cli.build_parser(["train"])
     commands = next(a for a in parser._actions if a.dest == "command").choices
     assert {"segment", "models", "summary", "gradcheck", "demo", "train", "evaluate"} <= set(commands)
-    from AttentionUNetSegmentLib.training import trainer as training
+    from AttentionUNetSegmentLib.cli import train
 
-    assert commands["train"].get_default("handler") is training.run_from_args
+    assert commands["train"].get_default("handler") is train.run_from_args
     status, _, err = run_main(capsys, "evaluate")  # required options missing: a usage error, not a traceback
     assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1

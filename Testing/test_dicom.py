@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # 
 
 from AttentionUNetSegmentLib.fileio import dicomio  # noqa: E402
 from AttentionUNetSegmentLib.model.bundle import load_bundle  # noqa: E402
-from AttentionUNetSegmentLib.cli.main import segment_files  # noqa: E402
+from AttentionUNetSegmentLib.inference.batch import segment_files  # noqa: E402
 from AttentionUNetSegmentLib.errors import AttentionUNetError, InputImageError  # noqa: E402
 from AttentionUNetSegmentLib.fileio.imageio import files_read_for  # noqa: E402
 

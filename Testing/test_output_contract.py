@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from AttentionUNetSegmentLib import errors
 from AttentionUNetSegmentLib.cli import main as cli
 from AttentionUNetSegmentLib.errors import AttentionUNetError
-from AttentionUNetSegmentLib.fileio.imageio import (TEMP_DIR_PREFIX, atomic_output, files_read_for, remove_stale_temporaries,
-                                             temporary_path)
+from AttentionUNetSegmentLib.fileio.imageio import (TEMP_DIR_PREFIX, atomic_output, files_read_for,
+                                                    remove_stale_temporaries, temporary_path)
+from AttentionUNetSegmentLib.inference.batch import segment_files
 from AttentionUNetSegmentLib.inference.outputs import check_output_name
 
 SAMPLE = sorted(cli.SAMPLE_DATA_DIR.glob("*.nii.gz"))
@@ -136,7 +138,7 @@ def test_the_roi_file_and_the_python_api_are_protected_too(tiny_bundle, tmp_path
     assert status == 2 and "would overwrite the input" in _one_error_line(err) and roi.read_bytes() == before
     manual = _volume(tmp_path / "case_seg.nii.gz", seed=1)
     with pytest.raises(AttentionUNetError, match="would overwrite"):
-        cli.segment_files([str(case), str(manual)], tmp_path, tiny_bundle, device="cpu", force=True)
+        segment_files([str(case), str(manual)], tmp_path, tiny_bundle, device="cpu", force=True)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["case.nii.gz", "case_report.json", "case_seg.nii.gz"]
 
 
@@ -277,12 +279,12 @@ def test_out_of_memory_advice_fits_the_command_and_the_device():
     except MemoryError as error:
         ram = error
     args = cli.build_parser(["segment"]).parse_args(["segment", "x.nii.gz", "--output-dir", "o", "--device", "cpu"])
-    message = cli._out_of_memory_message(ram, cli._memory_error_kind(ram), args)
+    message = errors.out_of_memory_message(ram, errors.memory_error_kind(ram), args)
     assert message.startswith("out of memory (RAM)") and "--roi" in message
     assert "--device cpu" not in message and "--batch-size" not in message  # the CPU default is one window already
     gpu = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert cli._memory_error_kind(gpu) == "gpu" and "--device cpu" in cli._out_of_memory_message(gpu, "gpu", args)
-    assert cli._memory_error_kind(RuntimeError("shape mismatch")) is None
+    assert errors.memory_error_kind(gpu) == "gpu" and "--device cpu" in errors.out_of_memory_message(gpu, "gpu", args)
+    assert errors.memory_error_kind(RuntimeError("shape mismatch")) is None
 
 
 # --------------------------------------------------------------------------------------------------------- demo

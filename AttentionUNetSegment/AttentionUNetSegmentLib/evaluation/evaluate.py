@@ -13,12 +13,10 @@ either mask is empty.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,7 +25,6 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..cli.arguments import label_name, label_names as parse_label_names
 from ..training.datasets import grid_differences, load_dataset
 from ..errors import DatasetError, InputImageError, OutputExistsError
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
@@ -157,7 +154,7 @@ def reference_cases(reference: Path, images: Optional[Path] = None,
     return [EvaluationCase(c.name, c.label, c.image) for c in dataset.cases], dict(dataset.labels)
 
 
-def _read_label(path: Path, case: str, what: str = "reference label") -> sitk.Image:
+def read_label_map(path: Path, case: str, what: str = "reference label") -> sitk.Image:
     """A 3D scalar label map (``what`` names it in messages: reference label or prediction)."""
     if not path.is_file():
         raise DatasetError(f"case {case}: {what} file {path} does not exist")
@@ -180,13 +177,13 @@ def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predict
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     results = []
     for index, case in enumerate(cases):
-        reference = _read_label(case.reference, case.name)
+        reference = read_label_map(case.reference, case.name)
         if predictor is not None:
             if case.image is None:
                 raise DatasetError(f"case {case.name}: running a model needs its image; pass --images DIR")
             prediction = predictor.predict(read_image(case.image), attention=False).labels
         else:
-            prediction = _read_label(find_prediction(predictions, case.name), case.name, "prediction")
+            prediction = read_label_map(find_prediction(predictions, case.name), case.name, "prediction")
         results.append(evaluate_case(prediction, reference, labels, case))
         if progress is not None:
             progress("evaluate", (index + 1) / len(cases), case.name)
@@ -227,7 +224,7 @@ def write_report(report: Mapping[str, Any], prefix: Path, force: bool = False) -
     return targets
 
 
-def _selected(cases: List[EvaluationCase], names: Optional[Sequence[str]], names_file: Optional[str]):
+def select_cases(cases: List[EvaluationCase], names: Optional[Sequence[str]], names_file: Optional[str]):
     wanted: Optional[List[str]] = list(names) if names else None
     if names_file:
         path = Path(names_file)
@@ -255,7 +252,7 @@ def _selected(cases: List[EvaluationCase], names: Optional[Sequence[str]], names
     return [by_name[name] for name in wanted]
 
 
-def _held_out_cases(bundle: Any) -> List[str]:
+def held_out_cases(bundle: Any) -> List[str]:
     """The test cases ``bundle``'s training never saw, as its ``model.json`` records them."""
     if bundle is None:
         raise DatasetError("--held-out takes the cases from the model: give --model")
@@ -272,67 +269,3 @@ def _held_out_cases(bundle: Any) -> List[str]:
     return cases
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``attention-unet evaluate``."""
-    parser.add_argument("reference", help="reference labels: a label folder, an MSD dataset folder or a .json/.csv "
-                        "pairs file")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--predictions", help="folder of predicted label maps (<case>_seg.nii.gz or <case>.nii.gz)")
-    source.add_argument("--model", help="run this model (installed name or bundle directory) on the images")
-    parser.add_argument("--images", help="image folder (when the reference is a plain label folder and --model is "
-                        "used; file names as the labels)")
-    parser.add_argument("--label-names", nargs="+", type=label_name, metavar="VALUE=NAME",
-                        help="label names, e.g. 1=Liver 2=Tumour (needed for a .csv pairs file without --model); "
-                        "they override the dataset's and the model's names")
-    chosen = parser.add_mutually_exclusive_group()
-    chosen.add_argument("--cases", nargs="+", help="evaluate only these cases")
-    chosen.add_argument("--cases-file", help="a text file of case names, or a training plan.json (its "
-                        "validation_cases)")
-    chosen.add_argument("--held-out", action="store_true", help="evaluate only the cases --model's training held "
-                        "out (train --held-out: metrics.training.split.held_out_cases, or metrics.held_out.cases)")
-    parser.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.csv and PREFIX.json")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (with --model)")
-    parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (with --model)")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default=None)
-    parser.add_argument("--force", action="store_true", help="overwrite existing output files")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point of ``attention-unet evaluate``; prints the mean metrics per label."""
-    from ..progress import default_progress_kind, make_progress
-
-    names = parse_label_names(args.label_names)
-    bundle = None
-    if args.model:
-        from ..model.bundle import ModelRegistry
-
-        bundle = ModelRegistry().resolve(args.model)
-        if names is None:
-            names = {label.value: label.name for label in bundle.labels}
-    cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None, names)
-    cases = _selected(cases, _held_out_cases(bundle) if args.held_out else args.cases, args.cases_file)
-    predictor = None
-    if bundle is not None:
-        from ..inference.predictor import Predictor
-
-        predictor = Predictor(bundle, device=args.device, tta=args.tta)
-    if not labels:
-        values = set()
-        for case in cases:
-            values |= set(np.unique(sitk.GetArrayFromImage(_read_label(case.reference, case.name))).tolist())
-        labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
-    prefix = Path(args.output)
-    for suffix in (".csv", ".json"):  # refuse before the (possibly long) evaluation, not after
-        if prefix.with_name(prefix.name + suffix).exists() and not args.force:
-            raise OutputExistsError(f"{prefix}{suffix} already exists; choose another --output or pass --force")
-    progress = make_progress(args.progress or default_progress_kind())
-    try:
-        report = evaluate(cases, labels, Path(args.predictions) if args.predictions else None, predictor, progress)
-    finally:
-        progress.close()
-    write_report(report, prefix, force=args.force)
-    for name, metrics in report["mean"].items():
-        parts = [f"{m} {metrics[m]:.4f}" for m in ("dice", "hd95_mm", "volume_difference_ml")
-                 if metrics[m] is not None]
-        print(f"{name}: " + ", ".join(parts) + f" ({metrics['cases']} cases)", file=sys.stderr)
-    return 0
