@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib.errors import InputImageError, OutputExistsError
+from AttentionUNetSegmentLib.fileio.atomic import atomic_output
 from AttentionUNetSegmentLib.fileio.imageio import (
     LPS_FROM_RAS,
     _read_with_nibabel,
-    atomic_output,
     image_stem,
     read_image,
     write_image,

@@ -24,8 +24,9 @@ import SimpleITK as sitk
 from AttentionUNetSegmentLib import errors
 from AttentionUNetSegmentLib.cli import main as cli
 from AttentionUNetSegmentLib.errors import AttentionUNetError
-from AttentionUNetSegmentLib.fileio.imageio import (TEMP_DIR_PREFIX, atomic_output, files_read_for,
-                                                    remove_stale_temporaries, temporary_path)
+from AttentionUNetSegmentLib.fileio.atomic import (TEMP_DIR_PREFIX, atomic_output, remove_stale_temporaries,
+                                                   temporary_path)
+from AttentionUNetSegmentLib.fileio.imageio import files_read_for
 from AttentionUNetSegmentLib.inference.batch import segment_files
 from AttentionUNetSegmentLib.inference.outputs import check_output_name
 

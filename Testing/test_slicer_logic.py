@@ -237,7 +237,7 @@ def test_export_for_report_files_read_back(env, first_result, tmp_path):
 
 
 def test_a_failed_export_writes_nothing(env, first_result, tmp_path):
-    """Every export file goes through the engine's one atomic writer (``imageio.atomic_output``): when one cannot
+    """Every export file goes through the engine's one atomic writer (``fileio.atomic.atomic_output``): when one cannot
     be put in place (here a folder holds the provenance file's name), none is, and no temporary is left."""
     blocked = tmp_path / "Oblique_segmentation_provenance.json"
     blocked.mkdir()

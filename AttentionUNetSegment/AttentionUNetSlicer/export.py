@@ -143,7 +143,8 @@ class Export:
         nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
         written paths by kind."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
-        from AttentionUNetSegmentLib.fileio.imageio import atomic_output, check_written_image
+        from AttentionUNetSegmentLib.fileio.atomic import atomic_output
+        from AttentionUNetSegmentLib.fileio.imageio import check_written_image
 
         if fileFormat not in OUTPUT_FORMATS:
             raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {OUTPUT_FORMATS}.")

@@ -434,7 +434,7 @@ def _check_demo_folder(folder: Path, stem: str, force: bool) -> None:
     """The demo refreshes its own folder: it may hold nothing but what a demo run writes (``<stem>_seg.nii.gz``,
     ``_seg.seg.nrrd``, ``_attention_<k>.nii.gz``, ``_report.json``, ``_preview.png`` and this tool's temporary
     folders), or anything with ``force`` (then only the demo's own files are replaced)."""
-    from ..fileio.imageio import TEMP_DIR_PREFIX
+    from ..fileio.atomic import TEMP_DIR_PREFIX
 
     if not folder.exists() or force:
         return

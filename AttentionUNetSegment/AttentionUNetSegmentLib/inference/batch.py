@@ -127,7 +127,8 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     """
     from ..fileio.dicomio import read_series
     from ..preprocessing.domain import domain_warnings
-    from ..fileio.imageio import read_image, remove_stale_temporaries
+    from ..fileio.atomic import remove_stale_temporaries
+    from ..fileio.imageio import read_image
     from ..preprocessing.preprocess import crop_to_roi
 
     if localize not in LOCALIZE_MODES:

@@ -37,7 +37,8 @@ from .. import __version__
 from ..constants import OUTPUT_FORMATS
 from ..model.bundle import LabelInfo, ModelBundle
 from ..errors import AttentionUNetError, OutputExistsError
-from ..fileio.imageio import atomic_output, files_read_for, temporary_path, write_partial
+from ..fileio.atomic import atomic_output, temporary_path
+from ..fileio.imageio import files_read_for, write_partial
 
 if TYPE_CHECKING:
     from ..fileio.dicomio import DicomSeries

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import SimpleITK as sitk
 
-from ..fileio.imageio import atomic_output, read_image
+from ..fileio.atomic import atomic_output
+from ..fileio.imageio import read_image
 from .outputs import OutputPaths
 from .report import CONVENTION, display_volumes, draw_views, legend_handles, require_matplotlib, whole_image
 

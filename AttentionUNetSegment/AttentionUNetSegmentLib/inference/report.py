@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..errors import AttentionUNetError
-from ..fileio.imageio import atomic_output
+from ..fileio.atomic import atomic_output
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

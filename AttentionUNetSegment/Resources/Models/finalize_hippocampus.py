@@ -49,7 +49,7 @@ from AttentionUNetSegmentLib.model.bundle import (BUNDLED_MODELS_DIR, DIGEST_KEY
                                             metadata_digest, save_bundle)
 from AttentionUNetSegmentLib.preprocessing.domain import measure_domain
 from AttentionUNetSegmentLib.errors import ModelBundleError
-from AttentionUNetSegmentLib.fileio.imageio import atomic_output
+from AttentionUNetSegmentLib.fileio.atomic import atomic_output
 from AttentionUNetSegmentLib.fileio.jsonfile import read_json
 from AttentionUNetSegmentLib.evaluation.evaluate import EvaluationCase, evaluate, write_report
 from AttentionUNetSegmentLib.inference.predictor import Predictor
