@@ -68,3 +68,27 @@ def test_listing_errors_are_actionable(tmp_path):
         {"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]}))
     with pytest.raises(DatasetError, match=r"outside 0\.\.32767"):  # label maps are int16 end to end
         load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize("blocked", ["npz", "json"])
+def test_a_failing_cache_write_leaves_no_partial_file(tmp_path, blocked):
+    """A cache entry whose arrays or description cannot be put in place (here a folder holds its name) fails with
+    no partial or temporary file left behind, and never a description of arrays that are not there."""
+    from AttentionUNetSegmentLib.preprocessing.preprocess import PreprocessingSpec
+    from AttentionUNetSegmentLib.training.datasets import CaseCache
+
+    _pair(tmp_path / "data", "case_1")
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "A": 1},
+                                                                "modality": {"0": "MRI"}}))
+    case = load_dataset(tmp_path / "data").cases[0]
+    cache = CaseCache(tmp_path / "cache", PreprocessingSpec(target_spacing=(1.0, 1.0, 1.0)))
+    blocker = cache.directory / f"case_1.{blocked}"
+    blocker.mkdir(parents=True)
+    (blocker / "keep").write_text("not the tool's")
+    with pytest.raises(OSError):
+        cache.load(case)
+    left = sorted(path.relative_to(cache.directory).as_posix() for path in cache.directory.rglob("*"))
+    if blocked == "npz":
+        assert left == ["case_1.npz", "case_1.npz/keep"]
+    else:  # the arrays are complete and in place; without their description load() rebuilds them
+        assert left == ["case_1.json", "case_1.json/keep", "case_1.npz"]

@@ -13,10 +13,10 @@ either mask is empty.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from ..training.datasets import grid_differences, load_dataset
 from ..errors import DatasetError, InputImageError, OutputExistsError
+from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
 
 METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
@@ -206,21 +207,14 @@ def write_report(report: Mapping[str, Any], prefix: Path, force: bool = False) -
     for target in targets:
         if target.exists() and not force:
             raise OutputExistsError(f"{target} already exists; choose another --output or pass --force")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    partials = [t.with_name(f"{t.stem}.partial-{os.getpid()}{t.suffix}") for t in targets]
-    try:
-        with open(partials[0], "w", newline="", encoding="utf-8") as stream:
+    with contextlib.ExitStack() as stack:  # both files or neither
+        partial_csv, partial_json = (stack.enter_context(atomic_output(target, force)) for target in targets)
+        with open(partial_csv, "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=["case", "label", *METRICS])
             writer.writeheader()
             for row in _rows(report):
                 writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-        partials[1].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        for partial, target in zip(partials, targets):
-            os.replace(partial, target)
-    finally:
-        for partial in partials:
-            if partial.exists():
-                partial.unlink()
+        partial_json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return targets
 
 

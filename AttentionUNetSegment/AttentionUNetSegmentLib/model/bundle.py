@@ -12,6 +12,7 @@ models``) can list installed models without paying for, or needing, torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 from .. import __version__
 from ..constants import DEFAULT_MODEL
 from ..errors import ModelBundleError
+from ..fileio.atomic import remove_stale_temporaries, temporary_path
 from ..fileio.jsonfile import read_json
 from ..preprocessing.preprocess import PreprocessingSpec
 
@@ -875,9 +877,16 @@ def _check_target(directory: Path, force: bool) -> None:
 def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
              extra_files: Optional[Mapping[str, PathLike]]) -> ModelBundle:
     """Stage a bundle next to ``directory`` (``write(staging)`` writes the weights and returns the metadata, the
-    extra files are copied, the digest and ``model.json`` added), rename it into place, and load it verified."""
+    extra files are copied, the digest and ``model.json`` added), rename it into place, and load it verified.
+
+    The staging folder is ``atomic.temporary_path(directory)``, the one temporary place of every writer, so a
+    killed save is cleaned up like a killed segmentation (``remove_stale_temporaries``). A bundle is a folder and
+    replacing one takes two renames, which ``atomic_output`` (a file) does not do: the replaced bundle waits in a
+    folder of its own, never removed as stale, until the new one is in place."""
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-{os.getpid()}-", dir=directory.parent))
+    remove_stale_temporaries(directory.parent)
+    staging = temporary_path(directory)
+    staging.mkdir(parents=True)
     try:
         full = write(staging)
         for name, source in (extra_files or {}).items():
@@ -895,6 +904,9 @@ def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        with contextlib.suppress(OSError):  # other outputs of this process are being written there, or it is gone
+            staging.parent.rmdir()
     return load_bundle(directory)
 
 

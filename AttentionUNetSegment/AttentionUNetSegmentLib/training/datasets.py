@@ -23,6 +23,7 @@ re-read or re-resample the originals.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -36,6 +37,7 @@ import SimpleITK as sitk
 
 from ..model.bundle import MAX_LABEL_VALUE
 from ..errors import DatasetError, InputImageError
+from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
 from ..fileio.jsonfile import MAX_JSON_BYTES, read_json
 from .planning import CaseFingerprint, DatasetFingerprint
@@ -503,19 +505,14 @@ class CaseCache:
         return prepared
 
     def _store(self, case: PreprocessedCase, signature: Dict[str, Any]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         arrays_path, info_path = self._paths(case.name)
-        partial = arrays_path.with_name(f"{case.name}.partial-{os.getpid()}.npz")
-        try:
-            np.savez(partial, image=case.image, label=case.label,
-                     **{f"fg_{value}": indices for value, indices in case.foreground.items()})
-            os.replace(partial, arrays_path)
-            partial_info = info_path.with_name(f"{case.name}.partial-{os.getpid()}.json")
-            partial_info.write_text(json.dumps(signature, indent=1), encoding="utf-8")
-            os.replace(partial_info, info_path)
-        finally:
-            if partial.exists():
-                partial.unlink()
+        # One stack, so a failure leaves no partial of either file. The description is entered first and so renamed
+        # last: it is what makes ``load`` trust the arrays, so it never describes arrays that are not in place.
+        with contextlib.ExitStack() as stack:
+            info_partial = stack.enter_context(atomic_output(info_path, force=True))
+            np.savez(stack.enter_context(atomic_output(arrays_path, force=True)), image=case.image,
+                     label=case.label, **{f"fg_{value}": indices for value, indices in case.foreground.items()})
+            info_partial.write_text(json.dumps(signature, indent=1), encoding="utf-8")
 
     def load_all(self, cases: Sequence[CaseRecord], progress: Optional[Any] = None) -> List[PreprocessedCase]:
         loaded = []

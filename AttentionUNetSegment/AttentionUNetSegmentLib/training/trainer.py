@@ -18,6 +18,7 @@ They are ``torch.save`` files of plain tensors/numbers, loaded with ``weights_on
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -44,6 +45,7 @@ from ..model.bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, 
 from ..preprocessing.domain import measure_domain
 from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
 from ..errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
+from ..fileio.atomic import atomic_output
 from ..fileio.jsonfile import read_json
 from ..inference.predictor import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
@@ -263,14 +265,14 @@ class TrainingLog:
         columns = list(self.rows[0])
         for row in self.rows:
             columns += [key for key in row if key not in columns]
-        csv_path = self.directory / "training_log.csv"
-        partial = csv_path.with_name(f"training_log.partial-{os.getpid()}.csv")
-        with open(partial, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(partial, csv_path)
-        _write_json(self.directory / "training_log.json", self.rows)
+        with contextlib.ExitStack() as stack:  # the CSV and the JSON log are replaced together or not at all
+            with open(stack.enter_context(atomic_output(self.directory / "training_log.csv", force=True)), "w",
+                      newline="", encoding="utf-8") as stream:
+                writer = csv.DictWriter(stream, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            stack.enter_context(atomic_output(self.directory / "training_log.json", force=True)).write_text(
+                json.dumps(self.rows, indent=2) + "\n", encoding="utf-8")
         self._plot()
 
     def _plot(self) -> None:
@@ -295,23 +297,21 @@ class TrainingLog:
         dice_axis.set_ylim(0, 1)
         dice_axis.legend()
         figure.tight_layout()
-        png = self.directory / "training_curves.png"
-        partial = png.with_name(f"training_curves.partial-{os.getpid()}.png")
-        figure.savefig(partial, dpi=80)
-        plt.close(figure)
-        os.replace(partial, png)
+        try:
+            with atomic_output(self.directory / "training_curves.png", force=True) as partial:
+                figure.savefig(partial, dpi=80, format="png")
+        finally:
+            plt.close(figure)
 
 
 def _write_json(path: Path, data: Any) -> None:
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
-    partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    with atomic_output(path, force=True) as partial:
+        partial.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
-    partial = path.with_name(f"{path.stem}.partial-{os.getpid()}{path.suffix}")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    with atomic_output(path, force=True) as partial:
+        torch.save(state, partial)
 
 
 def _load_checkpoint(path: Path, max_bytes: int) -> Dict[str, Any]:
