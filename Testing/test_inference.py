@@ -9,18 +9,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from AttentionUNetSegmentLib.constants import PRECISIONS
+from AttentionUNetSegmentLib.devices import autocast_dtype, resolve_device
 from AttentionUNetSegmentLib.errors import AttentionUNetError, CancelledError, InputImageError
 from AttentionUNetSegmentLib.fileio.imageio import read_image
 from AttentionUNetSegmentLib.inference.predictor import (
     IMPORTANCE_FLOOR,
     ROI_MARGIN_VOXELS,
-    PRECISIONS,
     Predictor,
-    autocast_dtype,
     gaussian_importance_map,
     label_dtype,
     mirror_sets,
-    resolve_device,
     sliding_window_inference,
     window_starts,
 )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..constants import DEVICES
+from ..constants import DEVICES, PRECISIONS
 from ..errors import (AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError,
                       UsageError, error_message)
 from ..fileio.jsonfile import read_json
@@ -138,7 +138,7 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
                         help="mirror test-time augmentation along the axes the model was trained to be mirrored "
                              "along (inference.mirror_axes; 2x slower per axis)")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward pass")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="arithmetic of the network: auto = bf16 (fp16 where unsupported) autocast on CUDA, "
                              "fp32 on the CPU (default: auto)")
     parser.add_argument("--roi", nargs="+", metavar="V",

@@ -10,10 +10,10 @@ from typing import Union
 
 import torch.distributed as dist
 
-from ..constants import DEVICES
+from ..constants import AMP_MODES, DEVICES
 from ..errors import AttentionUNetError
 from ..training.planning import NORMALIZATION_SCHEMES
-from ..training.trainer import AMP_MODES, AUGMENTATION_SETS, TrainingConfig, train, train_folds
+from ..training.trainer import AUGMENTATION_SETS, TrainingConfig, train, train_folds
 from .arguments import label_name, label_names as parse_label_names
 
 

@@ -12,7 +12,6 @@ summarises and the map overlays the input in world space without being upsampled
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..model.acceleration import optimize_for_inference
 from ..model.bundle import LabelInfo
+from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import AttentionUNetError, CancelledError
 from ..fileio.imageio import validate_image
 from ..model.network import AttentionUNet
@@ -51,9 +51,6 @@ ROI_MARGIN_VOXELS = 8
 ONE_VIEW_ROI_FACTOR = 1.25
 #: Windows per forward pass when the caller does not say.
 DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 4}
-#: Arithmetic of the network's forward passes: ``auto`` = bf16 autocast on CUDA GPUs that support it (else fp16),
-#: float32 on the CPU (CPUs without native bf16 emulate it, ~200x slower here); the others force one choice.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 ProgressCallback = Callable[[str, float, str], None]
 CancelCallback = Callable[[], bool]
@@ -136,33 +133,6 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-int(value) // multiple) * multiple
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype ``precision`` (one of ``PRECISIONS``) means on ``device``; ``None`` for float32.
-
-    Raises:
-        AttentionUNetError: an unknown precision, or bf16 asked of a CUDA GPU without bf16 support.
-    """
-    if precision not in PRECISIONS:
-        raise AttentionUNetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    on_cuda = device.type == "cuda"
-    if precision == "auto":
-        if not on_cuda:
-            return None
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp32":
-        return None
-    if precision == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
-        raise AttentionUNetError(f"{torch.cuda.get_device_name(device)} does not support bf16; use --precision "
-                                 "fp16 or auto (which picks fp16 there)")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 #: Tensor dim of a ``(B, C, D, H, W)`` = ``(B, C, z, y, x)`` batch that mirroring along a bundle axis flips (the
 #: axes are the canonical orientation's ITK axes, as training's ``flip_axes``: ``x`` is the last array axis).
 MIRROR_DIMS = {"z": 2, "y": 3, "x": 4}
@@ -210,7 +180,7 @@ def _predict_tiles(
     alphas: List[torch.Tensor] = []
     for member, dims in runs:
         flipped = tiles.flip(dims) if dims else tiles
-        with _autocast(tiles.device, compute_dtype):
+        with autocast(tiles.device, compute_dtype):
             output = member.forward_with_aux(flipped)
         logits = output.logits.float()
         result = torch.softmax(logits, dim=1) if softmax else logits
@@ -259,7 +229,7 @@ def sliding_window_inference(
         attention: also blend every gate's attention map.
         softmax: blend softmax probabilities (``True``) or raw logits (``False``, e.g. to compare with MONAI).
         device: where the windows run (default: the model's device).
-        precision: one of ``PRECISIONS`` (see there); outputs are float32 whatever the arithmetic.
+        precision: one of ``constants.PRECISIONS`` (see there); outputs are float32 whatever the arithmetic.
         accumulate_dtype: dtype of the ``(C_out, Z, Y, X)`` accumulator: default float16 on CUDA (as nnU-Net;
             blended probabilities stay within a few 1e-3 of float32, see the tests) and float32 on the CPU.
             Weights and attention accumulate in float32; nothing is ever float64.
@@ -335,33 +305,6 @@ def sliding_window_inference(
     return SlidingWindowResult(scores=blended, attention=maps, attention_start=map_starts)
 
 
-def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> ``torch.device``.
-
-    Raises:
-        AttentionUNetError: CUDA was asked for but is not available, or the name is unknown.
-    """
-    name = str(device).strip().lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise AttentionUNetError(
-                f"device {device!r} was asked for but PyTorch {torch.__version__} sees no CUDA GPU; use "
-                "--device cpu (or auto), or install a CUDA build of PyTorch with a working NVIDIA driver"
-            )
-        selected = torch.device(name)
-        index = torch.cuda.current_device() if selected.index is None else selected.index
-        if index >= torch.cuda.device_count():
-            raise AttentionUNetError(
-                f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
-            )
-        return torch.device("cuda", index)
-    raise AttentionUNetError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
-
-
 def label_dtype(values: Sequence[int]) -> np.dtype:
     """Smallest label-map type for ``values``: uint8, or int16 above 255 (bundles cap values at
     ``bundle.MAX_LABEL_VALUE`` = 32767, the largest a Slicer label map holds)."""
@@ -409,7 +352,7 @@ class Predictor:
             ``2**len(axes)`` copies per window. Refused for a bundle that does not record them or has none.
         batch_size: windows per forward pass (default 4 on CUDA, 1 on the CPU). On CUDA out-of-memory the batch is
             halved and retried, then the run falls back to the CPU in float32 (both logged).
-        precision: arithmetic of the forward passes, one of ``PRECISIONS`` (default ``auto``).
+        precision: arithmetic of the forward passes, one of ``constants.PRECISIONS`` (default ``auto``).
     """
 
     def __init__(

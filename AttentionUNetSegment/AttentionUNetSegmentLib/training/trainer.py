@@ -44,6 +44,8 @@ from ..model.bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, 
                      create_metadata, device_memory, estimate_memory, save_bundle)
 from ..preprocessing.domain import measure_domain
 from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
+from ..constants import AMP_MODES
+from ..devices import AMP_PRECISION, autocast, autocast_dtype, resolve_device
 from ..errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from ..fileio.atomic import atomic_output
 from ..fileio.jsonfile import read_json
@@ -56,7 +58,6 @@ from ..preprocessing.preprocess import MAX_SPACING_MM, MIN_SPACING_MM, Preproces
 #: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
                 (0.9, 0.9, 0.3), (0.3, 0.9, 0.9), (0.6, 0.6, 0.6)]
-AMP_MODES = ("none", "fp16", "bf16")
 #: ``--augmentation`` sets: nnU-Net-like defaults, + simulated low resolution (``AugmentationConfig.robust``), or
 #: every robustness augmentation (``AugmentationConfig.strong``).
 AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust,
@@ -145,16 +146,6 @@ def init_distributed(device_type: str) -> Distributed:
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(name: str, distributed_local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise AttentionUNetError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        return torch.device("cuda", distributed_local_rank)
-    return torch.device("cpu")
-
-
 class _AuxForward(nn.Module):
     """Makes ``forward_with_aux`` the module's ``forward`` so DistributedDataParallel sees the whole graph."""
 
@@ -170,12 +161,6 @@ class _AuxForward(nn.Module):
 def poly_learning_rate(base: float, step: int, total: int, exponent: float = 0.9) -> float:
     """nnU-Net's polynomial decay from ``base`` at step 0 to 0 at ``total``."""
     return base * (1.0 - min(step, total) / max(total, 1)) ** exponent
-
-
-def autocast_context(device: torch.device, amp: str):
-    if amp == "none":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 def to_channel_labels(cases: Sequence[PreprocessedCase], labels: Sequence[int],
@@ -214,10 +199,6 @@ def case_space(channels: int, present: Sequence[Tuple[int, ...]]) -> Optional[Tu
     return ((0,), *sorted(present), *((c,) for c in range(1, channels) if c not in covered))
 
 
-#: Inference precision matching each ``--amp`` setting.
-_PRECISION_OF_AMP = {"none": "fp32", "bf16": "bf16", "fp16": "fp16"}
-
-
 @torch.no_grad()
 def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], patch_size_zyx: Sequence[int],
              device: torch.device, amp: str) -> Dict[Tuple[int, ...], Tuple[float, int]]:
@@ -232,7 +213,7 @@ def validate(model: AttentionUNet, cases: Sequence[PreprocessedCase], patch_size
         result = sliding_window_inference(
             torch.from_numpy(case.image)[None], model, patch_size_zyx, overlap=0.5,
             batch_size=DEFAULT_BATCH_SIZE[device.type], attention=False, device=device,
-            precision=_PRECISION_OF_AMP[amp])
+            precision=AMP_PRECISION[amp])
         prediction = result.scores.argmax(0)
         space = case.space or tuple((channel,) for channel in range(model.out_channels))
         to_class = torch.zeros(model.out_channels, dtype=torch.int64)
@@ -449,7 +430,7 @@ class Trainer:
         self.config = config
         self.work_dir = Path(config.work_dir).expanduser()
         self.output = Path(config.output).expanduser()
-        self.device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = resolve_device(config.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
         self.distributed = init_distributed(self.device.type)
         if config.amp == "fp16" and self.device.type != "cuda":
             raise AttentionUNetError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or none")
@@ -652,7 +633,7 @@ class Trainer:
                 group["lr"] = poly_learning_rate(config.learning_rate, step, total_steps)
             images, targets, spaces = sampler.next_batch()
             images, targets = images.to(self.device), targets.to(self.device)
-            with autocast_context(self.device, config.amp):
+            with autocast(self.device, autocast_dtype(AMP_PRECISION[config.amp], self.device)):
                 logits, attention, deep = trainable(images)
                 loss = criterion(NetworkOutput(logits, list(attention), list(deep)), targets, spaces)
             optimizer.zero_grad(set_to_none=True)
