@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from ..errors import OutputExistsError
 from ..evaluation.evaluate import evaluate, held_out_cases, read_label_map, reference_cases, select_cases, write_report
+from ..progress import PROGRESS_KINDS, default_progress_kind, make_progress
 from .arguments import label_name, label_names as parse_label_names
 
 
@@ -35,14 +36,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.csv and PREFIX.json")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (with --model)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (with --model)")
-    parser.add_argument("--progress", choices=["bar", "json", "none"], default=None)
+    parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None)
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of ``attention-unet evaluate``; prints the mean metrics per label."""
-    from ..progress import default_progress_kind, make_progress
-
     names = parse_label_names(args.label_names)
     bundle = None
     if args.model:

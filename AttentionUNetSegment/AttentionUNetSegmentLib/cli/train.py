@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 from typing import Union
 
@@ -12,6 +11,7 @@ import torch.distributed as dist
 
 from ..constants import AMP_MODES, DEVICES
 from ..errors import AttentionUNetError
+from ..progress import PROGRESS_KINDS, default_progress_kind
 from ..training.planning import NORMALIZATION_SCHEMES
 from ..training.trainer import AUGMENTATION_SETS, TrainingConfig, train, train_folds
 from .arguments import label_name, label_names as parse_label_names
@@ -94,7 +94,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--force", action="store_true", help="replace an existing output bundle / work dir run")
     group.add_argument("--device", choices=DEVICES, default="auto")
     group.add_argument("--threads", type=int, help="torch intra-op threads per process")
-    group.add_argument("--progress", choices=["bar", "json", "none"], default=None)
+    group.add_argument("--progress", choices=PROGRESS_KINDS, default=None)
 
 
 def _fold_choice(text: str) -> Union[int, str]:
@@ -117,7 +117,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise AttentionUNetError("--validation and --folds exclude each other: with --folds the validation cases "
                                  "are fold --fold's; use --held-out for cases no fold sees")
     output = Path(args.output)
-    progress = args.progress or ("bar" if sys.stderr.isatty() else "none")
+    progress = args.progress or default_progress_kind()
     config = TrainingConfig(
         dataset=args.dataset[0], extra_datasets=tuple(args.dataset[1:]), output=str(output),
         work_dir=args.work_dir or f"{output}.work",

@@ -49,6 +49,7 @@ from ..devices import AMP_PRECISION, autocast, autocast_dtype, resolve_device
 from ..errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from ..fileio.atomic import atomic_output
 from ..fileio.jsonfile import read_json
+from ..progress import make_progress
 from ..inference.predictor import DEFAULT_BATCH_SIZE, sliding_window_inference
 from .losses import SegmentationLoss, dice_per_label
 from ..model.network import AttentionUNet, NetworkOutput
@@ -618,12 +619,11 @@ class Trainer:
             checkpoints.mkdir(parents=True, exist_ok=True)
 
         total_steps = config.epochs * config.iterations_per_epoch
-        bar = None
-        if self.distributed.is_main and config.progress == "bar":
-            from tqdm import tqdm
-
-            bar = tqdm(total=total_steps, initial=step, unit="step", file=sys.stderr, dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        # Only the first process reports; a bar redraws at most every 30 s into a log file.
+        progress = (make_progress(config.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+                    if self.distributed.is_main else None)
+        if progress is not None:
+            progress.advance("train", step / total_steps, "training")
         model.train()
         epoch_losses: List[float] = []
         last_dice = float("nan")
@@ -644,9 +644,8 @@ class Trainer:
             scaler.update()
             step += 1
             epoch_losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}", dice=f"{last_dice:.3f}", refresh=False)
-                bar.update(1)
+            if progress is not None:
+                progress.advance("train", step / total_steps, f"loss {epoch_losses[-1]:.3f} dice {last_dice:.3f}")
             elapsed = trained_seconds + time.monotonic() - start_time
             out_of_time = self._agree(config.max_time is not None
                                       and time.monotonic() - start_time >= config.max_time)
@@ -675,13 +674,8 @@ class Trainer:
                 message = (f"epoch {epoch}: loss {train_loss:.4f}, validation Dice "
                            + ", ".join(f"{class_names[k]} {row[f'val_dice_{class_names[k]}']}" for k in scored)
                            + f" (best {best_score:.4f} at epoch {best_epoch})")
-                if bar is not None:
-                    bar.write(message, file=sys.stderr)
-                elif config.progress == "json":
-                    print(json.dumps({"stage": "train", "fraction": step / total_steps, "message": message}),
-                          flush=True)
-                else:
-                    self._log(message)
+                progress("train", step / total_steps, message)
+                progress.log(message)
             samplers = self._gather(sampler.state_dict())
             if self.distributed.is_main:
                 _save_checkpoint(checkpoints / "last.pt", {
@@ -692,8 +686,8 @@ class Trainer:
             if out_of_time:
                 stopped_early = step < total_steps
                 break
-        if bar is not None:
-            bar.close()
+        if progress is not None:
+            progress.close()
         total_time = trained_seconds + time.monotonic() - start_time
         result = None
         if self.distributed.is_main:
