@@ -42,3 +42,31 @@ def test_unknown_kind_is_refused():
     assert isinstance(make_progress("none"), NullProgress)
     with pytest.raises(ValueError, match="bar, json, none"):
         make_progress("xml")
+
+
+def test_advance_and_log_reach_people_but_not_the_json_records():
+    """Training's per-step state (advance) and epoch lines (log): a bar shows both, none writes the lines to its
+    stream, json keeps stdout for milestone records only."""
+    streams = {kind: io.StringIO() for kind in ("json", "none", "bar")}
+    for kind, stream in streams.items():
+        reporter = make_progress(kind, stream)
+        reporter.advance("train", 0.25, "loss 0.5 dice 0.1")
+        reporter("train", 0.5, "epoch 1: Dice 0.2")
+        reporter.log("epoch 1: Dice 0.2")
+        reporter.close()
+    assert [json.loads(line) for line in streams["json"].getvalue().splitlines()] == [
+        {"stage": "train", "fraction": 0.5, "message": "epoch 1: Dice 0.2"}]
+    assert streams["none"].getvalue() == "epoch 1: Dice 0.2\n"
+    bar = streams["bar"].getvalue()
+    assert "loss 0.5 dice 0.1" in bar and "epoch 1: Dice 0.2\n" in bar and "50%" in bar
+
+
+def test_a_bar_starts_where_its_first_report_is():
+    """A resumed run's bar starts at the resumed share, so its rate (and ETA) counts only the new work."""
+    stream = io.StringIO()
+    reporter = make_progress("bar", stream)
+    reporter.advance("train", 0.6, "resumed")
+    assert reporter._bar.initial == reporter._bar.n == pytest.approx(60.0)
+    reporter.advance("train", 0.7, "step")
+    assert reporter._bar.n == pytest.approx(70.0)
+    reporter.close()
