@@ -29,7 +29,7 @@ import stat
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -418,6 +418,36 @@ def epoch_label(step: int, iterations_per_epoch: int) -> Union[int, float]:
     return round(whole + min(max(math.floor(100 * rest / iterations_per_epoch) / 100, 0.01), 0.99), 2)
 
 
+@dataclass
+class _RunCases:
+    """This process's share of a run's cases (labels as channels) and the classes validation scores."""
+
+    train: List[PreprocessedCase]
+    validation: List[PreprocessedCase]
+    scored: List[Tuple[int, ...]]  # a class is its tuple of channels; merged classes of coarse cases after
+    class_names: Dict[Tuple[int, ...], str]
+    classes: int  # the model's classes, background not counted
+
+
+@dataclass
+class _TrainingState:
+    """What training steps change and ``last.pt`` saves (with the torch RNG), so ``--resume`` continues exactly."""
+
+    model: AttentionUNet
+    trainable: nn.Module  # the model as the optimiser steps it (DistributedDataParallel under torchrun)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: PatchSampler
+    criterion: SegmentationLoss
+    log: TrainingLog
+    step: int = 0
+    best_score: float = -1.0
+    best_epoch: Union[int, float] = 0
+    trained_seconds: float = 0.0
+    epoch_losses: List[float] = field(default_factory=list)  # this epoch's, for its mean loss
+    last_dice: float = float("nan")  # the last validation's mean Dice, shown next to the loss
+
+
 class Trainer:
     """One training run; ``run()`` does everything and returns the exported bundle's directory (rank 0) or
     ``None`` (other ranks)."""
@@ -548,6 +578,7 @@ class Trainer:
                                     "--force to start over, or choose another --work-dir")
 
     def run(self) -> Optional[Path]:
+        """Prepare, build (or resume), train until the steps or the time budget run out, export the best epoch."""
         config = self.config
         start_time = time.monotonic()
         if self.distributed.is_main:
@@ -555,6 +586,26 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         plan, label_names, train_names, val_names, cache, dataset = self._prepare()
+        cases = self._load_cases(label_names, train_names, val_names, cache, dataset)
+        state = self._build(plan, cases)
+        if config.resume:
+            self._resume(state)
+        if self.distributed.is_main:
+            (self.work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        stopped_early = self._train(state, cases, plan, start_time)
+        total_time = state.trained_seconds + time.monotonic() - start_time
+        result = None
+        if self.distributed.is_main:
+            result = self._export(plan, label_names, self.work_dir / "checkpoints" / "best.pt", state.log,
+                                  total_time, stopped_early, len(train_names), len(val_names))
+        if self.distributed.enabled:
+            dist.barrier()
+        return result
+
+    def _load_cases(self, label_names: Dict[int, str], train_names: Sequence[str], val_names: Sequence[str],
+                    cache: CaseCache, dataset: Any) -> _RunCases:
+        """This process's shard of the preprocessed training and validation cases, labels as channels, and the
+        classes validation scores (the same on every process)."""
         by_name = {case.name: case for case in dataset.cases}
         rank, world = self.distributed.rank, self.distributed.world_size
         if len(train_names) < world:
@@ -570,9 +621,14 @@ class Trainer:
             {tuple(labels.index(m) + 1 for m in members) for n in val_names for _, members in by_name[n].classes
              if len(members) > 1})
         class_names = {members: "+".join(label_names[labels[c - 1]] for c in members) for members in scored}
+        return _RunCases(train_cases, val_cases, scored, class_names, len(labels))
 
+    def _build(self, plan: TrainingPlan, cases: _RunCases) -> _TrainingState:
+        """A fresh model, optimiser, gradient scaler and patch sampler, seeded from ``--seed`` (in this order, so
+        a run's random numbers do not depend on anything else)."""
+        config = self.config
         torch.manual_seed(config.seed)
-        model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels,
+        model = AttentionUNet(in_channels=1, out_channels=cases.classes + 1, channels=plan.channels,
                               deep_supervision=config.deep_supervision,
                               gradient_checkpointing=config.gradient_checkpointing).to(self.device)
         trainable: nn.Module = _AuxForward(model)
@@ -583,119 +639,128 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         augmentation = AUGMENTATION_SETS[config.augmentation](flip_axes=plan.flip_axes,
                                                              elastic_probability=0.2 if config.elastic else 0.0)
-        sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augmentation,
-                               config.foreground_fraction, seed=config.seed * 1000 + rank)
-        criterion = SegmentationLoss(attention_weight=config.attention_loss_weight)
+        sampler = PatchSampler(cases.train, plan.patch_size, plan.batch_size, augmentation,
+                               config.foreground_fraction, seed=config.seed * 1000 + self.distributed.rank)
+        return _TrainingState(model, trainable, optimizer, scaler, sampler,
+                              SegmentationLoss(attention_weight=config.attention_loss_weight), TrainingLog(self.work_dir))
 
-        checkpoints = self.work_dir / "checkpoints"
-        log = TrainingLog(self.work_dir)
-        step, best_score, best_epoch, trained_seconds = 0, -1.0, 0, 0.0
-        if config.resume:
-            last = checkpoints / "last.pt"
-            if not (last.exists() or last.is_symlink()):
-                raise AttentionUNetError(f"--resume: no checkpoint at {last}; start without --resume")
-            state = _load_checkpoint(last, _checkpoint_limit(model))
-            try:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                for parameter, moments in optimizer.state.items():
-                    if any(torch.is_tensor(v) and v.dim() and v.shape != parameter.shape for v in moments.values()):
-                        raise ValueError(f"optimizer state of shape {parameter.shape} does not fit its parameter")
-                scaler.load_state_dict(state["scaler"])
-                sampler.load_state_dict(state["samplers"][rank])
-                torch.set_rng_state(state["torch_rng"])
-                step, best_score, best_epoch = int(state["step"]), float(state["best_score"]), state["best_epoch"]
-                trained_seconds = float(state["trained_seconds"])
-                if not isinstance(state["history"], list) or not 0 <= step <= config.epochs * config.iterations_per_epoch:
-                    raise ValueError(f"step {step} or the history does not fit this run")
-                log = TrainingLog(self.work_dir, state["history"])
-            except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
-                reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-                raise AttentionUNetError(f"checkpoint {last} does not fit this run ({reason}); resume with the "
-                                         "options the run started with, or start over with --force (nothing was "
-                                         "changed)") from None
-            self._log(f"resumed at step {step} (epoch {step // config.iterations_per_epoch})")
-        if self.distributed.is_main:
-            checkpoints.mkdir(parents=True, exist_ok=True)
+    def _resume(self, state: _TrainingState) -> None:
+        """Load ``last.pt`` into ``state``: weights, optimiser, scaler, sampler, torch RNG, counters and history.
+        A checkpoint that does not fit this run is one user error, and nothing is changed on disk."""
+        config = self.config
+        last = self.work_dir / "checkpoints" / "last.pt"
+        if not (last.exists() or last.is_symlink()):
+            raise AttentionUNetError(f"--resume: no checkpoint at {last}; start without --resume")
+        saved = _load_checkpoint(last, _checkpoint_limit(state.model))
+        try:
+            state.model.load_state_dict(saved["model"])
+            state.optimizer.load_state_dict(saved["optimizer"])
+            for parameter, moments in state.optimizer.state.items():
+                if any(torch.is_tensor(v) and v.dim() and v.shape != parameter.shape for v in moments.values()):
+                    raise ValueError(f"optimizer state of shape {parameter.shape} does not fit its parameter")
+            state.scaler.load_state_dict(saved["scaler"])
+            state.sampler.load_state_dict(saved["samplers"][self.distributed.rank])
+            torch.set_rng_state(saved["torch_rng"])
+            step, best_score, best_epoch = int(saved["step"]), float(saved["best_score"]), saved["best_epoch"]
+            trained_seconds = float(saved["trained_seconds"])
+            if not isinstance(saved["history"], list) or not 0 <= step <= config.epochs * config.iterations_per_epoch:
+                raise ValueError(f"step {step} or the history does not fit this run")
+            state.step, state.best_score, state.best_epoch = step, best_score, best_epoch
+            state.trained_seconds = trained_seconds
+            state.log = TrainingLog(self.work_dir, saved["history"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise AttentionUNetError(f"checkpoint {last} does not fit this run ({reason}); resume with the "
+                                     "options the run started with, or start over with --force (nothing was "
+                                     "changed)") from None
+        self._log(f"resumed at step {state.step} (epoch {state.step // config.iterations_per_epoch})")
 
+    def _train(self, state: _TrainingState, cases: _RunCases, plan: TrainingPlan, start_time: float) -> bool:
+        """Step until every step is done or the time budget ends (then True: stopped early), validating, logging
+        and checkpointing at the end of each epoch and at the end of the budget."""
+        config = self.config
         total_steps = config.epochs * config.iterations_per_epoch
         # Only the first process reports; a bar redraws at most every 30 s into a log file.
         progress = (make_progress(config.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
                     if self.distributed.is_main else None)
         if progress is not None:
-            progress.advance("train", step / total_steps, "training")
-        model.train()
-        epoch_losses: List[float] = []
-        last_dice = float("nan")
-        stopped_early = False
-        while step < total_steps:
-            for group in optimizer.param_groups:
-                group["lr"] = poly_learning_rate(config.learning_rate, step, total_steps)
-            images, targets, spaces = sampler.next_batch()
-            images, targets = images.to(self.device), targets.to(self.device)
-            with autocast(self.device, autocast_dtype(AMP_PRECISION[config.amp], self.device)):
-                logits, attention, deep = trainable(images)
-                loss = criterion(NetworkOutput(logits, list(attention), list(deep)), targets, spaces)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-            scaler.step(optimizer)
-            scaler.update()
-            step += 1
-            epoch_losses.append(float(loss.detach()))
+            progress.advance("train", state.step / total_steps, "training")
+        state.model.train()
+        try:
+            while state.step < total_steps:
+                self._step(state, total_steps)
+                if progress is not None:
+                    progress.advance("train", state.step / total_steps,
+                                     f"loss {state.epoch_losses[-1]:.3f} dice {state.last_dice:.3f}")
+                elapsed = state.trained_seconds + time.monotonic() - start_time
+                out_of_time = self._agree(config.max_time is not None
+                                          and time.monotonic() - start_time >= config.max_time)
+                if state.step % config.iterations_per_epoch and not out_of_time and state.step < total_steps:
+                    continue
+                self._end_epoch(state, cases, plan, elapsed, progress, total_steps)
+                if out_of_time:
+                    return state.step < total_steps
+            return False
+        finally:
             if progress is not None:
-                progress.advance("train", step / total_steps, f"loss {epoch_losses[-1]:.3f} dice {last_dice:.3f}")
-            elapsed = trained_seconds + time.monotonic() - start_time
-            out_of_time = self._agree(config.max_time is not None
-                                      and time.monotonic() - start_time >= config.max_time)
-            if step % config.iterations_per_epoch and not out_of_time and step < total_steps:
-                continue
-            # End of an epoch (or of the time budget): validate, log, checkpoint.
-            sums = validate(model, val_cases, plan.patch_size[::-1], self.device, config.amp)
-            dice = self._reduce_dice(sums, scored)
-            scores = [d for d in dice.values() if d is not None]
-            mean_dice = float(np.mean(scores)) if scores else 0.0
-            last_dice = mean_dice
-            epoch = epoch_label(step, config.iterations_per_epoch)
-            train_loss = self._mean_loss(epoch_losses)
-            epoch_losses = []
-            if self.distributed.is_main:
-                row: Dict[str, Any] = {"epoch": epoch, "step": step, "time_s": round(elapsed, 1),
-                                       "lr": optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5)}
-                row.update({f"val_dice_{class_names[k]}": (None if dice[k] is None else round(dice[k], 5))
-                            for k in scored})
-                row["val_dice_mean"] = round(mean_dice, 5)
-                log.append(row)
-                if mean_dice > best_score:
-                    best_score, best_epoch = mean_dice, epoch
-                    _save_checkpoint(checkpoints / "best.pt", {"model": model.state_dict(), "epoch": epoch,
-                                                               "step": step, "dice": row})
-                message = (f"epoch {epoch}: loss {train_loss:.4f}, validation Dice "
-                           + ", ".join(f"{class_names[k]} {row[f'val_dice_{class_names[k]}']}" for k in scored)
-                           + f" (best {best_score:.4f} at epoch {best_epoch})")
-                progress("train", step / total_steps, message)
-                progress.log(message)
-            samplers = self._gather(sampler.state_dict())
-            if self.distributed.is_main:
-                _save_checkpoint(checkpoints / "last.pt", {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                    "samplers": samplers, "torch_rng": torch.get_rng_state(), "step": step,
-                    "best_score": best_score, "best_epoch": best_epoch, "history": log.rows,
-                    "trained_seconds": elapsed})
-            if out_of_time:
-                stopped_early = step < total_steps
-                break
-        if progress is not None:
-            progress.close()
-        total_time = trained_seconds + time.monotonic() - start_time
-        result = None
+                progress.close()
+
+    def _step(self, state: _TrainingState, total_steps: int) -> None:
+        """One optimiser step on a fresh batch of augmented patches (poly learning rate, clipped gradients)."""
+        config = self.config
+        for group in state.optimizer.param_groups:
+            group["lr"] = poly_learning_rate(config.learning_rate, state.step, total_steps)
+        images, targets, spaces = state.sampler.next_batch()
+        images, targets = images.to(self.device), targets.to(self.device)
+        with autocast(self.device, autocast_dtype(AMP_PRECISION[config.amp], self.device)):
+            logits, attention, deep = state.trainable(images)
+            loss = state.criterion(NetworkOutput(logits, list(attention), list(deep)), targets, spaces)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), 12.0)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.step += 1
+        state.epoch_losses.append(float(loss.detach()))
+
+    def _end_epoch(self, state: _TrainingState, cases: _RunCases, plan: TrainingPlan, elapsed: float,
+                   progress: Any, total_steps: int) -> None:
+        """Validate, append the log row, keep ``best.pt`` when the mean Dice improved, report, save ``last.pt``."""
+        config = self.config
+        checkpoints = self.work_dir / "checkpoints"
+        sums = validate(state.model, cases.validation, plan.patch_size[::-1], self.device, config.amp)
+        dice = self._reduce_dice(sums, cases.scored)
+        scores = [d for d in dice.values() if d is not None]
+        mean_dice = float(np.mean(scores)) if scores else 0.0
+        state.last_dice = mean_dice
+        epoch = epoch_label(state.step, config.iterations_per_epoch)
+        train_loss = self._mean_loss(state.epoch_losses)
+        state.epoch_losses = []
         if self.distributed.is_main:
-            result = self._export(plan, label_names, checkpoints / "best.pt", log, total_time, stopped_early,
-                                  len(train_names), len(val_names))
-        if self.distributed.enabled:
-            dist.barrier()
-        return result
+            names = cases.class_names
+            row: Dict[str, Any] = {"epoch": epoch, "step": state.step, "time_s": round(elapsed, 1),
+                                   "lr": state.optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5)}
+            row.update({f"val_dice_{names[k]}": (None if dice[k] is None else round(dice[k], 5))
+                        for k in cases.scored})
+            row["val_dice_mean"] = round(mean_dice, 5)
+            state.log.append(row)
+            if mean_dice > state.best_score:
+                state.best_score, state.best_epoch = mean_dice, epoch
+                _save_checkpoint(checkpoints / "best.pt", {"model": state.model.state_dict(), "epoch": epoch,
+                                                           "step": state.step, "dice": row})
+            message = (f"epoch {epoch}: loss {train_loss:.4f}, validation Dice "
+                       + ", ".join(f"{names[k]} {row[f'val_dice_{names[k]}']}" for k in cases.scored)
+                       + f" (best {state.best_score:.4f} at epoch {state.best_epoch})")
+            progress("train", state.step / total_steps, message)
+            progress.log(message)
+        samplers = self._gather(state.sampler.state_dict())
+        if self.distributed.is_main:
+            _save_checkpoint(checkpoints / "last.pt", {
+                "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                "scaler": state.scaler.state_dict(), "samplers": samplers, "torch_rng": torch.get_rng_state(),
+                "step": state.step, "best_score": state.best_score, "best_epoch": state.best_epoch,
+                "history": state.log.rows, "trained_seconds": elapsed})
 
     def _agree(self, flag: bool) -> bool:
         """True on every process when any process says so (the time budget ends the run everywhere at once)."""
