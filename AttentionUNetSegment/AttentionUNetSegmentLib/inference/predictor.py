@@ -249,60 +249,110 @@ def sliding_window_inference(
     compute_dtype = autocast_dtype(precision, device)
     align = model.min_input_size
     num_gates = model.num_gates if attention else 0
-    spatial = tuple(int(s) for s in volume.shape[1:])
     patch = tuple(_round_up(p, align) for p in patch_size)
-    padded = tuple(max(p, _round_up(s, align)) for s, p in zip(spatial, patch))
-    before = tuple((p - s) // 2 for s, p in zip(spatial, padded))
-    # F.pad wants (x_before, x_after, y_before, y_after, z_before, z_after): last axis first.
-    padding = [v for s, p, b in reversed(list(zip(spatial, padded, before))) for v in (b, p - s - b)]
-    image = F.pad(volume.to(device=device, dtype=torch.float32), padding)
-
+    grid = _PaddedGrid.around(tuple(int(s) for s in volume.shape[1:]), patch, align)
+    image = F.pad(volume.to(device=device, dtype=torch.float32), grid.padding())
     if accumulate_dtype is None:
         accumulate_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    importance = gaussian_importance_map(patch, device)
-    gate_importance = [F.avg_pool3d(importance[None, None], 2**k)[0, 0] for k in range(num_gates)]
-    scores = torch.zeros((model.out_channels, *padded), dtype=accumulate_dtype, device=device)
-    weights = torch.zeros(padded, dtype=torch.float32, device=device)
-    gate_sums = [torch.zeros([p // 2**k for p in padded], dtype=torch.float32, device=device) for k in range(num_gates)]
+    blend = _WindowBlend.zeros(model.out_channels, grid.padded, patch, num_gates, accumulate_dtype, device)
 
-    starts = list(itertools.product(*(window_starts(s, p, overlap, align) for s, p in zip(padded, patch))))
+    starts = list(itertools.product(*(window_starts(s, p, overlap, align) for s, p in zip(grid.padded, patch))))
     with torch.inference_mode():
         for first in range(0, len(starts), batch_size):
             if cancel is not None and cancel():
                 raise CancelledError("segmentation cancelled; nothing was written")
             batch = starts[first : first + batch_size]
             tiles = torch.stack([image[:, z : z + patch[0], y : y + patch[1], x : x + patch[2]] for z, y, x in batch])
-            tile_scores, tile_alphas = _predict_tiles(model, tiles, mirror_axes, num_gates > 0, softmax, compute_dtype)
-            for i, (z, y, x) in enumerate(batch):
-                window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
-                scores[(slice(None), *window)] += (tile_scores[i] * importance).to(accumulate_dtype)
-                weights[window] += importance
-                for k in range(num_gates):
-                    f = 2**k
-                    coarse = tuple(slice(w.start // f, w.stop // f) for w in window)
-                    gate_sums[k][coarse] += tile_alphas[k][i, 0] * gate_importance[k]
+            blend.add(batch, patch, *_predict_tiles(model, tiles, mirror_axes, num_gates > 0, softmax, compute_dtype))
             if progress is not None:
                 progress(min(first + batch_size, len(starts)), len(starts))
+        scores = blend.scores_inside(grid)  # first: it frees the scores' accumulator
+        maps, map_starts = blend.attention_inside(grid)
+    return SlidingWindowResult(scores=scores, attention=maps, attention_start=map_starts)
 
-        inside = tuple(slice(b, b + s) for b, s in zip(before, spatial))
-        inside_weights = weights[inside]
-        blended = torch.empty((model.out_channels, *spatial), dtype=torch.float32)
-        for channel in range(model.out_channels):
-            blended[channel] = (scores[channel][inside].float() / inside_weights).cpu()
-        del scores
 
+@dataclass
+class _PaddedGrid:
+    """A volume of ``spatial`` voxels zero-padded, centred, to ``padded`` (at least one patch, a multiple of the
+    network's ``min_input_size``); ``before`` voxels of padding precede it on each axis (all ``(z, y, x)``)."""
+
+    spatial: Tuple[int, ...]
+    padded: Tuple[int, ...]
+    before: Tuple[int, ...]
+
+    @classmethod
+    def around(cls, spatial: Tuple[int, ...], patch: Sequence[int], align: int) -> "_PaddedGrid":
+        padded = tuple(max(p, _round_up(s, align)) for s, p in zip(spatial, patch))
+        return cls(spatial, padded, tuple((p - s) // 2 for s, p in zip(spatial, padded)))
+
+    def padding(self) -> List[int]:
+        """``F.pad``'s argument: ``(x_before, x_after, y_before, y_after, z_before, z_after)``, last axis first."""
+        return [v for s, p, b in reversed(list(zip(self.spatial, self.padded, self.before))) for v in (b, p - s - b)]
+
+    def inside(self) -> Tuple[slice, ...]:
+        """The volume's voxels within the padded grid."""
+        return tuple(slice(b, b + s) for b, s in zip(self.before, self.spatial))
+
+
+@dataclass
+class _WindowBlend:
+    """Gaussian-weighted sums of every window's outputs on the padded grid: class scores (``accumulate_dtype``),
+    their weights, and each gate's attention on the grid pooled by ``2**k`` (float32)."""
+
+    importance: torch.Tensor
+    gate_importance: List[torch.Tensor]
+    scores: torch.Tensor
+    weights: torch.Tensor
+    gate_sums: List[torch.Tensor]
+
+    @classmethod
+    def zeros(cls, channels: int, padded: Sequence[int], patch: Sequence[int], num_gates: int,
+              accumulate_dtype: torch.dtype, device: torch.device) -> "_WindowBlend":
+        importance = gaussian_importance_map(tuple(patch), device)
+        return cls(importance, [F.avg_pool3d(importance[None, None], 2**k)[0, 0] for k in range(num_gates)],
+                   torch.zeros((channels, *padded), dtype=accumulate_dtype, device=device),
+                   torch.zeros(tuple(padded), dtype=torch.float32, device=device),
+                   [torch.zeros([p // 2**k for p in padded], dtype=torch.float32, device=device)
+                    for k in range(num_gates)])
+
+    def add(self, starts: Sequence[Tuple[int, int, int]], patch: Sequence[int], tile_scores: torch.Tensor,
+            tile_alphas: Sequence[torch.Tensor]) -> None:
+        """Add a batch of windows (``starts[i]`` is window ``i``'s corner) weighted by the importance map."""
+        for i, (z, y, x) in enumerate(starts):
+            window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+            self.scores[(slice(None), *window)] += (tile_scores[i] * self.importance).to(self.scores.dtype)
+            self.weights[window] += self.importance
+            for k, gate_sum in enumerate(self.gate_sums):
+                f = 2**k
+                coarse = tuple(slice(w.start // f, w.stop // f) for w in window)
+                gate_sum[coarse] += tile_alphas[k][i, 0] * self.gate_importance[k]
+
+    def scores_inside(self, grid: _PaddedGrid) -> torch.Tensor:
+        """The blended ``(C_out, Z, Y, X)`` scores of the volume's voxels, float32 on the CPU (one channel at a
+        time, so no float32 copy of the whole accumulator is made); frees the accumulator."""
+        inside = grid.inside()
+        inside_weights = self.weights[inside]
+        blended = torch.empty((self.scores.shape[0], *grid.spatial), dtype=torch.float32)
+        for channel in range(self.scores.shape[0]):
+            blended[channel] = (self.scores[channel][inside].float() / inside_weights).cpu()
+        del self.scores
+        return blended
+
+    def attention_inside(self, grid: _PaddedGrid) -> Tuple[List[torch.Tensor], List[Tuple[int, ...]]]:
+        """Each gate's blended map over the coarse blocks that touch the volume, and where each map starts in the
+        volume's fine voxels (negative: the block begins in the padding)."""
         maps: List[torch.Tensor] = []
-        map_starts: List[Tuple[int, int, int]] = []
-        for k in range(num_gates):
+        map_starts: List[Tuple[int, ...]] = []
+        for k, gate_sum in enumerate(self.gate_sums):
             f = 2**k
             # Each window adds its pooled importance, so a coarse voxel's total weight is the mean fine weight.
-            coarse_weights = F.avg_pool3d(weights[None, None], f)[0, 0]
-            low = [b // f for b in before]
-            high = [-(-(b + s) // f) for b, s in zip(before, spatial)]
+            coarse_weights = F.avg_pool3d(self.weights[None, None], f)[0, 0]
+            low = [b // f for b in grid.before]
+            high = [-(-(b + s) // f) for b, s in zip(grid.before, grid.spatial)]
             region = tuple(slice(lo, hi) for lo, hi in zip(low, high))
-            maps.append((gate_sums[k][region] / coarse_weights[region]).clamp_(0.0, 1.0).cpu())
-            map_starts.append(tuple(lo * f - b for lo, b in zip(low, before)))  # type: ignore[misc]
-    return SlidingWindowResult(scores=blended, attention=maps, attention_start=map_starts)
+            maps.append((gate_sum[region] / coarse_weights[region]).clamp_(0.0, 1.0).cpu())
+            map_starts.append(tuple(lo * f - b for lo, b in zip(low, grid.before)))
+        return maps, map_starts
 
 
 def label_dtype(values: Sequence[int]) -> np.dtype:
