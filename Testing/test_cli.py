@@ -24,7 +24,8 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib.cli import main as cli
-from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, DEFAULT_MODEL, MODELS_ENV
+from AttentionUNetSegmentLib.constants import DEFAULT_MODEL
+from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, MODELS_ENV
 from AttentionUNetSegmentLib.fileio.imageio import image_stem
 
 #: Direction cosines of an oblique acquisition: a 0.4 rad rotation about an oblique axis (exactly orthonormal).

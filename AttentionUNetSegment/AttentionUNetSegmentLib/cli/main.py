@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 from .. import __version__
-from ..constants import DEVICES, PRECISIONS
+from ..constants import DEFAULT_MODEL, DEVICES, OUTPUT_FORMATS, PRECISIONS
 from ..errors import (AttentionUNetError, CancelledError, InputImageError, InputsFailedError, OutputExistsError,
                       UsageError, error_message)
 from ..fileio.jsonfile import read_json
 from ..inference.batch import segment_files
-from ..inference.outputs import OUTPUT_FORMATS, SUMMARY_NAME, OutputPaths
-from ..model.bundle import DEFAULT_MODEL, RESOURCES_DIR, ModelBundle, ModelRegistry
+from ..inference.outputs import SUMMARY_NAME, OutputPaths
+from ..model.bundle import RESOURCES_DIR, ModelBundle, ModelRegistry
 from ..preprocessing.domain import LOCALIZE_MODES
 from ..progress import PROGRESS_KINDS, default_progress_kind, make_progress
 from .arguments import positive_int

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ..constants import AMP_MODES, DEVICES
 from ..errors import AttentionUNetError
 from ..progress import PROGRESS_KINDS, default_progress_kind
-from ..training.planning import NORMALIZATION_SCHEMES
+from ..training.planning import NORMALIZATION_PLANS
 from ..training.trainer import AUGMENTATION_SETS, TrainingConfig, train, train_folds
 from .arguments import label_name, label_names as parse_label_names
 
@@ -53,7 +53,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--flip-axes", nargs="*", choices=["x", "y", "z"],
                        help="axes where mirroring is allowed (default: all that no label name ties to a side; "
                             "give none to disable mirroring)")
-    group.add_argument("--normalization", choices=NORMALIZATION_SCHEMES,
+    group.add_argument("--normalization", choices=NORMALIZATION_PLANS,
                        help="zscore (per case), zscore-nonzero (statistics of non-zero voxels), zscore-central "
                             "(statistics of the central block of the median case size only: a larger box around the "
                             "structure, e.g. a localised head, is normalised like the crops), ct (clip to the "

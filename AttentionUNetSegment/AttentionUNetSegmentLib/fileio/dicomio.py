@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputImageError
-from .imageio import SHEAR_TOLERANCE_VOXELS, _check_voxel_count, _orthonormal_direction, validate_image
+from .imageio import SHEAR_TOLERANCE_VOXELS, _check_voxel_count, _orthonormal_direction, safe_name, validate_image
 
 PathLike = Union[str, Path]
 
@@ -85,8 +85,6 @@ class DicomSeries:
     @property
     def stem(self) -> str:
         """The output file name stem: the series description, else its UID, made safe for file names."""
-        from ..inference.outputs import safe_name
-
         return safe_name(self.description or self.uid)
 
     def summary(self) -> Dict[str, object]:

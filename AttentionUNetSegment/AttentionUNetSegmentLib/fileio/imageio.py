@@ -89,6 +89,14 @@ def image_stem(path: PathLike) -> str:
     return name[: len(name) - len(extension)] if extension else name
 
 
+def safe_name(name: str) -> str:
+    """``name`` reduced to characters that are safe in a file name on every platform (``Left Hippo/1`` ->
+    ``Left_Hippo_1``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "label"
+
+
+
+
 @dataclass
 class ImageHeader:
     """What a file's header declares, read before any voxel is: the shape (header order), the data's location

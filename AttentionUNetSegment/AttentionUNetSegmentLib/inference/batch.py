@@ -61,8 +61,7 @@ def _study_inputs(inputs: Sequence[str], series: Optional[str]) -> List[str]:
 def _input_stems(inputs: Sequence[str], sources: Sequence[Any]) -> List[str]:
     """File names without their image extension; a DICOM series' description or UID (``DicomSeries.stem``), and
     where several series share a description (one protocol over many studies) with the end of their UID."""
-    from ..fileio.imageio import image_stem
-    from .outputs import safe_name
+    from ..fileio.imageio import image_stem, safe_name
 
     stems = [source.stem if source is not None else image_stem(path) for path, source in zip(inputs, sources)]
     folded = [stem.casefold() for stem in stems]  # a case-insensitive disk holds "Case_seg" and "case_seg" as one

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -38,7 +37,7 @@ from ..constants import OUTPUT_FORMATS
 from ..model.bundle import LabelInfo, ModelBundle
 from ..errors import AttentionUNetError, OutputExistsError
 from ..fileio.atomic import atomic_output, temporary_path
-from ..fileio.imageio import files_read_for, write_partial
+from ..fileio.imageio import files_read_for, safe_name, write_partial
 
 if TYPE_CHECKING:
     from ..fileio.dicomio import DicomSeries
@@ -55,12 +54,6 @@ _SEGMENTATION_FIELDS = {
     "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
     "Segmentation_ReferenceImageExtentOffset": "0 0 0",
 }
-
-
-def safe_name(name: str) -> str:
-    """``name`` reduced to characters that are safe in a file name on every platform (``Left Hippo/1`` ->
-    ``Left_Hippo_1``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "label"
 
 
 @dataclass

@@ -135,20 +135,20 @@ def plan_patch_size(fingerprint: DatasetFingerprint, target_spacing: Sequence[fl
 
 
 #: Normalisation schemes a user may force (``--normalization``); by default the modality decides.
-NORMALIZATION_SCHEMES = ("zscore", "zscore-nonzero", "zscore-central", "ct")
+NORMALIZATION_PLANS = ("zscore", "zscore-nonzero", "zscore-central", "ct")
 
 
 def plan_normalization(fingerprint: DatasetFingerprint, scheme: Optional[str] = None) -> Dict[str, Any]:
     """Per-case z-score for MRI and other relative-intensity modalities; for CT, clip to the 0.5/99.5 percentiles
     of the dataset's foreground intensities and standardise with their mean/std (Hounsfield units are absolute).
-    ``scheme`` (one of ``NORMALIZATION_SCHEMES``) overrides the choice by modality; ``zscore-nonzero`` takes the
+    ``scheme`` (one of ``NORMALIZATION_PLANS``) overrides the choice by modality; ``zscore-nonzero`` takes the
     statistics over non-zero voxels only (skull-stripped or masked images); ``zscore-central`` over the central
     block of the cases' median field of view only (``central_mm``), so a larger box around the same structure
     (a localised whole head) is normalised like the training crops."""
     if scheme is None:
         scheme = "ct" if fingerprint.modality.upper() == "CT" else "zscore"
-    if scheme not in NORMALIZATION_SCHEMES:
-        raise ValueError(f"normalisation must be one of {NORMALIZATION_SCHEMES}, got {scheme!r}")
+    if scheme not in NORMALIZATION_PLANS:
+        raise ValueError(f"normalisation must be one of {NORMALIZATION_PLANS}, got {scheme!r}")
     if scheme == "zscore-central":
         extents = np.array([[n * s for n, s in zip(case.size, case.spacing)] for case in fingerprint.cases])
         return {"scheme": "zscore", "central_mm": [float(round(v)) for v in np.median(extents, axis=0)]}
@@ -177,7 +177,7 @@ def plan_training(fingerprint: DatasetFingerprint, label_names: Sequence[str],
                   overrides: Optional[Mapping[str, Any]] = None) -> TrainingPlan:
     """Derive a ``TrainingPlan`` from the dataset; any non-``None`` entry of ``overrides`` (a ``TrainingPlan``
     field name) replaces the derived value. A patch-size override is rounded up to a multiple of the network's
-    divisor; a ``normalization`` override is a scheme name (``NORMALIZATION_SCHEMES``) whose statistics are taken
+    divisor; a ``normalization`` override is a scheme name (``NORMALIZATION_PLANS``) whose statistics are taken
     from the dataset, or a complete normalisation dict."""
     overrides = {key: value for key, value in (overrides or {}).items() if value is not None}
     unknown = set(overrides) - set(TrainingPlan.__dataclass_fields__)
