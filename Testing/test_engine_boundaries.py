@@ -1,13 +1,22 @@
-"""The engine stays pure Python: it runs inside Slicer's Python and outside it, so it never imports Slicer's or
-Qt's modules (the Slicer layer passes MRML data to it as files or numpy arrays), nor the Slicer side's own package
-``AttentionUNetSlicer`` (which imports the engine, never the other way round)."""
+"""The engine's import directions (DESIGN.md, "Layout").
+
+It stays pure Python: it runs inside Slicer's Python and outside it, so it never imports Slicer's or Qt's modules
+(the Slicer layer passes MRML data to it as files or numpy arrays), nor the Slicer side's own package
+``AttentionUNetSlicer`` (which imports the engine, never the other way round). Inside it, each stage imports only
+the stages below it (inference never imports training; only the command line's entry imports the command line),
+checked on every import statement of every file, the ones inside functions included."""
 
 from __future__ import annotations
 
+import ast
+import builtins
+import inspect
 import json
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Set, Tuple
 
 import AttentionUNetSegmentLib
 
@@ -27,3 +36,112 @@ def test_importing_every_engine_module_loads_no_slicer_qt_ctk_vtk_or_slicer_pack
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+LIBRARY = Path(AttentionUNetSegmentLib.__file__).parent
+SLICER_PACKAGE = LIBRARY.parent / "AttentionUNetSlicer"
+#: The engine's modules at the top of the package, shared by every stage; they import only each other.
+SHARED = {"constants", "errors", "progress", "devices", "__init__"}
+#: The stages each stage may import (besides the shared modules): a stage never imports one above it.
+ALLOWED = {
+    "fileio": set(),
+    "preprocessing": {"fileio"},
+    "model": {"fileio", "preprocessing"},
+    "inference": {"fileio", "preprocessing", "model"},
+    "training": {"fileio", "preprocessing", "model", "inference"},
+    "evaluation": {"fileio", "preprocessing", "model", "inference", "training"},
+    "cli": {"fileio", "preprocessing", "model", "inference", "training", "evaluation"},
+    "__main__": {"cli"},
+}
+
+
+def _imports(path: Path, package: str) -> Iterator[Tuple[int, str]]:
+    """``(line, dotted name)`` of every module ``path`` imports (relative imports resolved; for ``from X import
+    y`` both ``X`` and ``X.y``, as ``y`` may be a module)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            yield node.lineno, base
+            for alias in node.names:
+                yield node.lineno, f"{base}.{alias.name}"
+
+
+def _engine_imports() -> Dict[str, Set[Tuple[int, str]]]:
+    """For every engine file (``stage/module.py`` or ``module.py``), what it imports."""
+    found: Dict[str, Set[Tuple[int, str]]] = {}
+    for path in sorted(LIBRARY.rglob("*.py")):
+        relative = path.relative_to(LIBRARY)
+        package = ".".join(("AttentionUNetSegmentLib", *relative.parts[:-1]))
+        found[relative.as_posix()] = set(_imports(path, package))
+    return found
+
+
+def _stage(name: str) -> str:
+    """The stage (subpackage) or shared module a dotted engine name belongs to."""
+    return name.split(".")[1].split(" ")[0] if name.count(".") else "__init__"
+
+
+def test_each_stage_imports_only_the_stages_below_it():
+    wrong = []
+    for file, imports in _engine_imports().items():
+        stage = file.split("/")[0] if "/" in file else file[: -len(".py")]
+        for line, name in imports:
+            if not name.startswith("AttentionUNetSegmentLib"):
+                continue
+            target = _stage(name)
+            if target == stage or target in SHARED or target == "__version__":
+                continue
+            allowed = set() if stage in SHARED else ALLOWED[stage]
+            if target not in allowed:
+                wrong.append(f"{file}:{line} imports {name}")
+    assert wrong == []
+
+
+def test_inference_never_imports_training_and_only_the_entry_imports_the_cli():
+    """The two rules the layout exists for, spelled out (the table above implies them)."""
+    for file, imports in _engine_imports().items():
+        names = {name for _, name in imports}
+        if file.startswith("inference/"):
+            assert not {n for n in names if n.startswith("AttentionUNetSegmentLib.training")}, file
+        if not (file.startswith("cli/") or file == "__main__.py"):
+            assert not {n for n in names if n.startswith("AttentionUNetSegmentLib.cli")}, file
+
+
+def test_no_engine_file_imports_slicer_qt_ctk_vtk_or_the_slicer_package():
+    """Statically, every import statement (also those inside functions, which importing the modules misses)."""
+    wrong = [f"{file}:{line} imports {name}" for file, imports in _engine_imports().items() for line, name in imports
+             if name.split(".")[0] in FORBIDDEN]
+    assert wrong == []
+
+
+def _exception_classes(path: Path) -> Iterator[Tuple[str, Tuple[str, ...]]]:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef):
+            yield node.name, tuple(base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")
+                                   for base in node.bases)
+
+
+def test_every_error_class_descends_from_the_one_root():
+    """``AttentionUNetError`` is the one exception root of the engine and of the Slicer package: every exception
+    class either of them defines is a kind of it (checked by name through each file's classes)."""
+    classes: Dict[str, Tuple[str, ...]] = {}
+    for path in [*LIBRARY.rglob("*.py"), *SLICER_PACKAGE.rglob("*.py")]:
+        classes.update(_exception_classes(path))
+    builtin = {name for name, value in vars(builtins).items() if inspect.isclass(value)
+               and issubclass(value, BaseException)}
+
+    def root(name: str) -> Optional[str]:
+        """``AttentionUNetError``, the built-in exception the class descends from, or None (not an exception)."""
+        if name == "AttentionUNetError" or name in builtin:
+            return name
+        found = [root(base) for base in classes.get(name, ())]
+        return "AttentionUNetError" if "AttentionUNetError" in found else next(filter(None, found), None)
+
+    errors = {name: root(name) for name in classes if name != "AttentionUNetError" and root(name)}
+    assert {"UsageError", "InputsFailedError", "AttentionUNetSegmentError"} <= set(errors)
+    assert {name: base for name, base in errors.items() if base != "AttentionUNetError"} == {}
