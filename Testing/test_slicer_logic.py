@@ -250,7 +250,7 @@ def test_report_pdf_export_is_the_engines_report_of_the_segments(env, first_resu
     """Export > Report (PDF): the engine's page (report.write_report_pdf) over the input, with the run's volumes,
     model and device; no node is left behind; an existing report is kept unless replacing is chosen."""
     pytest.importorskip("matplotlib")
-    from test_report import page_count, pdf_text
+    from test_inference_report import page_count, pdf_text
 
     logic, result, scene = env["logic"], first_result["result"], env["scene"]
     before = _node_ids(scene)
@@ -1212,7 +1212,7 @@ class _DicomDatabase:
 @pytest.fixture
 def dicom_volume(env, tmp_path, monkeypatch):
     pydicom = pytest.importorskip("pydicom")
-    from test_dicom import OBLIQUE, _volume, write_series
+    from test_fileio_dicom import OBLIQUE, _volume, write_series
 
     files = write_series(tmp_path / "dicom", _volume((12, 30, 34)), rotation=OBLIQUE, description="T1")
     headers = {path: pydicom.dcmread(path, stop_before_pixels=True) for path in files}

@@ -23,7 +23,7 @@ MODULE_DIR = ROOT / "AttentionUNetSegment"
 MODULE_FILE = MODULE_DIR / "AttentionUNetSegment.py"
 SLICER_PACKAGE = MODULE_DIR / "AttentionUNetSlicer"
 #: The files that call Slicer's API: the entry file and the Slicer package, less its engine-process client (plain
-#: Python, tested against real child processes in test_engineProcess.py).
+#: Python, tested against real child processes in test_slicer_engineProcess.py).
 SLICER_FILES = [MODULE_FILE] + sorted(p for p in SLICER_PACKAGE.glob("*.py") if p.name != "engineProcess.py")
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "AttentionUNetSegment.ui"
 API_FILE = ROOT.parent / "shared" / "slicer-api" / "api.json"

@@ -29,7 +29,7 @@ from AttentionUNetSegmentLib.training.trainer import train
 
 from bundle_edits import edit_metadata
 from conftest import REPO_ROOT, TINY_LABELS
-from test_training import _config, make_dataset
+from test_training_trainer import _config, make_dataset
 
 
 def _records(count: int):

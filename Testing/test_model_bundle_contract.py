@@ -49,7 +49,7 @@ from AttentionUNetSegmentLib.model.network import AttentionUNet
 from AttentionUNetSegmentLib.preprocessing.preprocess import resample_to_spacing
 from AttentionUNetSegmentLib.training.trainer import train
 
-from test_training import _config, make_dataset
+from test_training_trainer import _config, make_dataset
 
 GIB = 1 << 30
 SHIPPED = BUNDLED_MODELS_DIR / "hippocampus"

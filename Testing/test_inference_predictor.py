@@ -26,7 +26,7 @@ from AttentionUNetSegmentLib.inference.predictor import (
 from AttentionUNetSegmentLib.model.network import AttentionUNet
 from AttentionUNetSegmentLib.inference.postprocessing import keep_largest_component
 from AttentionUNetSegmentLib.preprocessing.preprocess import crop_to_roi, preprocess
-from test_imageio import oblique_image
+from test_fileio_imageio import oblique_image
 
 
 @pytest.fixture(scope="module")

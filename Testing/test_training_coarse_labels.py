@@ -20,7 +20,7 @@ from AttentionUNetSegmentLib.model.network import NetworkOutput
 from AttentionUNetSegmentLib.preprocessing.preprocess import PreprocessingSpec
 from AttentionUNetSegmentLib.training.trainer import to_channel_labels, train
 
-from test_training import _config, make_dataset
+from test_training_trainer import _config, make_dataset
 
 
 def _coarsen(fine: Path, root: Path, groups, per_case=None, labels=None) -> Path:

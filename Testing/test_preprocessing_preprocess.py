@@ -19,7 +19,7 @@ from AttentionUNetSegmentLib.preprocessing.preprocess import (
     resample_to_reference,
     resample_to_spacing,
 )
-from test_imageio import oblique_image
+from test_fileio_imageio import oblique_image
 
 
 def linear_ramp(image: sitk.Image) -> sitk.Image:
