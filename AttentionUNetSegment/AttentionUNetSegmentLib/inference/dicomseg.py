@@ -160,7 +160,7 @@ def build_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], series
 
 
 def save_segmentation(segmentation: Any, partial: Path, path: Path) -> None:
-    """Write ``segmentation`` to ``partial`` (an ``imageio.atomic_output`` path for ``path``).
+    """Write ``segmentation`` to ``partial`` (an ``atomic.atomic_output`` path for ``path``).
 
     Raises:
         OSError: it could not be written (disk full, folder unwritable).

@@ -5,7 +5,7 @@ seed, held-out cases, every fold's cases). ``combine_folds`` checks that the bun
 cross-validation (same architecture, labels, preprocessing, inference settings, plan and split; each fold once)
 and writes one bundle holding every fold's weights (``bundle.save_ensemble``), whose ``metrics.cross_validation``
 is the table of every fold's validation Dice and their mean (``cross_validation_table`` prints it). Inference
-averages the folds inside the sliding window (``inference.FoldEnsemble``).
+averages the folds inside the sliding window (``inference.predictor.FoldEnsemble``).
 """
 
 from __future__ import annotations
