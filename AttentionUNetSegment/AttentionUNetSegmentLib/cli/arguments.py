@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Dict, Optional, Sequence
 
-from ..model.bundle import MAX_LABEL_VALUE
 from ..errors import DatasetError
+from ..model.bundle import MAX_LABEL_VALUE
 
 
 def positive_int(text: str) -> int:

@@ -25,10 +25,10 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..training.datasets import grid_differences, load_dataset
 from ..errors import DatasetError, InputImageError, OutputExistsError
 from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
+from ..training.datasets import grid_differences, load_dataset
 
 METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
            "volume_difference_percent")

@@ -9,8 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from ..errors import (AttentionUNetError, CancelledError, InputImageError, InputsFailedError, UsageError,
-                      error_message)
+from ..errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, UsageError, error_message
 from ..fileio.jsonfile import read_json
 from ..model.bundle import ModelBundle, ModelRegistry, device_memory, estimate_memory
 from ..preprocessing.domain import LOCALIZE_MODES, exceeds_field_of_view

@@ -22,12 +22,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from .. import __version__
-from ..model.bundle import MAX_LABEL_VALUE, LabelInfo
-from ..fileio.dicomio import DicomSeries, find_series, is_series_input, series_from_files
 from ..errors import AttentionUNetError, OutputExistsError
 from ..fileio.atomic import atomic_output
+from ..fileio.dicomio import DicomSeries, find_series, is_series_input, series_from_files
 from ..fileio.imageio import SHEAR_TOLERANCE_VOXELS, read_label
 from ..fileio.jsonfile import read_json
+from ..model.bundle import MAX_LABEL_VALUE, LabelInfo
 
 #: The distribution name the ``[dicom]`` extra belongs to (pyproject ``[project] name``).
 DISTRIBUTION = "attention-unet-segment"

@@ -34,10 +34,10 @@ import SimpleITK as sitk
 
 from .. import __version__
 from ..constants import OUTPUT_FORMATS
-from ..model.bundle import LabelInfo, ModelBundle
 from ..errors import AttentionUNetError, OutputExistsError
 from ..fileio.atomic import atomic_output, temporary_path
 from ..fileio.imageio import files_read_for, safe_name, write_partial
+from ..model.bundle import LabelInfo, ModelBundle
 
 if TYPE_CHECKING:
     from ..fileio.dicomio import DicomSeries

@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.acceleration import optimize_for_inference
-from ..model.bundle import LabelInfo
 from ..devices import autocast, autocast_dtype, resolve_device
 from ..errors import AttentionUNetError, CancelledError
 from ..fileio.imageio import validate_image
+from ..model.acceleration import optimize_for_inference
+from ..model.bundle import LabelInfo
 from ..model.network import AttentionUNet
-from .postprocessing import keep_central_component, keep_largest_component
 from ..preprocessing.preprocess import PreparedImage, crop_to_roi, orientation_of, preprocess, resample_to_reference
 from ..progress import scaled
+from .postprocessing import keep_central_component, keep_largest_component
 
 if TYPE_CHECKING:
     from ..preprocessing.localization import LocalizerSpec, Registration

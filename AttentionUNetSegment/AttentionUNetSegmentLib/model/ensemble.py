@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from .bundle import ModelBundle, create_metadata, save_ensemble
 from ..errors import AttentionUNetError, ModelBundleError
+from .bundle import ModelBundle, create_metadata, save_ensemble
 
 #: Sections every fold must share: what inference runs, and how the folds were planned and split.
 _SHARED = ("architecture", "labels", "preprocessing", "inference", "localization")

@@ -35,13 +35,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..model.bundle import MAX_LABEL_VALUE
 from ..errors import DatasetError, InputImageError
 from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
 from ..fileio.jsonfile import MAX_JSON_BYTES, read_json
-from .planning import CaseFingerprint, DatasetFingerprint
+from ..model.bundle import MAX_LABEL_VALUE
 from ..preprocessing.preprocess import PreprocessingSpec, preprocess, reorient, resample_to_reference
+from .planning import CaseFingerprint, DatasetFingerprint
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: Geometry tolerance between an image and its label (mm for origin, relative for spacing, absolute for cosines).

@@ -39,22 +39,22 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import __version__
-from .augmentation import AugmentationConfig, PatchSampler
-from ..model.bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
-                     create_metadata, device_memory, estimate_memory, save_bundle)
-from ..preprocessing.domain import measure_domain
-from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
 from ..constants import AMP_MODES
 from ..devices import AMP_PRECISION, autocast, autocast_dtype, resolve_device
 from ..errors import AttentionUNetError, DatasetError, ModelBundleError, OutputExistsError
 from ..fileio.atomic import atomic_output
 from ..fileio.jsonfile import read_json
-from ..progress import make_progress
 from ..inference.predictor import DEFAULT_BATCH_SIZE, sliding_window_inference
-from .losses import SegmentationLoss, dice_per_label
+from ..model.bundle import (MAX_CHANNELS, MAX_DEPTH, MAX_PATCH_VOXELS_PER_AXIS, check_replaceable, complete_metadata,
+                            create_metadata, device_memory, estimate_memory, save_bundle)
 from ..model.network import AttentionUNet, NetworkOutput
-from .planning import TrainingPlan, plan_training
+from ..preprocessing.domain import measure_domain
 from ..preprocessing.preprocess import MAX_SPACING_MM, MIN_SPACING_MM, PreprocessingSpec
+from ..progress import make_progress
+from .augmentation import AugmentationConfig, PatchSampler
+from .datasets import CaseCache, CaseRecord, PreprocessedCase, inspect_dataset, load_datasets, plan_split
+from .losses import SegmentationLoss, dice_per_label
+from .planning import TrainingPlan, plan_training
 
 #: Default colours for labels 1, 2, ... (RGB 0..1), distinct on grey MRI/CT.
 LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.4), (0.7, 0.4, 0.9),
