@@ -27,7 +27,7 @@ def test_importing_every_engine_module_loads_no_slicer_qt_ctk_vtk_or_slicer_pack
     modules = [m.name for m in pkgutil.walk_packages(AttentionUNetSegmentLib.__path__, "AttentionUNetSegmentLib.")
                if m.name != "AttentionUNetSegmentLib.__main__"]  # that one runs the CLI
     assert {"AttentionUNetSegmentLib.inference.predictor", "AttentionUNetSegmentLib.training.trainer",
-            "AttentionUNetSegmentLib.cli.main"} <= set(modules)
+            "AttentionUNetSegmentLib.cli.commands"} <= set(modules)
     code = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"

@@ -193,7 +193,7 @@ def _boxes(shape=(10, 12, 9)) -> np.ndarray:
 
 
 def test_evaluate_a_csv_pairs_file_with_label_names(tmp_path, capsys):
-    from AttentionUNetSegmentLib.cli.main import main
+    from AttentionUNetSegmentLib.cli.commands import main
 
     (tmp_path / "pred").mkdir()
     label = _boxes()
@@ -216,7 +216,7 @@ def test_evaluate_a_csv_pairs_file_with_label_names(tmp_path, capsys):
 
 
 def test_evaluate_a_csv_pairs_file_with_a_model_takes_the_models_names(tmp_path, tiny_bundle, capsys):
-    from AttentionUNetSegmentLib.cli.main import main
+    from AttentionUNetSegmentLib.cli.commands import main
 
     label = _boxes((20, 24, 22))
     _write((np.random.default_rng(0).normal(size=label.shape) + label).astype(np.float32), tmp_path / "c1.nii.gz")
@@ -231,7 +231,7 @@ def test_evaluate_a_csv_pairs_file_with_a_model_takes_the_models_names(tmp_path,
 
 def test_evaluate_finds_segment_outputs_of_nnunet_v2_images(tmp_path, capsys):
     """nnU-Net v2 names images ``<case>_0000``; ``segment`` writes ``<case>_0000_seg``; the case is ``<case>``."""
-    from AttentionUNetSegmentLib.cli.main import main
+    from AttentionUNetSegmentLib.cli.commands import main
 
     for folder in ("imagesTr", "labelsTr", "pred"):
         (tmp_path / folder).mkdir()

@@ -489,7 +489,7 @@ def test_missing_highdicom_is_one_error_naming_the_extra(tmp_path, tiny_bundle):
     folder = tmp_path / "series"
     write_series(folder, _volume((6, 20, 24)))
     out = tmp_path / "out"
-    code = ("import sys; sys.modules['highdicom'] = None; from AttentionUNetSegmentLib.cli.main import main; "
+    code = ("import sys; sys.modules['highdicom'] = None; from AttentionUNetSegmentLib.cli.commands import main; "
             f"sys.exit(main(['segment', {str(folder)!r}, '--output-dir', {str(out)!r}, '--model', "
             f"{str(tiny_bundle.path)!r}, '--dicom-seg']))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

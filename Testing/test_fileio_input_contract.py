@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.cli import main as cli
+from AttentionUNetSegmentLib.cli import commands as cli
 from AttentionUNetSegmentLib.training.datasets import inspect_dataset, load_dataset
 from AttentionUNetSegmentLib.errors import DatasetError, InputImageError
 from AttentionUNetSegmentLib.fileio.imageio import (DEFAULT_MAX_VOXELS, LPS_FROM_RAS, MAX_VOXELS_VARIABLE, read_image,

@@ -22,7 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from AttentionUNetSegmentLib import errors
-from AttentionUNetSegmentLib.cli import main as cli
+from AttentionUNetSegmentLib.cli import commands as cli
 from AttentionUNetSegmentLib.errors import AttentionUNetError
 from AttentionUNetSegmentLib.fileio.atomic import (TEMP_DIR_PREFIX, atomic_output, remove_stale_temporaries,
                                                    temporary_path)
@@ -248,7 +248,7 @@ def test_a_run_killed_while_writing_leaves_no_visible_partial_and_the_rerun_clea
 # ------------------------------------------------------------------------------------------------ out of memory
 def _virtual_memory_after_import() -> int:
     """Bytes of address space a CLI process holds once torch and the engine are imported."""
-    code = ("import torch, AttentionUNetSegmentLib.cli.main, AttentionUNetSegmentLib.inference.predictor\n"
+    code = ("import torch, AttentionUNetSegmentLib.cli.commands, AttentionUNetSegmentLib.inference.predictor\n"
             "print(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')).split()[1])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))

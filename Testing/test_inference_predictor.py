@@ -210,7 +210,7 @@ def test_precision_choice_reaches_the_forward_passes(model):
 
 
 def test_cli_offers_the_engine_precisions():
-    from AttentionUNetSegmentLib.cli.main import build_parser
+    from AttentionUNetSegmentLib.cli.commands import build_parser
 
     parser = build_parser()
     for precision in PRECISIONS:

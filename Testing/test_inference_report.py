@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 pytest.importorskip("matplotlib")
 
-from AttentionUNetSegmentLib.cli import main as cli  # noqa: E402
+from AttentionUNetSegmentLib.cli import commands as cli  # noqa: E402
 from AttentionUNetSegmentLib.model.bundle import LabelInfo  # noqa: E402
 from AttentionUNetSegmentLib.inference.outputs import plan_outputs, segment_statistics, side_statistics  # noqa: E402
 from AttentionUNetSegmentLib.inference.report import (  # noqa: E402
@@ -236,7 +236,7 @@ def test_report_shows_patient_information_only_when_the_report_carries_it(tmp_pa
 def test_segment_report_pdf_shows_the_reports_volumes(tiny_bundle, tmp_path, capsys):
     """``segment --report-pdf`` on a crop (labels 1-2, no sides): the PDF is written with the other outputs and
     holds the segment names and the volumes of ``<stem>_report.json``; --force rules apply to it too."""
-    from test_cli_main import make_volume
+    from test_cli_commands import make_volume
 
     image = tmp_path / "crop case.nii.gz"
     make_volume(image, (24, 20, 16), (1.0, 1.2, 1.5))
@@ -265,7 +265,7 @@ def test_preview_has_a_legend_orientation_letters_and_equal_panels(tiny_bundle, 
     import matplotlib.image
 
     from AttentionUNetSegmentLib.inference import preview
-    from test_cli_main import make_volume
+    from test_cli_commands import make_volume
 
     image = tmp_path / "case.nii.gz"
     make_volume(image, (20, 18, 12), (1.0, 1.2, 2.0))

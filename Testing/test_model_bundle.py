@@ -207,7 +207,7 @@ def test_registry_search_path_puts_environment_first(tmp_path, monkeypatch):
 
 def test_registry_listing_and_cli_import_do_not_import_torch(tiny_bundle):
     code = (
-        "import sys; from AttentionUNetSegmentLib.model.bundle import ModelRegistry; import AttentionUNetSegmentLib.cli.main; "
+        "import sys; from AttentionUNetSegmentLib.model.bundle import ModelRegistry; import AttentionUNetSegmentLib.cli.commands; "
         f"names = [b.name for b in ModelRegistry([{str(tiny_bundle.path.parent)!r}]).list()]; "
         "assert names == ['tiny'], names; assert 'torch' not in sys.modules, 'torch imported'"
     )

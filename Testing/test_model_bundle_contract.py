@@ -43,7 +43,7 @@ from AttentionUNetSegmentLib.model.bundle import (
     read_metadata,
     save_bundle,
 )
-from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.cli.commands import main
 from AttentionUNetSegmentLib.errors import InputImageError, ModelBundleError
 from AttentionUNetSegmentLib.model.network import AttentionUNet
 from AttentionUNetSegmentLib.preprocessing.preprocess import resample_to_spacing

@@ -34,7 +34,7 @@ def test_a_wheel_install_finds_the_bundled_model_and_sample(tmp_path):
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import json, AttentionUNetSegmentLib as lib; from AttentionUNetSegmentLib.model.bundle import ModelRegistry,"
-             " DEFAULT_MODEL; from AttentionUNetSegmentLib.cli.main import SAMPLE_DATA_DIR;"
+             " DEFAULT_MODEL; from AttentionUNetSegmentLib.cli.commands import SAMPLE_DATA_DIR;"
              " bundle = ModelRegistry().resolve(DEFAULT_MODEL); bundle.build_model('cpu');"
              " print(json.dumps({'package': lib.__file__, 'model': str(bundle.path),"
              " 'samples': [p.name for p in SAMPLE_DATA_DIR.glob('*.nii.gz')]}))")

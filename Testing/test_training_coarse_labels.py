@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from AttentionUNetSegmentLib.model.bundle import load_bundle
-from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.cli.commands import main
 from AttentionUNetSegmentLib.training.datasets import CaseCache, load_datasets, split_cases
 from AttentionUNetSegmentLib.errors import DatasetError
 from AttentionUNetSegmentLib.training.losses import DiceCELoss, SegmentationLoss

@@ -19,7 +19,7 @@ import torch
 from AttentionUNetSegmentLib.model.bundle import (DIGEST_KEY, FOLDS_FORMAT_VERSION, MAX_WINDOW_BYTES, ModelBundle,
                                             ModelRegistry, estimate_memory, file_sha256, load_bundle,
                                             parameter_count, read_metadata, save_bundle, save_ensemble)
-from AttentionUNetSegmentLib.cli.main import main
+from AttentionUNetSegmentLib.cli.commands import main
 from AttentionUNetSegmentLib.training.datasets import CaseRecord, load_dataset, plan_split, split_cases
 from AttentionUNetSegmentLib.errors import DatasetError, ModelBundleError
 from AttentionUNetSegmentLib.inference.predictor import FoldEnsemble, Predictor

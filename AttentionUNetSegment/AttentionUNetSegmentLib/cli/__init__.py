@@ -1,1 +1,7 @@
-"""The ``attention-unet`` command line (``main.main``); only ``__main__`` and the console script import it."""
+"""The ``attention-unet`` command line: ``main`` (the console script and ``python -m AttentionUNetSegmentLib``) runs
+``commands.main``; each command's options and handler live in ``commands`` (and ``train``, ``evaluate``,
+``ensemble``). Only ``__main__`` and the console script import this package."""
+
+from .commands import main
+
+__all__ = ["main"]

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from AttentionUNetSegmentLib.cli import main as cli
+from AttentionUNetSegmentLib.cli import commands as cli
 from AttentionUNetSegmentLib.constants import DEFAULT_MODEL
 from AttentionUNetSegmentLib.model.bundle import BUNDLED_MODELS_DIR, MODELS_ENV
 from AttentionUNetSegmentLib.fileio.imageio import image_stem

@@ -1,7 +1,8 @@
 """The ``attention-unet`` command line (also ``python -m AttentionUNetSegmentLib``).
 
-Subcommands: ``segment`` (contract in ``DESIGN.md``), ``models``, ``summary``, ``gradcheck``, ``demo`` and, when the
-training modules are installed, ``train`` and ``evaluate``.
+Subcommands: ``segment`` and ``dicom-seg`` (contract in ``DESIGN.md``), ``models``, ``devices``, ``summary``,
+``gradcheck``, ``demo``, and ``train``, ``evaluate``, ``ensemble`` (their options and runs in ``cli/train.py``,
+``cli/evaluate.py``, ``cli/ensemble.py``, imported only when they run).
 
 Every user-facing error (an ``AttentionUNetError``, or a misused option) ends the program with exit status 2 and a
 single ``error: ...`` line on stderr, with no traceback. Heavy modules (torch, the network, inference) are imported
