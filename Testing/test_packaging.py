@@ -29,7 +29,9 @@ def test_a_wheel_install_finds_the_bundled_model_and_sample(tmp_path):
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "AttentionUNetSegmentLib/constants.py" in names
+    engine = REPOSITORY / "AttentionUNetSegment"
+    modules = {path.relative_to(engine).as_posix() for path in (engine / "AttentionUNetSegmentLib").rglob("*.py")}
+    assert "AttentionUNetSegmentLib/constants.py" in modules and modules <= set(names)  # every stage's subpackage
     assert not [name for name in names if name.startswith("AttentionUNetSlicer")]  # the wheel is the engine only
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
