@@ -5,6 +5,7 @@ localised or not, and writes its results through ``outputs``)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -123,11 +124,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     writes ``<stem>_seg.dcm``; patient data goes into no other output unless ``keep_patient_info`` (the report's
     ``patient``).
     """
-    from ..fileio.dicomio import read_series
-    from ..preprocessing.domain import domain_warnings
     from ..fileio.atomic import remove_stale_temporaries
-    from ..fileio.imageio import read_image
-    from ..preprocessing.preprocess import crop_to_roi
 
     if localize not in LOCALIZE_MODES:
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
@@ -137,52 +134,21 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         from .report import require_matplotlib
 
         require_matplotlib()
-    inputs = _study_inputs(inputs, series)
-    sources, source_errors = _dicom_sources(inputs, series, dicom_seg)
-    stems = _input_stems(inputs, sources)
-    # what each input reads: a series' own files (a folder may hold other files, e.g. earlier outputs)
-    reads = [file for path, source in zip(inputs, sources) for file in (source.files if source else [path])]
-    batch = len(inputs) > 1
-    failed: Dict[str, str] = {}  # stem -> error, for a batch (a single input's error is raised)
-
-    def record(stem: str, error: Exception) -> None:
-        message = _input_failure(error, batch_size, probabilities)
-        if not batch or message is None:
-            raise error
-        failed[stem] = message
-
-    def read(index: int) -> "sitk.Image":
-        return read_series(sources[index]) if sources[index] is not None else read_image(inputs[index])
-
-    first_image = first_stem = None  # kept: the first input is segmented first, so it is read only once
-    geometries: Dict[str, Geometry] = {}
-    for index, (path, stem) in enumerate(zip(inputs, stems)):
-        progress("validate", 0.0, f"Checking input {index + 1}/{len(inputs)}")
-        started = time.perf_counter()
-        try:
-            if index in source_errors:
-                raise source_errors[index]
-            image = read(index)
-            # With an ROI the model sees that region: the domain guard compares it, not the whole input.
-            geometries[stem] = _geometry(image if roi is None else crop_to_roi(image, roi)[0])
-        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
-            record(stem, error)
-            continue
-        if first_image is None:
-            first_image, first_stem, first_read_seconds = image, stem, time.perf_counter() - started
-    image = None
+    run = _Inputs.gather(inputs, series, dicom_seg, batch_size, probabilities)
+    geometries, first = _check_inputs(run, roi, progress)
     progress("load", 0.0, "Loading the model")
     bundle = model if isinstance(model, ModelBundle) else ModelRegistry().resolve(model)
-    num_gates = len(bundle.architecture["channels"]) - 1
     localized = {stem: will_localize(geometry, bundle, localize, roi) for stem, geometry in geometries.items()}
+    num_gates = len(bundle.architecture["channels"]) - 1
     plans = [plan_outputs(output_dir, stem, bundle.localized_labels if local else bundle.labels, fmt,
                           num_gates if attention else 0, probabilities, dicom_seg, report_pdf)
              for stem, local in localized.items()]
+    reads = [*run.reads(), *also_reads]
     for plan in plans:
-        plan.check_writable(force, [*reads, *also_reads])
-    summary = Path(output_dir) / SUMMARY_NAME if batch else None
+        plan.check_writable(force, reads)
+    summary = Path(output_dir) / SUMMARY_NAME if run.batch else None
     if summary is not None:
-        check_writable([summary], force, [*reads, *also_reads])
+        check_writable([summary], force, reads)
     remove_stale_temporaries(output_dir)  # a killed earlier run's, even if this one fails before writing
     spec = bundle.localization if any(localized.values()) else None
     template = None
@@ -190,70 +156,164 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         from ..preprocessing.localization import read_template
 
         template = read_template(spec)
-
-    from .predictor import Predictor
-
-    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
-    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size, folds=bundle.fold_count)
-    available = device_memory(predictor.device)
-    if available is not None and needed > available:
-        raise AttentionUNetError(
-            f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
-            f"{bundle.name}{f' ({bundle.fold_count} folds)' if bundle.fold_count > 1 else ''} need about {needed / 2**30:.1f} GiB (estimate), more than the {available / 2**30:.1f} GiB "
-            f"of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a smaller --batch-size"
-            + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
+    predictor = _predictor(bundle, device, overlap, tta, batch_size, precision)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
                   "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
                   "precision": precision, "roi": list(roi) if roi is not None else None,
                   "localize": localize, "attention": attention, "probabilities": probabilities,
                   "largest_component": largest_component, "format": fmt, "series": series, "dicom_seg": dicom_seg}
     written: Dict[str, OutputPaths] = {}
-    for index, (path, stem) in enumerate(zip(inputs, stems)):
-        if stem in failed:
+    for index, (path, stem) in enumerate(zip(run.paths, run.stems)):
+        if stem in run.failed:
             continue
-        report = scaled(progress, index / len(inputs), (index + 1) / len(inputs))
+        report = scaled(progress, index / len(run.paths), (index + 1) / len(run.paths))
         started = time.perf_counter()
         report("read", 0.0, f"Reading {Path(path).name}")
         try:
-            if stem == first_stem:
-                image, first_image = first_image, None
-                read_seconds = first_read_seconds
+            if first is not None and stem == first.stem:
+                image, read_seconds, first = first.image, first.seconds, None
             else:
-                image = read(index)
+                image = run.read(index)
                 read_seconds = time.perf_counter() - started
             if localized[stem]:
                 prediction = _predict_localized(predictor, image, spec, template, attention, probabilities,
                                                 largest_component, scaled(report, 0.0, 0.95))
             else:
-                prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
-                                               largest_component=largest_component,
-                                               progress=scaled(report, 0.0, 0.95))
-                prediction.warnings = domain_warnings(*geometries[stem], bundle.domain,
-                                                      localizer=bundle.has_localizer and roi is None)
+                prediction = _predict(predictor, image, roi, attention, probabilities, largest_component,
+                                      geometries[stem], scaled(report, 0.0, 0.95))
             for text in prediction.warnings:
                 warn(f"{stem}: {text}")
             prediction.timings = {"read": read_seconds, **prediction.timings}
             report("write", 0.95, f"Writing outputs of {stem}")
-            source = sources[index]
+            source = run.sources[index]
             written[stem] = write_prediction(
                 prediction, bundle, output_dir, stem, fmt=fmt, input_path=path, parameters=parameters, force=force,
                 dicom_series=source, dicom_seg=dicom_seg, report_pdf=report_pdf, image=image,
                 patient=source.patient_info() if keep_patient_info and source is not None else None)
             report("write", 1.0, f"Wrote outputs of {stem}")
         except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
-            record(stem, error)
+            run.record(stem, error)
         image = None
     if log is not None:
         log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
         if bundle.integrity_warning:
             log(f"warning: {bundle.integrity_warning}")
     if summary is not None:
-        _write_summary(summary, stems, written, failed, bundle, force)
-    if failed:
-        names = "; ".join(f"{stem}: {message}" for stem, message in failed.items())
-        raise InputsFailedError(f"{len(failed)} of {len(inputs)} inputs failed ({names}); the others were segmented, "
-                                f"see {summary}", failed, written, summary)
+        _write_summary(summary, run.stems, written, run.failed, bundle, force)
+    if run.failed:
+        names = "; ".join(f"{stem}: {message}" for stem, message in run.failed.items())
+        raise InputsFailedError(f"{len(run.failed)} of {len(run.paths)} inputs failed ({names}); the others were "
+                                f"segmented, see {summary}", run.failed, written, summary)
     return written
+
+
+@dataclass
+class _Inputs:
+    """The inputs of one run, in order: paths (folders of DICOM studies expanded), each one's DICOM series
+    (``None`` for a volume file), output stems, the refusal of a series by input index, and the message of each
+    input that failed (a batch records them and goes on; a single input's error is raised)."""
+
+    paths: List[str]
+    sources: List[Any]
+    stems: List[str]
+    source_errors: Dict[int, AttentionUNetError]
+    batch_size: Optional[int]
+    probabilities: bool
+    failed: Dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def gather(cls, inputs: Sequence[str], series: Optional[str], dicom_seg: bool, batch_size: Optional[int],
+               probabilities: bool) -> "_Inputs":
+        paths = _study_inputs(inputs, series)
+        sources, source_errors = _dicom_sources(paths, series, dicom_seg)
+        return cls(paths, sources, _input_stems(paths, sources), source_errors, batch_size, probabilities)
+
+    @property
+    def batch(self) -> bool:
+        return len(self.paths) > 1
+
+    def reads(self) -> List[Union[str, Path]]:
+        """What the inputs read: a series' own files (a folder may hold other files, e.g. earlier outputs)."""
+        return [file for path, source in zip(self.paths, self.sources)
+                for file in (source.files if source else [path])]
+
+    def read(self, index: int) -> Any:
+        """Input ``index`` as a ``sitk.Image`` (its series, or the volume file)."""
+        from ..fileio.dicomio import read_series
+        from ..fileio.imageio import read_image
+
+        source = self.sources[index]
+        return read_series(source) if source is not None else read_image(self.paths[index])
+
+    def record(self, stem: str, error: Exception) -> None:
+        """Record a batch input's failure, or raise ``error`` (a single input, a cancel, a bug)."""
+        message = _input_failure(error, self.batch_size, self.probabilities)
+        if not self.batch or message is None:
+            raise error
+        self.failed[stem] = message
+
+
+@dataclass
+class _FirstImage:
+    """The first input that could be read, kept: it is segmented first, so it is read only once."""
+
+    stem: str
+    image: Any
+    seconds: float
+
+
+def _check_inputs(run: _Inputs, roi: Optional[Sequence[float]], progress: Any
+                  ) -> Tuple[Dict[str, Geometry], Optional[_FirstImage]]:
+    """Read and validate every input before the model loads: the grid each one gives the model (with an ROI the
+    model sees that region, so the domain guard compares it, not the whole input), by stem."""
+    from ..preprocessing.preprocess import crop_to_roi
+
+    first = None
+    geometries: Dict[str, Geometry] = {}
+    for index, stem in enumerate(run.stems):
+        progress("validate", 0.0, f"Checking input {index + 1}/{len(run.paths)}")
+        started = time.perf_counter()
+        try:
+            if index in run.source_errors:
+                raise run.source_errors[index]
+            image = run.read(index)
+            geometries[stem] = _geometry(image if roi is None else crop_to_roi(image, roi)[0])
+        except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
+            run.record(stem, error)
+            continue
+        if first is None:
+            first = _FirstImage(stem, image, time.perf_counter() - started)
+    return geometries, first
+
+
+def _predictor(bundle: ModelBundle, device: str, overlap: Optional[float], tta: bool, batch_size: Optional[int],
+               precision: str):
+    """The ``Predictor``, refused before any inference when its windows need more memory than the device has."""
+    from .predictor import Predictor
+
+    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
+    needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size, folds=bundle.fold_count)
+    available = device_memory(predictor.device)
+    if available is not None and needed > available:
+        folds = f" ({bundle.fold_count} folds)" if bundle.fold_count > 1 else ""
+        raise AttentionUNetError(
+            f"{predictor.batch_size} window(s) of {' x '.join(map(str, bundle.patch_size))} voxels of model "
+            f"{bundle.name}{folds} need about {needed / 2**30:.1f} GiB (estimate), more than the "
+            f"{available / 2**30:.1f} GiB of {'this GPU' if predictor.device.type == 'cuda' else 'RAM'}; use a "
+            "smaller --batch-size" + ("" if predictor.device.type == "cuda" else " or a machine with more memory"))
+    return predictor
+
+
+def _predict(predictor, image, roi: Optional[Sequence[float]], attention: bool, probabilities: bool,
+             largest_component: bool, geometry: Geometry, report):
+    """Segment ``image`` (or its ``roi``) as it is, then check it against the model's domain."""
+    from ..preprocessing.domain import domain_warnings
+
+    prediction = predictor.predict(image, roi=roi, attention=attention, probabilities=probabilities,
+                                   largest_component=largest_component, progress=report)
+    bundle = predictor.bundle
+    prediction.warnings = domain_warnings(*geometry, bundle.domain, localizer=bundle.has_localizer and roi is None)
+    return prediction
 
 
 def _input_failure(error: Exception, batch_size: Optional[int], probabilities: bool) -> Optional[str]:
