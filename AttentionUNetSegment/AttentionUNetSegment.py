@@ -54,7 +54,8 @@ class AttentionUNetSegment(ScriptedLoadableModule):
             "user guide</a>.")
         self.parent.acknowledgementText = _(
             "Attention U-Net: Oktay et al., 'Attention U-Net: Learning Where to Look for the Pancreas', MIDL 2018. "
-            "The bundled hippocampus model was trained on the Medical Segmentation Decathlon Task04 (CC-BY-SA 4.0).")
+            "The bundled hippocampus model was trained on the Medical Segmentation Decathlon Task04 (CC-BY-SA 4.0) and "
+            "on crops of five NiChart_Project demo heads (CBICA, University of Pennsylvania).")
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 

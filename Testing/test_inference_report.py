@@ -305,7 +305,8 @@ def test_report_of_a_real_whole_head_with_the_bundled_model(tmp_path, capsys):
     text = pdf_text(out / "ixi012_report.pdf")
     for row in report["segments"]:
         assert row["name"] in text and f"{row['volume_ml']:.3f}" in text
-    assert f"{report['asymmetry_index']:+.4f}" in text and "hippocampus 1.0.0" in text and "CC-BY-SA" in text
+    model = f"{report['model']['name']} {report['model']['version']}"
+    assert f"{report['asymmetry_index']:+.4f}" in text and model in text and "CC-BY-SA" in text
     figure = report_figure(read_image(WHOLE_HEAD), sitk.ReadImage(str(out / "ixi012_seg.nii.gz")),
                            sitk.ReadImage(str(out / "ixi012_attention_0.nii.gz")), report, "ixi012")
     pixels = rendered(figure)

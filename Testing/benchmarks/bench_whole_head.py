@@ -10,7 +10,8 @@ between the two tools (ours first on even heads, hippodeep first on odd ones) so
   folder (it writes next to its input; never copied into this repository); ``COPY_mask_L/R.nii.gz`` > 127.
 - ``oracle``: the same model with the box placed by hand: ``--roi`` of 44 x 60 x 44 mm centred on the reference
   hippocampus of that side (in-process ``Predictor``, no timing); union of its two segments against that side.
-  The ``--roi`` path tiles the box with sliding windows, which this model segments far worse than one centred view.
+  An ROI of about the model's size is segmented in one window centred on it, upright in the input's own axes (no
+  registration): a Region placed by hand in Slicer.
 - ``centred``: the localised pipeline itself with each box centre moved onto the reference centroid (the
   registration's rotation and scaling kept): auto minus this is what imperfect box placement costs.
 - box containment: the share of the reference hippocampus of each side that lies inside the localisation box

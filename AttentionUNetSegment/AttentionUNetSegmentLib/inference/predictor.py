@@ -655,8 +655,7 @@ class Predictor:
         timings.update((stage, seconds) for stage, seconds in result.timings.items() if stage != "total")
         clock = time.perf_counter()
         inverse = transform.GetInverse()
-        best: Optional[np.ndarray] = None
-        winner = np.zeros(target.GetSize()[::-1], dtype=label_dtype(self.label_values))
+        argmax = _RunningArgmax(target.GetSize()[::-1], label_dtype(self.label_values))
         kept: Dict[int, np.ndarray] = {}
         for value in self.label_values:
             mapped = sitk.GetArrayFromImage(sitk.Resample(result.probabilities[value], target, inverse,
@@ -664,17 +663,12 @@ class Predictor:
                                                           sitk.sitkFloat32))
             if probabilities:
                 kept[value] = mapped
-            if best is None:
-                best = mapped.copy()
-            else:
-                better = mapped > best
-                best[better] = mapped[better]
-                winner[better] = value
+            argmax.add(mapped, value)
         gates = [sitk.GetArrayFromImage(sitk.Resample(gate, _pooled_grid(gate_reference, level), inverse,
                                                       sitk.sitkLinear, 0.0, sitk.sitkFloat32))
                  for level, gate in enumerate(result.attention)]
         timings["view_paste"] = time.perf_counter() - clock
-        return _ViewResult(winner, kept, gates, timings)
+        return _ViewResult(argmax.winner, kept, gates, timings)
 
     def _run_windows(
         self, prepared: PreparedImage, attention: bool, report: ProgressCallback, cancel: Optional[CancelCallback]
@@ -713,27 +707,38 @@ class Predictor:
     ) -> Tuple[sitk.Image, Dict[int, sitk.Image]]:
         """Resample every class probability linearly onto ``reference``, take the argmax (running, one class at a
         time) and map channels to label values."""
-        best: Optional[np.ndarray] = None
-        winner = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint16)
+        argmax = _RunningArgmax(reference.GetSize()[::-1], np.uint16)
         kept: Dict[int, sitk.Image] = {}
         for channel, value in enumerate(self.label_values):
             outside = 1.0 if channel == 0 else 0.0
             resampled = resample_to_reference(
                 prepared.image_from_array(scores[channel].numpy()), reference, is_label=False, default=outside
             )
-            array = sitk.GetArrayViewFromImage(resampled)
-            if best is None:
-                best = array.copy()
-            else:
-                better = array > best
-                best[better] = array[better]
-                winner[better] = channel
+            argmax.add(sitk.GetArrayViewFromImage(resampled), channel)
             if probabilities:
                 kept[value] = resampled
         lookup = np.array(self.label_values, dtype=label_dtype(self.label_values))
-        labels = sitk.GetImageFromArray(lookup[winner])
+        labels = sitk.GetImageFromArray(lookup[argmax.winner])
         labels.CopyInformation(reference)
         return labels, kept
+
+
+class _RunningArgmax:
+    """The argmax over class probability arrays given one at a time (never every class in memory at once):
+    ``winner`` holds the value given with the largest array so far, the first one's where none is larger."""
+
+    def __init__(self, shape: Sequence[int], dtype) -> None:
+        self.best: Optional[np.ndarray] = None
+        self.winner = np.zeros(tuple(shape), dtype=dtype)
+
+    def add(self, array: np.ndarray, value: int) -> None:
+        if self.best is None:
+            self.best = np.array(array, copy=True)
+            self.winner[...] = value
+            return
+        better = array > self.best
+        self.best[better] = array[better]
+        self.winner[better] = value
 
 
 @dataclass

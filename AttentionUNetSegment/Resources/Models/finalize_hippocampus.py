@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -218,6 +219,8 @@ def refresh_digest(directory: Path, name: str = "hippocampus", pin_file: Optiona
         raise ModelBundleError(f"no SHIPPED_DIGESTS entry for {name!r} in {source}; add one by hand")
     with atomic_output(source, force=True) as partial:
         partial.write_text(text, encoding="utf-8")
+    if pin_file is None:
+        bundle_module.SHIPPED_DIGESTS[name] = digest  # this process checks against the new pin too
     return digest
 
 
@@ -283,15 +286,22 @@ def main() -> int:
                                          msd_val=len(validation_names), crops=len(crops), heads=", ".join(heads),
                                          held_out_heads=", ".join(held_out_heads))
     metadata = create_metadata(
-        name="hippocampus", version=VERSION, labels=[label.to_dict() for label in trained.labels],
+        name="hippocampus", version=VERSION,
+        # A crop's side is unknown: hippocampus without laterality (the localised labels carry it).
+        labels=[dict(label.to_dict(), terminology=TERMINOLOGY.format(modifier="^^")) for label in trained.labels],
         patch_size=trained.patch_size, preprocessing=trained.metadata["preprocessing"], overlap=trained.overlap,
         description=DESCRIPTION.format(channels=tuple(trained.architecture["channels"])), license=LICENSE,
         citation=CITATION, training_data=training_data,
         metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
-    bundle = save_bundle(trained.build_model(), metadata, args.output, force=True)
-    refresh(bundle.path, args.dataset, args.nilearn_template)
-    refresh_digest(bundle.path, bundle.path.name)
-    print(f"wrote {bundle.path}: held-out Dice {metrics['held_out']['dice']}", file=sys.stderr)
+    # Built outside the shipped folder (whose digest the engine pins) and pinned, then put in place.
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = save_bundle(trained.build_model(), metadata, Path(scratch) / args.output.name).path
+        refresh(staged, args.dataset, args.nilearn_template)
+        refresh_digest(staged, args.output.name)
+        if args.output.exists():
+            shutil.rmtree(args.output)
+        shutil.copytree(staged, args.output)
+    print(f"wrote {args.output}: held-out Dice {metrics['held_out']['dice']}", file=sys.stderr)
     return 0
 
 
