@@ -718,9 +718,7 @@ class Predictor:
             if probabilities:
                 kept[value] = resampled
         lookup = np.array(self.label_values, dtype=label_dtype(self.label_values))
-        labels = sitk.GetImageFromArray(lookup[argmax.winner])
-        labels.CopyInformation(reference)
-        return labels, kept
+        return _image_on(lookup[argmax.winner], reference), kept
 
 
 class _RunningArgmax:
@@ -783,12 +781,8 @@ def _paste(
 ) -> sitk.Image:
     """Put the ROI part (``roi_start``..``roi_stop``, x-y-z index in ``region``) of ``region_image`` into an image
     on ``full``'s grid filled with ``fill`` elsewhere. ``region`` is a crop of ``full`` (same voxel grid)."""
-    offset = np.array(full.TransformPhysicalPointToIndex(region.GetOrigin()))
     source = sitk.GetArrayViewFromImage(region_image)
     canvas = np.full(full.GetSize()[::-1], fill, dtype=source.dtype)
     inner = tuple(slice(a, b) for a, b in zip(roi_start[::-1], roi_stop[::-1]))
-    target = tuple(slice(a + o, b + o) for a, b, o in zip(roi_start[::-1], roi_stop[::-1], offset[::-1]))
-    canvas[target] = source[inner]
-    pasted = sitk.GetImageFromArray(canvas)
-    pasted.CopyInformation(full)
-    return pasted
+    canvas[_window(full, region)][inner] = source[inner]
+    return _image_on(canvas, full)

@@ -523,7 +523,6 @@ class Trainer:
                 # What segment's domain guard compares inputs with (RAS-reoriented grids: world = index axes).
                 self.domain = measure_domain([c.size for c in fingerprint.cases],
                                              [c.spacing for c in fingerprint.cases], modality=fingerprint.modality)
-
                 self._check_exportable(plan, dataset.labels)
                 self.work_dir.mkdir(parents=True, exist_ok=True)
                 _write_json(plan_path, {"plan": plan.to_dict(), "labels": {str(k): v for k, v in
@@ -842,6 +841,9 @@ class Trainer:
             model.load_state_dict({k: v for k, v in best["model"].items()
                                    if not k.startswith("deep_supervision_heads.")}, strict=True)
             row = best["dice"]
+            # Merged classes of coarse validation cases ("Anterior+Posterior"), logged beside the model's own.
+            region_dice = {key[len("val_dice_"):]: value for key, value in row.items()
+                           if key.startswith("val_dice_") and "+" in key}
             validation = {
                 "method": ("validation cases" if config.folds is None else
                            f"the validation cases of fold {config.fold} of {config.folds}")
@@ -849,9 +851,7 @@ class Trainer:
                 "cases": n_val,
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
-                **({"region_dice": {key[len("val_dice_"):]: value for key, value in row.items()
-                                    if key.startswith("val_dice_") and "+" in key}}
-                   if any(key.startswith("val_dice_") and "+" in key for key in row) else {}),
+                **({"region_dice": region_dice} if region_dice else {}),
                 "epoch": best["epoch"],
             }
         except (KeyError, TypeError, RuntimeError) as error:

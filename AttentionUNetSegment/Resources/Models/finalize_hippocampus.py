@@ -134,6 +134,14 @@ def training_domain(dataset: Path, held_out: Sequence[str]) -> Dict[str, Any]:
     return measure_domain(sizes, spacings, directions, modality="MRI (T1-weighted)")
 
 
+def localizer_files(nilearn_template: Path, folder: Path) -> Dict[str, Path]:
+    """The localiser's template and its notice, written into ``folder``: a bundle's ``extra_files``."""
+    template, notice = folder / TEMPLATE_FILE, folder / TEMPLATE_LICENSE_FILE
+    make_template(nilearn_template, template)
+    notice.write_text(template_notice(), encoding="utf-8")
+    return {TEMPLATE_FILE: template, TEMPLATE_LICENSE_FILE: notice}
+
+
 def refresh(bundle_dir: Path, dataset: Path, nilearn_template: Path) -> None:
     """Rewrite the shipped bundle with ``domain`` and ``localization``, the same weights and metrics."""
     bundle = load_bundle(bundle_dir)
@@ -143,11 +151,8 @@ def refresh(bundle_dir: Path, dataset: Path, nilearn_template: Path) -> None:
     metadata["localization"] = localization_section()
     metadata["description"] = DESCRIPTION.format(channels=tuple(bundle.architecture["channels"]))
     with tempfile.TemporaryDirectory() as scratch:
-        template, notice = Path(scratch) / TEMPLATE_FILE, Path(scratch) / TEMPLATE_LICENSE_FILE
-        make_template(nilearn_template, template)
-        notice.write_text(template_notice(), encoding="utf-8")
         saved = save_bundle(bundle.build_model(), metadata, bundle_dir, force=True,
-                            extra_files={TEMPLATE_FILE: template, TEMPLATE_LICENSE_FILE: notice})
+                            extra_files=localizer_files(nilearn_template, Path(scratch)))
     if saved.sha256 != bundle.sha256:
         raise SystemExit(f"the weights' sha256 changed ({bundle.sha256} -> {saved.sha256})")
     print(f"wrote {saved.path}: domain from {len(metadata['domain'])} keys, weights {saved.sha256[:12]} kept",
@@ -292,11 +297,12 @@ def main() -> int:
         patch_size=trained.patch_size, preprocessing=trained.metadata["preprocessing"], overlap=trained.overlap,
         description=DESCRIPTION.format(channels=tuple(trained.architecture["channels"])), license=LICENSE,
         citation=CITATION, training_data=training_data,
-        metrics=metrics, mirror_axes=plan["plan"]["flip_axes"])
-    # Built outside the shipped folder (whose digest the engine pins) and pinned, then put in place.
+        metrics=metrics, mirror_axes=plan["plan"]["flip_axes"],
+        domain=training_domain(args.dataset, validation_names), localization=localization_section())
+    # Saved once, outside the shipped folder (whose digest the engine pins), pinned, then put in place.
     with tempfile.TemporaryDirectory() as scratch:
-        staged = save_bundle(trained.build_model(), metadata, Path(scratch) / args.output.name).path
-        refresh(staged, args.dataset, args.nilearn_template)
+        staged = save_bundle(trained.build_model(), metadata, Path(scratch) / "bundle" / args.output.name,
+                             extra_files=localizer_files(args.nilearn_template, Path(scratch))).path
         refresh_digest(staged, args.output.name)
         if args.output.exists():
             shutil.rmtree(args.output)
