@@ -6,6 +6,7 @@ import pathlib
 from typing import Callable, List, Optional
 
 import slicer
+from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import (
     DICOM_REQUIREMENTS_FILE,
@@ -25,20 +26,20 @@ class DependencyInstaller:
         ``statusCallback(text)`` is told what is being installed before each installation starts (the panel shows
         it: an installation blocks for minutes)."""
         self._ensureTorch(statusCallback)
-        self._ensureRequirements(REQUIREMENTS_FILE, "The segmentation", statusCallback)
+        self._ensureRequirements(REQUIREMENTS_FILE, _("The segmentation"), statusCallback)
 
     def ensureReportDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """What Export > Report (PDF) needs besides the engine's requirements (``ensureDependencies``)."""
-        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, "The PDF report", statusCallback)
+        self._ensureRequirements(REPORT_REQUIREMENTS_FILE, _("The PDF report"), statusCallback)
 
     def ensureDicomSegDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """What Export > DICOM SEG needs (highdicom, pydicom)."""
-        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, "The DICOM SEG export", statusCallback)
+        self._ensureRequirements(DICOM_REQUIREMENTS_FILE, _("The DICOM SEG export"), statusCallback)
 
     def _ensureRequirements(self, requirementsFile: pathlib.Path, purpose: str,
                             statusCallback: Optional[Callable[[str], None]] = None) -> None:
-        """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` names what needs them
-        in messages."""
+        """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` (translated) names what
+        needs them in messages."""
         requirements = _read_requirements(requirementsFile)
         missing = [req for req in requirements if not _requirement_satisfied(req)]
         if not missing:
@@ -54,24 +55,25 @@ class DependencyInstaller:
                 status()  # pip_ensure asks first, then shows its own progress
                 packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
             elif slicer.util.confirmOkCancelDisplay(
-                    "Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
-                    + "\n".join(missing), windowTitle="Install Python packages"):
+                    _("Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
+                      "{packages}").format(packages="\n".join(missing)), windowTitle=_("Install Python packages")):
                 status()
                 slicer.util.pip_install(missing)
             else:
                 raise AttentionUNetSegmentError(
-                    f"{purpose} needs these Python packages: " + ", ".join(missing) + ". Click again and accept "
-                    "the installation.")
+                    _("{purpose} needs these Python packages: {packages}. Click again and accept the "
+                      "installation.").format(purpose=purpose, packages=", ".join(missing)))
         except AttentionUNetSegmentError:
             raise
         except RuntimeError as error:  # pip_ensure: the user declined the installation
             raise AttentionUNetSegmentError(
-                f"{purpose} needs these Python packages: " + ", ".join(missing) + f" ({error}). Click again and "
-                "accept the installation.")
+                _("{purpose} needs these Python packages: {packages} ({error}). Click again and accept the "
+                  "installation.").format(purpose=purpose, packages=", ".join(missing), error=error))
         except Exception as error:
             raise AttentionUNetSegmentError(
-                f"Installing {', '.join(missing)} failed ({error}). Check the internet connection; behind a "
-                "firewall or proxy see the README section 'Troubleshooting'. Restart 3D Slicer if it asks to.")
+                _("Installing {packages} failed ({error}). Check the internet connection; behind a firewall or "
+                  "proxy see the README section 'Troubleshooting'. Restart 3D Slicer if it asks to.").format(
+                      packages=", ".join(missing), error=error))
 
     def _ensureTorch(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
         if moduleAvailable("torch"):
@@ -83,34 +85,35 @@ class DependencyInstaller:
                 return
             if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
                 raise AttentionUNetSegmentError(
-                    f"PyTorch {version} is too old: the segmentation needs torch{TORCH_REQUIREMENT}. Update it in "
-                    "the PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply again.")
+                    _("PyTorch {version} is too old: the segmentation needs torch{requirement}. Update it in the "
+                      "PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply "
+                      "again.").format(version=version, requirement=TORCH_REQUIREMENT))
             return
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
             raise AttentionUNetSegmentError(
-                "PyTorch is missing. Install the 'PyTorch' extension from the Extensions Manager, restart "
-                "3D Slicer, then click Apply again.")
+                _("PyTorch is missing. Install the 'PyTorch' extension from the Extensions Manager, restart "
+                  "3D Slicer, then click Apply again."))
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if torchLogic.torchInstalled():
             return
         if not slicer.util.confirmOkCancelDisplay(
-                "Attention U-Net needs PyTorch. It will be downloaded and installed now (this can take several "
-                "minutes and about 2 GB of disk space).", windowTitle="Install PyTorch"):
-            raise AttentionUNetSegmentError("The segmentation needs PyTorch. Click Apply again and accept the "
-                                            "installation, or install it from the PyTorch Utils module.")
+                _("Attention U-Net needs PyTorch. It will be downloaded and installed now (this can take several "
+                  "minutes and about 2 GB of disk space)."), windowTitle=_("Install PyTorch")):
+            raise AttentionUNetSegmentError(_("The segmentation needs PyTorch. Click Apply again and accept the "
+                                              "installation, or install it from the PyTorch Utils module."))
         _installStatus(statusCallback, "PyTorch")()
         if torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT) is None:
-            raise AttentionUNetSegmentError("PyTorch could not be installed. Install it from the PyTorch Utils "
-                                            "module (it shows the reason), then restart 3D Slicer.")
+            raise AttentionUNetSegmentError(_("PyTorch could not be installed. Install it from the PyTorch Utils "
+                                              "module (it shows the reason), then restart 3D Slicer."))
 
 
 def _installStatus(statusCallback: Optional[Callable[[str], None]], what: str) -> Callable[[], None]:
     """What tells the panel that ``what`` is being installed now (nothing without a callback)."""
     def status() -> None:
         if statusCallback is not None:
-            statusCallback(f"Installing {what}; this can take several minutes...")
+            statusCallback(_("Installing {packages}; this can take several minutes...").format(packages=what))
     return status
 
 

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import slicer
 import vtk
+from slicer.i18n import tr as _
 
 from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
 from AttentionUNetSlicer.definitions import (
@@ -80,7 +81,7 @@ class Export:
         """All segments into a label map volume node with stable label values (each segment's label value) on the
         reference volume's grid, with a colour table of the segment names and colours."""
         if segmentationNode is None or segmentationNode.GetSegmentation().GetNumberOfSegments() == 0:
-            raise AttentionUNetSegmentError("Nothing to export: choose a segmentation that has segments.")
+            raise AttentionUNetSegmentError(_("Nothing to export: choose a segmentation that has segments."))
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         scene = slicer.mrmlScene
         labels = self._segmentLabels(segmentationNode)
@@ -102,7 +103,7 @@ class Export:
                       if i != colors.GetID())
         if not exported:
             removeNodes(reversed(created))
-            raise AttentionUNetSegmentError("Exporting the segments to a label map failed; see the log.")
+            raise AttentionUNetSegmentError(_("Exporting the segments to a label map failed; see the log."))
         labelmapNode.CreateDefaultDisplayNodes()
         labelmapNode.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
         for name in segmentationNode.GetAttributeNames() or ():
@@ -147,13 +148,14 @@ class Export:
         from AttentionUNetSegmentLib.fileio.imageio import check_written_image
 
         if fileFormat not in OUTPUT_FORMATS:
-            raise AttentionUNetSegmentError(f"Unknown export format '{fileFormat}': use one of {OUTPUT_FORMATS}.")
+            raise AttentionUNetSegmentError(_("Unknown export format '{format}': use one of {formats}.").format(
+                format=fileFormat, formats=OUTPUT_FORMATS))
         outputDirectory = pathlib.Path(outputDirectory)
         outputDirectory.mkdir(parents=True, exist_ok=True)
         existing = self.existingExportFiles(segmentationNode, outputDirectory, fileFormat, dicomSeg)
         if existing and not force:
-            raise AttentionUNetSegmentError("These files exist already: " + ", ".join(existing) +
-                                            ". Choose another folder or allow overwriting.")
+            raise AttentionUNetSegmentError(_("These files exist already: {files}. Choose another folder or allow "
+                                              "overwriting.").format(files=", ".join(existing)))
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
         names = self.exportFileNames(segmentationNode, fileFormat, dicomSeg)
@@ -195,8 +197,9 @@ class Export:
         except AttentionUNetSegmentError:
             raise
         except (OSError, AttentionUNetError) as error:
-            raise AttentionUNetSegmentError(f"Could not write the export in {outputDirectory} ({error}): check that "
-                                            "the folder is writable and has free space.")
+            raise AttentionUNetSegmentError(_("Could not write the export in {folder} ({error}): check that the "
+                                              "folder is writable and has free space.").format(
+                                                  folder=outputDirectory, error=error))
         finally:
             removeNodes([labelmap, colors])
         return {kind: str(path) for kind, path in paths.items()}
@@ -216,12 +219,13 @@ class Export:
 
         referenceVolume = referenceVolume or self._referenceVolume(segmentationNode)
         if referenceVolume is None:
-            raise AttentionUNetSegmentError("The report draws the segments over the volume they were made from, "
-                                            "and this segmentation has no reference volume: segment the volume "
-                                            "again, or set the segmentation's reference geometry to it.")
+            raise AttentionUNetSegmentError(_("The report draws the segments over the volume they were made from, "
+                                              "and this segmentation has no reference volume: segment the volume "
+                                              "again, or set the segmentation's reference geometry to it."))
         path = pathlib.Path(outputDirectory) / self.reportFileName(segmentationNode)
         if path.exists() and not force:
-            raise AttentionUNetSegmentError(f"{path} exists already. Choose another folder or allow overwriting.")
+            raise AttentionUNetSegmentError(
+                _("{path} exists already. Choose another folder or allow overwriting.").format(path=path))
         self.ensureReportDependencies()
         labelmap = self.exportToLabelMapNode(segmentationNode, referenceVolume)
         colors = labelmap.GetDisplayNode().GetColorNode()
@@ -255,7 +259,8 @@ class Export:
         except AttentionUNetSegmentError:
             raise
         except (AttentionUNetError, OSError) as error:
-            raise AttentionUNetSegmentError(f"Could not write the report {path.name} in {outputDirectory}: {error}")
+            raise AttentionUNetSegmentError(_("Could not write the report {name} in {folder}: {error}").format(
+                name=path.name, folder=outputDirectory, error=error))
         finally:
             shutil.rmtree(workDir, ignore_errors=True)
             removeNodes([labelmap, colors])
@@ -271,22 +276,23 @@ class Export:
     def dicomSourceFiles(volumeNode) -> List[str]:
         """The files of the DICOM images ``volumeNode`` was loaded from (``slicer.dicomDatabase.fileForInstance``
         of each of its ``DICOM.instanceUIDs``)."""
-        name = volumeNode.GetName() if volumeNode is not None else "the reference volume"
+        name = volumeNode.GetName() if volumeNode is not None else _("the reference volume")
         uids = (volumeNode.GetAttribute(DICOM_INSTANCE_UIDS) or "").split() if volumeNode is not None else []
         if not uids:
             raise AttentionUNetSegmentError(
-                f"'{name}' was not loaded from the DICOM database, so a DICOM SEG cannot reference it: load the "
-                "series with the DICOM module, segment that volume, then export.")
+                _("'{name}' was not loaded from the DICOM database, so a DICOM SEG cannot reference it: load the "
+                  "series with the DICOM module, segment that volume, then export.").format(name=name))
         database = getattr(slicer, "dicomDatabase", None)
         if database is None or not database.isOpen:
-            raise AttentionUNetSegmentError("The DICOM database is not open: open it in the DICOM module, then "
-                                            "export again.")
+            raise AttentionUNetSegmentError(_("The DICOM database is not open: open it in the DICOM module, then "
+                                              "export again."))
         files = [database.fileForInstance(uid) for uid in uids]
         missing = sum(1 for path in files if not path or not os.path.isfile(path))
         if missing:
             raise AttentionUNetSegmentError(
-                f"The DICOM database has no file for {missing} of the {len(uids)} images of '{name}' (removed or "
-                "moved): import the series into the DICOM database again, load it, then export.")
+                _("The DICOM database has no file for {missing} of the {count} images of '{name}' (removed or "
+                  "moved): import the series into the DICOM database again, load it, then export.").format(
+                      missing=missing, count=len(uids), name=name))
         return files
 
     def exportDicomSeg(self, segmentationNode, outputPath, referenceVolume=None, force: bool = False,
@@ -306,7 +312,8 @@ class Export:
             storage = labelmap.CreateDefaultStorageNode()
             storage.SetFileName(str(labelsPath))
             if not storage.WriteData(labelmap):
-                raise AttentionUNetSegmentError(f"Could not write the label map to {work}: check free disk space.")
+                raise AttentionUNetSegmentError(
+                    _("Could not write the label map to {folder}: check free disk space.").format(folder=work))
             segments = segmentationNode.GetSegmentation()
             entries = []
             for index, label in enumerate(self._segmentLabels(segmentationNode)):
@@ -326,7 +333,7 @@ class Export:
             removeNodes([labelmap, colors])
             shutil.rmtree(work, ignore_errors=True)
         if not outcome.ok:
-            raise AttentionUNetSegmentError(f"Writing the DICOM SEG failed: {outcome.error}")
+            raise AttentionUNetSegmentError(_("Writing the DICOM SEG failed: {error}").format(error=outcome.error))
         written = str(outcome.outputs.get("dicom_segmentation") or outputPath)
         if addToDatabase:
             slicer.dicomDatabase.insert(written)

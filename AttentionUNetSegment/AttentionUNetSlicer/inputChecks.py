@@ -7,6 +7,7 @@ from typing import Any, List
 
 import slicer
 import vtk
+from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import ATTRIBUTE_PREFIX, AttentionUNetSegmentError
 
@@ -66,8 +67,9 @@ class InputChecks:
             return domain_warnings(size, volumeNode.GetSpacing(), self._ijkToRasDirection(volumeNode), domain,
                                    localizer=self.hasLocalizer(bundle))
         except (KeyError, TypeError, ValueError) as error:
-            return [f"the model '{bundle.name}' records its training domain in a form this version cannot read "
-                    f"({error!r}); the input cannot be checked against it"]
+            return [_("the model '{model}' records its training domain in a form this version cannot read "
+                      "({error}); the input cannot be checked against it").format(model=bundle.name,
+                                                                                 error=repr(error))]
 
     def _roiIndexSize(self, roiNode, volumeNode) -> List[int]:
         """Voxels along i, j, k of the part of the volume's grid that holds the ROI (what the engine crops)."""
@@ -113,37 +115,41 @@ class InputChecks:
         name = volumeNode.GetName()
         role = volumeNode.GetAttribute(ATTRIBUTE_PREFIX + "Role")
         if role:
-            return (f"'{name}' is a {role} map this module made, not an image: choose the volume it was made "
-                    "from, or another scalar volume.")
+            return _("'{name}' is a {role} map this module made, not an image: choose the volume it was made "
+                     "from, or another scalar volume.").format(name=name, role=role)
         if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-            return f"'{name}' is a {volumeNode.GetClassName()}, not an intensity image: choose a scalar volume."
+            return _("'{name}' is a {nodeClass}, not an intensity image: choose a scalar volume.").format(
+                name=name, nodeClass=volumeNode.GetClassName())
         return ""
 
     def validateInputVolume(self, volumeNode) -> None:
         """Raise ``AttentionUNetSegmentError`` (what is wrong + how to fix it) unless the volume can be segmented."""
         if volumeNode is None:
-            raise AttentionUNetSegmentError("No input volume: choose the volume to segment in Inputs > Volume.")
+            raise AttentionUNetSegmentError(_("No input volume: choose the volume to segment in Inputs > Volume."))
         name = volumeNode.GetName()
         problem = self.inputProblem(volumeNode)
         if problem:
             raise AttentionUNetSegmentError(problem)
         image = volumeNode.GetImageData()
         if image is None or image.GetNumberOfPoints() == 0:
-            raise AttentionUNetSegmentError(f"'{name}' has no voxels: load the image data first.")
+            raise AttentionUNetSegmentError(_("'{name}' has no voxels: load the image data first.").format(name=name))
         components = image.GetNumberOfScalarComponents()
         if components != 1 or volumeNode.IsA("vtkMRMLVectorVolumeNode"):
             raise AttentionUNetSegmentError(
-                f"'{name}' has {components} components per voxel (RGB, vector or 4D data); the model needs one "
-                "grey value per voxel. Convert it with the 'Vector to Scalar Volume' module, or pick one frame.")
+                _("'{name}' has {components} components per voxel (RGB, vector or 4D data); the model needs one "
+                  "grey value per voxel. Convert it with the 'Vector to Scalar Volume' module, or pick one "
+                  "frame.").format(name=name, components=components))
         dims = image.GetDimensions()
         if min(dims) < 2:
             raise AttentionUNetSegmentError(
-                f"'{name}' is 2D ({dims[0]} x {dims[1]} x {dims[2]} voxels); the model segments 3D volumes.")
+                _("'{name}' is 2D ({i} x {j} x {k} voxels); the model segments 3D volumes.").format(
+                    name=name, i=dims[0], j=dims[1], k=dims[2]))
         transform = volumeNode.GetParentTransformNode()
         if transform is not None and not transform.IsTransformToWorldLinear():
             raise AttentionUNetSegmentError(
-                f"'{name}' is under the non-linear transform '{transform.GetName()}'. Harden the transform on the "
-                "volume (Data module: right-click > Harden transform) or remove it, then run again.")
+                _("'{name}' is under the non-linear transform '{transform}'. Harden the transform on the volume "
+                  "(Data module: right-click > Harden transform) or remove it, then run again.").format(
+                      name=name, transform=transform.GetName()))
 
     @staticmethod
     def roiBoxInVolumeCoordinates(roiNode, volumeNode) -> List[float]:
@@ -165,6 +171,6 @@ class InputChecks:
         volumeNode.GetBounds(volumeBounds)
         if any(box[2 * a] > volumeBounds[2 * a + 1] or box[2 * a + 1] < volumeBounds[2 * a] for a in range(3)):
             raise AttentionUNetSegmentError(
-                f"The ROI '{roiNode.GetName()}' does not overlap '{volumeNode.GetName()}': move the ROI onto the "
-                "volume, or clear the ROI to segment the whole volume.")
+                _("The ROI '{roi}' does not overlap '{volume}': move the ROI onto the volume, or clear the ROI to "
+                  "segment the whole volume.").format(roi=roiNode.GetName(), volume=volumeNode.GetName()))
         return box

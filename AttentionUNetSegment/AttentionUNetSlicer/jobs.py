@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import slicer
+from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import (
     DEFAULT_MODEL,
@@ -132,7 +133,7 @@ class SegmentationJob:
                 self._log("Results added to the scene.")
         except Exception as error:  # whatever goes wrong, the job ends with a message, never silently
             self.error = str(error) if isinstance(error, AttentionUNetSegmentError) else \
-                f"Loading the results into the scene failed: {error}"
+                _("Loading the results into the scene failed: {error}").format(error=error)
             self._log(f"Failed: {self.error}")
         finally:
             self._cleanup()
@@ -184,8 +185,12 @@ class BatchJob:
     def summary(self) -> str:
         failed = sum(1 for row in self.rows if row["status"] != "done")
         warned = sum(1 for result in self.results if result.warnings)
-        return (f"{len(self.results)} segmented, {failed} failed or skipped, of {len(self.volumes)} volumes"
-                + (f"; {warned} with warnings (see the table)" if warned else ""))
+        if warned:  # one sentence each, for the translators
+            return _("{segmented} segmented, {failed} failed or skipped, of {total} volumes; {warned} with warnings "
+                     "(see the table)").format(segmented=len(self.results), failed=failed, total=len(self.volumes),
+                                               warned=warned)
+        return _("{segmented} segmented, {failed} failed or skipped, of {total} volumes").format(
+            segmented=len(self.results), failed=failed, total=len(self.volumes))
 
     def start(self) -> "BatchJob":
         try:
@@ -214,7 +219,7 @@ class BatchJob:
                 return
             volume = self.volumes[self._index]
             if self.cancelled:
-                self.rows.append(self.logic.summaryRow(volume, "not run", self.model, "the batch was cancelled"))
+                self.rows.append(self.logic.summaryRow(volume, "not run", self.model, _("the batch was cancelled")))
                 continue
             try:
                 self._current = self.logic.startSegmentation(volume, None, options=self.options,
@@ -275,13 +280,13 @@ class DeviceQuery:
 
     def start(self) -> "DeviceQuery":
         if not moduleAvailable("torch"):
-            self._finish("PyTorch is not installed yet; it is installed on the first run. The CPU always works.")
+            self._finish(_("PyTorch is not installed yet; it is installed on the first run. The CPU always works."))
             return self
         try:
             self._engine = self.logic.engineProcessFactory(build_devices_command(self.logic.pythonExecutable()),
                                                            env=self.logic.engineEnvironment()).start()
         except OSError:
-            self._finish(DEVICE_QUERY_FAILED)
+            self._finish(deviceQueryFailed())
         return self
 
     def poll(self) -> bool:
@@ -291,7 +296,7 @@ class DeviceQuery:
             if time.monotonic() < self._deadline:
                 return True
             self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): say so instead of waiting on
-            self._finish(DEVICE_QUERY_FAILED)
+            self._finish(deviceQueryFailed())
             return False
         self._finish(describeDevices(self._engine.result))
         return False
@@ -311,7 +316,11 @@ class DeviceQuery:
 
 #: Seconds the device query may take (importing torch and initialising CUDA) before it is given up.
 DEVICE_QUERY_TIMEOUT_SECONDS = 60.0
-DEVICE_QUERY_FAILED = "Could not ask the engine which devices it sees; 'auto' uses a GPU if there is one, else the CPU."
+
+
+def deviceQueryFailed() -> str:
+    """The panel's sentence when the engine could not say which devices it sees."""
+    return _("Could not ask the engine which devices it sees; 'auto' uses a GPU if there is one, else the CPU.")
 
 
 def describeDevices(outcome) -> str:
@@ -322,11 +331,11 @@ def describeDevices(outcome) -> str:
         info = next(record for record in map(_jsonObject, reversed(outcome.log)) if "gpus" in record)
         gpus = info["gpus"]
         if gpus:
-            return (f"GPU found: {gpus[0]['name']} ({gpus[0]['memory_gb']:.0f} GB), CUDA {info.get('cuda')}. "
-                    "'auto' uses it.")
+            return _("GPU found: {name} ({memory} GB), CUDA {cuda}. 'auto' uses it.").format(
+                name=gpus[0]["name"], memory=f"{gpus[0]['memory_gb']:.0f}", cuda=info.get("cuda"))
     except (ValueError, StopIteration, KeyError, TypeError):
-        return DEVICE_QUERY_FAILED
-    return "No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it)."
+        return deviceQueryFailed()
+    return _("No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it).")
 
 
 def _jsonObject(line: str) -> dict:

@@ -7,6 +7,7 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from slicer.i18n import tr as _
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from AttentionUNetSlicer.batchSummary import BatchSummary
@@ -71,7 +72,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic, DependencyInstaller
         options = options or SegmentationOptions()
         self.validateInputVolume(inputVolume)
         if outputSegmentation is not None and not outputSegmentation.IsA("vtkMRMLSegmentationNode"):
-            raise AttentionUNetSegmentError("The output must be a segmentation node (or None to create one).")
+            raise AttentionUNetSegmentError(_("The output must be a segmentation node (or None to create one)."))
         bundle = self.resolveModel(options.model)
         self.ensureDependencies()
         return SegmentationJob(self, inputVolume, outputSegmentation, options, bundle, progressCallback,
@@ -86,7 +87,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic, DependencyInstaller
             return job
         job.wait()
         if job.cancelled:
-            raise AttentionUNetSegmentError("The segmentation was cancelled.")
+            raise AttentionUNetSegmentError(_("The segmentation was cancelled."))
         if job.error:
             raise AttentionUNetSegmentError(job.error)
         return job.result

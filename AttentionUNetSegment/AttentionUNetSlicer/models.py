@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from slicer.i18n import tr as _
+
 from AttentionUNetSlicer.definitions import AttentionUNetSegmentError
 
 
@@ -36,14 +38,20 @@ class ModelCatalog:
             "<span style='color:#{:02x}{:02x}{:02x}'>&#9632;</span> {}".format(
                 *(int(round(255 * c)) for c in label.color), label.name) for label in bundle.labels)
         lines = [f"<b>{bundle.name}</b> {bundle.version}: {meta.get('description', '')}",
-                 f"Segments: {swatches}", f"Licence: {meta.get('license', 'not stated')}"]
+                 _("Segments: {segments}").format(segments=swatches),
+                 _("Licence: {license}").format(license=meta.get("license", _("not stated")))]
         if meta.get("training_data"):
-            lines.append(f"Trained on: {meta['training_data']}")
+            lines.append(_("Trained on: {data}").format(data=meta["training_data"]))
         if bundle.fold_count > 1:
             crossValidation = (meta.get("metrics") or {}).get("cross_validation") or {}
             meanDice = (crossValidation.get("mean") or {}).get("mean_dice")
-            lines.append(f"Fold ensemble of {bundle.fold_count} networks (their probabilities are averaged)"
-                         + (f"; cross-validation mean Dice {meanDice:.3f}" if isinstance(meanDice, float) else ""))
+            if isinstance(meanDice, float):
+                lines.append(_("Fold ensemble of {count} networks (their probabilities are averaged); "
+                               "cross-validation mean Dice {dice}").format(count=bundle.fold_count,
+                                                                            dice=f"{meanDice:.3f}"))
+            else:
+                lines.append(_("Fold ensemble of {count} networks (their probabilities are averaged)").format(
+                    count=bundle.fold_count))
         return "<br>".join(lines)
 
     @staticmethod

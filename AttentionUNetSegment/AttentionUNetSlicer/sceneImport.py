@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import slicer
 import vtk
+from slicer.i18n import tr as _
 
 from AttentionUNetSegmentLib import __version__ as ENGINE_VERSION
 from AttentionUNetSlicer.definitions import (
@@ -66,7 +67,7 @@ class SceneImport:
         previous map volumes replaced by the new results."""
         segmentationPath = pathlib.Path(files.get("slicer_segmentation", ""))
         if not segmentationPath.is_file():
-            raise AttentionUNetSegmentError("The engine did not report a segmentation for the input; see the log.")
+            raise AttentionUNetSegmentError(_("The engine did not report a segmentation for the input; see the log."))
         report = self._readReport(files)
         statistics = _reportSegments(report)
         sides, asymmetry = _reportSides(report)
@@ -92,7 +93,8 @@ class SceneImport:
             removeNodes(reversed(added))
             if isinstance(error, AttentionUNetSegmentError):
                 raise
-            raise AttentionUNetSegmentError(f"Loading the results into the scene failed: {error}") from error
+            raise AttentionUNetSegmentError(
+                _("Loading the results into the scene failed: {error}").format(error=error)) from error
         previousOwner = job.outputSegmentation
         if previousOwner is not None:
             attention = self._replaceMaps(previousOwner, ATTENTION_ROLE, attention)
@@ -130,7 +132,7 @@ class SceneImport:
         try:
             report = read_json(files["report"], "the engine's report")
         except AttentionUNetError as error:
-            raise AttentionUNetSegmentError(f"Loading the results failed: {error}.")
+            raise AttentionUNetSegmentError(_("Loading the results failed: {error}.").format(error=error))
         return report if isinstance(report, dict) else {}
 
     @staticmethod
@@ -250,7 +252,7 @@ class SceneImport:
         storage = slicer.vtkMRMLSegmentationStorageNode()
         storage.SetFileName(str(path))
         if not storage.ReadData(segmentation):
-            raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
+            raise AttentionUNetSegmentError(_("Could not read the engine output {name}.").format(name=path.name))
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(inputVolume)
         segmentation.CreateDefaultDisplayNodes()
         segments = segmentation.GetSegmentation()
@@ -258,9 +260,9 @@ class SceneImport:
                    for i in range(segments.GetNumberOfSegments())}
         if sorted(byValue) != sorted(row["value"] for row in statistics):
             raise AttentionUNetSegmentError(
-                f"The engine's {path.name} holds the label values {sorted(byValue)}, its report lists "
-                f"{sorted(row['value'] for row in statistics)}: reinstall the AttentionUNet extension so that its "
-                "engine and module match.")
+                _("The engine's {name} holds the label values {values}, its report lists {listed}: reinstall the "
+                  "AttentionUNet extension so that its engine and module match.").format(
+                      name=path.name, values=sorted(byValue), listed=sorted(row["value"] for row in statistics)))
         for row in statistics:
             if row["side"] is not None:
                 byValue[row["value"]].SetTag(SIDE_TAG, row["side"])
@@ -316,12 +318,12 @@ def _reportSegments(report: Dict[str, Any]) -> List[Dict[str, Any]]:
             valid = False
         if not valid:
             raise AttentionUNetSegmentError(
-                f"The engine's report lists a segment the module cannot read ({str(item)[:200]}): reinstall the "
-                "AttentionUNet extension so that its engine and module match.")
+                _("The engine's report lists a segment the module cannot read ({segment}): reinstall the "
+                  "AttentionUNet extension so that its engine and module match.").format(segment=str(item)[:200]))
         rows.append(row)
     if not rows:
-        raise AttentionUNetSegmentError("The engine's report lists no segments: reinstall the AttentionUNet "
-                                        "extension so that its engine and module match.")
+        raise AttentionUNetSegmentError(_("The engine's report lists no segments: reinstall the AttentionUNet "
+                                          "extension so that its engine and module match."))
     return rows
 
 
@@ -354,7 +356,8 @@ def _localization_boxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
         if len(box) != 6 or not all(math.isfinite(v) for v in box) or any(box[2 * a] > box[2 * a + 1]
                                                                              for a in range(3)):
             raise AttentionUNetSegmentError(
-                f"The engine's report gives the {side} localisation box as {str(boxes[side])[:200]}, not six RAS "
-                "bounds: reinstall the AttentionUNet extension so that its engine and module match.")
+                _("The engine's report gives the {side} localisation box as {box}, not six RAS bounds: reinstall "
+                  "the AttentionUNet extension so that its engine and module match.").format(
+                      side=side, box=str(boxes[side])[:200]))
         result[side] = box
     return result

@@ -6,6 +6,7 @@ import pathlib
 import uuid
 
 import slicer
+from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import ENGINE_INPUT_STEM, AttentionUNetSegmentError
 
@@ -23,7 +24,8 @@ class VolumeFiles:
         storage.SetUseCompression(0)
         if not storage.WriteData(volumeNode):
             raise AttentionUNetSegmentError(
-                f"Could not write '{volumeNode.GetName()}' to the temporary folder {folder}: check free disk space.")
+                _("Could not write '{name}' to the temporary folder {folder}: check free disk space.").format(
+                    name=volumeNode.GetName(), folder=folder))
         return path
 
     @staticmethod
@@ -32,7 +34,7 @@ class VolumeFiles:
         storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetFileName(str(path))
         if not storage.ReadData(node):
-            raise AttentionUNetSegmentError(f"Could not read the engine output {path.name}.")
+            raise AttentionUNetSegmentError(_("Could not read the engine output {name}.").format(name=path.name))
 
 
 def workDirectory(purpose: str) -> pathlib.Path:

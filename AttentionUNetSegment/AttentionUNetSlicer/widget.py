@@ -354,7 +354,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
         eta = format_duration(etaSeconds)
-        self.ui.statusLabel.text = f"{message} ({eta} left)" if eta else message
+        self.ui.statusLabel.text = _("{message} ({eta} left)").format(message=message, eta=eta) if eta else message
 
     def appendLog(self, line: str) -> None:
         self.ui.logTextEdit.appendPlainText(line)
@@ -383,7 +383,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node.outputSegmentation, directory, node.exportFormat, dicomSeg))):
             return
         if existing and not slicer.util.confirmYesNoDisplay(
-                _("These files exist already:") + "\n" + "\n".join(existing) + "\n\n" + _("Replace them?")):
+                _("These files exist already:\n{files}\n\nReplace them?").format(files="\n".join(existing))):
             self.ui.statusLabel.text = _("Export cancelled; the existing files were kept.")
             return
 
@@ -403,7 +403,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         existing = pathlib.Path(directory) / self.logic.reportFileName(node.outputSegmentation)
         if existing.exists() and not slicer.util.confirmYesNoDisplay(
-                _("{path} exists already.").format(path=existing) + "\n\n" + _("Replace it?")):
+                _("{path} exists already.\n\nReplace it?").format(path=existing)):
             self.ui.statusLabel.text = _("Export cancelled; the existing report was kept.")
             return
 
@@ -425,4 +425,4 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 def warningText(warnings: Sequence[str]) -> str:
     """The panel's status lines for warnings (the domain guard's before Apply, the engine's after a run)."""
-    return "\n".join(f"Warning: {warning}" for warning in warnings)
+    return "\n".join(_("Warning: {warning}").format(warning=warning) for warning in warnings)
