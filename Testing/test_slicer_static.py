@@ -700,6 +700,96 @@ def test_user_visible_module_text_is_marked_for_translation(tree):
     assert {("slicer.i18n", "tr", "_"), ("slicer.i18n", "translate", None)} <= imports
 
 
+#: Calls whose first argument (or ``message=``) is shown to the user as it is, and keywords that are window titles.
+MESSAGE_CALLS = {"AttentionUNetSegmentError", "slicer.util.errorDisplay", "slicer.util.warningDisplay",
+                 "slicer.util.infoDisplay", "slicer.util.confirmOkCancelDisplay", "slicer.util.confirmYesNoDisplay"}
+#: Widget properties the panel sets to text the user reads.
+TEXT_PROPERTIES = {"text", "toolTip"}
+
+
+def _unmarked_text(node: ast.AST) -> bool:
+    """Whether ``node`` builds user text that Slicer's translation cannot see: a string literal with words, an
+    f-string with words, a concatenation or ``%`` (a sentence in pieces, even of ``_()`` pieces), or a literal's
+    ``.format``. A ``_()`` call (formatted or not) is marked; a name, attribute or other call passes on a message
+    made elsewhere (``job.error``, ``str(error)`` of an engine error: the engine never imports slicer)."""
+    def words(text: str) -> bool:
+        return any(c.isalpha() for c in text)
+
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and words(node.value)
+    if isinstance(node, ast.JoinedStr):
+        return any(isinstance(part, ast.Constant) and words(part.value) for part in node.values)
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, (ast.Add, ast.Mod))
+    if isinstance(node, ast.IfExp):
+        return _unmarked_text(node.body) or _unmarked_text(node.orelse)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+        return isinstance(node.func.value, (ast.Constant, ast.JoinedStr))
+    return False
+
+
+def _user_messages(path: Path) -> Iterator[Tuple[int, ast.AST]]:
+    """``(line, expression)`` of every message the file shows: the ``AttentionUNetSegmentError`` and message box
+    texts, window titles, and the panel's ``.text``/``.toolTip`` assignments."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call) and _dotted(node.func) in MESSAGE_CALLS:
+            yield from ((node.lineno, arg) for arg in node.args[:1])
+            yield from ((node.lineno, kw.value) for kw in node.keywords if kw.arg in ("message", "windowTitle"))
+        elif isinstance(node, ast.Assign):
+            if any(isinstance(t, ast.Attribute) and t.attr in TEXT_PROPERTIES for t in node.targets):
+                yield node.lineno, node.value
+
+
+def test_every_user_message_is_marked_for_translation():
+    """Every message the Slicer layer raises or shows goes through ``_()``, as Slicer's own scripted modules do
+    (``_("... {name} ...").format(name=...)``), so that a language pack can translate it."""
+    unmarked = [f"{path.name}:{line}: {ast.unparse(message)[:100]}" for path in SLICER_FILES
+                for line, message in _user_messages(path) if _unmarked_text(message)]
+    assert not unmarked, "user messages not marked with _():\n" + "\n".join(unmarked)
+
+
+def test_translatable_strings_are_literals_with_named_placeholders():
+    """Qt's lupdate extracts only a literal: ``_()`` (``slicer.i18n.tr``) takes one string literal, never an
+    f-string or a variable, ``translate()`` a literal context and text. Placeholders are named and each given by
+    its ``.format`` (translators reorder them); a ``_()`` that is not formatted has none. Every file that calls
+    ``_`` imports it at module scope as Slicer's template does (the context is the calling file), and none
+    rebinds the name."""
+    import string
+
+    problems = []
+    for path in SLICER_FILES:
+        module = ast.parse(path.read_text(), filename=str(path))
+        imported = any(isinstance(node, ast.ImportFrom) and node.module == "slicer.i18n"
+                       and ("tr", "_") in {(a.name, a.asname) for a in node.names} for node in module.body)
+        formatted = {id(node.func.value): node for node in ast.walk(module) if isinstance(node, ast.Call)
+                     and isinstance(node.func, ast.Attribute) and node.func.attr == "format"}
+        for node in ast.walk(module):
+            where = f"{path.name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Name) and node.id == "_" and isinstance(node.ctx, ast.Store) or \
+                    isinstance(node, ast.arg) and node.arg == "_":
+                problems.append(f"{where}: '_' rebound (it is the translation function)")
+            if not isinstance(node, ast.Call) or _dotted(node.func) not in ("_", "translate"):
+                continue
+            count = 1 if _dotted(node.func) == "_" else 2
+            if node.keywords or len(node.args) != count or not all(
+                    isinstance(arg, ast.Constant) and isinstance(arg.value, str) for arg in node.args):
+                problems.append(f"{where}: {ast.unparse(node)[:100]} (not string literals)")
+                continue
+            if _dotted(node.func) == "translate":
+                continue
+            if not imported:
+                problems.append(f"{where}: _ used without 'from slicer.i18n import tr as _' at module scope")
+            fields = {name for _text, name, _spec, _conv in string.Formatter().parse(node.args[0].value)
+                      if name is not None}
+            call = formatted.get(id(node))
+            given = {kw.arg for kw in call.keywords} if call is not None else set()
+            if call is not None and call.args or "" in fields or any(f.isdigit() for f in fields) \
+                    or fields != given:
+                problems.append(f"{where}: placeholders {sorted(fields)} given {sorted(given)}"
+                                + (" (positional)" if call is not None and call.args else ""))
+    assert not problems, "\n".join(problems)
+
+
 def test_extension_metadata_agrees_everywhere():
     """``AttentionUNet.s4ext`` (the design card lists it; the build regenerates it) and ``AttentionUNet.json``
     (what the ExtensionsIndex reads) say the same as CMakeLists.txt; the contributor line has Slicer's
