@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ast
 import builtins
+import importlib
 import inspect
 import json
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +147,54 @@ def test_every_error_class_descends_from_the_one_root():
     errors = {name: root(name) for name in classes if name != "AttentionUNetError" and root(name)}
     assert {"UsageError", "InputsFailedError", "AttentionUNetSegmentError"} <= set(errors)
     assert {name: base for name, base in errors.items() if base != "AttentionUNetError"} == {}
+
+
+REPO = LIBRARY.parents[1]
+STAGES = sorted(path.parent.name for path in LIBRARY.glob("*/__init__.py"))
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` names something: the longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(found, attribute):
+                return False
+            found = getattr(found, attribute)
+        return True
+    return False
+
+
+def test_every_engine_name_the_repository_writes_exists():
+    """The engine's modules moved (flat files -> one subpackage per stage): every place that names one, in code
+    that the suite does not import (benchmarks, Resources scripts, lazy imports), in docstrings, the docs or
+    pyproject.toml, names one that exists: dotted names ``AttentionUNetSegmentLib.<stage>.<module>...`` (and
+    ``<module>:<name>`` entry points), paths ``AttentionUNetSegmentLib/<stage>/<module>.py``, and a backticked ``stage.module.name`` or ``stage.Class``
+    (lower-case ``stage.key`` without a module of that name is a bundle ``model.json`` key, not code)."""
+    files = [*REPO.glob("*.md"), *REPO.glob("*.toml")] + [
+        path for root in ("AttentionUNetSegment", "Testing", "Resources") for path in sorted((REPO / root).rglob("*"))
+        if path.suffix in {".py", ".md", ".txt", ".toml"}]
+    stale = []
+    for path in files:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        where = path.relative_to(REPO).as_posix()
+        for match in re.finditer(r"AttentionUNetSegmentLib((?:\.[A-Za-z_]\w*)+)(?::(\w+))?", text):
+            name = "AttentionUNetSegmentLib" + match.group(1) + (f".{match.group(2)}" if match.group(2) else "")
+            # resources: a wheel's package (pyproject's package-dir); __main__ runs the CLI when imported
+            if not name.startswith(("AttentionUNetSegmentLib.resources", "AttentionUNetSegmentLib.__main__")) \
+                    and not _resolves(name):
+                stale.append(f"{where}: {name}")
+        stale += [f"{where}: {match.group(0)}" for match in re.finditer(r"AttentionUNetSegmentLib/([\w/]+\.py)", text)
+                  if not (LIBRARY / match.group(1)).is_file()]
+        for match in re.finditer(r"`(%s)\.([A-Za-z_]\w*)((?:\.\w+)*)[`(]" % "|".join(STAGES), text):
+            stage, second, rest = match.groups()
+            if (LIBRARY / stage / f"{second}.py").is_file():
+                if not _resolves(f"AttentionUNetSegmentLib.{stage}.{second}{rest}"):
+                    stale.append(f"{where}: {match.group(0)}")
+            elif second[0].isupper():
+                stale.append(f"{where}: {match.group(0)}")
+    assert len(files) > 100 and stale == []

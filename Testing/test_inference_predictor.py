@@ -470,10 +470,10 @@ def test_progress_is_monotonic_and_cancel_stops_promptly(tiny_bundle):
 def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bundle, monkeypatch):
     """Out-of-memory is injected where CUDA would raise it (the window loop), on a predictor that believes it runs
     on a GPU with 4 windows per batch: 4 -> 2 -> 1 window(s), then the CPU in fp32 with the tuned CPU model."""
-    from AttentionUNetSegmentLib.inference import predictor as inference
+    from AttentionUNetSegmentLib.inference import predictor as predictor_module
     from AttentionUNetSegmentLib.model.acceleration import OneDNNConv3d, cpu_optimizations_available
 
-    real = inference.sliding_window_inference
+    real = predictor_module.sliding_window_inference
     attempts = []
 
     def windows(volume, model, patch, overlap, batch_size, **options):
@@ -482,7 +482,7 @@ def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bun
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(volume, model, patch, overlap, batch_size, **options)
 
-    monkeypatch.setattr(inference, "sliding_window_inference", windows)
+    monkeypatch.setattr(predictor_module, "sliding_window_inference", windows)
     predictor = Predictor(tiny_bundle, device="cpu")
     expected = predictor.predict(oblique_image(size=(14, 12, 10)), attention=False).labels
     predictor.device, predictor.batch_size = torch.device("cuda"), 4

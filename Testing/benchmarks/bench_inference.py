@@ -4,8 +4,8 @@ Both pipelines go from an image file to a label-map file: read, reorient, resamp
 z-score normalise, Gaussian-weighted sliding window (same patch, overlap 0.5), back to the input grid, argmax,
 write ``.nii.gz``.
 
-- ``ours``: ``imageio.read_image`` -> ``inference.Predictor(bundle, device, overlap=0.5).predict(image,
-  attention=False)`` -> ``imageio.write_image(prediction.labels)``.
+- ``ours``: ``fileio.imageio.read_image`` -> ``inference.predictor.Predictor(bundle, device, overlap=0.5)
+  .predict(image, attention=False)`` -> ``fileio.imageio.write_image(prediction.labels)``.
 - ``monai``: the MONAI tutorial recipe: ``LoadImaged -> EnsureChannelFirstd -> Orientationd("RAS") ->
   Spacingd(bilinear, scale_extent=True) -> NormalizeIntensityd``, ``monai.inferers.sliding_window_inference(roi_size=patch,
   sw_batch_size=1, overlap=0.5, mode="gaussian")`` on the same network (its windows permuted from MONAI's

@@ -73,7 +73,7 @@ def count_windows(image_path: Path, bundle_path: Path) -> int:
     """Windows the engine runs for this image (from the preprocessed size and the engine's window layout)."""
     import itertools
 
-    from AttentionUNetSegmentLib.inference import predictor as inference
+    from AttentionUNetSegmentLib.inference import predictor
     from AttentionUNetSegmentLib.model.bundle import load_bundle
     from AttentionUNetSegmentLib.fileio.imageio import read_image
     from AttentionUNetSegmentLib.preprocessing.preprocess import preprocess
@@ -81,9 +81,9 @@ def count_windows(image_path: Path, bundle_path: Path) -> int:
     bundle = load_bundle(bundle_path)
     prepared = preprocess(read_image(image_path), bundle.preprocessing)
     align = 2 ** (len(bundle.architecture["channels"]) - 1)
-    patch = [inference._round_up(p, align) for p in bundle.patch_size[::-1]]
-    padded = [max(p, inference._round_up(s, align)) for s, p in zip(prepared.array.shape, patch)]
-    starts = [inference.window_starts(s, p, bundle.overlap, align) for s, p in zip(padded, patch)]
+    patch = [predictor._round_up(p, align) for p in bundle.patch_size[::-1]]
+    padded = [max(p, predictor._round_up(s, align)) for s, p in zip(prepared.array.shape, patch)]
+    starts = [predictor.window_starts(s, p, bundle.overlap, align) for s, p in zip(padded, patch)]
     return len(list(itertools.product(*starts)))
 
 
@@ -91,17 +91,17 @@ def inference_work(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Worker: cold + warm end-to-end runs of one precision; returns times and stage breakdowns."""
     import torch
 
-    from AttentionUNetSegmentLib.inference import predictor as inference
-    from AttentionUNetSegmentLib.model.bundle import load_bundle
     from AttentionUNetSegmentLib.fileio.imageio import read_image, write_image
+    from AttentionUNetSegmentLib.inference.predictor import Predictor
+    from AttentionUNetSegmentLib.model.bundle import load_bundle
 
     if spec["precision"] == "fp32":  # true fp32, not TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     # On the CPU path (a smoke test of this script) both rows run fp32: emulated bf16 would take hours there.
     precision = spec["precision"] if spec["device"].startswith("cuda") else "fp32"
-    predictor = inference.Predictor(load_bundle(spec["bundle"]), device=spec["device"], overlap=0.5,
-                                    batch_size=spec.get("batch_size"), precision=precision)
+    predictor = Predictor(load_bundle(spec["bundle"]), device=spec["device"], overlap=0.5,
+                          batch_size=spec.get("batch_size"), precision=precision)
     output = Path(spec["output"])
     runs = []
     for _ in range(1 + int(spec["repeats"])):

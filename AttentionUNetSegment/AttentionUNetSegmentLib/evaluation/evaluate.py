@@ -3,7 +3,7 @@
 Per case and label: Dice, the 95th-percentile Hausdorff distance (mm) and the volume difference (mL, prediction
 minus reference, and relative to the reference); per label the mean over cases. Predictions come from a folder
 (``<case>_seg.nii.gz``, ``<case>.nii.gz``, ... as written by ``attention-unet segment``) or from running a model
-bundle through ``inference.Predictor``. References are a label folder or a dataset (MSD folder, .json or .csv).
+bundle through ``inference.predictor.Predictor``. References are a label folder or a dataset (MSD folder, .json or .csv).
 
 Conventions: Dice is undefined (``None``) when a label is absent from both maps. HD95 follows MONAI: the larger
 of the two directed 95th-percentile distances between the boundary voxels of prediction and reference (boundary =
@@ -173,7 +173,7 @@ def read_label_map(path: Path, case: str, what: str = "reference label") -> sitk
 def evaluate(cases: Sequence[EvaluationCase], labels: Mapping[int, str], predictions: Optional[Path] = None,
              predictor: Any = None, progress: Any = None) -> Dict[str, Any]:
     """Score every case; predictions are read from ``predictions`` or computed with ``predictor``
-    (an ``inference.Predictor``). Returns ``{"labels", "cases": [...], "mean": {...}}``."""
+    (an ``inference.predictor.Predictor``). Returns ``{"labels", "cases": [...], "mean": {...}}``."""
     if (predictions is None) == (predictor is None):
         raise ValueError("give exactly one of predictions (a folder) or predictor")
     results = []

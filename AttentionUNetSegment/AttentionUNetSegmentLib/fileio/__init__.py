@@ -1,1 +1,2 @@
-"""Reading inputs and writing files: images (the input contract and the one atomic writer), DICOM series, JSON."""
+"""Reading inputs and writing files: images (the input contract), DICOM series, JSON, and
+the one atomic writer of every file (``atomic``)."""

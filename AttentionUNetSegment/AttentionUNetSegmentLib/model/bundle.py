@@ -428,7 +428,7 @@ class ModelBundle:
 
     Construct through ``load_bundle`` (verifies everything now) or ``ModelRegistry.list`` (metadata only; the
     weights are verified the first time ``state_dicts`` is used). A fold ensemble holds one network per fold
-    (``fold_count`` > 1), which ``inference.Predictor`` averages.
+    (``fold_count`` > 1), which ``inference.predictor.Predictor`` averages.
     """
 
     def __init__(self, metadata: Dict[str, Any], path: PathLike,

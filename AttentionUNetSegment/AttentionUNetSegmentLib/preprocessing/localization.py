@@ -6,7 +6,7 @@ an upper-head initialiser, several starting rotations, Mattes mutual information
 8, 4 and 2 mm) and maps each side's template-space box into the input. ``segment`` then resamples the input onto
 the model's field of view centred on each box in template space (the model's spacing, upright as the training crops
 were), segments it with one window and maps the class probabilities back onto the input grid
-(``inference.Predictor.predict_localized``).
+(``inference.predictor.Predictor.predict_localized``).
 
 Registration that fails or looks implausible (mutual information too low, a determinant or scaling no head has, a
 box outside the image) raises ``LocalizationError`` with what to do: give an ROI.

@@ -1,7 +1,7 @@
 """Turn the trained hippocampus bundle into the shipped default model (``Models/hippocampus/``).
 
-It scores the trained bundle on its held-out validation cases exactly as users run it (``inference.Predictor`` on
-the original images, Dice/HD95/volume on the original grids via ``evaluation``), then re-saves the weights with
+It scores the trained bundle on its held-out validation cases exactly as users run it (``inference.predictor.Predictor``
+on the original images, Dice/HD95/volume on the original grids via ``evaluation.evaluate``), then re-saves the weights with
 the model card metadata (licence, citation, training data, those held-out metrics)::
 
     python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py \\
