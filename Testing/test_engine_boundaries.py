@@ -198,3 +198,22 @@ def test_every_engine_name_the_repository_writes_exists():
             elif second[0].isupper():
                 stale.append(f"{where}: {match.group(0)}")
     assert len(files) > 100 and stale == []
+
+
+def test_every_json_or_text_input_goes_through_the_one_reader():
+    """``fileio.jsonfile`` is the one reader of JSON documents and of the text lists beside them (size cap, regular
+    file, one user error): no other engine file parses JSON or reads a whole file as text or bytes."""
+    wrong = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        if path.relative_to(LIBRARY).as_posix() == "fileio/jsonfile.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            name = node.func.attr
+            parses = name in {"load", "loads"} and getattr(node.func.value, "id", None) == "json"
+            copies = parses and node.args and isinstance(node.args[0], ast.Call) \
+                and getattr(node.args[0].func, "attr", None) == "dumps"  # json.loads(json.dumps(x)): a deep copy
+            if (parses and not copies) or name in {"read_text", "read_bytes"}:
+                wrong.append(f"{path.relative_to(LIBRARY)}:{node.lineno} {name}")
+    assert wrong == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,17 +173,58 @@ def test_evaluate_runs_a_model(tmp_path, tiny_bundle):
     assert metrics["dice"] is None or 0.0 <= metrics["dice"] <= 1.0
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"training_cases": ["a"]}', "[1, 2]"])
-def test_evaluate_refuses_a_malformed_case_list_in_one_line(tmp_path, content):
+def _evaluate_with_case_list(tmp_path: Path, cases: Path) -> subprocess.CompletedProcess:
     references, predictions = _one_cube_case(tmp_path, "a")
+    return subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions), "--cases-file",
+                           str(cases), "-o", str(tmp_path / "scores"), "--progress", "none"],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("content, problem", [("{not json", "is not valid JSON"),
+                                              ('{"training_cases": ["a"]}', "is not a case list"),
+                                              ('{"validation_cases": "a"}', "is not a case list"),
+                                              ('"a"', "is not a case list"), ("[1, 2]", "is not a case list"),
+                                              ("[" * 100000 + "]" * 100000, "nests too deeply")])
+def test_evaluate_refuses_a_malformed_case_list_in_one_line(tmp_path, content, problem):
     cases = tmp_path / "cases.json"
     cases.write_text(content)
-    run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions), "--cases-file",
-                          str(cases), "-o", str(tmp_path / "scores"), "--progress", "none"],
-                         capture_output=True, text=True)
+    run = _evaluate_with_case_list(tmp_path, cases)
     assert run.returncode == 2
-    assert run.stderr.startswith("error:") and "is not a case list" in run.stderr
-    assert "Traceback" not in run.stderr and not list(tmp_path.glob("scores*"))
+    assert run.stderr.startswith("error:") and len(run.stderr.splitlines()) == 1, run.stderr
+    assert problem in run.stderr and str(cases) in run.stderr
+    assert not list(tmp_path.glob("scores*"))
+
+
+@pytest.mark.parametrize("name", ["cases.json", "cases.txt"])
+@pytest.mark.parametrize("kind", ["oversized", "fifo", "folder", "not utf-8"])
+def test_evaluate_reads_a_case_list_under_the_json_limits(tmp_path, name, kind):
+    """A case list, a JSON or a text one, is read by the one reader of JSON inputs with its limits: a file larger
+    than MAX_JSON_BYTES (sparse here), a pipe (which would block the read), a folder or bytes that are not UTF-8
+    are one ``error:`` line naming the file, exit status 2, nothing written."""
+    from AttentionUNetSegmentLib.fileio.jsonfile import MAX_JSON_BYTES
+
+    cases = tmp_path / name
+    if kind == "oversized":
+        with open(cases, "wb") as stream:
+            stream.truncate(MAX_JSON_BYTES + 1)
+    elif kind == "fifo":
+        os.mkfifo(cases)
+    elif kind == "folder":
+        cases.mkdir()
+    else:
+        cases.write_bytes(b'["a\xff"]')
+    run = _evaluate_with_case_list(tmp_path, cases)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: case list") and len(run.stderr.splitlines()) == 1, run.stderr
+    assert str(cases) in run.stderr and not list(tmp_path.glob("scores*"))
+
+
+def test_evaluate_takes_a_text_case_list(tmp_path):
+    cases = tmp_path / "cases.txt"
+    cases.write_text("a\n\n")
+    run = _evaluate_with_case_list(tmp_path, cases)
+    assert run.returncode == 0, run.stderr
+    assert [case["case"] for case in json.loads((tmp_path / "scores.json").read_text())["cases"]] == ["a"]
 
 
 def _boxes(shape=(10, 12, 9)) -> np.ndarray:

@@ -172,7 +172,7 @@ def _configure_segment(parser: argparse.ArgumentParser) -> None:
 
 
 def _volumes_line(stem: str, paths: OutputPaths) -> str:
-    report = json.loads(paths.report.read_text(encoding="utf-8"))
+    report = read_json(paths.report, "segmentation report", AttentionUNetError)
     volumes = ", ".join(f"{s['name']} {s['volume_ml']:.3f} mL" for s in report["segments"])
     if report.get("sides"):
         volumes += "; " + ", ".join(f"{side} {total['volume_ml']:.3f} mL" for side, total in report["sides"].items())

@@ -3,7 +3,8 @@
 Per case and label: Dice, the 95th-percentile Hausdorff distance (mm) and the volume difference (mL, prediction
 minus reference, and relative to the reference); per label the mean over cases. Predictions come from a folder
 (``<case>_seg.nii.gz``, ``<case>.nii.gz``, ... as written by ``attention-unet segment``) or from running a model
-bundle through ``inference.predictor.Predictor``. References are a label folder or a dataset (MSD folder, .json or .csv).
+bundle through ``inference.predictor.Predictor``. References are a label folder or a dataset (MSD folder, .json
+or .csv).
 
 Conventions: Dice is undefined (``None``) when a label is absent from both maps. HD95 follows MONAI: the larger
 of the two directed 95th-percentile distances between the boundary voxels of prediction and reference (boundary =
@@ -28,6 +29,7 @@ from scipy import ndimage
 from ..errors import DatasetError, InputImageError, OutputExistsError
 from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
+from ..fileio.jsonfile import read_json, read_text
 from ..training.datasets import grid_differences, load_dataset
 
 METRICS = ("dice", "hd95_mm", "volume_prediction_ml", "volume_reference_ml", "volume_difference_ml",
@@ -222,20 +224,14 @@ def select_cases(cases: List[EvaluationCase], names: Optional[Sequence[str]], na
     wanted: Optional[List[str]] = list(names) if names else None
     if names_file:
         path = Path(names_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise DatasetError(f"cannot read the case list {path}: {error}") from error
         if path.suffix.lower() == ".json":
-            try:
-                data = json.loads(text)
-                wanted = data["validation_cases"] if isinstance(data, dict) else list(data)
-                if not all(isinstance(name, str) for name in wanted):
-                    raise TypeError("names must be strings")
-            except (ValueError, KeyError, TypeError) as error:
+            data = read_json(path, "case list", DatasetError)
+            wanted = data.get("validation_cases") if isinstance(data, dict) else data
+            if not isinstance(wanted, list) or not all(isinstance(name, str) for name in wanted):
                 raise DatasetError(f"{path} is not a case list: expected a JSON list of case names or a training "
-                                   f"plan.json with 'validation_cases' ({error})") from error
+                                   "plan.json with 'validation_cases'")
         else:
+            text = read_text(path, "case list", DatasetError)
             wanted = [line.strip() for line in text.splitlines() if line.strip()]
     if wanted is None:
         return cases

@@ -8,14 +8,15 @@ see ``report.CONVENTION``; square panels of equal size at one scale).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
 import SimpleITK as sitk
 
 from ..fileio.atomic import atomic_output
+from ..errors import AttentionUNetError
 from ..fileio.imageio import read_image
+from ..fileio.jsonfile import read_json
 from .outputs import OutputPaths
 from .report import CONVENTION, display_volumes, draw_views, legend_handles, require_matplotlib, whole_image
 
@@ -42,7 +43,7 @@ def preview_figure(image_path: Union[str, Path], paths: OutputPaths, title: Opti
 
     image = read_image(image_path)
     labels = sitk.ReadImage(str(paths.segmentation))
-    report = json.loads(paths.report.read_text(encoding="utf-8"))
+    report = read_json(paths.report, "segmentation report", AttentionUNetError)
     attention = sitk.ReadImage(str(paths.attention[0])) if paths.attention else None
     volumes = display_volumes(image, labels, attention)
     structure = whole_image(volumes)

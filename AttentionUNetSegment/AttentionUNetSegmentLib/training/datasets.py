@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -38,7 +39,7 @@ import SimpleITK as sitk
 from ..errors import DatasetError, InputImageError
 from ..fileio.atomic import atomic_output
 from ..fileio.imageio import READ_EXTENSIONS, image_stem, read_image, read_label
-from ..fileio.jsonfile import MAX_JSON_BYTES, read_json
+from ..fileio.jsonfile import read_json, read_text
 from ..model.bundle import MAX_LABEL_VALUE
 from ..preprocessing.preprocess import PreprocessingSpec, preprocess, reorient, resample_to_reference
 from .planning import CaseFingerprint, DatasetFingerprint
@@ -304,18 +305,11 @@ def load_datasets(paths: Sequence[PathLike], label_names: Optional[Mapping[int, 
 
 
 def _csv_rows(path: Path) -> List[Dict[str, str]]:
-    """The rows of a pairs CSV, under the limits of a JSON listing (a regular file of at most MAX_JSON_BYTES)."""
-    if not path.is_file():
-        raise DatasetError(f"dataset listing {path} is not a regular file; give the path of a .csv or .json file")
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise DatasetError(f"dataset listing {path} is {path.stat().st_size / 2**20:.1f} MiB, more than the "
-                           f"{MAX_JSON_BYTES / 2**20:.0f} MiB a listing may have; it is not a list of image/label "
-                           "pairs")
+    """The rows of a pairs CSV, read under the limits of a JSON listing (``jsonfile.read_text``)."""
     try:
-        with open(path, newline="", encoding="utf-8") as stream:
-            return list(csv.DictReader(stream))
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise DatasetError(f"dataset listing {path} is not a readable UTF-8 CSV ({error})") from None
+        return list(csv.DictReader(io.StringIO(read_text(path, "dataset listing", DatasetError), newline="")))
+    except csv.Error as error:
+        raise DatasetError(f"dataset listing {path} is not a readable CSV ({error})") from None
 
 
 def _listed_pairs(entries: List[Any], base: Path, source: str) -> List[Tuple[Path, Path]]:
