@@ -160,6 +160,54 @@ def test_segment_json_progress_lines_parse(segmented):
     assert [r["stage"] for r in records].count("load") == 1
 
 
+@pytest.fixture(scope="module")
+def warned(tiny_bundle, tmp_path_factory):
+    """The tiny network with a domain of 16 mm crops, and a 40 mm input its domain guard warns about."""
+    from AttentionUNetSegmentLib.model.bundle import create_metadata, save_bundle
+    from AttentionUNetSegmentLib.preprocessing.domain import measure_domain
+
+    folder = tmp_path_factory.mktemp("warned")
+    metadata = create_metadata(name="tiny-domain", labels=tiny_bundle.metadata["labels"], patch_size=(32, 32, 32),
+                               preprocessing=tiny_bundle.metadata["preprocessing"],
+                               domain=measure_domain([(16, 16, 16)] * 2, [(1.0, 1.0, 1.0)] * 2))
+    bundle = save_bundle(tiny_bundle.build_model(), metadata, folder / "model")
+    make_volume(folder / "wide.nii.gz", (40, 36, 20), (1.0, 1.0, 1.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return bundle, folder / "wide.nii.gz"
+
+
+def test_warnings_of_a_json_progress_run_stay_out_of_stdout_and_stderr(warned, tmp_path):
+    """--progress json: stdout holds only the JSON records and stderr only errors, also when an input gets a
+    domain-guard warning while the run is going; the warning is in the report (and the record's report)."""
+    bundle, image = warned
+    result = run_cli("segment", str(image), "--output-dir", str(tmp_path), "--model", str(bundle.path), "--device",
+                     "cpu", "--no-attention", "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records[-1]["stage"] == "done" and result.stderr == ""
+    warnings = json.loads((tmp_path / "wide_report.json").read_text(encoding="utf-8"))["warnings"]
+    assert len(warnings) == 1 and "field of view" in warnings[0]
+
+
+@pytest.mark.parametrize("kind", ["bar", "none"])
+def test_warnings_and_the_model_line_are_printed_above_the_bar(warned, tmp_path, kind):
+    """The lines for people (the input's warning, the model line) go through the progress reporter's log: whole
+    lines of their own, never written into a bar's frame (a bar redraws with carriage returns, so a line written
+    past it would start mid-frame)."""
+    bundle, image = warned
+    result = run_cli("segment", str(image), "--output-dir", str(tmp_path), "--model", str(bundle.path), "--device",
+                     "cpu", "--no-attention", "--progress", kind)
+    assert result.returncode == 0, result.stderr
+    warning = "warning: wide: the input's field of view"
+    frames = [frame for line in result.stderr.split("\n") for frame in line.split("\r")]
+    lines = [frame for frame in frames if warning in frame or "model: tiny-domain" in frame]
+    assert len(lines) == 2 and lines[0].startswith(warning), result.stderr
+    assert lines[1] == f"model: tiny-domain 1.0.0 from {bundle.path.resolve()}"
+    if kind == "bar":
+        assert "100%" in result.stderr
+    else:
+        assert result.stderr.splitlines() == lines
+
+
 # ----------------------------------------------------------------------------------------- bad input, in-process
 def run_main(capsys, *args: str):
     status = cli.main(list(args))

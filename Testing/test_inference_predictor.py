@@ -483,7 +483,8 @@ def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bun
         return real(volume, model, patch, overlap, batch_size, **options)
 
     monkeypatch.setattr(predictor_module, "sliding_window_inference", windows)
-    predictor = Predictor(tiny_bundle, device="cpu")
+    logged = []
+    predictor = Predictor(tiny_bundle, device="cpu", log=logged.append)
     expected = predictor.predict(oblique_image(size=(14, 12, 10)), attention=False).labels
     predictor.device, predictor.batch_size = torch.device("cuda"), 4
     messages = []
@@ -492,6 +493,7 @@ def test_cuda_out_of_memory_halves_the_batch_then_falls_back_to_the_cpu(tiny_bun
     assert attempts[1:] == [("cuda", 4, "auto"), ("cuda", 2, "auto"), ("cuda", 1, "auto"), ("cpu", 1, "fp32")]
     assert any("retrying with 2 window(s)" in m for m in messages)
     assert any("falling back to the CPU" in m for m in messages)
+    assert len(logged) == 3 and logged == [m for m in messages if "CUDA out of memory" in m]  # lines for people
     assert predictor.device.type == "cpu"
     tuned = any(isinstance(module, OneDNNConv3d) for module in predictor.model.modules())
     assert tuned == cpu_optimizations_available()

@@ -266,3 +266,22 @@ def test_what_the_bundle_export_would_refuse_is_refused_before_training(boxes, t
 @pytest.mark.parametrize("step, label", [(1, 0.01), (5251, 21.01), (5499, 21.99), (5500, 22), (5360, 21.44)])
 def test_epoch_labels_of_time_budget_cuts_stay_between_whole_epochs(step, label):
     assert epoch_label(step, 250) == label
+
+
+@pytest.mark.parametrize("kind", ["bar", "json"])
+def test_the_runs_lines_go_through_its_progress_reporter(boxes, tmp_path, capsys, kind):
+    """Preparation, epoch and export lines are the reporter's ``log``: whole lines above a bar (never inside one
+    of its frames); with ``json`` stdout holds only the records and stderr nothing."""
+    train(_config(boxes, tmp_path, progress=kind))
+    captured = capsys.readouterr()
+    if kind == "json":
+        records = [json.loads(line) for line in captured.out.splitlines()]
+        assert [r["stage"] for r in records] == ["train", "train"] and captured.err == ""
+        return
+    frames = [frame for line in captured.err.split("\n") for frame in line.split("\r")]
+    bars = [frame for frame in frames if "% [" in frame]  # "{stage:<28.28}|{bar}| {n}% [{elapsed}<{eta}]"
+    lines = [frame for frame in frames if frame.strip() and frame not in bars]
+    starts = ("checking 6 cases", "plan: spacing", "epoch 1: loss", "epoch 2: loss", "wrote bundle")
+    assert [[line for line in lines if line.startswith(start)] != [] for start in starts] == [True] * 5, lines
+    assert len(lines) == 5 and bars and not [f for f in bars if any(w in f for w in ("checking", "plan:", "(best",
+                                                                                   "wrote"))]

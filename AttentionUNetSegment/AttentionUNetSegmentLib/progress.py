@@ -72,8 +72,9 @@ class JsonProgress:
 
 class BarProgress:
     """A tqdm bar over 0..100 % with elapsed time and ETA; the description shows the current stage. The first
-    report sets where the bar starts (a resumed run), so the ETA counts only the work done since. ``mininterval``:
-    the least seconds between redraws."""
+    report sets where the bar starts (a resumed run) and starts its clock (lines logged before it, such as a
+    training run's preparation, are not work the rate counts), so the ETA counts only the work done since.
+    ``mininterval``: the least seconds between redraws."""
 
     def __init__(self, stream: Optional[IO[str]] = None, mininterval: float = 0.1) -> None:
         from tqdm import tqdm
@@ -87,6 +88,7 @@ class BarProgress:
         percent = 100.0 * _clamp(fraction)
         if not self._started:
             self._started = True
+            self._bar.reset()
             if percent > 0:
                 self._bar.initial = self._bar.n = self._bar.last_print_n = percent
                 self._bar.refresh()

@@ -202,9 +202,8 @@ def _run_segment_command(args: argparse.Namespace, inputs: Sequence[str], output
             progress=reporter, also_reads=_roi_files(getattr(args, "roi", None)),
             series=getattr(args, "series", None), dicom_seg=getattr(args, "dicom_seg", False),
             keep_patient_info=getattr(args, "keep_patient_info", False),
-            # --progress json keeps stderr for errors only; the report's model.path names the bundle
-            log=None if kind == "json" else lambda line: print(line, file=sys.stderr, flush=True),
-            warn=lambda text: print(f"warning: {text}", file=sys.stderr, flush=True),
+            # above a bar; not with --progress json (stdout: records, stderr: errors; the report holds them all)
+            log=reporter.log,
             report_pdf=getattr(args, "report_pdf", False))
         failure = None
     except InputsFailedError as error:  # the others' results are listed, then the error line ends the run

@@ -52,22 +52,23 @@ def run_from_args(args: argparse.Namespace) -> int:
             names = {label.value: label.name for label in bundle.labels}
     cases, labels = reference_cases(Path(args.reference), Path(args.images) if args.images else None, names)
     cases = select_cases(cases, held_out_cases(bundle) if args.held_out else args.cases, args.cases_file)
-    predictor = None
-    if bundle is not None:
-        from ..inference.predictor import Predictor
-
-        predictor = Predictor(bundle, device=args.device, tta=args.tta)
-    if not labels:
-        values = set()
-        for case in cases:
-            values |= set(np.unique(sitk.GetArrayFromImage(read_label_map(case.reference, case.name))).tolist())
-        labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
-    prefix = Path(args.output)
-    for suffix in (".csv", ".json"):  # refuse before the (possibly long) evaluation, not after
-        if prefix.with_name(prefix.name + suffix).exists() and not args.force:
-            raise OutputExistsError(f"{prefix}{suffix} already exists; choose another --output or pass --force")
     progress = make_progress(args.progress or default_progress_kind())
     try:
+        predictor = None
+        if bundle is not None:
+            from ..inference.predictor import Predictor
+
+            predictor = Predictor(bundle, device=args.device, tta=args.tta,
+                                  log=lambda line: progress.log(f"warning: {line}"))
+        if not labels:
+            values = set()
+            for case in cases:
+                values |= set(np.unique(sitk.GetArrayFromImage(read_label_map(case.reference, case.name))).tolist())
+            labels = {int(v): f"label_{int(v)}" for v in sorted(values) if v != 0}
+        prefix = Path(args.output)
+        for suffix in (".csv", ".json"):  # refuse before the (possibly long) evaluation, not after
+            if prefix.with_name(prefix.name + suffix).exists() and not args.force:
+                raise OutputExistsError(f"{prefix}{suffix} already exists; choose another --output or pass --force")
         report = evaluate(cases, labels, Path(args.predictions) if args.predictions else None, predictor, progress)
     finally:
         progress.close()

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..errors import AttentionUNetError, CancelledError, InputImageError, InputsFailedError, UsageError, error_message
 from ..fileio.jsonfile import read_json
@@ -95,13 +95,13 @@ def will_localize(geometry: Geometry, bundle: ModelBundle, localize: str = "auto
 
 
 def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Path, ModelBundle, None] = None, *,
-                  device: str = "auto",
-                  overlap: Optional[float] = None, tta: bool = False, batch_size: Optional[int] = None,
-                  precision: str = "auto", roi: Optional[Sequence[float]] = None, attention: bool = True, probabilities: bool = False,
-                  largest_component: bool = False, fmt: str = "nii.gz", force: bool = False, localize: str = "auto",
-                  progress=None, also_reads: Sequence[Union[str, Path]] = (), log=None,
-                  warn=None, series: Optional[str] = None, dicom_seg: bool = False,
-                  keep_patient_info: bool = False, report_pdf: bool = False) -> Dict[str, OutputPaths]:
+                  device: str = "auto", overlap: Optional[float] = None, tta: bool = False,
+                  batch_size: Optional[int] = None, precision: str = "auto", roi: Optional[Sequence[float]] = None,
+                  attention: bool = True, probabilities: bool = False, largest_component: bool = False,
+                  fmt: str = "nii.gz", force: bool = False, localize: str = "auto", progress=None,
+                  also_reads: Sequence[Union[str, Path]] = (), log: Optional[Callable[[str], None]] = None,
+                  series: Optional[str] = None, dicom_seg: bool = False, keep_patient_info: bool = False,
+                  report_pdf: bool = False) -> Dict[str, OutputPaths]:
     """Segment every input with one loaded model and write its outputs; returns ``{stem: paths}``.
 
     ``model`` is a loaded bundle, or the name/path ``ModelRegistry.resolve`` takes (``None``: the default model).
@@ -114,10 +114,12 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     inference) and ``InputsFailedError`` raised at the end if any failed. ``report_pdf``: also write
     ``<stem>_report.pdf``. ``localize`` (``auto`` or ``off``, see ``will_localize``) picks per input
     between the localised run (per-side labels) and the plain one; an input that is not localised is checked
-    against the model's domain and ``warn(text)`` is called for every warning (which also goes into the report).
-    After a successful run, ``log(line)`` receives the line naming the bundle that ran (its path: a model on
-    ``ATTENTION_UNET_MODELS`` may override an installed one) and any warning about it; each report records the
-    path as ``model.path``.
+    against the model's domain. ``log(line)`` receives the lines for people (the CLI passes its progress
+    reporter's ``log``, which prints them above a bar and keeps them out of ``--progress json``'s stdout):
+    ``warning: <stem>: <text>`` for every warning of an input (which also goes into its report), ``warning: ...``
+    when CUDA runs out of memory and the run retries, and after a successful run the line naming the bundle that
+    ran (its path: a model on ``ATTENTION_UNET_MODELS`` may override an installed one) and any warning about it;
+    each report records the path as ``model.path``.
 
     An input that is a folder is read as a DICOM series (``dicomio``; ``series``: its SeriesInstanceUID where the
     folder holds several); its stem is the series description or UID. ``dicom_seg`` (DICOM inputs only) also
@@ -129,7 +131,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
     if localize not in LOCALIZE_MODES:
         raise UsageError(f"--localize {localize} is not one of {', '.join(LOCALIZE_MODES)}")
     progress = progress or (lambda *_: None)
-    warn = warn or (lambda _text: None)
+    log = log or (lambda _line: None)
     if report_pdf:
         from .report import require_matplotlib
 
@@ -156,7 +158,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         from ..preprocessing.localization import read_template
 
         template = read_template(spec)
-    predictor = _predictor(bundle, device, overlap, tta, batch_size, precision)
+    predictor = _predictor(bundle, device, overlap, tta, batch_size, precision, log)
     parameters = {"model": bundle.name, "device": device, "overlap": overlap if overlap is not None else bundle.overlap,
                   "tta": tta, "tta_mirror_axes": list(predictor.mirror_axes), "batch_size": batch_size,
                   "precision": precision, "roi": list(roi) if roi is not None else None,
@@ -182,7 +184,7 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
                 prediction = _predict(predictor, image, roi, attention, probabilities, largest_component,
                                       geometries[stem], scaled(report, 0.0, 0.95))
             for text in prediction.warnings:
-                warn(f"{stem}: {text}")
+                log(f"warning: {stem}: {text}")
             prediction.timings = {"read": read_seconds, **prediction.timings}
             report("write", 0.95, f"Writing outputs of {stem}")
             source = run.sources[index]
@@ -194,10 +196,9 @@ def segment_files(inputs: Sequence[str], output_dir: Path, model: Union[str, Pat
         except Exception as error:  # noqa: BLE001 - record() re-raises all but a batch's per-input failures
             run.record(stem, error)
         image = None
-    if log is not None:
-        log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
-        if bundle.integrity_warning:
-            log(f"warning: {bundle.integrity_warning}")
+    log(f"model: {bundle.name} {bundle.version} from {bundle.path.resolve()}")
+    if bundle.integrity_warning:
+        log(f"warning: {bundle.integrity_warning}")
     if summary is not None:
         _write_summary(summary, run.stems, written, run.failed, bundle, force)
     if run.failed:
@@ -287,11 +288,12 @@ def _check_inputs(run: _Inputs, roi: Optional[Sequence[float]], progress: Any
 
 
 def _predictor(bundle: ModelBundle, device: str, overlap: Optional[float], tta: bool, batch_size: Optional[int],
-               precision: str):
+               precision: str, log: Callable[[str], None]):
     """The ``Predictor``, refused before any inference when its windows need more memory than the device has."""
     from .predictor import Predictor
 
-    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision)
+    predictor = Predictor(bundle, device=device, overlap=overlap, tta=tta, batch_size=batch_size, precision=precision,
+                          log=lambda line: log(f"warning: {line}"))
     needed = estimate_memory(bundle.architecture, bundle.patch_size, predictor.batch_size, folds=bundle.fold_count)
     available = device_memory(predictor.device)
     if available is not None and needed > available:

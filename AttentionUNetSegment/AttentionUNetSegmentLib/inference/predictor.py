@@ -401,8 +401,10 @@ class Predictor:
             along; a flip along any other axis would swap sided labels, e.g. anterior and posterior):
             ``2**len(axes)`` copies per window. Refused for a bundle that does not record them or has none.
         batch_size: windows per forward pass (default 4 on CUDA, 1 on the CPU). On CUDA out-of-memory the batch is
-            halved and retried, then the run falls back to the CPU in float32 (both logged).
+            halved and retried, then the run falls back to the CPU in float32 (both reported, and passed to ``log``).
         precision: arithmetic of the forward passes, one of ``constants.PRECISIONS`` (default ``auto``).
+        log: receives a line for people about those retries (the CLI's progress reporter's ``log``, which prints
+            it above a bar); default: this module's ``logging`` logger.
     """
 
     def __init__(
@@ -413,8 +415,10 @@ class Predictor:
         tta: bool = False,
         batch_size: Optional[int] = None,
         precision: str = "auto",
+        log: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.bundle = bundle
+        self.log = log or LOGGER.warning
         self.device = resolve_device(device)
         autocast_dtype(precision, self.device)  # refuse a bad precision now, not after preprocessing
         self.precision = precision
@@ -699,7 +703,7 @@ class Predictor:
                 self.device, self.precision = torch.device("cpu"), "fp32"
                 self.model = self._build_model()
                 message = "CUDA out of memory even with one window per batch; falling back to the CPU (slower)"
-            LOGGER.warning(message)
+            self.log(message)
             report("inference", start, message)
 
     def _to_grid(

@@ -465,10 +465,12 @@ class Trainer:
         self.distributed = init_distributed(self.device.type)
         if config.amp == "fp16" and self.device.type != "cuda":
             raise AttentionUNetError("--amp fp16 needs a CUDA GPU; on a CPU use --amp bf16 or none")
+        self.progress: Any = None  # the run's reporter (first process only), from run()
 
     def _log(self, message: str) -> None:
-        if self.distributed.is_main and self.config.progress != "json":
-            print(message, file=sys.stderr, flush=True)
+        """A line for people: the reporter's ``log`` (above the bar; not among ``--progress json``'s records)."""
+        if self.progress is not None:
+            self.progress.log(message)
 
     def _broadcast(self, value: Any) -> Any:
         if not self.distributed.enabled:
@@ -582,21 +584,28 @@ class Trainer:
         start_time = time.monotonic()
         if self.distributed.is_main:
             self._check_output()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        plan, label_names, train_names, val_names, cache, dataset = self._prepare()
-        cases = self._load_cases(label_names, train_names, val_names, cache, dataset)
-        state = self._build(plan, cases)
-        if config.resume:
-            self._resume(state)
-        if self.distributed.is_main:
-            (self.work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        stopped_early = self._train(state, cases, plan, start_time)
-        total_time = state.trained_seconds + time.monotonic() - start_time
-        result = None
-        if self.distributed.is_main:
-            result = self._export(plan, label_names, self.work_dir / "checkpoints" / "best.pt", state.log,
-                                  total_time, stopped_early, len(train_names), len(val_names))
+            # Only the first process reports; a bar redraws at most every 30 s into a log file.
+            self.progress = make_progress(config.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        try:
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            plan, label_names, train_names, val_names, cache, dataset = self._prepare()
+            cases = self._load_cases(label_names, train_names, val_names, cache, dataset)
+            state = self._build(plan, cases)
+            if config.resume:
+                self._resume(state)
+            if self.distributed.is_main:
+                (self.work_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            stopped_early = self._train(state, cases, plan, start_time)
+            total_time = state.trained_seconds + time.monotonic() - start_time
+            result = None
+            if self.distributed.is_main:
+                result = self._export(plan, label_names, self.work_dir / "checkpoints" / "best.pt", state.log,
+                                      total_time, stopped_early, len(train_names), len(val_names))
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
         if self.distributed.enabled:
             dist.barrier()
         return result
@@ -679,30 +688,24 @@ class Trainer:
         and checkpointing at the end of each epoch and at the end of the budget."""
         config = self.config
         total_steps = config.epochs * config.iterations_per_epoch
-        # Only the first process reports; a bar redraws at most every 30 s into a log file.
-        progress = (make_progress(config.progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-                    if self.distributed.is_main else None)
+        progress = self.progress
         if progress is not None:
             progress.advance("train", state.step / total_steps, "training")
         state.model.train()
-        try:
-            while state.step < total_steps:
-                self._step(state, total_steps)
-                if progress is not None:
-                    progress.advance("train", state.step / total_steps,
-                                     f"loss {state.epoch_losses[-1]:.3f} dice {state.last_dice:.3f}")
-                elapsed = state.trained_seconds + time.monotonic() - start_time
-                out_of_time = self._agree(config.max_time is not None
-                                          and time.monotonic() - start_time >= config.max_time)
-                if state.step % config.iterations_per_epoch and not out_of_time and state.step < total_steps:
-                    continue
-                self._end_epoch(state, cases, plan, elapsed, progress, total_steps)
-                if out_of_time:
-                    return state.step < total_steps
-            return False
-        finally:
+        while state.step < total_steps:
+            self._step(state, total_steps)
             if progress is not None:
-                progress.close()
+                progress.advance("train", state.step / total_steps,
+                                 f"loss {state.epoch_losses[-1]:.3f} dice {state.last_dice:.3f}")
+            elapsed = state.trained_seconds + time.monotonic() - start_time
+            out_of_time = self._agree(config.max_time is not None
+                                      and time.monotonic() - start_time >= config.max_time)
+            if state.step % config.iterations_per_epoch and not out_of_time and state.step < total_steps:
+                continue
+            self._end_epoch(state, cases, plan, elapsed, progress, total_steps)
+            if out_of_time:
+                return state.step < total_steps
+        return False
 
     def _step(self, state: _TrainingState, total_steps: int) -> None:
         """One optimiser step on a fresh batch of augmented patches (poly learning rate, clipped gradients)."""
