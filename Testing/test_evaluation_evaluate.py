@@ -289,3 +289,24 @@ def test_evaluate_finds_segment_outputs_of_nnunet_v2_images(tmp_path, capsys):
     report = json.loads((tmp_path / "scores.json").read_text())
     assert [case["case"] for case in report["cases"]] == ["hippo_007"]
     assert report["mean"]["Anterior"]["dice"] == 1.0 and report["mean"]["Posterior"]["dice"] == 1.0
+
+
+def test_every_command_takes_the_same_device_words(tmp_path):
+    """``segment``, ``demo``, ``train`` and ``evaluate`` take ``--device`` from ``constants.DEVICES``, and refuse
+    any other word alike: one ``error:`` line, exit status 2, before anything is read."""
+    import argparse
+
+    from AttentionUNetSegmentLib.cli.commands import build_parser
+    from AttentionUNetSegmentLib.constants import DEVICES
+
+    choices = {}
+    for command in ("segment", "demo", "train", "evaluate"):
+        commands = next(a for a in build_parser([command])._actions if isinstance(a, argparse._SubParsersAction))
+        choices[command] = [tuple(a.choices) for a in commands.choices[command]._actions
+                            if "--device" in a.option_strings]
+    assert choices == dict.fromkeys(choices, [DEVICES])
+    references, predictions = _one_cube_case(tmp_path, "a")
+    run = subprocess.run([*CLI, "evaluate", str(references), "--predictions", str(predictions), "--device", "gpu",
+                          "-o", str(tmp_path / "scores")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stderr.startswith("error: argument --device: invalid choice: 'gpu'")
+    assert len(run.stderr.splitlines()) == 1 and not list(tmp_path.glob("scores*"))

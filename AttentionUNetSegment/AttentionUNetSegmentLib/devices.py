@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from .constants import PRECISIONS
+from .constants import DEVICES, PRECISIONS
 from .errors import AttentionUNetError
 
 #: The precision each ``train --amp`` value (``constants.AMP_MODES``) means.
@@ -72,5 +72,5 @@ def resolve_device(device: Union[str, torch.device] = "auto", local_rank: Option
                 f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
             )
         return torch.device("cuda", index)
-    raise AttentionUNetError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+    raise AttentionUNetError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)} or cuda:N")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..constants import DEVICES
 from ..errors import OutputExistsError
 from ..evaluation.evaluate import evaluate, held_out_cases, read_label_map, reference_cases, select_cases, write_report
 from ..progress import PROGRESS_KINDS, default_progress_kind, make_progress
@@ -34,7 +35,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     chosen.add_argument("--held-out", action="store_true", help="evaluate only the cases --model's training held "
                         "out (train --held-out: metrics.training.split.held_out_cases, or metrics.held_out.cases)")
     parser.add_argument("--output", "-o", required=True, help="output prefix: writes PREFIX.csv and PREFIX.json")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (with --model)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where --model runs; auto = CUDA when available (default: auto)")
     parser.add_argument("--tta", action="store_true", help="mirror test-time augmentation (with --model)")
     parser.add_argument("--progress", choices=PROGRESS_KINDS, default=None)
     parser.add_argument("--force", action="store_true", help="overwrite existing output files")

@@ -457,7 +457,7 @@ class Trainer:
         self.split: Dict[str, Any] = {}  # datasets.CaseSplit.to_dict(), from _prepare, written into the bundle
         check_config(config)
         if config.amp not in AMP_MODES:
-            raise AttentionUNetError(f"--amp must be one of {AMP_MODES}, got {config.amp!r}")
+            raise AttentionUNetError(f"--amp must be one of {', '.join(AMP_MODES)}, got {config.amp!r}")
         self.config = config
         self.work_dir = Path(config.work_dir).expanduser()
         self.output = Path(config.output).expanduser()
