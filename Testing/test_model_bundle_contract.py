@@ -175,6 +175,80 @@ def test_force_replaces_a_localised_bundle_with_its_template_but_nothing_else(tm
         check_replaceable(copy)
 
 
+KILL_ON_THE_SECOND_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from AttentionUNetSegmentLib.model.bundle import load_bundle, save_bundle
+target = Path(sys.argv[1])
+rename = os.replace
+def killed_on_the_staged_rename(source, destination):
+    if Path(destination) == target:  # the old bundle is out of the way, the new one not yet in: die here
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(source, destination)
+os.replace = killed_on_the_staged_rename
+bundle = load_bundle(Path(sys.argv[2]))
+save_bundle(bundle.build_model(), bundle.metadata, target, force=True)
+"""
+
+
+def test_a_save_killed_between_its_two_renames_is_undone_by_the_next_clean_up(tiny_bundle, tmp_path):
+    """Replacing a bundle takes two renames (the old one out of the way, the staged one in). A process killed
+    between them leaves the old bundle in the atomic module's retired folder and the new one staged: the next
+    clean-up in that folder (any save or output there) moves the old bundle back and removes both, so the bundle
+    is never lost; a live process's retired folder, and a retired copy whose replacement arrived, are not kept
+    back: the first is left alone, the second removed."""
+    from AttentionUNetSegmentLib.fileio.atomic import RETIRED_SUFFIX, TEMP_DIR_PREFIX, remove_stale_temporaries
+
+    models = tmp_path / "models"
+    old = save_bundle(tiny_bundle.build_model(), tiny_bundle.metadata, models / "tiny")
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_THE_SECOND_RENAME, str(old.path), str(tiny_bundle.path)],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    retired = [p for p in models.iterdir() if p.name.endswith(RETIRED_SUFFIX)]
+    assert not old.path.exists() and len(retired) == 1 and (retired[0] / "tiny" / "model.json").is_file()
+    assert len(list(models.iterdir())) == 2  # and the staged new bundle
+
+    host = retired[0].name[len(TEMP_DIR_PREFIX):].split("-")[0]
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = models / f"{TEMP_DIR_PREFIX}{host}-{living.pid}{RETIRED_SUFFIX}"
+        shutil.copytree(retired[0] / "tiny", alive / "other")  # mid-save in a live process
+        remove_stale_temporaries(models)
+        assert sorted(p.name for p in models.iterdir()) == sorted(["tiny", alive.name])
+        assert (alive / "other" / "model.json").is_file() and not (models / "other").exists()
+    finally:
+        living.kill()
+        living.wait()
+    assert load_bundle(models / "tiny").sha256 == old.sha256
+    # Killed after the second rename: the retired copy is the replaced bundle (pid 1 lives: stale by age here).
+    arrived = models / f"{TEMP_DIR_PREFIX}{host}-1{RETIRED_SUFFIX}"
+    shutil.copytree(models / "tiny", arrived / "tiny")
+    (arrived / "tiny" / "model.json").write_text("{}")
+    os.utime(arrived, (0, 0))
+    remove_stale_temporaries(models)
+    assert not arrived.exists() and load_bundle(models / "tiny").sha256 == old.sha256
+
+
+
+def test_a_save_whose_second_rename_fails_puts_the_old_bundle_back(tiny_bundle, tmp_path, monkeypatch):
+    """The staged bundle cannot be renamed in (injected: e.g. the disk was removed): the old bundle is moved back
+    and the error raised; nothing of the save is left."""
+    models = tmp_path / "models"
+    old = save_bundle(tiny_bundle.build_model(), tiny_bundle.metadata, models / "tiny")
+    rename = os.replace
+
+    def failing(source, destination):
+        if Path(destination) == old.path and "retired" not in str(source):
+            raise OSError(5, "Input/output error (injected)")
+        rename(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="injected"):
+        save_bundle(tiny_bundle.build_model(), tiny_bundle.metadata, models / "tiny", force=True)
+    monkeypatch.undo()
+    assert [p.name for p in models.iterdir()] == ["tiny"] and load_bundle(models / "tiny").sha256 == old.sha256
+
+
 # ------------------------------------------------------------------------------------- integrity digests
 def test_edited_metadata_is_refused_and_listed_as_broken(bundle_copy):
     def swap(metadata):

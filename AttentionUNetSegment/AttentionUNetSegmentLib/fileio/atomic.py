@@ -5,6 +5,7 @@ it only when complete; on any error it is removed, so a reader never sees half a
 nothing. Several outputs that belong together (a prediction's files, a cache entry's arrays and description) are
 entered on one ``contextlib.ExitStack``: each is renamed only if the whole stack exits cleanly. A killed run's
 temporary folder is removed by the next ``atomic_output`` in that folder (``remove_stale_temporaries``).
+A folder staged at ``temporary_path`` (a model bundle) is put in place by ``replace_folder``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ PathLike = Union[str, "os.PathLike[str]"]
 TEMP_DIR_PREFIX = ".attention-unet-tmp-"
 #: A temporary folder this old is stale whatever its pid (pids get reused; other hosts' pids cannot be checked).
 STALE_TEMP_SECONDS = 24 * 3600
+#: Ending of the temporary folder (``<prefix><host>-<pid><suffix>``) a folder that ``replace_folder`` replaces waits
+#: in between its two renames.
+RETIRED_SUFFIX = "-retired"
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
-_TEMP_DIR = re.compile(re.escape(TEMP_DIR_PREFIX) + r"([0-9a-f]{8})-([0-9]+)$")
+_TEMP_DIR = re.compile(re.escape(TEMP_DIR_PREFIX) + r"([0-9a-f]{8})-([0-9]+)(" + re.escape(RETIRED_SUFFIX) + ")?$")
 
 
 def temporary_path(path: PathLike) -> Path:
@@ -53,9 +57,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: PathLike) -> None:
-    """Remove the temporary folders ``atomic_output`` left in ``folder`` when its process was killed: only this
-    tool's (named ``TEMP_DIR_PREFIX<host>-<pid>``), only when that process (on this host) is gone or the folder is
-    older than ``STALE_TEMP_SECONDS``. Anything else in ``folder`` is never touched."""
+    """Remove the temporary folders ``atomic_output`` and ``replace_folder`` left in ``folder`` when their process
+    was killed: only this tool's (named ``TEMP_DIR_PREFIX<host>-<pid>``, ``RETIRED_SUFFIX`` added for a replaced
+    folder), only when that process (on this host) is gone or the folder is older than ``STALE_TEMP_SECONDS``. A
+    replaced folder whose replacement never arrived (killed between the two renames) is moved back to its place
+    instead of removed. Anything else in ``folder`` is never touched."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -72,7 +78,49 @@ def remove_stale_temporaries(folder: PathLike) -> None:
         except OSError:
             continue
         if (host == _HOST and not _pid_alive(pid)) or age > STALE_TEMP_SECONDS:
+            if match.group(3) and not _restore_retired(Path(entry.path), Path(folder)):
+                continue  # what could not be moved back is the only copy: kept
             shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _restore_retired(retired: Path, folder: Path) -> bool:
+    """Move each folder ``retired`` holds back to ``folder`` where nothing took its place; False when one of them
+    could not be moved."""
+    restored = True
+    for child in list(retired.iterdir()):
+        target = folder / child.name
+        if target.exists() or target.is_symlink():
+            continue  # the replacement arrived: this is the replaced copy
+        try:
+            os.replace(child, target)
+        except OSError:
+            restored = False
+    return restored
+
+
+def replace_folder(staged: Path, directory: Path) -> None:
+    """Put the complete folder ``staged`` (at ``temporary_path(directory)``) at ``directory``. A folder already
+    there takes two renames, which ``atomic_output`` (a file) does not do: it is moved into
+    ``<parent>/TEMP_DIR_PREFIX<host>-<pid>RETIRED_SUFFIX/`` first and removed once ``staged`` is in place; if the
+    second rename fails it is moved back, and if the process is killed between the two,
+    ``remove_stale_temporaries`` moves it back. So ``directory`` is either the old folder or the new one."""
+    if not directory.exists():
+        os.replace(staged, directory)
+        return
+    holder = directory.parent / f"{TEMP_DIR_PREFIX}{_HOST}-{os.getpid()}{RETIRED_SUFFIX}"
+    holder.mkdir(exist_ok=True)
+    retired = holder / directory.name
+    os.replace(directory, retired)
+    try:
+        os.replace(staged, directory)
+    except BaseException:
+        os.replace(retired, directory)  # the old folder back in its place
+        raise
+    finally:
+        if directory.exists():  # the new folder (the retired one goes) or the old one back; else keep the only copy
+            shutil.rmtree(retired, ignore_errors=True)
+            with contextlib.suppress(OSError):  # another folder this process replaces there waits in it
+                holder.rmdir()
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 from .. import __version__
 from ..constants import DEFAULT_MODEL
 from ..errors import ModelBundleError
-from ..fileio.atomic import remove_stale_temporaries, temporary_path
+from ..fileio.atomic import remove_stale_temporaries, replace_folder, temporary_path
 from ..fileio.jsonfile import read_json
 from ..preprocessing.preprocess import PreprocessingSpec
 
@@ -119,7 +118,8 @@ def _fail(directory: Path, problem: str, fix: str) -> ModelBundleError:
 
 def _validate_labels(directory: Path, labels: Any, out_channels: int) -> None:
     if not isinstance(labels, list) or not labels:
-        raise _fail(directory, "'labels' must be a non-empty list", "list one {value, name, color} per foreground class")
+        raise _fail(directory, "'labels' must be a non-empty list",
+                    "list one {value, name, color} per foreground class")
     values, names = set(), set()
     for index, label in enumerate(labels):
         where = f"labels[{index}]"
@@ -264,7 +264,8 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
                     f"upgrade the AttentionUNet engine (this is {__version__})")
     missing = [key for key in _REQUIRED_KEYS if key not in metadata]
     if missing:
-        raise _fail(directory, f"{METADATA_FILE} lacks required keys {missing}", "re-export the bundle with save_bundle")
+        raise _fail(directory, f"{METADATA_FILE} lacks required keys {missing}",
+                    "re-export the bundle with save_bundle")
     for key in ("name", "version"):
         if not isinstance(metadata[key], str) or not metadata[key].strip():
             raise _fail(directory, f"'{key}' must be a non-empty string", f"set '{key}' in {METADATA_FILE}")
@@ -305,7 +306,8 @@ def validate_metadata(metadata: Any, directory: Path) -> Dict[str, Any]:
                     f"{mirror!r}", "copy the flip axes the model was trained with (plan.json's flip_axes)")
     if DIGEST_KEY in metadata and (not isinstance(metadata[DIGEST_KEY], str)
                                    or not _SHA256.match(metadata[DIGEST_KEY])):
-        raise _fail(directory, f"{DIGEST_KEY} must be 64 lower-case hex digits", "re-export the bundle with save_bundle")
+        raise _fail(directory, f"{DIGEST_KEY} must be 64 lower-case hex digits",
+                    "re-export the bundle with save_bundle")
     return metadata
 
 
@@ -880,9 +882,9 @@ def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
     extra files are copied, the digest and ``model.json`` added), rename it into place, and load it verified.
 
     The staging folder is ``atomic.temporary_path(directory)``, the one temporary place of every writer, so a
-    killed save is cleaned up like a killed segmentation (``remove_stale_temporaries``). A bundle is a folder and
-    replacing one takes two renames, which ``atomic_output`` (a file) does not do: the replaced bundle waits in a
-    folder of its own, never removed as stale, until the new one is in place."""
+    killed save is cleaned up like a killed segmentation (``remove_stale_temporaries``). ``atomic.replace_folder``
+    renames it into place: a replaced bundle waits in the atomic module's temporary folder too, and one that a
+    killed save left without its replacement is moved back by the next clean-up."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(directory.parent)
     staging = temporary_path(directory)
@@ -894,13 +896,7 @@ def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
         full[DIGEST_KEY] = metadata_digest(full)
         (staging / METADATA_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
         _apply_umask_permissions(staging)
-        if directory.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, retired / directory.name)
-            os.replace(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
+        replace_folder(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -911,8 +907,8 @@ def _publish(directory: Path, write: Callable[[Path], Dict[str, Any]],
 
 
 def _apply_umask_permissions(directory: Path) -> None:
-    """Give a staged bundle ordinary permissions: ``mkdtemp`` makes its directory 0700 and safetensors writes
-    0600 files, which would hide an installed model from other users (e.g. Slicer run by someone else)."""
+    """Give a staged bundle the umask's permissions, as any new folder and file: safetensors writes its files
+    0600, which would hide an installed model from other users (e.g. Slicer run by someone else)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(directory, 0o777 & ~umask)
