@@ -173,8 +173,9 @@ def test_every_engine_name_the_repository_writes_exists():
     """The engine's modules moved (flat files -> one subpackage per stage): every place that names one, in code
     that the suite does not import (benchmarks, Resources scripts, lazy imports), in docstrings, the docs or
     pyproject.toml, names one that exists: dotted names ``AttentionUNetSegmentLib.<stage>.<module>...`` (and
-    ``<module>:<name>`` entry points), paths ``AttentionUNetSegmentLib/<stage>/<module>.py``, and a backticked ``stage.module.name`` or ``stage.Class``
-    (lower-case ``stage.key`` without a module of that name is a bundle ``model.json`` key, not code)."""
+    ``<module>:<name>`` entry points), paths ``AttentionUNetSegmentLib/<stage>/<module>.py``, and a backticked
+    ``stage.module.name`` or ``stage.Class`` (lower-case ``stage.key`` without a module of that name is a bundle
+    ``model.json`` key, not code)."""
     files = [*REPO.glob("*.md"), *REPO.glob("*.toml")] + [
         path for root in ("AttentionUNetSegment", "Testing", "Resources") for path in sorted((REPO / root).rglob("*"))
         if path.suffix in {".py", ".md", ".txt", ".toml"}]

@@ -244,7 +244,8 @@ def series_from_files(files: Sequence[PathLike], folder: Optional[Path] = None) 
     first = _read_header(Path(files[0]))
     where = folder if folder is not None else first.path.parent
     # the size the first header implies for the whole series, before thousands of headers are read
-    _check_voxel_count(where, (first.integer("columns"), first.integer("rows"), len(files), first.integer("samples", 1)))
+    _check_voxel_count(where, (first.integer("columns"), first.integer("rows"), len(files),
+                               first.integer("samples", 1)))
     headers = [first] + [_read_header(Path(file)) for file in files[1:]]
     uids = sorted({h.text("series_uid") for h in headers})
     if len(uids) > 1:

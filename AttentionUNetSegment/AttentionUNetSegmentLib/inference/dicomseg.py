@@ -101,8 +101,8 @@ def build_segmentation(labels: sitk.Image, segments: Sequence[LabelInfo], series
     """The ``highdicom.seg.Segmentation`` of ``labels`` (on ``series``' grid, slice ``k`` = ``series.files[k]``).
 
     Raises:
-        AttentionUNetError: highdicom is missing, the grids differ (``on_series_grid``), a voxel holds a value no segment has, or the
-            source files cannot be read by pydicom.
+        AttentionUNetError: highdicom is missing, the grids differ (``on_series_grid``), a voxel holds a value no
+            segment has, or the source files cannot be read by pydicom.
     """
     require_highdicom()
     import highdicom as hd

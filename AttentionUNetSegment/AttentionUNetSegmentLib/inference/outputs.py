@@ -180,8 +180,8 @@ def check_output_name(path: Path) -> None:
     length = len(os.fsencode(str(written)))
     if length >= path_max:
         raise AttentionUNetError(
-            f"output path {str(path)[:60]}... is {length} bytes long while writing it (through a temporary folder), more than "
-            f"the {path_max - 1} this file system allows; choose a shorter --output-dir or rename the input")
+            f"output path {str(path)[:60]}... is {length} bytes long while writing it (through a temporary folder), "
+            f"more than the {path_max - 1} this file system allows; choose a shorter --output-dir or rename the input")
 
 
 def _check_folder_writable(folder: Path) -> None:

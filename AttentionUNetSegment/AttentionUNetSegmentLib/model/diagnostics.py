@@ -58,7 +58,8 @@ class ModelSummary:
         widths = [max(len(str(cells[i])) for cells in [header, *lines]) for i in range(5)]
 
         def render(cells: Sequence[str]) -> str:
-            return "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths)))
 
         rule = "-" * len(render(header))
         footer = [

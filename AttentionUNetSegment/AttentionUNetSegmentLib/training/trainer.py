@@ -650,7 +650,8 @@ class Trainer:
         sampler = PatchSampler(cases.train, plan.patch_size, plan.batch_size, augmentation,
                                config.foreground_fraction, seed=config.seed * 1000 + self.distributed.rank)
         return _TrainingState(model, trainable, optimizer, scaler, sampler,
-                              SegmentationLoss(attention_weight=config.attention_loss_weight), TrainingLog(self.work_dir))
+                              SegmentationLoss(attention_weight=config.attention_loss_weight),
+                              TrainingLog(self.work_dir))
 
     def _resume(self, state: _TrainingState) -> None:
         """Load ``last.pt`` into ``state``: weights, optimiser, scaler, sampler, torch RNG, counters and history.
