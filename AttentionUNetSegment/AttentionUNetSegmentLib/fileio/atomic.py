@@ -86,8 +86,12 @@ def remove_stale_temporaries(folder: PathLike) -> None:
 def _restore_retired(retired: Path, folder: Path) -> bool:
     """Move each folder ``retired`` holds back to ``folder`` where nothing took its place; False when one of them
     could not be moved."""
+    try:
+        children = list(retired.iterdir())
+    except OSError:
+        return False
     restored = True
-    for child in list(retired.iterdir()):
+    for child in children:
         target = folder / child.name
         if target.exists() or target.is_symlink():
             continue  # the replacement arrived: this is the replaced copy
@@ -103,12 +107,14 @@ def replace_folder(staged: Path, directory: Path) -> None:
     there takes two renames, which ``atomic_output`` (a file) does not do: it is moved into
     ``<parent>/TEMP_DIR_PREFIX<host>-<pid>RETIRED_SUFFIX/`` first and removed once ``staged`` is in place; if the
     second rename fails it is moved back, and if the process is killed between the two,
-    ``remove_stale_temporaries`` moves it back. So ``directory`` is either the old folder or the new one."""
+    ``remove_stale_temporaries`` moves it back: the old folder is never lost."""
     if not directory.exists():
         os.replace(staged, directory)
         return
     holder = directory.parent / f"{TEMP_DIR_PREFIX}{_HOST}-{os.getpid()}{RETIRED_SUFFIX}"
     holder.mkdir(exist_ok=True)
+    if holder.is_symlink():
+        raise OSError(f"cannot replace {directory}: {holder} is a symbolic link, not this tool's temporary folder")
     retired = holder / directory.name
     os.replace(directory, retired)
     try:
