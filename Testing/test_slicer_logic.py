@@ -360,7 +360,7 @@ def test_results_belong_to_their_input_only(env, first_result):
 def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
     """Results are read into new nodes first: when a file fails to load (here the last attention map), the
     segmentation and the attention volumes the user chose to overwrite keep every voxel, and no node is added."""
-    module, logic, volume, scene = env["module"], env["logic"], env["volume"], env["scene"]
+    logic, volume, scene = env["logic"], env["volume"], env["scene"]
     first = first_result["result"]
     target, maps = first.segmentation, first.attentionVolumes
     input_path = logic.writeVolumeForEngine(volume, tmp_path / "in")
@@ -520,7 +520,7 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     scene = env["scene"]
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
     flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
-    module, updates = env["module"], []
+    updates = []
     options = Options(model=env["model"], device="cpu", attentionMaps=False)
     job = jobs.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
     job._eta = EtaEstimator(clock=itertools.count(0.0, 10.0).__next__)  # 10 s between updates: an ETA at once
@@ -842,7 +842,7 @@ def _local_box(volume, fraction_lo, fraction_hi):
 
 def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
     """What the engine writes for the input (label map on its grid + report), per the issue-11 contract."""
-    module, scene = env["module"], env["scene"]
+    scene = env["scene"]
     shape = slicer.util.arrayFromVolume(volume).shape
     labels = np.zeros(shape, np.uint8)
     labels[2:6, 3:9, 4:10] = 1
@@ -891,9 +891,7 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
 
 
 def _import(env, bundle, volume, files, target=None, roi=None):
-    module = env["module"]
-    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path),
-                                                                                         roi=roi), bundle)
+    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path), roi=roi), bundle)
     return env["logic"].importResults(job, files, [])
 
 
@@ -914,7 +912,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     its transform) next to the segmentation, per-side totals and asymmetry in the statistics, the batch table
     and the export, the warnings in the panel's status text and the table. A user's ROI with the very name the
     tool would choose is left alone. (The report is written here by hand with the contract's keys, see above.)"""
-    module, logic, scene, volume = env["module"], env["logic"], env["scene"], moved_volume
+    logic, scene, volume = env["logic"], env["scene"], moved_volume
     user_roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Head tiny box left")
     user_roi.SetXYZ(1.0, 2.0, 3.0)
     user_roi.SetRadiusXYZ(4.0, 5.0, 6.0)
@@ -997,7 +995,7 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     """Re-running into the same segmentation (the panel's overwrite) replaces the boxes the tool added, keeping
     their names; a box the user moved and chose as the Region of the re-run is never modified or removed; a crop
     run's outputs (no sides) stay as before: no side column, no sides file, no side rows."""
-    module, logic, scene, volume = env["module"], env["logic"], env["scene"], moved_volume
+    logic, scene, volume = env["logic"], env["scene"], moved_volume
     files, _, _, _ = _write_engine_outputs(env, volume, tmp_path / "first")
     first = _import(env, located_bundle, volume, files)
     names = [node.GetName() for node in first.localizationBoxes]
@@ -1054,7 +1052,7 @@ def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_b
 
 
 def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, located_bundle, tmp_path):
-    module, logic, volume = env["module"], env["logic"], env["volume"]
+    logic, volume = env["logic"], env["volume"]
 
     def command(bundle, **options):
         job = jobs.SegmentationJob(logic, volume, None, Options(model=str(bundle.path),
@@ -1081,7 +1079,7 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
     input whose i axis runs along A is compared along A), sign flips (RAS vs LPS) irrelevant; a whole-head field
     of view warns unless the localiser will run or a Region of the model's size is chosen; coarse voxels warn
     even with the localiser; a model without a domain record never warns."""
-    module, logic, scene = env["module"], env["logic"], env["scene"]
+    logic, scene = env["logic"], env["scene"]
     permuted = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # i -> A, j -> -R (L), k -> S
     along_a = _add_volume(scene, "Along A", np.zeros((20, 20, 80), np.uint8), spacing=(1.0, 1.0, 1.0),
                           directions=permuted)

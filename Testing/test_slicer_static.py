@@ -5,6 +5,7 @@ a real CMake configure against a stand-in Slicer, and the extension catalog entr
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import re
 import shutil
@@ -419,6 +420,56 @@ def test_nothing_heavy_is_imported_at_module_scope(tree):
             % (str(Path(__file__).resolve().parent), sorted(heavy - {"numpy"})))  # Slicer itself loads numpy
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _module_names(module: ast.Module) -> Set[str]:
+    """Names a module defines at its top level, those imported under ``if TYPE_CHECKING:`` included."""
+    names: Set[str] = set()
+    statements = list(module.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try)):
+            statements += node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]
+    return names
+
+
+def _annotation_names(module: ast.Module) -> Iterator[Tuple[int, str]]:
+    """``(line, name)`` of every name an annotation uses, inside quoted annotations too."""
+    annotations = []
+    for node in ast.walk(module):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            annotations += [a.annotation for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                                   arguments.vararg, arguments.kwarg] if a is not None]
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    for annotation in filter(None, annotations):
+        for node in ast.walk(annotation):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield from ((node.lineno, n.id) for n in ast.walk(ast.parse(node.value, mode="eval"))
+                            if isinstance(n, ast.Name))
+            elif isinstance(node, ast.Name):
+                yield node.lineno, node.id
+
+
+def test_every_name_an_annotation_uses_is_defined():
+    """What pyflakes reports as F821 in annotations (``from __future__ import annotations`` hides it at run time,
+    ``typing.get_type_hints`` and readers do not): a class named only in an annotation is imported under
+    ``if TYPE_CHECKING:``, so no import cycle exists at run time."""
+    undefined = []
+    for path in [MODULE_FILE, *sorted(SLICER_PACKAGE.glob("*.py"))]:
+        module = ast.parse(path.read_text(), filename=str(path))
+        known = _module_names(module) | set(dir(builtins))
+        undefined += [f"{path.name}:{line}: {name}" for line, name in _annotation_names(module) if name not in known]
+    assert not undefined, "undefined names in annotations:\n" + "\n".join(undefined)
 
 
 # CMake and extension metadata

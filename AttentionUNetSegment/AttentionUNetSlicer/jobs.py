@@ -7,7 +7,7 @@ import pathlib
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import slicer
 from slicer.i18n import tr as _
@@ -29,6 +29,10 @@ from AttentionUNetSlicer.engineProcess import (
 )
 from AttentionUNetSlicer.sceneImport import SegmentationResult
 from AttentionUNetSlicer.volumeFiles import workDirectory
+
+if TYPE_CHECKING:  # annotations only: logic.py imports this module
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
+    from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
 
 
 @dataclass
@@ -58,8 +62,8 @@ class SegmentationOptions:
 class SegmentationJob:
     """One engine run for one volume. ``poll()`` on the main thread; results enter the scene only on success."""
 
-    def __init__(self, logic: "AttentionUNetSegmentLogic", inputVolume, outputSegmentation,
-                 options: SegmentationOptions, bundle: "ModelBundle",
+    def __init__(self, logic: AttentionUNetSegmentLogic, inputVolume, outputSegmentation,
+                 options: SegmentationOptions, bundle: ModelBundle,
                  progressCallback: Optional[Callable[[float, str, Optional[float]], None]] = None,
                  logCallback: Optional[Callable[[str], None]] = None) -> None:
         self.logic = logic
@@ -160,7 +164,7 @@ class BatchJob:
     """Segments several volumes one after the other (one result per volume) and fills a summary table: one row
     per volume with the columns of the engine's ``summary.csv`` (``outputs.summary_columns``)."""
 
-    def __init__(self, logic: "AttentionUNetSegmentLogic", volumes: Sequence[Any], options: SegmentationOptions,
+    def __init__(self, logic: AttentionUNetSegmentLogic, volumes: Sequence[Any], options: SegmentationOptions,
                  progressCallback=None, logCallback=None) -> None:
         self.logic = logic
         self.volumes = list(volumes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 import qt
 import slicer
@@ -17,6 +17,9 @@ from AttentionUNetSlicer.definitions import DEFAULT_MODEL, MAX_OVERLAP, POLL_INT
 from AttentionUNetSlicer.engineProcess import format_duration
 from AttentionUNetSlicer.jobs import BatchJob, SegmentationOptions
 from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
+
+if TYPE_CHECKING:  # annotations only: the engine's bundle module loads on first use
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
 
 
 class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -32,7 +35,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._deviceQuery = None
         self._lastResult = None
         self._pollTimer = None
-        self._models: List["ModelBundle"] = []
+        self._models: List[ModelBundle] = []
         self._domainKey = None
 
     def setup(self) -> None:
@@ -160,7 +163,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not running:
             self._updateDomainStatus(node, bundle)
 
-    def _currentBundle(self) -> Optional["ModelBundle"]:
+    def _currentBundle(self) -> Optional[ModelBundle]:
         name = self._parameterNode.modelName if self._parameterNode else None
         return next((bundle for bundle in self._models if bundle.name == name), None)
 
@@ -249,7 +252,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # Running
 
-    def _options(self) -> "SegmentationOptions":
+    def _options(self) -> SegmentationOptions:
         node = self._parameterNode
         return SegmentationOptions(
             model=node.modelName, roi=node.roi, locateAutomatically=node.locateAutomatically,
