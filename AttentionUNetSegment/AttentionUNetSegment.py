@@ -82,14 +82,19 @@ def registerSampleData():
 # AttentionUNetSegmentWidget
 #
 
+#: The packages whose modules Reload imports afresh: the Slicer package and the engine it uses in-process.
+RELOADED_PACKAGES = ("AttentionUNetSlicer", "AttentionUNetSegmentLib")
+
+
 
 class AttentionUNetSegmentWidget(PanelWidget):
     """The module panel (``AttentionUNetSlicer.widget``)."""
 
     def onReload(self) -> None:
-        """Developer mode's Reload re-reads only this file: forget the Slicer package's modules so that it
-        imports them afresh too."""
-        for name in [name for name in sys.modules if name.split(".")[0] == "AttentionUNetSlicer"]:
+        """Developer mode's Reload re-reads only this file: forget the Slicer package's modules and the engine's
+        (its bundle, outputs, report and file modules run in Slicer's process too) so that they are imported
+        afresh as well."""
+        for name in [name for name in sys.modules if name.split(".")[0] in RELOADED_PACKAGES]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 

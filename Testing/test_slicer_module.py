@@ -55,18 +55,32 @@ def test_one_parameter_node_wrapper_per_node():
     assert second is not first and second.parameterNode is not first.parameterNode
 
 
-def test_reload_imports_the_slicer_package_afresh():
-    """Developer mode's Reload (the shim's ``onReload`` re-executes the module file, as Slicer's does)."""
+def test_reload_imports_the_slicer_package_and_the_engine_afresh():
+    """Developer mode's Reload (the shim's ``onReload`` re-executes the module file, as Slicer's does): the Slicer
+    package and the engine modules it runs in Slicer's process (bundle, outputs, report, file I/O) are imported
+    again, so an edit to any of them takes effect without restarting Slicer."""
+    import AttentionUNetSegmentLib.fileio.imageio  # noqa: F401  (what the panel's scene import and export use)
+    import AttentionUNetSegmentLib.inference.outputs  # noqa: F401
+    import AttentionUNetSegmentLib.model.bundle  # noqa: F401
+
+    packages = ("AttentionUNetSegment", "AttentionUNetSlicer", "AttentionUNetSegmentLib")
     module = load_module(slicer.vtkMRMLScene())
-    loaded = {name: mod for name, mod in sys.modules.items()
-              if name == "AttentionUNetSegment" or name.split(".")[0] == "AttentionUNetSlicer"}
+    loaded = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] in packages}
     try:
         widget = module.AttentionUNetSegmentWidget.__new__(module.AttentionUNetSegmentWidget)
         widget.onReload()
-        assert sys.modules["AttentionUNetSlicer.logic"] is not loaded["AttentionUNetSlicer.logic"]
+        for name in ("AttentionUNetSlicer.logic", "AttentionUNetSegmentLib.errors"):
+            assert sys.modules[name] is not loaded[name], name
+        for name in ("AttentionUNetSegmentLib.model.bundle", "AttentionUNetSegmentLib.inference.outputs",
+                     "AttentionUNetSegmentLib.fileio.imageio"):
+            assert name not in sys.modules or sys.modules[name] is not loaded[name], name
         reloaded = sys.modules["AttentionUNetSegment"]
         assert reloaded.AttentionUNetSegmentLogic is sys.modules["AttentionUNetSlicer.logic"].AttentionUNetSegmentLogic
-    finally:  # the other tests keep the modules they imported
+        fresh = sys.modules["AttentionUNetSlicer.definitions"].AttentionUNetSegmentError
+        assert issubclass(fresh, sys.modules["AttentionUNetSegmentLib.errors"].AttentionUNetError)
+    finally:  # the other tests keep the modules they imported, and only those
+        for name in [name for name in sys.modules if name.split(".")[0] in packages]:
+            del sys.modules[name]
         sys.modules.update(loaded)
 
 
