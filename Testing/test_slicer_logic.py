@@ -744,16 +744,23 @@ def _fake_packaging(monkeypatch, pip_ensure):
 
 
 def test_dependencies_go_through_pip_ensure_as_requirement_objects(env, missing_requirement, monkeypatch):
-    calls = []
+    """Slicer 5.12+: the module asks (as on older releases), then ``pip_ensure`` installs without asking again."""
+    calls, answers = [], [True]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: answers[0], raising=False)
     fake = _fake_packaging(monkeypatch, lambda requirements, **kwargs: calls.append((requirements, kwargs)))
     env["logic"].ensureDependencies()
-    assert len(calls) == 1 and calls[0][0] is fake.loaded[0] and calls[0][1] == {"requester": "AttentionUNet"}
-
-    def declined(requirements, **kwargs):
-        raise RuntimeError("the user declined")
-
-    fake.pip_ensure = declined
+    assert len(calls) == 1 and calls[0][0] is fake.loaded[0]
+    assert calls[0][1] == {"prompt_install": False, "requester": "AttentionUNet"}
+    answers[0] = False
     with pytest.raises(definitions.AttentionUNetSegmentError, match="accept the installation"):
+        env["logic"].ensureDependencies()
+    assert len(calls) == 1  # declined: nothing installed
+
+    def failing(requirements, **kwargs):
+        raise RuntimeError("pip exited with status 1")
+
+    answers[0], fake.pip_ensure = True, failing
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Installing .* failed .*pip exited"):
         env["logic"].ensureDependencies()
 
 

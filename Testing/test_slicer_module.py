@@ -116,16 +116,26 @@ def test_the_modules_own_maps_are_refused_as_inputs(tiny_bundle):
     assert rows.GetCellText(0, 1) == "skipped" and "attention map" in rows.GetCellText(0, 2)
 
 
-def test_install_progress_is_shown_before_the_installation_blocks(monkeypatch, tmp_path):
-    """The panel's status line says what is being installed before pip starts (it blocks for minutes)."""
+@pytest.mark.parametrize("release", ["5.12 (slicer.packaging)", "5.10 (pip_install)"])
+def test_install_progress_is_shown_after_asking_and_before_the_installation_blocks(monkeypatch, tmp_path, release):
+    """The user is asked first; only then does the panel's status line say what is being installed, before the
+    installation starts (it blocks for minutes)."""
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("attention-unet-no-such-package>=1.0\n", encoding="utf-8")
     monkeypatch.setattr(dependencies, "REQUIREMENTS_FILE", requirements)
     events = []
-    _fake_packaging(monkeypatch, lambda requirements, **kwargs: events.append("installed"))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: events.append("asked") or True,
+                        raising=False)
+    if release.startswith("5.12"):
+        _fake_packaging(monkeypatch, lambda requirements, **kwargs: events.append("installed"))
+    else:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+        monkeypatch.delattr(slicer, "packaging", raising=False)
+        monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: events.append("installed"),
+                            raising=False)
     load_module(slicer.vtkMRMLScene())
     from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
 
     AttentionUNetSegmentLogic().ensureDependencies(statusCallback=events.append)
-    assert events == ["Installing attention-unet-no-such-package>=1.0; this can take several minutes...",
+    assert events == ["asked", "Installing attention-unet-no-such-package>=1.0; this can take several minutes...",
                       "installed"]
