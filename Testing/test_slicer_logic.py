@@ -1261,6 +1261,24 @@ def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dic
         logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
 
 
+def test_a_failed_export_leaves_no_dicom_seg_on_disk_or_in_the_database(env, dicom_volume, tmp_path):
+    """The SEG is written with the other files; when putting a later one in place fails (here the provenance's
+    place is a folder), the export leaves none of its files and the DICOM database is never told of a SEG."""
+    pytest.importorskip("highdicom")
+    logic, node = env["logic"], dicom_volume["node"]
+    result = logic.process(node, options=Options(model=env["model"], device="cpu", attentionMaps=False))
+    export = tmp_path / "export"
+    names = logic.exportFileNames(result.segmentation, "nii.gz", dicomSeg=True)
+    assert "sides" not in names  # the provenance is then the last file entered, the first one renamed
+    (export / names["provenance"] / "kept.txt").parent.mkdir(parents=True)
+    (export / names["provenance"] / "kept.txt").write_text("not this tool's")
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Could not write the export"):
+        logic.exportForReport(result.segmentation, export, force=True, dicomSeg=True)
+    assert dicom_volume["database"].inserted == []
+    assert sorted(p.name for p in export.iterdir()) == [names["provenance"]]  # no SEG, no file, no temporary
+    assert (export / names["provenance"] / "kept.txt").read_text() == "not this tool's"
+
+
 def _plain_segmentation(env):
     """A segmentation of the scene's non-DICOM volume."""
     scene = env["scene"]

@@ -140,9 +140,9 @@ class Export:
         """Write a label map (NIfTI or NRRD, label value = segment label value), the segmentation (.seg.nrrd),
         a CSV label table (value, name, colour), per-segment volumes in mL (CSV; with a ``side`` column when the
         segments have sides, plus per-side totals and the asymmetry index in ``<name>_sides.csv``) and the
-        provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``, written first: when it fails
-        nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
-        written paths by kind."""
+        provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``), renamed into place last and
+        added to the DICOM database only once every file is in place. Existing files are kept unless ``force``;
+        nothing partial is left behind. Returns the written paths by kind."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
         from AttentionUNetSegmentLib.fileio.atomic import atomic_output
         from AttentionUNetSegmentLib.fileio.imageio import check_written_image
@@ -181,8 +181,11 @@ class Export:
             if sides:
                 writes["sides"] = _sides_csv(*sideTotals(rows))
             # All or nothing: every file goes to its atomic_output temporary; the stack renames them all at the
-            # end, or removes them all when anything fails (the DICOM SEG included).
+            # end, or removes them all when anything fails (the DICOM SEG included). The SEG is entered first, so
+            # it is renamed last, and enters the DICOM database only after the stack has put every file in place.
             with contextlib.ExitStack() as stack:
+                dicomPartial = stack.enter_context(atomic_output(paths["dicom_segmentation"], force)) \
+                    if dicomSeg else None
                 for node, kind in ((labelmap, "labelmap"), (segmentationNode, "segmentation")):
                     partial = stack.enter_context(atomic_output(paths[kind], force))
                     storage = node.CreateDefaultStorageNode()
@@ -193,7 +196,9 @@ class Export:
                 for kind, text in writes.items():
                     stack.enter_context(atomic_output(paths[kind], force)).write_text(text, encoding="utf-8")
                 if dicomSeg:
-                    self.exportDicomSeg(segmentationNode, paths["dicom_segmentation"], referenceVolume, force=force)
+                    self.exportDicomSeg(segmentationNode, dicomPartial, referenceVolume, addToDatabase=False)
+            if dicomSeg:
+                slicer.dicomDatabase.insert(str(paths["dicom_segmentation"].resolve()))
         except AttentionUNetSegmentError:
             raise
         except (OSError, AttentionUNetError) as error:
