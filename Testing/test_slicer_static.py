@@ -724,6 +724,32 @@ def test_the_model_combo_box_follows_the_parameter_node(tree):
     assert "self._selectModelInCombo(node.modelName)" in update
 
 
+def test_a_model_that_is_not_installed_is_never_swapped_silently(tree):
+    """A scene saved with a model this Slicer lacks keeps asking for it: the combo box selects nothing (no
+    fallback to the first model), only the user's choice in the combo box (``onModelChanged``) writes the node's
+    model, Apply and the batch need the node's own model installed, and the panel says which model is missing and
+    how to install it (model description, status line, Apply's tool tip)."""
+    panel = next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "PanelWidget")
+    writers = {method.name for method in panel.body if isinstance(method, ast.FunctionDef)
+               for node in ast.walk(method) if isinstance(node, ast.Attribute) and node.attr == "modelName"
+               and isinstance(node.ctx, ast.Store)}
+    assert writers == {"onModelChanged"}
+    select = _method(tree, "PanelWidget", "_selectModelInCombo")
+    assert "max(" not in ast.unparse(select)
+    assert "self.ui.modelComboBox.currentIndex = index" in ast.unparse(select)
+    changed = _method(tree, "PanelWidget", "onModelChanged")
+    guard = changed.body[0]
+    assert isinstance(guard, ast.If) and "self._missingModelText" in _called(guard)
+    assert isinstance(guard.body[-1], ast.Return)  # nothing is written for an index that is no installed model
+    update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
+    assert "canRun = bool(node and node.inputVolume and bundle)" in update
+    assert "self.ui.batchApplyButton.enabled = not running and bool(bundle)" in update
+    assert "missing or _(" in update  # Apply's tool tip says why it is off
+    assert "self._missingModelText" in _called(_method(tree, "PanelWidget", "_updateDomainStatus"))
+    text = ast.unparse(_method(tree, "PanelWidget", "_missingModelText"))
+    assert "model=node.modelName" in text and "ATTENTION_UNET_MODELS" in text and "Refresh" in text
+
+
 def test_the_input_selector_refuses_the_modules_own_maps(tree):
     changed = ast.unparse(_method(tree, "PanelWidget", "onInputChanged"))
     assert "not self.logic.isInputVolume(volume)" in changed and "setattr(node, 'inputVolume', None)" in changed

@@ -130,13 +130,16 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         if node and combo.itemData(combo.currentIndex) != node.modelName:
             self._selectModelInCombo(node.modelName)  # e.g. a loaded scene's model: what Apply will use
-        canRun = bool(node and node.inputVolume and self._models)
+        bundle = self._currentBundle()
+        missing = self._missingModelText()
+        canRun = bool(node and node.inputVolume and bundle)
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or canRun
         self.ui.applyButton.toolTip = (_("Stop the running segmentation; the scene is left as it was") if running
-                                       else _("Segment the input volume") if canRun else
+                                       else _("Segment the input volume") if canRun else missing or
                                        _("Select an input volume and a model first"))
-        self.ui.batchApplyButton.enabled = not running and bool(self._models)
+        self.ui.batchApplyButton.enabled = not running and bool(bundle)
+        self.ui.batchApplyButton.toolTip = missing
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.exportCollapsibleButton):
             widget.enabled = not running
@@ -150,7 +153,6 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
               "database") if canDicomSeg else _("Only for a segmentation of a volume loaded from the DICOM database"))
         self.ui.exportReportButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
-        bundle = self._currentBundle()
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
         self.ui.locateAutomaticallyCheckBox.visible = hasLocalizer
         self.ui.locateAutomaticallyCheckBox.enabled = hasLocalizer and not (node and node.roi)
@@ -167,15 +169,30 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = self._parameterNode.modelName if self._parameterNode else None
         return next((bundle for bundle in self._models if bundle.name == name), None)
 
+    def _missingModelText(self) -> str:
+        """What to say when the parameter node asks for a model that is not installed (a scene saved where it
+        was): the panel keeps the scene's choice and refuses to run rather than use another model unasked, as
+        that would give other results under the same settings. Empty when the model is installed, or when no
+        model is (the model description says so)."""
+        node = self._parameterNode
+        if not (node and self._models) or self._currentBundle() is not None:
+            return ""
+        return _("The model '{model}' that this scene uses is not installed, so nothing runs with it. Install it "
+                 "(add its folder to ATTENTION_UNET_MODELS, then click Refresh), or choose an installed model "
+                 "under Model.").format(model=node.modelName)
+
     def _updateDomainStatus(self, node, bundle) -> None:
         """Before Apply, say in the status when the input is far outside the model's training domain. Only when
         the input, model, Region or localisation choice changed: the status of a finished run stays until then."""
         volume = node.inputVolume if node else None
-        key = (volume.GetID() if volume else None, bundle.name if bundle else None,
+        key = (volume.GetID() if volume else None, node.modelName if node else None,
                node.roi.GetID() if node and node.roi else None, bool(node and node.locateAutomatically))
         if key == self._domainKey:
             return
         self._domainKey = key
+        if bundle is None and self._missingModelText():
+            self.ui.statusLabel.text = self._missingModelText()
+            return
         if volume is None or bundle is None:
             return
         lines = []
@@ -208,12 +225,16 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectModelInCombo(self._parameterNode.modelName if self._parameterNode else DEFAULT_MODEL)
 
     def _selectModelInCombo(self, name: str) -> None:
+        """Show the model ``name``; one that is not installed selects none (index -1) and leaves the parameter
+        node as it is: only the user's own choice in the combo box (``onModelChanged``) changes its model."""
         index = self.ui.modelComboBox.findData(name)
-        self.ui.modelComboBox.currentIndex = max(index, 0)
-        self.onModelChanged(self.ui.modelComboBox.currentIndex)
+        self.ui.modelComboBox.currentIndex = index
+        self.onModelChanged(index)
 
     def onModelChanged(self, index: int) -> None:
         if not (0 <= index < len(self._models)):
+            if self._missingModelText():
+                self.ui.modelDescriptionLabel.text = self._missingModelText()
             return
         bundle = self._models[index]
         self.ui.modelDescriptionLabel.text = self.logic.describeModel(bundle)
