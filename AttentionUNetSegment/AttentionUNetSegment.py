@@ -150,7 +150,7 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.segmentationBelongsTo(result.segmentation, volume))
         labelmap = logic.exportToLabelMapNode(result.segmentation)
         self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        for actual, expected in zip(_ijk_to_ras(labelmap), _ijk_to_ras(volume)):
+        for actual, expected in zip(_ijkToRas(labelmap), _ijkToRas(volume)):
             self.assertAlmostEqual(actual, expected, places=4)
         self.assertGreater(sum(voxelCounts(labelmap).values()), 0, "the model found nothing in the sample")
 
@@ -176,7 +176,7 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
 
-def _ijk_to_ras(volumeNode) -> List[float]:
+def _ijkToRas(volumeNode) -> List[float]:
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     return [matrix.GetElement(r, c) for r in range(3) for c in range(4)]

@@ -27,9 +27,9 @@ class RecordedEngine:
     map and report, ``_write_engine_outputs``) or ends the way the engine fails, as planned per run. Called as
     ``EngineProcess`` is, so it goes where the Logic's ``engineProcessFactory`` does."""
 
-    def __init__(self, plan, env, command, env_vars=None, cwd=None, on_progress=None, on_log=None):
+    def __init__(self, plan, env, command, env_vars=None, cwd=None, onProgress=None, onLog=None):
         self.plan, self.env, self.command = plan, env, list(command)
-        self.on_progress, self.on_log = on_progress, on_log
+        self.onProgress, self.onLog = onProgress, onLog
         self.result = None
         self.progress = Progress("starting", 0.0, "", None)
 
@@ -38,7 +38,7 @@ class RecordedEngine:
         output = self.command[self.command.index("--output-dir") + 1]
         if outcome == "done":
             files, _, _, _ = _write_engine_outputs(self.env, volume, pathlib.Path(output), located=False)
-            self.on_progress(Progress("done", 1.0, "Done", 0.0))
+            self.onProgress(Progress("done", 1.0, "Done", 0.0))
             self.result = RunResult(0, False, outputs={"input": files}, log=["[done] Done"])
         else:
             self.result = RunResult(2, False, error="the disk is full", log=["error: the disk is full"])
@@ -58,8 +58,8 @@ def env(tiny_bundle):
     plan = []
     environment = {"module": module, "scene": scene, "bundle": tiny_bundle, "plan": plan}
     logic = module.AttentionUNetSegmentLogic(
-        engineProcessFactory=lambda command, env=None, cwd=None, on_progress=None, on_log=None: RecordedEngine(
-            plan, environment, command, env, cwd, on_progress, on_log))
+        engineProcessFactory=lambda command, env=None, cwd=None, onProgress=None, onLog=None: RecordedEngine(
+            plan, environment, command, env, cwd, onProgress, onLog))
     logic.enginePython = sys.executable
     environment["logic"] = logic
     return environment
@@ -143,7 +143,7 @@ def test_engine_runs_work_in_slicers_temporary_folder(env, tmp_path):
     TEMPORARY_PATH[0] = str(tmp_path)
     seen = []
 
-    def factory(command, env=None, cwd=None, on_progress=None, on_log=None):
+    def factory(command, env=None, cwd=None, onProgress=None, onLog=None):
         seen.append(cwd)
         engine = RecordedEngine([("fail", None)], {}, command)
         return engine

@@ -784,7 +784,7 @@ def test_an_installed_torch_older_than_required_is_refused(env, monkeypatch):
 
 
 def test_requirement_checks_read_version_pins(env):
-    satisfied = dependencies._requirement_satisfied
+    satisfied = dependencies._requirementSatisfied
     assert satisfied("numpy>=1.0") and not satisfied("numpy>=999") and not satisfied("attention-unet-no-such-package")
 
 

@@ -41,8 +41,8 @@ class DependencyInstaller:
                             statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` (translated) names what
         needs them in messages."""
-        requirements = _read_requirements(requirementsFile)
-        missing = [req for req in requirements if not _requirement_satisfied(req)]
+        requirements = _readRequirements(requirementsFile)
+        missing = [req for req in requirements if not _requirementSatisfied(req)]
         if not missing:
             return
         # Asked here on every release (pip_ensure's own question would come after the status line said
@@ -79,7 +79,7 @@ class DependencyInstaller:
                 version = importlib.metadata.version("torch")
             except importlib.metadata.PackageNotFoundError:  # a build without package metadata: cannot tell
                 return
-            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
+            if not _requirementSatisfied("torch" + TORCH_REQUIREMENT):
                 raise AttentionUNetSegmentError(
                     _("PyTorch {version} is too old: the segmentation needs torch{requirement}. Update it in the "
                       "PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply "
@@ -113,14 +113,14 @@ def _installStatus(statusCallback: Optional[Callable[[str], None]], what: str) -
     return status
 
 
-def _read_requirements(path: pathlib.Path) -> List[str]:
+def _readRequirements(path: pathlib.Path) -> List[str]:
     if not path.is_file():
         return []
     lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
     return [line for line in lines if line]
 
 
-def _requirement_satisfied(requirement: str) -> bool:
+def _requirementSatisfied(requirement: str) -> bool:
     """Whether an installed distribution satisfies ``requirement`` (name and, where ``packaging`` is available,
     its version specifier)."""
     import importlib.metadata

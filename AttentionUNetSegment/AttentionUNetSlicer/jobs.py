@@ -24,8 +24,8 @@ from AttentionUNetSlicer.engineProcess import (
     EngineProcess,
     EtaEstimator,
     Progress,
-    build_devices_command,
-    build_segment_command,
+    buildDevicesCommand,
+    buildSegmentCommand,
 )
 from AttentionUNetSlicer.sceneImport import SegmentationResult
 from AttentionUNetSlicer.volumeFiles import workDirectory
@@ -89,11 +89,11 @@ class SegmentationJob:
         localize = None
         if roiBox is None and self.logic.hasLocalizer(self.bundle):
             localize = "auto" if options.locateAutomatically else "off"
-        return build_segment_command(
+        return buildSegmentCommand(
             [str(inputPath)], str(outputDir), python=self.logic.pythonExecutable(), model=str(self.bundle.path),
             device=options.device, overlap=options.overlap, tta=options.testTimeAugmentation, roi=roiBox,
             localize=localize, attention=options.attentionMaps, probabilities=options.probabilityMaps,
-            largest_component=options.largestComponent, output_format=ENGINE_FORMAT)
+            largestComponent=options.largestComponent, outputFormat=ENGINE_FORMAT)
 
     def start(self) -> "SegmentationJob":
         self._workDir = workDirectory("segment")
@@ -102,8 +102,8 @@ class SegmentationJob:
             command = self.engineCommand(inputPath, self._workDir / "out")
             self._log(f"Segmenting '{self.inputVolume.GetName()}' with {self.bundle.name} {self.bundle.version}")
             self._engine = self.logic.engineProcessFactory(command, env=self.logic.engineEnvironment(),
-                                                           cwd=str(self._workDir), on_progress=self._onProgress,
-                                                           on_log=self._log).start()
+                                                           cwd=str(self._workDir), onProgress=self._onProgress,
+                                                           onLog=self._log).start()
         except Exception:
             self._cleanup()
             raise
@@ -115,7 +115,7 @@ class SegmentationJob:
 
     def _onProgress(self, progress: Progress) -> None:
         if self.progressCallback is not None:
-            self.progressCallback(progress.fraction, progress.message or progress.stage, progress.eta_seconds)
+            self.progressCallback(progress.fraction, progress.message or progress.stage, progress.etaSeconds)
 
     def poll(self) -> bool:
         """Handle engine output; when it has ended, load the results (main thread). ``True`` while running."""
@@ -287,7 +287,7 @@ class DeviceQuery:
             self._finish(_("PyTorch is not installed yet; it is installed on the first run. The CPU always works."))
             return self
         try:
-            self._engine = self.logic.engineProcessFactory(build_devices_command(self.logic.pythonExecutable()),
+            self._engine = self.logic.engineProcessFactory(buildDevicesCommand(self.logic.pythonExecutable()),
                                                            env=self.logic.engineEnvironment()).start()
         except OSError:
             self._finish(deviceQueryFailed())

@@ -75,7 +75,7 @@ class SceneImport:
         report = self._readReport(files)
         statistics = _reportSegments(report)
         sides, asymmetry = _reportSides(report)
-        boxes = _localization_boxes(report)
+        boxes = _localizationBoxes(report)
         inputVolume = job.inputVolume
         provenance = self._provenance(job, report)
         probabilityFiles = files.get("probabilities") or {}
@@ -342,7 +342,7 @@ def _reportSides(report: Dict[str, Any]):
     return sides, (float(asymmetry) if isinstance(asymmetry, (int, float)) and len(sides) == len(SIDES) else None)
 
 
-def _localization_boxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
+def _localizationBoxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
     """``{side: [R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX]}`` of the boxes a located run segmented (the
     report's ``localization.boxes``, RAS mm in the input's coordinates); empty without localisation."""
     localization = report.get("localization")

@@ -14,7 +14,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from AttentionUNetSlicer.definitions import DEFAULT_MODEL, MAX_OVERLAP, POLL_INTERVAL_MS, AttentionUNetSegmentError
-from AttentionUNetSlicer.engineProcess import format_duration
+from AttentionUNetSlicer.engineProcess import formatDuration
 from AttentionUNetSlicer.jobs import BatchJob, SegmentationOptions
 from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
 
@@ -371,13 +371,13 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = result.segmentation
         self.logic.showResults(result)
         self.ui.statusLabel.text = "\n".join(
-            line for line in (_("Done in {duration} on {device}.").format(duration=format_duration(job.seconds),
+            line for line in (_("Done in {duration} on {device}.").format(duration=formatDuration(job.seconds),
                                                                              device=result.device),
                               warningText(result.warnings)) if line)
 
     def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
-        eta = format_duration(etaSeconds)
+        eta = formatDuration(etaSeconds)
         self.ui.statusLabel.text = _("{message} ({eta} left)").format(message=message, eta=eta) if eta else message
 
     def appendLog(self, line: str) -> None:
