@@ -327,8 +327,8 @@ class EngineProcess:
             pass  # already gone
 
     def _handleStdout(self, line: str) -> None:
-        event = _parseProgress(line)
-        if event is None:
+        event = jsonRecord(line)
+        if event is None or "stage" not in event:  # any other output line, JSON or not
             self._addLog(line)
             return
         stage = str(event.get("stage", ""))
@@ -362,13 +362,14 @@ class EngineProcess:
                                 error=error, log=list(self._log), seconds=time.monotonic() - self._startedAt)
 
 
-def _parseProgress(line: str) -> Optional[Dict[str, Any]]:
-    """The JSON object of a progress line, or ``None`` for any other output line."""
+def jsonRecord(line: str) -> Optional[Dict[str, Any]]:
+    """The JSON object an output line holds (a ``--progress json`` line, the ``devices --json`` record), or
+    ``None`` for any other line."""
     text = line.strip()
     if not (text.startswith("{") and text.endswith("}")):
         return None
     try:
-        event = json.loads(text)
+        record = json.loads(text)
     except ValueError:
         return None
-    return event if isinstance(event, dict) and "stage" in event else None
+    return record if isinstance(record, dict) else None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shutil
 import time
@@ -26,6 +25,7 @@ from AttentionUNetSlicer.engineProcess import (
     Progress,
     buildDevicesCommand,
     buildSegmentCommand,
+    jsonRecord,
 )
 from AttentionUNetSlicer.sceneImport import SegmentationResult
 from AttentionUNetSlicer.volumeFiles import workDirectory
@@ -59,7 +59,27 @@ class SegmentationOptions:
                 "locate_automatically": self.locateAutomatically}
 
 
-class SegmentationJob:
+class PolledRun:
+    """What the runs share (``SegmentationJob``, ``BatchJob``, ``DeviceQuery``): ``poll()`` on the main thread
+    (``True`` while running) until ``done``; ``wait``; ``cancel`` of a run of one engine process (``_engine``)."""
+
+    def wait(self) -> "PolledRun":
+        """Poll until the run has ended, letting Slicer's GUI handle its events meanwhile."""
+        while self.poll():
+            time.sleep(POLL_INTERVAL_MS / 1000.0)
+            if hasattr(slicer, "app"):
+                slicer.app.processEvents()
+        return self
+
+    def cancel(self) -> None:
+        """Stop the engine now; nothing is added to the scene."""
+        if not self.done and self._engine is not None:
+            self._engine.cancel()
+            while self.poll():
+                time.sleep(0.01)
+
+
+class SegmentationJob(PolledRun):
     """One engine run for one volume. ``poll()`` on the main thread; results enter the scene only on success."""
 
     def __init__(self, logic: AttentionUNetSegmentLogic, inputVolume, outputSegmentation,
@@ -144,23 +164,13 @@ class SegmentationJob:
             self.done = True
         return False
 
-    def wait(self) -> "SegmentationJob":
-        return waitUntilDone(self)
-
-    def cancel(self) -> None:
-        """Stop the engine now; nothing is added to the scene."""
-        if not self.done and self._engine is not None:
-            self._engine.cancel()
-            while self.poll():
-                time.sleep(0.01)
-
     def _cleanup(self) -> None:
         if self._workDir is not None:
             shutil.rmtree(self._workDir, ignore_errors=True)
             self._workDir = None
 
 
-class BatchJob:
+class BatchJob(PolledRun):
     """Segments several volumes one after the other (one result per volume) and fills a summary table: one row
     per volume with the columns of the engine's ``summary.csv`` (``outputs.summary_columns``)."""
 
@@ -251,9 +261,6 @@ class BatchJob:
         self._next()
         return not self.done
 
-    def wait(self) -> "BatchJob":
-        return waitUntilDone(self)
-
     def cancel(self, sceneClosing: bool = False) -> None:
         """Stop the running volume's engine; the others are listed as not run. ``sceneClosing``: the scene is
         being closed (``StartCloseEvent``), so no summary table is added to it."""
@@ -271,7 +278,7 @@ class BatchJob:
         self._log(f"Batch finished: {self.summary}")
 
 
-class DeviceQuery:
+class DeviceQuery(PolledRun):
     """The engine's ``devices --json`` in its own process (torch and a CUDA context never load into Slicer),
     polled like the jobs; ``text`` says in words what the engine will run on once ``done``."""
 
@@ -305,15 +312,6 @@ class DeviceQuery:
         self._finish(describeDevices(self._engine.result))
         return False
 
-    def wait(self) -> "DeviceQuery":
-        return waitUntilDone(self)
-
-    def cancel(self) -> None:
-        if not self.done and self._engine is not None:
-            self._engine.cancel()
-            while self.poll():
-                time.sleep(0.01)
-
     def _finish(self, text: str) -> None:
         self.text, self.done = text, True
 
@@ -332,7 +330,7 @@ def describeDevices(outcome) -> str:
     try:
         if outcome.cancelled or outcome.returncode != 0:
             raise ValueError(outcome.error)
-        info = next(record for record in map(_jsonObject, reversed(outcome.log)) if "gpus" in record)
+        info = next(record for record in map(jsonRecord, reversed(outcome.log)) if record and "gpus" in record)
         gpus = info["gpus"]
         if gpus:
             return _("GPU found: {name} ({memory} GB), CUDA {cuda}. 'auto' uses it.").format(
@@ -340,22 +338,3 @@ def describeDevices(outcome) -> str:
     except (ValueError, StopIteration, KeyError, TypeError):
         return deviceQueryFailed()
     return _("No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it).")
-
-
-def _jsonObject(line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def waitUntilDone(job):
-    """Poll ``job`` until it has ended, letting Slicer's GUI handle its events meanwhile (the one ``wait`` of every
-    job)."""
-    while job.poll():
-        time.sleep(POLL_INTERVAL_MS / 1000.0)
-        if hasattr(slicer, "app"):
-            slicer.app.processEvents()
-    return job
-
