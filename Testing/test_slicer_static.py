@@ -677,6 +677,19 @@ def test_device_detection_never_waits_on_the_gui_thread(tree):
     assert "query.poll" in _called(_method(tree, "PanelWidget", "onPollJob"))
 
 
+def test_cancel_never_waits_for_the_engine_on_the_gui_thread(tree):
+    """Cancel (Apply's, a scene close's, the device query giving up) only tells the engine to stop; the poll timer
+    follows a cancelled run to its end (``_stopping``), so no Qt slot sleeps or waits for the process."""
+    for handler in ("onApplyButton", "onSceneStartClose", "onPollJob"):
+        calls = _called(_method(tree, "PanelWidget", handler))
+        assert not [c for c in calls if c.endswith(".wait") or c == "time.sleep"], handler
+    cancel = _method(tree, "PolledRun", "cancel")
+    assert not [n for n in ast.walk(cancel) if isinstance(n, (ast.While, ast.For))]
+    assert "self._stopping.append" in _called(_method(tree, "PanelWidget", "onSceneStartClose"))
+    assert "self._stopping = [job for job in self._stopping if job.poll()]" in ast.unparse(
+        _method(tree, "PanelWidget", "onPollJob"))
+
+
 def test_closing_the_scene_stops_a_batch_without_building_its_table(tree):
     close = _method(tree, "PanelWidget", "onSceneStartClose")
     calls = [call for call in _calls(close) if _dotted(call.func) == "job.cancel"]

@@ -197,7 +197,8 @@ class EngineProcess:
 
     ``start()`` launches it; ``poll()`` (non-blocking) handles what it printed since the last call, calling
     ``onProgress(Progress)`` and ``onLog(str)``, and returns whether it still runs; ``wait()`` polls until it ends;
-    ``cancel()`` terminates it (and its children). ``result`` is set once it has ended.
+    ``cancel()`` tells it (and its children) to stop and returns at once: the polls that follow kill it if it is
+    still there after ``CANCEL_GRACE_SECONDS`` and end the run. ``result`` is set once it has ended.
     """
 
     def __init__(
@@ -223,6 +224,8 @@ class EngineProcess:
         self._process: Optional[subprocess.Popen] = None
         self._cancelled = False
         self._cancelledAt = 0.0
+        self._killed = False
+        self._stopper: Optional[subprocess.Popen] = None  # Windows: the taskkill that cancel started
         self._eta = EtaEstimator()
         self._startedAt = 0.0
 
@@ -273,7 +276,12 @@ class EngineProcess:
                 self._handleStdout(line)
             else:
                 self._addLog(line)
-        if self._process.poll() is not None and (self._openStreams == 0 or self._abandonStreams()):
+        if self._process.poll() is None:
+            if self._cancelled and not self._killed and time.monotonic() - self._cancelledAt > CANCEL_GRACE_SECONDS:
+                self._killed = True
+                self._kill()
+            return True
+        if self._openStreams == 0 or self._abandonStreams():
             self._finish()
             return False
         return True
@@ -293,38 +301,41 @@ class EngineProcess:
         return self.result
 
     def cancel(self) -> None:
-        """Stop the engine now (SIGTERM to its process group, SIGKILL after a short grace period)."""
-        if self._process is None or self._process.poll() is not None:
-            self._cancelled = self._process is not None and self.result is None
+        """Tell the engine to stop, without waiting for it (Slicer calls this on its GUI thread): SIGTERM to its
+        process group; on Windows ``taskkill /F /T`` on the launcher's tree, started and not waited for. ``poll()``
+        kills what is still there ``CANCEL_GRACE_SECONDS`` later and ends the run once the engine has exited."""
+        if self._process is None or self.result is not None or self._cancelled:
             return
         self._cancelled = True
         self._cancelledAt = time.monotonic()
-        self._signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=CANCEL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._signal(getattr(signal, "SIGKILL", signal.SIGTERM))
-            try:
-                self._process.wait(timeout=CANCEL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass  # poll() gives up on it after the grace period; the GUI must not hang here
+        if self._process.poll() is None:
+            self._stop()
 
-    def _signal(self, signum: int) -> None:
+    def _stop(self) -> None:
         assert self._process is not None
         try:
             if sys.platform == "win32":
                 # The process is Slicer's launcher (PythonSlicer): kill() alone would leave the Python it started
-                # running, holding the output pipes. taskkill /T ends the whole tree; kill() makes sure of the
-                # launcher should taskkill fail.
-                try:
-                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
-                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), timeout=10)
-                finally:
-                    self._process.kill()
+                # running, holding the output pipes; taskkill /T ends the whole tree.
+                self._stopper = subprocess.Popen(
+                    ["taskkill", "/F", "/T", "/PID", str(self._process.pid)], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             else:
-                os.killpg(self._process.pid, signum)
-        except (ProcessLookupError, PermissionError, OSError, subprocess.TimeoutExpired):
-            pass  # already gone
+                os.killpg(self._process.pid, signal.SIGTERM)
+        except OSError:  # already gone, or no taskkill: the kill after the grace period remains
+            pass
+
+    def _kill(self) -> None:
+        """The engine outlived the grace period after a cancel: kill its process group (Windows: the launcher)."""
+        assert self._process is not None
+        try:
+            if sys.platform == "win32":
+                self._process.kill()
+            else:
+                os.killpg(self._process.pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
 
     def _handleStdout(self, line: str) -> None:
         event = jsonRecord(line)

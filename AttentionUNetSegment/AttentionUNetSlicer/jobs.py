@@ -72,11 +72,11 @@ class PolledRun:
         return self
 
     def cancel(self) -> None:
-        """Stop the engine now; nothing is added to the scene."""
+        """Tell the engine to stop and return at once (the GUI thread never waits for the process): the run ends,
+        with nothing added to the scene, at a later ``poll()`` (the panel's timer), once the engine has exited or
+        was killed after its grace period."""
         if not self.done and self._engine is not None:
             self._engine.cancel()
-            while self.poll():
-                time.sleep(0.01)
 
 
 class SegmentationJob(PolledRun):
@@ -262,13 +262,13 @@ class BatchJob(PolledRun):
         return not self.done
 
     def cancel(self, sceneClosing: bool = False) -> None:
-        """Stop the running volume's engine; the others are listed as not run. ``sceneClosing``: the scene is
-        being closed (``StartCloseEvent``), so no summary table is added to it."""
+        """Stop the running volume's engine (returning at once, as ``SegmentationJob.cancel``); once it has ended
+        the others are listed as not run. ``sceneClosing``: the scene is being closed (``StartCloseEvent``), so no
+        summary table is added to it."""
         self.cancelled = True
         self._sceneClosing = sceneClosing
         if self._current is not None:
             self._current.cancel()
-        self.poll()
 
     def _finish(self) -> None:
         if not self._sceneClosing:
@@ -304,11 +304,9 @@ class DeviceQuery(PolledRun):
         if self.done:
             return False
         if self._engine.poll():
-            if time.monotonic() < self._deadline:
-                return True
-            self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): say so instead of waiting on
-            self._finish(deviceQueryFailed())
-            return False
+            if time.monotonic() >= self._deadline:
+                self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): stopped, then said so below
+            return True
         self._finish(describeDevices(self._engine.result))
         return False
 

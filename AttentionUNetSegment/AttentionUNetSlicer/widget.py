@@ -33,6 +33,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._deviceQuery = None
+        self._stopping: List[Any] = []  # cancelled runs the poll timer follows to their end, away from the panel
         self._lastResult = None
         self._pollTimer = None
         self._models: List[ModelBundle] = []
@@ -69,11 +70,12 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for running in (self._job, self._deviceQuery):
-            if running is not None and not running.done:
-                running.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        for running in (self._job, self._deviceQuery, *self._stopping):
+            if running is not None and not running.done:
+                running.cancel()
+                running.wait()  # the panel goes away: no timer would follow the engine to its end (seconds)
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -92,7 +94,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.cancel(sceneClosing=True)
             else:
                 job.cancel()
-        self._pollTimer.stop()
+            self._stopping.append(job)  # the timer polls it until its engine has gone
         self.ui.progressBar.setVisible(False)
         self.ui.statusLabel.text = _("Cancelled: the scene was closed.") if job is not None else ""
 
@@ -283,7 +285,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         if self._job is not None and not self._job.done:
-            self._job.cancel()
+            self._job.cancel()  # returns at once; the poll timer sees the run end
+            self.ui.statusLabel.text = _("Cancelling...")
             return
         self.ui.logTextEdit.clear()
         node = self._parameterNode
@@ -335,14 +338,15 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onPollJob(self) -> None:
-        """The poll timer: the device query and the running job, each until it is done."""
+        """The poll timer: the device query, the running job and the cancelled runs, each until it is done."""
         query = self._deviceQuery
         if query is not None and not query.poll():
             self.ui.deviceInfoLabel.text = query.text
             self._deviceQuery = query = None
+        self._stopping = [job for job in self._stopping if job.poll()]
         if self._job is not None:
             self._job.poll()
-        if (self._job is None or self._job.done) and query is None:
+        if (self._job is None or self._job.done) and query is None and not self._stopping:
             self._pollTimer.stop()
         if self._job is None or not self._job.done:
             return
