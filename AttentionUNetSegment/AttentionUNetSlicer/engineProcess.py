@@ -225,7 +225,7 @@ class EngineProcess:
         self._cancelled = False
         self._cancelledAt = 0.0
         self._killed = False
-        self._stopper: Optional[subprocess.Popen] = None  # Windows: the taskkill that cancel started
+        self._stopper: Optional[subprocess.Popen] = None  # Windows: cancel's taskkill, held while it runs
         self._eta = EtaEstimator()
         self._startedAt = 0.0
 
