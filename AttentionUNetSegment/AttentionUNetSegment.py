@@ -82,14 +82,19 @@ def registerSampleData():
 # AttentionUNetSegmentWidget
 #
 
+#: The packages whose modules Reload imports afresh: the Slicer package and the engine it uses in-process.
+RELOADED_PACKAGES = ("AttentionUNetSlicer", "AttentionUNetSegmentLib")
+
+
 
 class AttentionUNetSegmentWidget(PanelWidget):
     """The module panel (``AttentionUNetSlicer.widget``)."""
 
     def onReload(self) -> None:
-        """Developer mode's Reload re-reads only this file: forget the Slicer package's modules so that it
-        imports them afresh too."""
-        for name in [name for name in sys.modules if name.split(".")[0] == "AttentionUNetSlicer"]:
+        """Developer mode's Reload re-reads only this file: forget the Slicer package's modules and the engine's
+        (its bundle, outputs, report and file modules run in Slicer's process too) so that they are imported
+        afresh as well."""
+        for name in [name for name in sys.modules if name.split(".")[0] in RELOADED_PACKAGES]:
             del sys.modules[name]
         ScriptedLoadableModuleWidget.onReload(self)
 
@@ -145,7 +150,7 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.segmentationBelongsTo(result.segmentation, volume))
         labelmap = logic.exportToLabelMapNode(result.segmentation)
         self.assertEqual(labelmap.GetImageData().GetDimensions(), volume.GetImageData().GetDimensions())
-        for actual, expected in zip(_ijk_to_ras(labelmap), _ijk_to_ras(volume)):
+        for actual, expected in zip(_ijkToRas(labelmap), _ijkToRas(volume)):
             self.assertAlmostEqual(actual, expected, places=4)
         self.assertGreater(sum(voxelCounts(labelmap).values()), 0, "the model found nothing in the sample")
 
@@ -171,7 +176,7 @@ class AttentionUNetSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
 
-def _ijk_to_ras(volumeNode) -> List[float]:
+def _ijkToRas(volumeNode) -> List[float]:
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
     return [matrix.GetElement(r, c) for r in range(3) for c in range(4)]

@@ -584,7 +584,7 @@ def test_dicom_seg_command_writes_a_seg_of_a_label_map_given_with_slices_reverse
     """What the Slicer module's Export runs: files listed in an @file, segments from JSON, a label map whose slice
     axis runs the other way (same voxels): the SEG holds the same labels on the series' grid."""
     pytest.importorskip("highdicom")
-    from AttentionUNetSlicer.engineProcess import build_dicom_seg_command
+    from AttentionUNetSlicer.engineProcess import buildDicomSegCommand
 
     folder = tmp_path / "series"
     files = write_series(folder, _volume((10, 24, 28)), rotation=OBLIQUE)
@@ -606,8 +606,8 @@ def test_dicom_seg_command_writes_a_seg_of_a_label_map_given_with_slices_reverse
         {"value": 9, "name": "Edited", "color": [0.0, 0.5, 1.0]}]))
     (tmp_path / "sources.txt").write_text("".join(f"{path}\n" for path in reversed(files)))
     output = tmp_path / "export" / "edited_seg.dcm"
-    command = build_dicom_seg_command(str(tmp_path / "labels.nrrd"), str(tmp_path / "sources.txt"),
-                                      str(tmp_path / "segments.json"), str(output), ("tiny", "0.0.1"))
+    command = buildDicomSegCommand(str(tmp_path / "labels.nrrd"), str(tmp_path / "sources.txt"),
+                                   str(tmp_path / "segments.json"), str(output), ("tiny", "0.0.1"))
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(done.stdout.strip().splitlines()[-1])

@@ -15,9 +15,9 @@ import pytest
 from AttentionUNetSlicer.engineProcess import (
     EngineProcess,
     EtaEstimator,
-    build_segment_command,
-    describe_failure,
-    format_duration,
+    buildSegmentCommand,
+    describeFailure,
+    formatDuration,
 )
 
 
@@ -37,12 +37,12 @@ def test_progress_lines_are_parsed_and_outputs_collected(tmp_path):
         print(json.dumps({"stage": "done", "fraction": 1.0, "outputs": {"case": {"labels": "x_seg.nrrd"}}}))
     """)
     progress, log = [], []
-    run = EngineProcess(command, on_progress=progress.append, on_log=log.append).start()
+    run = EngineProcess(command, onProgress=progress.append, onLog=log.append).start()
     result = run.wait(timeout=30)
     assert result.ok and result.returncode == 0 and not result.cancelled
     assert result.outputs == {"case": {"labels": "x_seg.nrrd"}}
     assert [p.fraction for p in progress] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    assert progress[-1].stage == "done" and progress[-1].eta_seconds == 0.0
+    assert progress[-1].stage == "done" and progress[-1].etaSeconds == 0.0
     assert "a plain log line" in log and "warning on stderr" in log
     assert "[inference] window 3" in log
 
@@ -76,7 +76,7 @@ def test_exit_zero_without_done_is_a_failure(tmp_path):
 
 
 def test_missing_package_is_actionable():
-    message = describe_failure(1, ["ModuleNotFoundError: No module named 'safetensors'"])
+    message = describeFailure(1, ["ModuleNotFoundError: No module named 'safetensors'"])
     assert "safetensors" in message and "pip_install" in message
 
 
@@ -175,7 +175,9 @@ def test_cancel_kills_an_engine_that_ignores_sigterm(tmp_path, monkeypatch):
     while run.progress.stage != "inference":
         run.poll()
         time.sleep(0.02)
+    started = time.monotonic()
     run.cancel()
+    assert time.monotonic() - started < 0.2 and run.poll()  # told to stop, not waited on: a later poll kills it
     result = run.wait(timeout=10)
     assert result.cancelled and result.returncode is not None and result.returncode < 0
 
@@ -194,16 +196,16 @@ def test_eta_extrapolates_the_progress_rate():
 
 
 def test_format_duration():
-    assert format_duration(None) == ""
-    assert format_duration(4.4) == "4 s"
-    assert format_duration(185) == "3 min 05 s"
-    assert format_duration(3720) == "1 h 02 min"
+    assert formatDuration(None) == ""
+    assert formatDuration(4.4) == "4 s"
+    assert formatDuration(185) == "3 min 05 s"
+    assert formatDuration(3720) == "1 h 02 min"
 
 
 def test_build_segment_command_follows_the_cli_contract():
-    command = build_segment_command(["a.nrrd"], "/out", python="PythonSlicer", model="tiny", device="cpu",
+    command = buildSegmentCommand(["a.nrrd"], "/out", python="PythonSlicer", model="tiny", device="cpu",
                                     overlap=0.25, tta=True, roi=(1, 2, 3, 4, 5, 6), attention=False,
-                                    probabilities=True, largest_component=True)
+                                    probabilities=True, largestComponent=True)
     assert command[:5] == ["PythonSlicer", "-m", "AttentionUNetSegmentLib", "segment", "a.nrrd"]
     text = " ".join(command)
     for part in ("--output-dir /out", "--device cpu", "--format nrrd", "--progress json", "--model tiny",
@@ -213,14 +215,14 @@ def test_build_segment_command_follows_the_cli_contract():
     assert "--force" not in command
     assert "--localize" not in command  # not asked for: the engine's default (and engines without the option work)
     for mode in ("auto", "off"):
-        localized = build_segment_command(["a.nrrd"], "/out", localize=mode)
+        localized = buildSegmentCommand(["a.nrrd"], "/out", localize=mode)
         assert localized[localized.index("--localize") + 1] == mode
     with pytest.raises(ValueError, match="localize"):
-        build_segment_command(["a.nrrd"], "/out", localize="on")
+        buildSegmentCommand(["a.nrrd"], "/out", localize="on")
     with pytest.raises(ValueError):
-        build_segment_command(["a.nrrd"], "/out", roi=(1, 2, 3))
+        buildSegmentCommand(["a.nrrd"], "/out", roi=(1, 2, 3))
     with pytest.raises(ValueError):
-        build_segment_command([], "/out")
+        buildSegmentCommand([], "/out")
 
 
 def test_progress_json_line_parsing_ignores_other_json(tmp_path):
@@ -230,7 +232,7 @@ def test_progress_json_line_parsing_ignores_other_json(tmp_path):
         print(json.dumps({"stage": "done", "fraction": 1.0, "outputs": {}}))
     """)
     log = []
-    result = EngineProcess(command, on_log=log.append).start().wait(timeout=30)
+    result = EngineProcess(command, onLog=log.append).start().wait(timeout=30)
     assert result.ok
     assert json.dumps({"not": "progress"}) in log and "{broken json" in log
 
@@ -246,7 +248,7 @@ def test_the_client_imports_no_slicer_qt_or_vtk_and_nothing_heavy():
 
 
 def test_devices_command_is_the_engines_json_query():
-    from AttentionUNetSlicer.engineProcess import build_devices_command
+    from AttentionUNetSlicer.engineProcess import buildDevicesCommand
 
-    assert build_devices_command("/x/PythonSlicer") == ["/x/PythonSlicer", "-m", "AttentionUNetSegmentLib", "devices",
+    assert buildDevicesCommand("/x/PythonSlicer") == ["/x/PythonSlicer", "-m", "AttentionUNetSegmentLib", "devices",
                                                         "--json"]

@@ -294,7 +294,8 @@ def test_cancel_leaves_the_scene_unchanged(env):
     while job._engine.progress.stage == "starting" and time.monotonic() < deadline and job.poll():
         time.sleep(0.05)
     started = time.monotonic()
-    job.cancel()
+    job.cancel()  # returns at once; the polls (the panel's timer) follow the engine to its end
+    job.wait()
     assert time.monotonic() - started < 5
     assert job.done and job.cancelled and job.result is None and job.error is None
     assert _node_ids(scene) == before
@@ -307,7 +308,7 @@ def test_cancelled_batch_reports_every_volume_and_adds_no_segmentation(env):
     job = env["logic"].processBatch([env["volume"], env["volume"]],
                                     options=Options(model=env["model"], device="cpu"), waitForCompletion=False)
     job.cancel()
-    assert job.done and job.cancelled
+    assert job.wait().done and job.cancelled
     statuses = [job.summaryTable.GetCellText(r, 1) for r in range(job.summaryTable.GetNumberOfRows())]
     assert statuses == ["cancelled", "not run"]
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
@@ -360,7 +361,7 @@ def test_results_belong_to_their_input_only(env, first_result):
 def test_failed_import_into_a_reused_segmentation_changes_nothing(env, first_result, tmp_path):
     """Results are read into new nodes first: when a file fails to load (here the last attention map), the
     segmentation and the attention volumes the user chose to overwrite keep every voxel, and no node is added."""
-    module, logic, volume, scene = env["module"], env["logic"], env["volume"], env["scene"]
+    logic, volume, scene = env["logic"], env["volume"], env["scene"]
     first = first_result["result"]
     target, maps = first.segmentation, first.attentionVolumes
     input_path = logic.writeVolumeForEngine(volume, tmp_path / "in")
@@ -520,7 +521,7 @@ def test_batch_runs_each_volume_and_fills_a_summary_table(env):
     scene = env["scene"]
     second = _add_volume(scene, "Second", _oblique_image(seed=3), spacing=(1.0, 1.0, 1.5))
     flat = _add_volume(scene, "Flat", np.zeros((1, 20, 20), np.float32))
-    module, updates = env["module"], []
+    updates = []
     options = Options(model=env["model"], device="cpu", attentionMaps=False)
     job = jobs.BatchJob(env["logic"], [second, flat], options, progressCallback=lambda *update: updates.append(update))
     job._eta = EtaEstimator(clock=itertools.count(0.0, 10.0).__next__)  # 10 s between updates: an ETA at once
@@ -744,16 +745,23 @@ def _fake_packaging(monkeypatch, pip_ensure):
 
 
 def test_dependencies_go_through_pip_ensure_as_requirement_objects(env, missing_requirement, monkeypatch):
-    calls = []
+    """Slicer 5.12+: the module asks (as on older releases), then ``pip_ensure`` installs without asking again."""
+    calls, answers = [], [True]
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: answers[0], raising=False)
     fake = _fake_packaging(monkeypatch, lambda requirements, **kwargs: calls.append((requirements, kwargs)))
     env["logic"].ensureDependencies()
-    assert len(calls) == 1 and calls[0][0] is fake.loaded[0] and calls[0][1] == {"requester": "AttentionUNet"}
-
-    def declined(requirements, **kwargs):
-        raise RuntimeError("the user declined")
-
-    fake.pip_ensure = declined
+    assert len(calls) == 1 and calls[0][0] is fake.loaded[0]
+    assert calls[0][1] == {"prompt_install": False, "requester": "AttentionUNet"}
+    answers[0] = False
     with pytest.raises(definitions.AttentionUNetSegmentError, match="accept the installation"):
+        env["logic"].ensureDependencies()
+    assert len(calls) == 1  # declined: nothing installed
+
+    def failing(requirements, **kwargs):
+        raise RuntimeError("pip exited with status 1")
+
+    answers[0], fake.pip_ensure = True, failing
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Installing .* failed .*pip exited"):
         env["logic"].ensureDependencies()
 
 
@@ -777,7 +785,7 @@ def test_an_installed_torch_older_than_required_is_refused(env, monkeypatch):
 
 
 def test_requirement_checks_read_version_pins(env):
-    satisfied = dependencies._requirement_satisfied
+    satisfied = dependencies._requirementSatisfied
     assert satisfied("numpy>=1.0") and not satisfied("numpy>=999") and not satisfied("attention-unet-no-such-package")
 
 
@@ -842,7 +850,7 @@ def _local_box(volume, fraction_lo, fraction_hi):
 
 def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
     """What the engine writes for the input (label map on its grid + report), per the issue-11 contract."""
-    module, scene = env["module"], env["scene"]
+    scene = env["scene"]
     shape = slicer.util.arrayFromVolume(volume).shape
     labels = np.zeros(shape, np.uint8)
     labels[2:6, 3:9, 4:10] = 1
@@ -891,9 +899,7 @@ def _write_engine_outputs(env, volume, folder, located=True, warnings=()):
 
 
 def _import(env, bundle, volume, files, target=None, roi=None):
-    module = env["module"]
-    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path),
-                                                                                         roi=roi), bundle)
+    job = jobs.SegmentationJob(env["logic"], volume, target, Options(model=str(bundle.path), roi=roi), bundle)
     return env["logic"].importResults(job, files, [])
 
 
@@ -914,7 +920,7 @@ def test_located_run_adds_side_segments_boxes_statistics_and_warnings(env, locat
     its transform) next to the segmentation, per-side totals and asymmetry in the statistics, the batch table
     and the export, the warnings in the panel's status text and the table. A user's ROI with the very name the
     tool would choose is left alone. (The report is written here by hand with the contract's keys, see above.)"""
-    module, logic, scene, volume = env["module"], env["logic"], env["scene"], moved_volume
+    logic, scene, volume = env["logic"], env["scene"], moved_volume
     user_roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Head tiny box left")
     user_roi.SetXYZ(1.0, 2.0, 3.0)
     user_roi.SetRadiusXYZ(4.0, 5.0, 6.0)
@@ -997,7 +1003,7 @@ def test_rerun_replaces_only_the_tools_boxes_never_the_region_in_use(env, locate
     """Re-running into the same segmentation (the panel's overwrite) replaces the boxes the tool added, keeping
     their names; a box the user moved and chose as the Region of the re-run is never modified or removed; a crop
     run's outputs (no sides) stay as before: no side column, no sides file, no side rows."""
-    module, logic, scene, volume = env["module"], env["logic"], env["scene"], moved_volume
+    logic, scene, volume = env["logic"], env["scene"], moved_volume
     files, _, _, _ = _write_engine_outputs(env, volume, tmp_path / "first")
     first = _import(env, located_bundle, volume, files)
     names = [node.GetName() for node in first.localizationBoxes]
@@ -1054,7 +1060,7 @@ def test_segments_are_the_engines_seg_nrrd_and_volumes_its_report(env, located_b
 
 
 def test_engine_command_localizes_only_for_a_localizer_without_a_region(env, located_bundle, tmp_path):
-    module, logic, volume = env["module"], env["logic"], env["volume"]
+    logic, volume = env["logic"], env["volume"]
 
     def command(bundle, **options):
         job = jobs.SegmentationJob(logic, volume, None, Options(model=str(bundle.path),
@@ -1081,7 +1087,7 @@ def test_domain_warnings_before_apply_use_the_volumes_own_axes(env, located_bund
     input whose i axis runs along A is compared along A), sign flips (RAS vs LPS) irrelevant; a whole-head field
     of view warns unless the localiser will run or a Region of the model's size is chosen; coarse voxels warn
     even with the localiser; a model without a domain record never warns."""
-    module, logic, scene = env["module"], env["logic"], env["scene"]
+    logic, scene = env["logic"], env["scene"]
     permuted = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # i -> A, j -> -R (L), k -> S
     along_a = _add_volume(scene, "Along A", np.zeros((20, 20, 80), np.uint8), spacing=(1.0, 1.0, 1.0),
                           directions=permuted)
@@ -1254,6 +1260,24 @@ def test_dicom_seg_export_references_the_series_and_enters_the_database(env, dic
     np.testing.assert_array_equal(pixels, labels)
     with pytest.raises(definitions.AttentionUNetSegmentError, match="exist already"):
         logic.exportForReport(result.segmentation, tmp_path / "export", dicomSeg=True)
+
+
+def test_a_failed_export_leaves_no_dicom_seg_on_disk_or_in_the_database(env, dicom_volume, tmp_path):
+    """The SEG is written with the other files; when putting a later one in place fails (here the provenance's
+    place is a folder), the export leaves none of its files and the DICOM database is never told of a SEG."""
+    pytest.importorskip("highdicom")
+    logic, node = env["logic"], dicom_volume["node"]
+    result = logic.process(node, options=Options(model=env["model"], device="cpu", attentionMaps=False))
+    export = tmp_path / "export"
+    names = logic.exportFileNames(result.segmentation, "nii.gz", dicomSeg=True)
+    assert "sides" not in names  # the provenance is then the last file entered, the first one renamed
+    (export / names["provenance"] / "kept.txt").parent.mkdir(parents=True)
+    (export / names["provenance"] / "kept.txt").write_text("not this tool's")
+    with pytest.raises(definitions.AttentionUNetSegmentError, match="Could not write the export"):
+        logic.exportForReport(result.segmentation, export, force=True, dicomSeg=True)
+    assert dicom_volume["database"].inserted == []
+    assert sorted(p.name for p in export.iterdir()) == [names["provenance"]]  # no SEG, no file, no temporary
+    assert (export / names["provenance"] / "kept.txt").read_text() == "not this tool's"
 
 
 def _plain_segmentation(env):

@@ -4,6 +4,7 @@ wrapper per node, the module's own maps refused as inputs, install progress befo
 
 from __future__ import annotations
 
+import importlib
 import io
 import subprocess
 import sys
@@ -55,18 +56,31 @@ def test_one_parameter_node_wrapper_per_node():
     assert second is not first and second.parameterNode is not first.parameterNode
 
 
-def test_reload_imports_the_slicer_package_afresh():
-    """Developer mode's Reload (the shim's ``onReload`` re-executes the module file, as Slicer's does)."""
+def test_reload_imports_the_slicer_package_and_the_engine_afresh():
+    """Developer mode's Reload (the shim's ``onReload`` re-executes the module file, as Slicer's does): the Slicer
+    package and the engine modules it runs in Slicer's process (bundle, outputs, report, file I/O) are imported
+    again, so an edit to any of them takes effect without restarting Slicer."""
+    engine = ("AttentionUNetSegmentLib.model.bundle", "AttentionUNetSegmentLib.inference.outputs",
+              "AttentionUNetSegmentLib.fileio.imageio")  # what the scene import and export use in Slicer's process
+    for name in engine:
+        importlib.import_module(name)
+    packages = ("AttentionUNetSegment", "AttentionUNetSlicer", "AttentionUNetSegmentLib")
     module = load_module(slicer.vtkMRMLScene())
-    loaded = {name: mod for name, mod in sys.modules.items()
-              if name == "AttentionUNetSegment" or name.split(".")[0] == "AttentionUNetSlicer"}
+    loaded = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] in packages}
     try:
         widget = module.AttentionUNetSegmentWidget.__new__(module.AttentionUNetSegmentWidget)
         widget.onReload()
-        assert sys.modules["AttentionUNetSlicer.logic"] is not loaded["AttentionUNetSlicer.logic"]
+        for name in ("AttentionUNetSlicer.logic", "AttentionUNetSegmentLib.errors"):
+            assert sys.modules[name] is not loaded[name], name
+        for name in engine:  # dropped, so imported afresh on first use
+            assert name not in sys.modules or sys.modules[name] is not loaded[name], name
         reloaded = sys.modules["AttentionUNetSegment"]
         assert reloaded.AttentionUNetSegmentLogic is sys.modules["AttentionUNetSlicer.logic"].AttentionUNetSegmentLogic
-    finally:  # the other tests keep the modules they imported
+        fresh = sys.modules["AttentionUNetSlicer.definitions"].AttentionUNetSegmentError
+        assert issubclass(fresh, sys.modules["AttentionUNetSegmentLib.errors"].AttentionUNetError)
+    finally:  # the other tests keep the modules they imported, and only those
+        for name in [name for name in sys.modules if name.split(".")[0] in packages]:
+            del sys.modules[name]
         sys.modules.update(loaded)
 
 
@@ -102,16 +116,26 @@ def test_the_modules_own_maps_are_refused_as_inputs(tiny_bundle):
     assert rows.GetCellText(0, 1) == "skipped" and "attention map" in rows.GetCellText(0, 2)
 
 
-def test_install_progress_is_shown_before_the_installation_blocks(monkeypatch, tmp_path):
-    """The panel's status line says what is being installed before pip starts (it blocks for minutes)."""
+@pytest.mark.parametrize("release", ["5.12 (slicer.packaging)", "5.10 (pip_install)"])
+def test_install_progress_is_shown_after_asking_and_before_the_installation_blocks(monkeypatch, tmp_path, release):
+    """The user is asked first; only then does the panel's status line say what is being installed, before the
+    installation starts (it blocks for minutes)."""
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("attention-unet-no-such-package>=1.0\n", encoding="utf-8")
     monkeypatch.setattr(dependencies, "REQUIREMENTS_FILE", requirements)
     events = []
-    _fake_packaging(monkeypatch, lambda requirements, **kwargs: events.append("installed"))
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: events.append("asked") or True,
+                        raising=False)
+    if release.startswith("5.12"):
+        _fake_packaging(monkeypatch, lambda requirements, **kwargs: events.append("installed"))
+    else:
+        monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+        monkeypatch.delattr(slicer, "packaging", raising=False)
+        monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: events.append("installed"),
+                            raising=False)
     load_module(slicer.vtkMRMLScene())
     from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
 
     AttentionUNetSegmentLogic().ensureDependencies(statusCallback=events.append)
-    assert events == ["Installing attention-unet-no-such-package>=1.0; this can take several minutes...",
+    assert events == ["asked", "Installing attention-unet-no-such-package>=1.0; this can take several minutes...",
                       "installed"]

@@ -5,6 +5,7 @@ a real CMake configure against a stand-in Slicer, and the extension catalog entr
 from __future__ import annotations
 
 import ast
+import builtins
 import json
 import re
 import shutil
@@ -421,6 +422,56 @@ def test_nothing_heavy_is_imported_at_module_scope(tree):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _module_names(module: ast.Module) -> Set[str]:
+    """Names a module defines at its top level, those imported under ``if TYPE_CHECKING:`` included."""
+    names: Set[str] = set()
+    statements = list(module.body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+        elif isinstance(node, (ast.If, ast.Try)):
+            statements += node.body + node.orelse + [s for h in getattr(node, "handlers", []) for s in h.body]
+    return names
+
+
+def _annotation_names(module: ast.Module) -> Iterator[Tuple[int, str]]:
+    """``(line, name)`` of every name an annotation uses, inside quoted annotations too."""
+    annotations = []
+    for node in ast.walk(module):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args
+            annotations += [a.annotation for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                                   arguments.vararg, arguments.kwarg] if a is not None]
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    for annotation in filter(None, annotations):
+        for node in ast.walk(annotation):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield from ((node.lineno, n.id) for n in ast.walk(ast.parse(node.value, mode="eval"))
+                            if isinstance(n, ast.Name))
+            elif isinstance(node, ast.Name):
+                yield node.lineno, node.id
+
+
+def test_every_name_an_annotation_uses_is_defined():
+    """What pyflakes reports as F821 in annotations (``from __future__ import annotations`` hides it at run time,
+    ``typing.get_type_hints`` and readers do not): a class named only in an annotation is imported under
+    ``if TYPE_CHECKING:``, so no import cycle exists at run time."""
+    undefined = []
+    for path in [MODULE_FILE, *sorted(SLICER_PACKAGE.glob("*.py"))]:
+        module = ast.parse(path.read_text(), filename=str(path))
+        known = _module_names(module) | set(dir(builtins))
+        undefined += [f"{path.name}:{line}: {name}" for line, name in _annotation_names(module) if name not in known]
+    assert not undefined, "undefined names in annotations:\n" + "\n".join(undefined)
+
+
 # CMake and extension metadata
 
 
@@ -510,20 +561,12 @@ def test_catalog_entry_is_valid_against_the_real_schema(api):
     assert any((ROOT / name).is_file() for name in index["license_file_names"])
 
 
-def test_s4ext_uses_known_keys_and_agrees_with_cmake(api):
+def test_s4ext_uses_known_keys(api):
+    """Slicer's own keys only (its values are compared in ``test_extension_metadata_agrees_everywhere``)."""
     keys = set(api["extension_metadata"]["s4ext"]["keys"])
-    entries = {}
     for line in (ROOT / "AttentionUNet.s4ext").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            assert key in keys, key
-            entries[key] = value.strip()
-    cmake = (ROOT / "CMakeLists.txt").read_text()
-    for key, variable in (("homepage", "EXTENSION_HOMEPAGE"), ("iconurl", "EXTENSION_ICONURL"),
-                          ("description", "EXTENSION_DESCRIPTION"), ("depends", "EXTENSION_DEPENDS"),
-                          ("screenshoturls", "EXTENSION_SCREENSHOTURLS"), ("category", "EXTENSION_CATEGORY")):
-        assert entries[key] == re.search(r'set\(%s "([^"]*)"\)' % variable, cmake).group(1), key
-    assert entries["scmurl"] == json.loads((ROOT / "AttentionUNet.json").read_text())["scm_url"]
+            assert line.partition(" ")[0] in keys, line
 
 
 def _png_size(path: Path) -> Tuple[int, int]:
@@ -634,6 +677,19 @@ def test_device_detection_never_waits_on_the_gui_thread(tree):
     assert "query.poll" in _called(_method(tree, "PanelWidget", "onPollJob"))
 
 
+def test_cancel_never_waits_for_the_engine_on_the_gui_thread(tree):
+    """Cancel (Apply's, a scene close's, the device query giving up) only tells the engine to stop; the poll timer
+    follows a cancelled run to its end (``_stopping``), so no Qt slot sleeps or waits for the process."""
+    for handler in ("onApplyButton", "onSceneStartClose", "onPollJob"):
+        calls = _called(_method(tree, "PanelWidget", handler))
+        assert not [c for c in calls if c.endswith(".wait") or c == "time.sleep"], handler
+    cancel = _method(tree, "PolledRun", "cancel")
+    assert not [n for n in ast.walk(cancel) if isinstance(n, (ast.While, ast.For))]
+    assert "self._stopping.append" in _called(_method(tree, "PanelWidget", "onSceneStartClose"))
+    assert "self._stopping = [job for job in self._stopping if job.poll()]" in ast.unparse(
+        _method(tree, "PanelWidget", "onPollJob"))
+
+
 def test_closing_the_scene_stops_a_batch_without_building_its_table(tree):
     close = _method(tree, "PanelWidget", "onSceneStartClose")
     calls = [call for call in _calls(close) if _dotted(call.func) == "job.cancel"]
@@ -679,6 +735,32 @@ def test_the_model_combo_box_follows_the_parameter_node(tree):
     update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
     assert "combo.itemData(combo.currentIndex) != node.modelName" in update
     assert "self._selectModelInCombo(node.modelName)" in update
+
+
+def test_a_model_that_is_not_installed_is_never_swapped_silently(tree):
+    """A scene saved with a model this Slicer lacks keeps asking for it: the combo box selects nothing (no
+    fallback to the first model), only the user's choice in the combo box (``onModelChanged``) writes the node's
+    model, Apply and the batch need the node's own model installed, and the panel says which model is missing and
+    how to install it (model description, status line, Apply's tool tip)."""
+    panel = next(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "PanelWidget")
+    writers = {method.name for method in panel.body if isinstance(method, ast.FunctionDef)
+               for node in ast.walk(method) if isinstance(node, ast.Attribute) and node.attr == "modelName"
+               and isinstance(node.ctx, ast.Store)}
+    assert writers == {"onModelChanged"}
+    select = _method(tree, "PanelWidget", "_selectModelInCombo")
+    assert "max(" not in ast.unparse(select)
+    assert "self.ui.modelComboBox.currentIndex = index" in ast.unparse(select)
+    changed = _method(tree, "PanelWidget", "onModelChanged")
+    guard = changed.body[0]
+    assert isinstance(guard, ast.If) and "self._missingModelText" in _called(guard)
+    assert isinstance(guard.body[-1], ast.Return)  # nothing is written for an index that is no installed model
+    update = ast.unparse(_method(tree, "PanelWidget", "updateGUIFromParameterNode"))
+    assert "canRun = bool(node and node.inputVolume and bundle)" in update
+    assert "self.ui.batchApplyButton.enabled = not running and bool(bundle)" in update
+    assert "missing or _(" in update  # Apply's tool tip says why it is off
+    assert "self._missingModelText" in _called(_method(tree, "PanelWidget", "_updateDomainStatus"))
+    text = ast.unparse(_method(tree, "PanelWidget", "_missingModelText"))
+    assert "model=node.modelName" in text and "ATTENTION_UNET_MODELS" in text and "Refresh" in text
 
 
 def test_the_input_selector_refuses_the_modules_own_maps(tree):
@@ -809,8 +891,19 @@ def test_extension_metadata_agrees_everywhere():
     assert entries["enabled"] == ("1" if catalog.get("enabled", True) else "0")
     if "tier" in catalog:
         assert entries.get("tier", str(catalog["tier"])) == str(catalog["tier"])
-    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', cmake).group(1)
-    assert entries["contributors"] == contributors
+    # Every field both files have agrees (the build writes the .s4ext from the CMake EXTENSION_<KEY> variables), and
+    # each field the build cannot take elsewhere (the scm fields come from git, enabled and build_subdirectory
+    # have defaults) is set in CMakeLists.txt, so a regenerated .s4ext keeps it.
+    variables = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', cmake))
+    for key, value in entries.items():
+        variable = "EXTENSION_" + key.upper()
+        if key not in ("scm", "scmurl", "scmrevision", "enabled", "build_subdirectory"):
+            assert variable in variables, f"{key} is in AttentionUNet.s4ext but CMakeLists.txt sets no {variable}"
+        if variable == "EXTENSION_DEPENDS":  # a CMake list there, space-separated here
+            assert value.split() == variables[variable].split(";"), key
+        elif variable in variables:
+            assert value == variables[variable], key
+    contributors = variables["EXTENSION_CONTRIBUTORS"]
     assert re.fullmatch(r"[^(),]+ \([^()]+\)(, [^(),]+ \([^()]+\))*", contributors), contributors
     definitions = ast.parse((SLICER_PACKAGE / "definitions.py").read_text())
     (value,) = [ast.literal_eval(node.value) for node in definitions.body if isinstance(node, ast.Assign)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Sequence
 
 import slicer
+
+if TYPE_CHECKING:  # annotations only: nothing of sceneImport is needed at run time
+    from AttentionUNetSlicer.sceneImport import SegmentationResult
 
 
 class BatchSummary:

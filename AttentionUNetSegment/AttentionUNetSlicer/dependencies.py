@@ -21,8 +21,9 @@ class DependencyInstaller:
     """Logic part: ``ensureDependencies`` and the requirement checks behind it."""
 
     def ensureDependencies(self, statusCallback: Optional[Callable[[str], None]] = None) -> None:
-        """Install what the engine needs, only when first needed: torch through the PyTorch extension, the rest
-        with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or a confirmed ``slicer.util.pip_install`` (older).
+        """Install what the engine needs, only when first needed and after asking: torch through the PyTorch
+        extension, the rest with ``slicer.packaging.pip_ensure`` (Slicer 5.12+) or ``slicer.util.pip_install``
+        (older).
         ``statusCallback(text)`` is told what is being installed before each installation starts (the panel shows
         it: an installation blocks for minutes)."""
         self._ensureTorch(statusCallback)
@@ -40,11 +41,19 @@ class DependencyInstaller:
                             statusCallback: Optional[Callable[[str], None]] = None) -> None:
         """Install the missing packages of ``requirementsFile`` (asking first); ``purpose`` (translated) names what
         needs them in messages."""
-        requirements = _read_requirements(requirementsFile)
-        missing = [req for req in requirements if not _requirement_satisfied(req)]
+        requirements = _readRequirements(requirementsFile)
+        missing = [req for req in requirements if not _requirementSatisfied(req)]
         if not missing:
             return
-        status = _installStatus(statusCallback, ", ".join(missing))
+        # Asked here on every release (pip_ensure's own question would come after the status line said
+        # "Installing"): the status line then says what is being installed while the installation blocks.
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
+                  "{packages}").format(packages="\n".join(missing)), windowTitle=_("Install Python packages")):
+            raise AttentionUNetSegmentError(
+                _("{purpose} needs these Python packages: {packages}. Click again and accept the "
+                  "installation.").format(purpose=purpose, packages=", ".join(missing)))
+        _installStatus(statusCallback, ", ".join(missing))()
         try:
             import slicer.packaging as packaging
         except ImportError:  # Slicer 5.8/5.10
@@ -52,23 +61,10 @@ class DependencyInstaller:
         try:
             if packaging is not None:
                 # Requirement objects from Slicer's own loader: every pip_ensure release accepts them.
-                status()  # pip_ensure asks first, then shows its own progress
-                packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), requester="AttentionUNet")
-            elif slicer.util.confirmOkCancelDisplay(
-                    _("Attention U-Net needs these Python packages, which will be downloaded and installed now:\n"
-                      "{packages}").format(packages="\n".join(missing)), windowTitle=_("Install Python packages")):
-                status()
-                slicer.util.pip_install(missing)
+                packaging.pip_ensure(packaging.load_requirements(str(requirementsFile)), prompt_install=False,
+                                     requester="AttentionUNet")
             else:
-                raise AttentionUNetSegmentError(
-                    _("{purpose} needs these Python packages: {packages}. Click again and accept the "
-                      "installation.").format(purpose=purpose, packages=", ".join(missing)))
-        except AttentionUNetSegmentError:
-            raise
-        except RuntimeError as error:  # pip_ensure: the user declined the installation
-            raise AttentionUNetSegmentError(
-                _("{purpose} needs these Python packages: {packages} ({error}). Click again and accept the "
-                  "installation.").format(purpose=purpose, packages=", ".join(missing), error=error))
+                slicer.util.pip_install(missing)
         except Exception as error:
             raise AttentionUNetSegmentError(
                 _("Installing {packages} failed ({error}). Check the internet connection; behind a firewall or "
@@ -83,7 +79,7 @@ class DependencyInstaller:
                 version = importlib.metadata.version("torch")
             except importlib.metadata.PackageNotFoundError:  # a build without package metadata: cannot tell
                 return
-            if not _requirement_satisfied("torch" + TORCH_REQUIREMENT):
+            if not _requirementSatisfied("torch" + TORCH_REQUIREMENT):
                 raise AttentionUNetSegmentError(
                     _("PyTorch {version} is too old: the segmentation needs torch{requirement}. Update it in the "
                       "PyTorch Utils module (uninstall, then install), restart 3D Slicer, then click Apply "
@@ -117,14 +113,14 @@ def _installStatus(statusCallback: Optional[Callable[[str], None]], what: str) -
     return status
 
 
-def _read_requirements(path: pathlib.Path) -> List[str]:
+def _readRequirements(path: pathlib.Path) -> List[str]:
     if not path.is_file():
         return []
     lines = (line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines())
     return [line for line in lines if line]
 
 
-def _requirement_satisfied(requirement: str) -> bool:
+def _requirementSatisfied(requirement: str) -> bool:
     """Whether an installed distribution satisfies ``requirement`` (name and, where ``packaging`` is available,
     its version specifier)."""
     import importlib.metadata

@@ -42,7 +42,7 @@ class Progress:
     stage: str
     fraction: float
     message: str
-    eta_seconds: Optional[float]
+    etaSeconds: Optional[float]
 
 
 @dataclass
@@ -61,9 +61,9 @@ class RunResult:
         return self.returncode == 0 and not self.cancelled and self.error is None
 
 
-def build_segment_command(
+def buildSegmentCommand(
     inputs: Sequence[str],
-    output_dir: str,
+    outputDir: str,
     *,
     python: Optional[str] = None,
     model: Optional[str] = None,
@@ -74,8 +74,8 @@ def build_segment_command(
     localize: Optional[str] = None,
     attention: bool = True,
     probabilities: bool = False,
-    largest_component: bool = False,
-    output_format: str = "nrrd",
+    largestComponent: bool = False,
+    outputFormat: str = "nrrd",
     force: bool = False,
 ) -> List[str]:
     """The ``python -m AttentionUNetSegmentLib segment ... --progress json`` command (CLI contract in DESIGN.md).
@@ -84,9 +84,9 @@ def build_segment_command(
     ``"auto"``/``"off"`` (``--localize``), or ``None`` to leave the engine's default (older engines lack the option).
     """
     if not inputs:
-        raise ValueError("build_segment_command needs at least one input image")
+        raise ValueError("buildSegmentCommand needs at least one input image")
     command = [python or sys.executable, "-m", "AttentionUNetSegmentLib", "segment", *map(str, inputs),
-               "--output-dir", str(output_dir), "--device", device, "--format", output_format,
+               "--output-dir", str(outputDir), "--device", device, "--format", outputFormat,
                "--progress", "json"]
     if model:
         command += ["--model", str(model)]
@@ -106,33 +106,33 @@ def build_segment_command(
         command.append("--no-attention")
     if probabilities:
         command.append("--probabilities")
-    if largest_component:
+    if largestComponent:
         command.append("--largest-component")
     if force:
         command.append("--force")
     return command
 
 
-def build_dicom_seg_command(labels: str, sources_file: str, segments: str, output: str, algorithm: Sequence[str],
-                            *, python: Optional[str] = None, force: bool = False) -> List[str]:
+def buildDicomSegCommand(labels: str, sourcesFile: str, segments: str, output: str, algorithm: Sequence[str],
+                         *, python: Optional[str] = None, force: bool = False) -> List[str]:
     """The ``python -m AttentionUNetSegmentLib dicom-seg ... --progress json`` command: a DICOM SEG of the label map
-    ``labels`` on the series whose files ``sources_file`` lists (one path a line, read as ``@sources_file``), with
+    ``labels`` on the series whose files ``sourcesFile`` lists (one path a line, read as ``@sourcesFile``), with
     the segments of ``segments`` (JSON) and ``algorithm`` = (name, version)."""
     if len(algorithm) != 2:
         raise ValueError(f"algorithm needs a name and a version, got {list(algorithm)}")
     command = [python or sys.executable, "-m", "AttentionUNetSegmentLib", "dicom-seg", str(labels),
-               "--source", f"@{sources_file}", "--segments", str(segments), "--algorithm", *map(str, algorithm),
+               "--source", f"@{sourcesFile}", "--segments", str(segments), "--algorithm", *map(str, algorithm),
                "--output", str(output), "--progress", "json"]
     return command + (["--force"] if force else [])
 
 
-def build_devices_command(python: Optional[str] = None) -> List[str]:
+def buildDevicesCommand(python: Optional[str] = None) -> List[str]:
     """The ``python -m AttentionUNetSegmentLib devices --json`` command: one JSON line naming the GPUs the engine
     sees (no progress lines)."""
     return [python or sys.executable, "-m", "AttentionUNetSegmentLib", "devices", "--json"]
 
 
-def format_duration(seconds: Optional[float]) -> str:
+def formatDuration(seconds: Optional[float]) -> str:
     """``"1 h 02 min"``, ``"3 min 05 s"``, ``"12 s"``; empty for ``None``."""
     if seconds is None:
         return ""
@@ -152,14 +152,14 @@ class EtaEstimator:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._start: Optional[float] = None
-        self._start_fraction = 0.0
+        self._startFraction = 0.0
 
     def update(self, fraction: float) -> Optional[float]:
         now = self._clock()
         if self._start is None:
-            self._start, self._start_fraction = now, fraction
+            self._start, self._startFraction = now, fraction
             return None
-        done = fraction - self._start_fraction
+        done = fraction - self._startFraction
         elapsed = now - self._start
         if fraction >= 1.0:
             return 0.0
@@ -168,7 +168,7 @@ class EtaEstimator:
         return elapsed * (1.0 - fraction) / done
 
 
-def describe_failure(returncode: Optional[int], log: Sequence[str]) -> str:
+def describeFailure(returncode: Optional[int], log: Sequence[str]) -> str:
     """A sentence for the user about why the engine exited with ``returncode`` (its output lines in ``log``)."""
     for line in reversed(log):
         if line.startswith("error: "):  # the engine's own actionable message (exit status 2)
@@ -196,8 +196,9 @@ class EngineProcess:
     """One engine run in a child process.
 
     ``start()`` launches it; ``poll()`` (non-blocking) handles what it printed since the last call, calling
-    ``on_progress(Progress)`` and ``on_log(str)``, and returns whether it still runs; ``wait()`` polls until it ends;
-    ``cancel()`` terminates it (and its children). ``result`` is set once it has ended.
+    ``onProgress(Progress)`` and ``onLog(str)``, and returns whether it still runs; ``wait()`` polls until it ends;
+    ``cancel()`` tells it (and its children) to stop and returns at once: the polls that follow kill it if it is
+    still there after ``CANCEL_GRACE_SECONDS`` and end the run. ``result`` is set once it has ended.
     """
 
     def __init__(
@@ -205,26 +206,28 @@ class EngineProcess:
         command: Sequence[str],
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
-        on_progress: Optional[Callable[[Progress], None]] = None,
-        on_log: Optional[Callable[[str], None]] = None,
+        onProgress: Optional[Callable[[Progress], None]] = None,
+        onLog: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.command = [str(part) for part in command]
         self.env = dict(os.environ if env is None else env)
         self.env["PYTHONUNBUFFERED"] = "1"  # progress lines must arrive as they are printed
         self.cwd = cwd
-        self.on_progress = on_progress
-        self.on_log = on_log
-        self.progress = Progress(stage="starting", fraction=0.0, message="Starting the engine", eta_seconds=None)
+        self.onProgress = onProgress
+        self.onLog = onLog
+        self.progress = Progress(stage="starting", fraction=0.0, message="Starting the engine", etaSeconds=None)
         self.result: Optional[RunResult] = None
         self._log: List[str] = []
         self._outputs: Dict[str, Any] = {}
         self._lines: "queue.Queue[Any]" = queue.Queue()
-        self._open_streams = 0
+        self._openStreams = 0
         self._process: Optional[subprocess.Popen] = None
         self._cancelled = False
-        self._cancelled_at = 0.0
+        self._cancelledAt = 0.0
+        self._killed = False
+        self._stopper: Optional[subprocess.Popen] = None  # Windows: cancel's taskkill, held while it runs
         self._eta = EtaEstimator()
-        self._started_at = 0.0
+        self._startedAt = 0.0
 
     @property
     def running(self) -> bool:
@@ -238,12 +241,12 @@ class EngineProcess:
             options["creationflags"] = subprocess.CREATE_NO_WINDOW  # no console window flashing up
         else:
             options["start_new_session"] = True  # own process group, so cancel reaches any child process
-        self._started_at = time.monotonic()
+        self._startedAt = time.monotonic()
         self._process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
             cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **options)
         for name, stream in ((_STDOUT, self._process.stdout), (_STDERR, self._process.stderr)):
-            self._open_streams += 1
+            self._openStreams += 1
             threading.Thread(target=self._pump, args=(name, stream), daemon=True).start()
         return self
 
@@ -268,19 +271,24 @@ class EngineProcess:
             except queue.Empty:
                 break
             if line is _EOF:
-                self._open_streams -= 1
+                self._openStreams -= 1
             elif name == _STDOUT:
-                self._handle_stdout(line)
+                self._handleStdout(line)
             else:
-                self._add_log(line)
-        if self._process.poll() is not None and (self._open_streams == 0 or self._abandon_streams()):
+                self._addLog(line)
+        if self._process.poll() is None:
+            if self._cancelled and not self._killed and time.monotonic() - self._cancelledAt > CANCEL_GRACE_SECONDS:
+                self._killed = True
+                self._kill()
+            return True
+        if self._openStreams == 0 or self._abandonStreams():
             self._finish()
             return False
         return True
 
-    def _abandon_streams(self) -> bool:
+    def _abandonStreams(self) -> bool:
         """After a cancel, stop waiting for output pipes a surviving grandchild might still hold open."""
-        return self._cancelled and time.monotonic() - self._cancelled_at > CANCEL_GRACE_SECONDS
+        return self._cancelled and time.monotonic() - self._cancelledAt > CANCEL_GRACE_SECONDS
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunResult:
         """Poll until the run ends (``TimeoutError`` after ``timeout`` seconds, the run keeps going)."""
@@ -293,43 +301,46 @@ class EngineProcess:
         return self.result
 
     def cancel(self) -> None:
-        """Stop the engine now (SIGTERM to its process group, SIGKILL after a short grace period)."""
-        if self._process is None or self._process.poll() is not None:
-            self._cancelled = self._process is not None and self.result is None
+        """Tell the engine to stop, without waiting for it (Slicer calls this on its GUI thread): SIGTERM to its
+        process group; on Windows ``taskkill /F /T`` on the launcher's tree, started and not waited for. ``poll()``
+        kills what is still there ``CANCEL_GRACE_SECONDS`` later and ends the run once the engine has exited."""
+        if self._process is None or self.result is not None or self._cancelled:
             return
         self._cancelled = True
-        self._cancelled_at = time.monotonic()
-        self._signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=CANCEL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self._signal(getattr(signal, "SIGKILL", signal.SIGTERM))
-            try:
-                self._process.wait(timeout=CANCEL_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass  # poll() gives up on it after the grace period; the GUI must not hang here
+        self._cancelledAt = time.monotonic()
+        if self._process.poll() is None:
+            self._stop()
 
-    def _signal(self, signum: int) -> None:
+    def _stop(self) -> None:
         assert self._process is not None
         try:
             if sys.platform == "win32":
                 # The process is Slicer's launcher (PythonSlicer): kill() alone would leave the Python it started
-                # running, holding the output pipes. taskkill /T ends the whole tree; kill() makes sure of the
-                # launcher should taskkill fail.
-                try:
-                    subprocess.run(["taskkill", "/F", "/T", "/PID", str(self._process.pid)], capture_output=True,
-                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0), timeout=10)
-                finally:
-                    self._process.kill()
+                # running, holding the output pipes; taskkill /T ends the whole tree.
+                self._stopper = subprocess.Popen(
+                    ["taskkill", "/F", "/T", "/PID", str(self._process.pid)], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
             else:
-                os.killpg(self._process.pid, signum)
-        except (ProcessLookupError, PermissionError, OSError, subprocess.TimeoutExpired):
-            pass  # already gone
+                os.killpg(self._process.pid, signal.SIGTERM)
+        except OSError:  # already gone, or no taskkill: the kill after the grace period remains
+            pass
 
-    def _handle_stdout(self, line: str) -> None:
-        event = _parse_progress(line)
-        if event is None:
-            self._add_log(line)
+    def _kill(self) -> None:
+        """The engine outlived the grace period after a cancel: kill its process group (Windows: the launcher)."""
+        assert self._process is not None
+        try:
+            if sys.platform == "win32":
+                self._process.kill()
+            else:
+                os.killpg(self._process.pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
+
+    def _handleStdout(self, line: str) -> None:
+        event = jsonRecord(line)
+        if event is None or "stage" not in event:  # any other output line, JSON or not
+            self._addLog(line)
             return
         stage = str(event.get("stage", ""))
         fraction = min(max(float(event.get("fraction", self.progress.fraction)), 0.0), 1.0)
@@ -338,37 +349,38 @@ class EngineProcess:
             self._outputs = dict(event.get("outputs") or {})
             message = message or "Done"
         if message and (stage != self.progress.stage or message != self.progress.message):
-            self._add_log(f"[{stage}] {message}" if stage else message)
+            self._addLog(f"[{stage}] {message}" if stage else message)
         self.progress = Progress(stage, fraction, message, self._eta.update(fraction))
-        if self.on_progress is not None:
-            self.on_progress(self.progress)
+        if self.onProgress is not None:
+            self.onProgress(self.progress)
 
-    def _add_log(self, line: str) -> None:
+    def _addLog(self, line: str) -> None:
         if not line.strip():
             return
         self._log.append(line)
-        if self.on_log is not None:
-            self.on_log(line)
+        if self.onLog is not None:
+            self.onLog(line)
 
     def _finish(self) -> None:
         assert self._process is not None
         returncode = self._process.returncode
         error = None
         if not self._cancelled and returncode != 0:
-            error = describe_failure(returncode, self._log)
+            error = describeFailure(returncode, self._log)
         elif not self._cancelled and self.progress.stage != "done":
-            error = describe_failure(returncode, self._log + ["the engine exited without reporting its outputs"])
+            error = describeFailure(returncode, self._log + ["the engine exited without reporting its outputs"])
         self.result = RunResult(returncode=returncode, cancelled=self._cancelled, outputs=self._outputs,
-                                error=error, log=list(self._log), seconds=time.monotonic() - self._started_at)
+                                error=error, log=list(self._log), seconds=time.monotonic() - self._startedAt)
 
 
-def _parse_progress(line: str) -> Optional[Dict[str, Any]]:
-    """The JSON object of a progress line, or ``None`` for any other output line."""
+def jsonRecord(line: str) -> Optional[Dict[str, Any]]:
+    """The JSON object an output line holds (a ``--progress json`` line, the ``devices --json`` record), or
+    ``None`` for any other line."""
     text = line.strip()
     if not (text.startswith("{") and text.endswith("}")):
         return None
     try:
-        event = json.loads(text)
+        record = json.loads(text)
     except ValueError:
         return None
-    return event if isinstance(event, dict) and "stage" in event else None
+    return record if isinstance(record, dict) else None

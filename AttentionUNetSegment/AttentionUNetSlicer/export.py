@@ -25,7 +25,7 @@ from AttentionUNetSlicer.definitions import (
     SIDES,
     AttentionUNetSegmentError,
 )
-from AttentionUNetSlicer.engineProcess import build_dicom_seg_command
+from AttentionUNetSlicer.engineProcess import buildDicomSegCommand
 from AttentionUNetSlicer.sceneNodes import nodeIds, removeNodes
 from AttentionUNetSlicer.segmentStatistics import sideTotals, statisticsRows, voxelCounts, voxelVolumeMl
 from AttentionUNetSlicer.volumeFiles import workDirectory
@@ -140,9 +140,9 @@ class Export:
         """Write a label map (NIfTI or NRRD, label value = segment label value), the segmentation (.seg.nrrd),
         a CSV label table (value, name, colour), per-segment volumes in mL (CSV; with a ``side`` column when the
         segments have sides, plus per-side totals and the asymmetry index in ``<name>_sides.csv``) and the
-        provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``, written first: when it fails
-        nothing is). Existing files are kept unless ``force``; nothing partial is left behind. Returns the
-        written paths by kind."""
+        provenance (JSON); with ``dicomSeg`` also a DICOM SEG (``exportDicomSeg``), renamed into place last and
+        added to the DICOM database only once every file is in place. Existing files are kept unless ``force``;
+        nothing partial is left behind. Returns the written paths by kind."""
         from AttentionUNetSegmentLib.errors import AttentionUNetError
         from AttentionUNetSegmentLib.fileio.atomic import atomic_output
         from AttentionUNetSegmentLib.fileio.imageio import check_written_image
@@ -168,7 +168,7 @@ class Export:
             writes = {
                 "label_table": "value,name,color\n" + "".join(
                     f"{label.value},{_csv(label.name)},{_hex(label.color)}\n" for label in labels),
-                "volumes": _volumes_csv(rows, bool(sides)),
+                "volumes": _volumesCsv(rows, bool(sides)),
                 "provenance": json.dumps({
                     "segmentation": segmentationNode.GetName(),
                     "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -179,10 +179,13 @@ class Export:
                     "files": names}, indent=2) + "\n",
             }
             if sides:
-                writes["sides"] = _sides_csv(*sideTotals(rows))
+                writes["sides"] = _sidesCsv(*sideTotals(rows))
             # All or nothing: every file goes to its atomic_output temporary; the stack renames them all at the
-            # end, or removes them all when anything fails (the DICOM SEG included).
+            # end, or removes them all when anything fails (the DICOM SEG included). The SEG is entered first, so
+            # it is renamed last, and enters the DICOM database only after the stack has put every file in place.
             with contextlib.ExitStack() as stack:
+                dicomPartial = stack.enter_context(atomic_output(paths["dicom_segmentation"], force)) \
+                    if dicomSeg else None
                 for node, kind in ((labelmap, "labelmap"), (segmentationNode, "segmentation")):
                     partial = stack.enter_context(atomic_output(paths[kind], force))
                     storage = node.CreateDefaultStorageNode()
@@ -193,7 +196,9 @@ class Export:
                 for kind, text in writes.items():
                     stack.enter_context(atomic_output(paths[kind], force)).write_text(text, encoding="utf-8")
                 if dicomSeg:
-                    self.exportDicomSeg(segmentationNode, paths["dicom_segmentation"], referenceVolume, force=force)
+                    self.exportDicomSeg(segmentationNode, dicomPartial, referenceVolume, addToDatabase=False)
+            if dicomSeg:
+                slicer.dicomDatabase.insert(str(paths["dicom_segmentation"].resolve()))
         except AttentionUNetSegmentError:
             raise
         except (OSError, AttentionUNetError) as error:
@@ -326,8 +331,8 @@ class Export:
             (work / "sources.txt").write_text("".join(f"{path}\n" for path in files), encoding="utf-8")
             algorithm = (segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + "Model") or "AttentionUNet",
                          segmentationNode.GetAttribute(ATTRIBUTE_PREFIX + "ModelVersion") or ENGINE_VERSION)
-            command = build_dicom_seg_command(str(labelsPath), str(work / "sources.txt"), str(work / "segments.json"),
-                                              str(outputPath), algorithm, python=self.pythonExecutable(), force=force)
+            command = buildDicomSegCommand(str(labelsPath), str(work / "sources.txt"), str(work / "segments.json"),
+                                           str(outputPath), algorithm, python=self.pythonExecutable(), force=force)
             outcome = self.engineProcessFactory(command, env=self.engineEnvironment(), cwd=str(work)).start().wait()
         finally:
             removeNodes([labelmap, colors])
@@ -340,14 +345,14 @@ class Export:
         return written
 
 
-def _volumes_csv(rows: Sequence[Dict[str, Any]], withSides: bool) -> str:
+def _volumesCsv(rows: Sequence[Dict[str, Any]], withSides: bool) -> str:
     """``value,name[,side],voxels,volume_ml`` per segment (the side column only for a located run)."""
     return ("value,name,side,voxels,volume_ml\n" if withSides else "value,name,voxels,volume_ml\n") + "".join(
         f"{row['value']},{_csv(row['name'])}," + (f"{row['side'] or ''}," if withSides else "")
         + f"{row['voxels']},{row['volume_ml']:.6f}\n" for row in rows)
 
 
-def _sides_csv(sides: Dict[str, Dict[str, Any]], asymmetry: Optional[float]) -> str:
+def _sidesCsv(sides: Dict[str, Dict[str, Any]], asymmetry: Optional[float]) -> str:
     """One row: voxels and mL per side and the asymmetry index (L - R) / ((L + R) / 2) (empty when undefined),
     so the files of several subjects concatenate into one table."""
     empty = {"voxels": 0, "volume_ml": 0.0}

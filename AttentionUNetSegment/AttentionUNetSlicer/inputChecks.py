@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 import slicer
 import vtk
@@ -11,11 +11,14 @@ from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import ATTRIBUTE_PREFIX, AttentionUNetSegmentError
 
+if TYPE_CHECKING:  # annotations only: the engine's bundle module loads on first use
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
+
 
 class InputChecks:
     """Logic part: input volumes, ROI boxes and the domain guard."""
 
-    def domainWarnings(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True
+    def domainWarnings(self, volumeNode, bundle: ModelBundle, roi=None, locateAutomatically: bool = True
                        ) -> List[str]:
         """The domain guard (``domain.domain_warnings``) for segmenting ``volumeNode``, or the part of it in
         ``roi``, with ``bundle``: what differs from the training data and what to do; empty when it looks alike
@@ -25,7 +28,7 @@ class InputChecks:
         localizes = self.hasLocalizer(bundle) and locateAutomatically and not roi
         return self._domainCheck(volumeNode, bundle, roi, fieldOfView=not localizes)
 
-    def willLocalize(self, volumeNode, bundle: "ModelBundle", roi=None, locateAutomatically: bool = True) -> bool:
+    def willLocalize(self, volumeNode, bundle: ModelBundle, roi=None, locateAutomatically: bool = True) -> bool:
         """Whether the engine will locate the structure (``--localize auto``): the model has a localiser, no
         Region is chosen and the volume's field of view exceeds the model's (the engine's own test)."""
         from AttentionUNetSegmentLib.preprocessing.domain import exceeds_field_of_view
@@ -50,7 +53,7 @@ class InputChecks:
         volumeNode.GetIJKToRASDirectionMatrix(directions)
         return [directions.GetElement(r, c) for r in range(3) for c in range(3)]
 
-    def _domainCheck(self, volumeNode, bundle: "ModelBundle", roi, fieldOfView: bool) -> List[str]:
+    def _domainCheck(self, volumeNode, bundle: ModelBundle, roi, fieldOfView: bool) -> List[str]:
         """``domain_warnings`` on the volume's grid (or the ROI's part of it); ``fieldOfView=False`` skips the
         field-of-view check."""
         from AttentionUNetSegmentLib.preprocessing.domain import domain_warnings

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import slicer
 from slicer.i18n import tr as _
@@ -24,11 +23,16 @@ from AttentionUNetSlicer.engineProcess import (
     EngineProcess,
     EtaEstimator,
     Progress,
-    build_devices_command,
-    build_segment_command,
+    buildDevicesCommand,
+    buildSegmentCommand,
+    jsonRecord,
 )
 from AttentionUNetSlicer.sceneImport import SegmentationResult
 from AttentionUNetSlicer.volumeFiles import workDirectory
+
+if TYPE_CHECKING:  # annotations only: logic.py imports this module
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
+    from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
 
 
 @dataclass
@@ -55,11 +59,31 @@ class SegmentationOptions:
                 "locate_automatically": self.locateAutomatically}
 
 
-class SegmentationJob:
+class PolledRun:
+    """What the runs share (``SegmentationJob``, ``BatchJob``, ``DeviceQuery``): ``poll()`` on the main thread
+    (``True`` while running) until ``done``; ``wait``; ``cancel`` of a run of one engine process (``_engine``)."""
+
+    def wait(self) -> "PolledRun":
+        """Poll until the run has ended, letting Slicer's GUI handle its events meanwhile."""
+        while self.poll():
+            time.sleep(POLL_INTERVAL_MS / 1000.0)
+            if hasattr(slicer, "app"):
+                slicer.app.processEvents()
+        return self
+
+    def cancel(self) -> None:
+        """Tell the engine to stop and return at once (the GUI thread never waits for the process): the run ends,
+        with nothing added to the scene, at a later ``poll()`` (the panel's timer), once the engine has exited or
+        was killed after its grace period."""
+        if not self.done and self._engine is not None:
+            self._engine.cancel()
+
+
+class SegmentationJob(PolledRun):
     """One engine run for one volume. ``poll()`` on the main thread; results enter the scene only on success."""
 
-    def __init__(self, logic: "AttentionUNetSegmentLogic", inputVolume, outputSegmentation,
-                 options: SegmentationOptions, bundle: "ModelBundle",
+    def __init__(self, logic: AttentionUNetSegmentLogic, inputVolume, outputSegmentation,
+                 options: SegmentationOptions, bundle: ModelBundle,
                  progressCallback: Optional[Callable[[float, str, Optional[float]], None]] = None,
                  logCallback: Optional[Callable[[str], None]] = None) -> None:
         self.logic = logic
@@ -85,11 +109,11 @@ class SegmentationJob:
         localize = None
         if roiBox is None and self.logic.hasLocalizer(self.bundle):
             localize = "auto" if options.locateAutomatically else "off"
-        return build_segment_command(
+        return buildSegmentCommand(
             [str(inputPath)], str(outputDir), python=self.logic.pythonExecutable(), model=str(self.bundle.path),
             device=options.device, overlap=options.overlap, tta=options.testTimeAugmentation, roi=roiBox,
             localize=localize, attention=options.attentionMaps, probabilities=options.probabilityMaps,
-            largest_component=options.largestComponent, output_format=ENGINE_FORMAT)
+            largestComponent=options.largestComponent, outputFormat=ENGINE_FORMAT)
 
     def start(self) -> "SegmentationJob":
         self._workDir = workDirectory("segment")
@@ -98,8 +122,8 @@ class SegmentationJob:
             command = self.engineCommand(inputPath, self._workDir / "out")
             self._log(f"Segmenting '{self.inputVolume.GetName()}' with {self.bundle.name} {self.bundle.version}")
             self._engine = self.logic.engineProcessFactory(command, env=self.logic.engineEnvironment(),
-                                                           cwd=str(self._workDir), on_progress=self._onProgress,
-                                                           on_log=self._log).start()
+                                                           cwd=str(self._workDir), onProgress=self._onProgress,
+                                                           onLog=self._log).start()
         except Exception:
             self._cleanup()
             raise
@@ -111,7 +135,7 @@ class SegmentationJob:
 
     def _onProgress(self, progress: Progress) -> None:
         if self.progressCallback is not None:
-            self.progressCallback(progress.fraction, progress.message or progress.stage, progress.eta_seconds)
+            self.progressCallback(progress.fraction, progress.message or progress.stage, progress.etaSeconds)
 
     def poll(self) -> bool:
         """Handle engine output; when it has ended, load the results (main thread). ``True`` while running."""
@@ -140,27 +164,17 @@ class SegmentationJob:
             self.done = True
         return False
 
-    def wait(self) -> "SegmentationJob":
-        return waitUntilDone(self)
-
-    def cancel(self) -> None:
-        """Stop the engine now; nothing is added to the scene."""
-        if not self.done and self._engine is not None:
-            self._engine.cancel()
-            while self.poll():
-                time.sleep(0.01)
-
     def _cleanup(self) -> None:
         if self._workDir is not None:
             shutil.rmtree(self._workDir, ignore_errors=True)
             self._workDir = None
 
 
-class BatchJob:
+class BatchJob(PolledRun):
     """Segments several volumes one after the other (one result per volume) and fills a summary table: one row
     per volume with the columns of the engine's ``summary.csv`` (``outputs.summary_columns``)."""
 
-    def __init__(self, logic: "AttentionUNetSegmentLogic", volumes: Sequence[Any], options: SegmentationOptions,
+    def __init__(self, logic: AttentionUNetSegmentLogic, volumes: Sequence[Any], options: SegmentationOptions,
                  progressCallback=None, logCallback=None) -> None:
         self.logic = logic
         self.volumes = list(volumes)
@@ -247,17 +261,14 @@ class BatchJob:
         self._next()
         return not self.done
 
-    def wait(self) -> "BatchJob":
-        return waitUntilDone(self)
-
     def cancel(self, sceneClosing: bool = False) -> None:
-        """Stop the running volume's engine; the others are listed as not run. ``sceneClosing``: the scene is
-        being closed (``StartCloseEvent``), so no summary table is added to it."""
+        """Stop the running volume's engine (returning at once, as ``SegmentationJob.cancel``); once it has ended
+        the others are listed as not run. ``sceneClosing``: the scene is being closed (``StartCloseEvent``), so no
+        summary table is added to it."""
         self.cancelled = True
         self._sceneClosing = sceneClosing
         if self._current is not None:
             self._current.cancel()
-        self.poll()
 
     def _finish(self) -> None:
         if not self._sceneClosing:
@@ -267,7 +278,7 @@ class BatchJob:
         self._log(f"Batch finished: {self.summary}")
 
 
-class DeviceQuery:
+class DeviceQuery(PolledRun):
     """The engine's ``devices --json`` in its own process (torch and a CUDA context never load into Slicer),
     polled like the jobs; ``text`` says in words what the engine will run on once ``done``."""
 
@@ -283,7 +294,7 @@ class DeviceQuery:
             self._finish(_("PyTorch is not installed yet; it is installed on the first run. The CPU always works."))
             return self
         try:
-            self._engine = self.logic.engineProcessFactory(build_devices_command(self.logic.pythonExecutable()),
+            self._engine = self.logic.engineProcessFactory(buildDevicesCommand(self.logic.pythonExecutable()),
                                                            env=self.logic.engineEnvironment()).start()
         except OSError:
             self._finish(deviceQueryFailed())
@@ -293,22 +304,11 @@ class DeviceQuery:
         if self.done:
             return False
         if self._engine.poll():
-            if time.monotonic() < self._deadline:
-                return True
-            self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): say so instead of waiting on
-            self._finish(deviceQueryFailed())
-            return False
+            if time.monotonic() >= self._deadline:
+                self._engine.cancel()  # a hung engine (e.g. a stuck GPU driver): stopped, then said so below
+            return True
         self._finish(describeDevices(self._engine.result))
         return False
-
-    def wait(self) -> "DeviceQuery":
-        return waitUntilDone(self)
-
-    def cancel(self) -> None:
-        if not self.done and self._engine is not None:
-            self._engine.cancel()
-            while self.poll():
-                time.sleep(0.01)
 
     def _finish(self, text: str) -> None:
         self.text, self.done = text, True
@@ -328,7 +328,7 @@ def describeDevices(outcome) -> str:
     try:
         if outcome.cancelled or outcome.returncode != 0:
             raise ValueError(outcome.error)
-        info = next(record for record in map(_jsonObject, reversed(outcome.log)) if "gpus" in record)
+        info = next(record for record in map(jsonRecord, reversed(outcome.log)) if record and "gpus" in record)
         gpus = info["gpus"]
         if gpus:
             return _("GPU found: {name} ({memory} GB), CUDA {cuda}. 'auto' uses it.").format(
@@ -336,22 +336,3 @@ def describeDevices(outcome) -> str:
     except (ValueError, StopIteration, KeyError, TypeError):
         return deviceQueryFailed()
     return _("No CUDA GPU found: 'auto' runs on the CPU (slower; an ROI shortens it).")
-
-
-def _jsonObject(line: str) -> dict:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def waitUntilDone(job):
-    """Poll ``job`` until it has ended, letting Slicer's GUI handle its events meanwhile (the one ``wait`` of every
-    job)."""
-    while job.poll():
-        time.sleep(POLL_INTERVAL_MS / 1000.0)
-        if hasattr(slicer, "app"):
-            slicer.app.processEvents()
-    return job
-

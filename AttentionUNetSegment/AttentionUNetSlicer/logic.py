@@ -29,7 +29,7 @@ class AttentionUNetSegmentLogic(ScriptedLoadableModuleLogic, DependencyInstaller
 
     ``process(inputVolume, outputSegmentation, options)`` segments one volume; ``processBatch(volumes, options)``
     several; ``exportForReport`` writes files for reports. ``engineProcessFactory`` makes the engine runs (called
-    as ``EngineProcess`` is: command, ``env``, ``cwd``, ``on_progress``, ``on_log``): tests of the scene import,
+    as ``EngineProcess`` is: command, ``env``, ``cwd``, ``onProgress``, ``onLog``): tests of the scene import,
     export and batch bookkeeping pass one that needs no child process.
     """
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from slicer.i18n import tr as _
 
 from AttentionUNetSlicer.definitions import AttentionUNetSegmentError
 
+if TYPE_CHECKING:  # annotations only: the engine's bundle module loads on first use
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle, ModelRegistry
+
 
 class ModelCatalog:
     """Logic part: the installed models (metadata only; nothing heavy is imported)."""
 
-    def modelRegistry(self) -> "ModelRegistry":
+    def modelRegistry(self) -> ModelRegistry:
         from AttentionUNetSegmentLib.model.bundle import ModelRegistry
 
         return ModelRegistry(self.modelSearchPath)
@@ -21,7 +24,7 @@ class ModelCatalog:
         """``(bundles, problems)`` of the installed models (metadata only; nothing heavy is imported)."""
         return self.modelRegistry().scan()
 
-    def resolveModel(self, model: Optional[str]) -> "ModelBundle":
+    def resolveModel(self, model: Optional[str]) -> ModelBundle:
         """The bundle for an installed model name or a bundle folder (metadata validated, weights not read)."""
         from AttentionUNetSegmentLib.errors import ModelBundleError
 
@@ -31,7 +34,7 @@ class ModelCatalog:
             raise AttentionUNetSegmentError(str(error))
 
     @staticmethod
-    def describeModel(bundle: "ModelBundle") -> str:
+    def describeModel(bundle: ModelBundle) -> str:
         """Rich text for the panel: description, segments with their colours, licence."""
         meta = bundle.metadata
         swatches = ", ".join(
@@ -55,6 +58,6 @@ class ModelCatalog:
         return "<br>".join(lines)
 
     @staticmethod
-    def hasLocalizer(bundle: "ModelBundle") -> bool:
+    def hasLocalizer(bundle: ModelBundle) -> bool:
         """Whether the model can locate its structure in a larger volume (a ``localization`` section)."""
         return isinstance(bundle.metadata.get("localization"), dict)

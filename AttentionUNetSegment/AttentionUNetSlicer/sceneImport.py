@@ -7,7 +7,7 @@ import json
 import math
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import slicer
 import vtk
@@ -28,6 +28,10 @@ from AttentionUNetSlicer.definitions import (
     AttentionUNetSegmentError,
 )
 from AttentionUNetSlicer.sceneNodes import removeNodes
+
+if TYPE_CHECKING:  # annotations only: jobs.py imports this module
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
+    from AttentionUNetSlicer.jobs import SegmentationJob
 
 
 @dataclass
@@ -71,7 +75,7 @@ class SceneImport:
         report = self._readReport(files)
         statistics = _reportSegments(report)
         sides, asymmetry = _reportSides(report)
-        boxes = _localization_boxes(report)
+        boxes = _localizationBoxes(report)
         inputVolume = job.inputVolume
         provenance = self._provenance(job, report)
         probabilityFiles = files.get("probabilities") or {}
@@ -136,7 +140,7 @@ class SceneImport:
         return report if isinstance(report, dict) else {}
 
     @staticmethod
-    def _addBoxes(inputVolume, bundle: "ModelBundle", boxes: Dict[str, List[float]], added: List[Any]) -> List[Any]:
+    def _addBoxes(inputVolume, bundle: ModelBundle, boxes: Dict[str, List[float]], added: List[Any]) -> List[Any]:
         """One Markups ROI per located side over the box the engine segmented (RAS in the input's own
         coordinates: the node goes under the input's transform like the other outputs), for the user to see,
         move and choose as the Region of a new run."""
@@ -338,7 +342,7 @@ def _reportSides(report: Dict[str, Any]):
     return sides, (float(asymmetry) if isinstance(asymmetry, (int, float)) and len(sides) == len(SIDES) else None)
 
 
-def _localization_boxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
+def _localizationBoxes(report: Dict[str, Any]) -> Dict[str, List[float]]:
     """``{side: [R_MIN, R_MAX, A_MIN, A_MAX, S_MIN, S_MAX]}`` of the boxes a located run segmented (the
     report's ``localization.boxes``, RAS mm in the input's coordinates); empty without localisation."""
     localization = report.get("localization")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any, Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 import qt
 import slicer
@@ -14,9 +14,12 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from AttentionUNetSlicer.definitions import DEFAULT_MODEL, MAX_OVERLAP, POLL_INTERVAL_MS, AttentionUNetSegmentError
-from AttentionUNetSlicer.engineProcess import format_duration
+from AttentionUNetSlicer.engineProcess import formatDuration
 from AttentionUNetSlicer.jobs import BatchJob, SegmentationOptions
 from AttentionUNetSlicer.logic import AttentionUNetSegmentLogic
+
+if TYPE_CHECKING:  # annotations only: the engine's bundle module loads on first use
+    from AttentionUNetSegmentLib.model.bundle import ModelBundle
 
 
 class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -30,9 +33,10 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._deviceQuery = None
+        self._stopping: List[Any] = []  # cancelled runs the poll timer follows to their end, away from the panel
         self._lastResult = None
         self._pollTimer = None
-        self._models: List["ModelBundle"] = []
+        self._models: List[ModelBundle] = []
         self._domainKey = None
 
     def setup(self) -> None:
@@ -66,11 +70,12 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for running in (self._job, self._deviceQuery):
-            if running is not None and not running.done:
-                running.cancel()
         if self._pollTimer is not None:
             self._pollTimer.stop()
+        for running in (self._job, self._deviceQuery, *self._stopping):
+            if running is not None and not running.done:
+                running.cancel()
+                running.wait()  # the panel goes away: no timer would follow the engine to its end (seconds)
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -89,7 +94,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 job.cancel(sceneClosing=True)
             else:
                 job.cancel()
-        self._pollTimer.stop()
+            self._stopping.append(job)  # the timer polls it until its engine has gone
         self.ui.progressBar.setVisible(False)
         self.ui.statusLabel.text = _("Cancelled: the scene was closed.") if job is not None else ""
 
@@ -127,13 +132,16 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo = self.ui.modelComboBox
         if node and combo.itemData(combo.currentIndex) != node.modelName:
             self._selectModelInCombo(node.modelName)  # e.g. a loaded scene's model: what Apply will use
-        canRun = bool(node and node.inputVolume and self._models)
+        bundle = self._currentBundle()
+        missing = self._missingModelText()
+        canRun = bool(node and node.inputVolume and bundle)
         self.ui.applyButton.text = _("Cancel") if running else _("Apply")
         self.ui.applyButton.enabled = running or canRun
         self.ui.applyButton.toolTip = (_("Stop the running segmentation; the scene is left as it was") if running
-                                       else _("Segment the input volume") if canRun else
+                                       else _("Segment the input volume") if canRun else missing or
                                        _("Select an input volume and a model first"))
-        self.ui.batchApplyButton.enabled = not running and bool(self._models)
+        self.ui.batchApplyButton.enabled = not running and bool(bundle)
+        self.ui.batchApplyButton.toolTip = missing
         for widget in (self.ui.inputsCollapsibleButton, self.ui.outputsCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.exportCollapsibleButton):
             widget.enabled = not running
@@ -147,7 +155,6 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
               "database") if canDicomSeg else _("Only for a segmentation of a volume loaded from the DICOM database"))
         self.ui.exportReportButton.enabled = bool(segmentation)
         self.ui.show3DButton.setSegmentationNode(segmentation)
-        bundle = self._currentBundle()
         hasLocalizer = bool(bundle and self.logic.hasLocalizer(bundle))
         self.ui.locateAutomaticallyCheckBox.visible = hasLocalizer
         self.ui.locateAutomaticallyCheckBox.enabled = hasLocalizer and not (node and node.roi)
@@ -160,19 +167,34 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not running:
             self._updateDomainStatus(node, bundle)
 
-    def _currentBundle(self) -> Optional["ModelBundle"]:
+    def _currentBundle(self) -> Optional[ModelBundle]:
         name = self._parameterNode.modelName if self._parameterNode else None
         return next((bundle for bundle in self._models if bundle.name == name), None)
+
+    def _missingModelText(self) -> str:
+        """What to say when the parameter node asks for a model that is not installed (a scene saved where it
+        was): the panel keeps the scene's choice and refuses to run rather than use another model unasked, as
+        that would give other results under the same settings. Empty when the model is installed, or when no
+        model is (the model description says so)."""
+        node = self._parameterNode
+        if not (node and self._models) or self._currentBundle() is not None:
+            return ""
+        return _("The model '{model}' that this scene uses is not installed, so nothing runs with it. Install it "
+                 "(add its folder to ATTENTION_UNET_MODELS, then click Refresh), or choose an installed model "
+                 "under Model.").format(model=node.modelName)
 
     def _updateDomainStatus(self, node, bundle) -> None:
         """Before Apply, say in the status when the input is far outside the model's training domain. Only when
         the input, model, Region or localisation choice changed: the status of a finished run stays until then."""
         volume = node.inputVolume if node else None
-        key = (volume.GetID() if volume else None, bundle.name if bundle else None,
+        key = (volume.GetID() if volume else None, node.modelName if node else None,
                node.roi.GetID() if node and node.roi else None, bool(node and node.locateAutomatically))
         if key == self._domainKey:
             return
         self._domainKey = key
+        if bundle is None and self._missingModelText():
+            self.ui.statusLabel.text = self._missingModelText()
+            return
         if volume is None or bundle is None:
             return
         lines = []
@@ -205,12 +227,16 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectModelInCombo(self._parameterNode.modelName if self._parameterNode else DEFAULT_MODEL)
 
     def _selectModelInCombo(self, name: str) -> None:
+        """Show the model ``name``; one that is not installed selects none (index -1) and leaves the parameter
+        node as it is: only the user's own choice in the combo box (``onModelChanged``) changes its model."""
         index = self.ui.modelComboBox.findData(name)
-        self.ui.modelComboBox.currentIndex = max(index, 0)
-        self.onModelChanged(self.ui.modelComboBox.currentIndex)
+        self.ui.modelComboBox.currentIndex = index
+        self.onModelChanged(index)
 
     def onModelChanged(self, index: int) -> None:
         if not (0 <= index < len(self._models)):
+            if self._missingModelText():
+                self.ui.modelDescriptionLabel.text = self._missingModelText()
             return
         bundle = self._models[index]
         self.ui.modelDescriptionLabel.text = self.logic.describeModel(bundle)
@@ -249,7 +275,7 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # Running
 
-    def _options(self) -> "SegmentationOptions":
+    def _options(self) -> SegmentationOptions:
         node = self._parameterNode
         return SegmentationOptions(
             model=node.modelName, roi=node.roi, locateAutomatically=node.locateAutomatically,
@@ -259,7 +285,8 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         if self._job is not None and not self._job.done:
-            self._job.cancel()
+            self._job.cancel()  # returns at once; the poll timer sees the run end
+            self.ui.statusLabel.text = _("Cancelling...")
             return
         self.ui.logTextEdit.clear()
         node = self._parameterNode
@@ -311,14 +338,15 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUIFromParameterNode()
 
     def onPollJob(self) -> None:
-        """The poll timer: the device query and the running job, each until it is done."""
+        """The poll timer: the device query, the running job and the cancelled runs, each until it is done."""
         query = self._deviceQuery
         if query is not None and not query.poll():
             self.ui.deviceInfoLabel.text = query.text
             self._deviceQuery = query = None
+        self._stopping = [job for job in self._stopping if job.poll()]
         if self._job is not None:
             self._job.poll()
-        if (self._job is None or self._job.done) and query is None:
+        if (self._job is None or self._job.done) and query is None and not self._stopping:
             self._pollTimer.stop()
         if self._job is None or not self._job.done:
             return
@@ -347,13 +375,13 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputSegmentation = result.segmentation
         self.logic.showResults(result)
         self.ui.statusLabel.text = "\n".join(
-            line for line in (_("Done in {duration} on {device}.").format(duration=format_duration(job.seconds),
+            line for line in (_("Done in {duration} on {device}.").format(duration=formatDuration(job.seconds),
                                                                              device=result.device),
                               warningText(result.warnings)) if line)
 
     def onProgress(self, fraction: float, message: str, etaSeconds: Optional[float]) -> None:
         self.ui.progressBar.value = int(round(100 * fraction))
-        eta = format_duration(etaSeconds)
+        eta = formatDuration(etaSeconds)
         self.ui.statusLabel.text = _("{message} ({eta} left)").format(message=message, eta=eta) if eta else message
 
     def appendLog(self, line: str) -> None:
