@@ -195,14 +195,14 @@ def test_eta_extrapolates_the_progress_rate():
     assert eta.update(1.0) == 0.0
 
 
-def test_format_duration():
+def test_formatDuration():
     assert formatDuration(None) == ""
     assert formatDuration(4.4) == "4 s"
     assert formatDuration(185) == "3 min 05 s"
     assert formatDuration(3720) == "1 h 02 min"
 
 
-def test_build_segment_command_follows_the_cli_contract():
+def test_buildSegmentCommand_follows_the_cli_contract():
     command = buildSegmentCommand(["a.nrrd"], "/out", python="PythonSlicer", model="tiny", device="cpu",
                                     overlap=0.25, tta=True, roi=(1, 2, 3, 4, 5, 6), attention=False,
                                     probabilities=True, largestComponent=True)
