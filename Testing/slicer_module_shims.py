@@ -23,6 +23,10 @@ MODULE_FILE = Path(__file__).resolve().parents[1] / "AttentionUNetSegment" / "At
 def install_missing_modules() -> None:
     import slicer
 
+    # Slicer puts each scripted module's folder on sys.path, so the entry file imports AttentionUNetSlicer.
+    if str(MODULE_FILE.parent) not in sys.path:
+        sys.path.insert(0, str(MODULE_FILE.parent))
+
     if "qt" not in sys.modules:
         sys.modules["qt"] = types.ModuleType("qt")  # used by the Widget only (QTimer)
 

@@ -20,6 +20,9 @@ from AttentionUNetSlicer.engineProcess import (
     formatDuration,
 )
 
+#: The module folder Slicer puts on sys.path (pytest does too: pyproject's ``pythonpath``).
+MODULE_DIR = Path(__file__).resolve().parents[1] / "AttentionUNetSegment"
+
 
 def _script(tmp_path, body: str) -> list:
     """A command running ``body`` as a Python script (a stand-in engine with a scripted behaviour)."""
@@ -241,7 +244,8 @@ def test_the_client_imports_no_slicer_qt_or_vtk_and_nothing_heavy():
     """It runs in Slicer's main thread but must stay testable (and importable) as plain Python."""
     import subprocess
 
-    code = ("import sys, json; import AttentionUNetSlicer.engineProcess; print(json.dumps(sorted("
+    code = (f"import sys, json; sys.path.insert(0, {str(MODULE_DIR)!r}); import AttentionUNetSlicer.engineProcess; "
+            "print(json.dumps(sorted("
             "{m.split('.')[0] for m in sys.modules} & {'slicer', 'qt', 'ctk', 'vtk', 'torch', 'SimpleITK'})))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(done.stdout) == []
