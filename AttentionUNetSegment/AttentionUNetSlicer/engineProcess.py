@@ -277,17 +277,18 @@ class EngineProcess:
             else:
                 self._addLog(line)
         if self._process.poll() is None:
-            if self._cancelled and not self._killed and time.monotonic() - self._cancelledAt > CANCEL_GRACE_SECONDS:
+            if self._graceOver() and not self._killed:
                 self._killed = True
                 self._kill()
             return True
-        if self._openStreams == 0 or self._abandonStreams():
+        if self._openStreams == 0 or self._graceOver():  # not waiting on pipes a surviving grandchild holds
             self._finish()
             return False
         return True
 
-    def _abandonStreams(self) -> bool:
-        """After a cancel, stop waiting for output pipes a surviving grandchild might still hold open."""
+    def _graceOver(self) -> bool:
+        """A cancel's grace period has passed: the engine still running is killed, and output pipes a surviving
+        grandchild might still hold open are no longer waited for."""
         return self._cancelled and time.monotonic() - self._cancelledAt > CANCEL_GRACE_SECONDS
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> RunResult:
