@@ -192,8 +192,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if key == self._domainKey:
             return
         self._domainKey = key
-        if bundle is None and self._missingModelText():
-            self.ui.statusLabel.text = self._missingModelText()
+        missing = self._missingModelText() if bundle is None else ""
+        if missing:
+            self.ui.statusLabel.text = missing
             return
         if volume is None or bundle is None:
             return
@@ -235,8 +236,9 @@ class PanelWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, index: int) -> None:
         if not (0 <= index < len(self._models)):
-            if self._missingModelText():
-                self.ui.modelDescriptionLabel.text = self._missingModelText()
+            missing = self._missingModelText()
+            if missing:
+                self.ui.modelDescriptionLabel.text = missing
             return
         bundle = self._models[index]
         self.ui.modelDescriptionLabel.text = self.logic.describeModel(bundle)
