@@ -314,6 +314,24 @@ def test_refresh_digest_rewrites_metadata_and_pin_but_never_the_weights(tmp_path
     assert snapshot(copy)["model.safetensors"] == weights
 
 
+
+def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_epoch():
+    sys.path.insert(0, str(BUNDLED_MODELS_DIR))
+    try:
+        from finalize_hippocampus import msd_case_roles, selection_text
+    finally:
+        sys.path.remove(str(BUNDLED_MODELS_DIR))
+    # --held-out 2 --validation 1: the held-out cases are scored, the validation case only chose the epoch.
+    apart = {"validation_cases": ["v1"], "split": {"seed": 0, "held_out_cases": ["h1", "h2"], "validation_cases": 1}}
+    assert msd_case_roles(apart) == (["h1", "h2"], ["v1"])
+    text = selection_text(["h1", "h2"], ["v1"], (20, 40, 80, 144))
+    assert "best mean Dice on 1 MSD validation cases" in text and "2 held-out MSD cases reported here played no " \
+        "part" in text and "20-40-80-144" in text
+    # --validation 2 (the v2 model's run): its validation cases are the held-out ones, and the card says so.
+    same = {"validation_cases": ["h1", "h2"]}  # plan.json before --held-out had no "split"
+    assert msd_case_roles(same) == (["h1", "h2"], ["h1", "h2"])
+    assert "which are also the held-out MSD cases" in selection_text(["h1", "h2"], ["h1", "h2"], (16, 32))
+
 # ------------------------------------------------------------------------- resource limits on the files
 def test_huge_sparse_weights_are_refused_without_being_read(bundle_copy, image, tmp_path):
     os.truncate(bundle_copy / "model.safetensors", 16 * GIB)  # sparse: no disk used

@@ -12,10 +12,10 @@ Arguments: the bundle written by ``attention-unet train``, its work directory (`
 ``training_log.json`` the curves) and the MSD Task04 folder; ``--whole-head`` adds the whole-head benchmark's
 figures (``Testing/benchmarks/bench_whole_head.py --model <trained bundle> --held-out ... --json``).
 
-It also adds the domain guard's ``domain`` (measured on the training cases, i.e. those not in
-``metrics.held_out.cases``) and the localiser (``localization``: the MNI ICBM152 2009a template from the nilearn
-wheel at 2 mm, the template-space boxes of both hippocampi and the per-side labels). ``--refresh`` redoes only
-that on the shipped bundle, keeping its weights (same sha256) and metrics::
+It also adds the domain guard's ``domain`` (measured on the MSD cases trained on, ``metrics.training.case_names``)
+and the localiser (``localization``: the MNI ICBM152 2009a template from the nilearn wheel at 2 mm, the
+template-space boxes of both hippocampi and the per-side labels). ``--refresh`` redoes only that on the shipped
+bundle, keeping its weights (same sha256) and metrics::
 
     python AttentionUNetSegment/Resources/Models/finalize_hippocampus.py --refresh \\
         --dataset ../shared/data/msd-hippocampus \\
@@ -39,7 +39,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -119,11 +119,11 @@ def localization_section() -> Dict[str, Any]:
             "sides": {side: {"box_ras": box} for side, box in boxes.items()}, "labels": labels}
 
 
-def training_domain(dataset: Path, held_out: Sequence[str]) -> Dict[str, Any]:
-    """``measure_domain`` over the MSD training cases (those not held out), from their headers."""
+def training_domain(dataset: Path, trained: Sequence[str]) -> Dict[str, Any]:
+    """``measure_domain`` over the MSD cases the model trained on (``trained``: names), from their headers."""
     sizes, spacings, directions = [], [], []
     for path in sorted((dataset / "imagesTr").glob("*.nii.gz")):
-        if path.name.startswith(".") or path.name[:-len(".nii.gz")] in held_out:
+        if path.name.startswith(".") or path.name[:-len(".nii.gz")] not in trained:
             continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -147,7 +147,7 @@ def refresh(bundle_dir: Path, dataset: Path, nilearn_template: Path) -> None:
     bundle = load_bundle(bundle_dir)
     metadata = {key: value for key, value in bundle.metadata.items()
                 if key not in ("architecture", "engine_version", "weights")}
-    metadata["domain"] = training_domain(dataset, metadata["metrics"]["held_out"]["cases"])
+    metadata["domain"] = training_domain(dataset, metadata["metrics"]["training"]["case_names"])
     metadata["localization"] = localization_section()
     metadata["description"] = DESCRIPTION.format(channels=tuple(bundle.architecture["channels"]))
     with tempfile.TemporaryDirectory() as scratch:
@@ -173,8 +173,8 @@ CITATION = ("Simpson AL, Antonelli M, Bakas S, et al. A large annotated medical 
 TRAINING_DATA = ("Medical Segmentation Decathlon Task04 Hippocampus: {msd} labelled mono-modal T1-weighted MRI crops "
                  "(1 mm, RAS, about 35 x 50 x 36 voxels) around the left or right hippocampus of adults (healthy "
                  "and with a psychotic disorder, Vanderbilt University Medical Center); labels 1 = anterior "
-                 "(hippocampus head), 2 = posterior (body and tail); {msd_train} trained, {msd_val} held out "
-                 "(seeded split: metrics.held_out.cases). Plus {crops} crops (both sides) of the whole heads "
+                 "(hippocampus head), 2 = posterior (body and tail); {msd_train} trained, {msd_selection}{msd_held} "
+                 "held out (seeded split: metrics.held_out.cases). Plus {crops} crops (both sides) of the whole heads "
                  "{heads} (NiChart_Project demo data: older adults, 2 mm, with skull), cut where the localised "
                  "pipeline segments and resampled to its 1 mm grid, labelled with the whole hippocampus only "
                  "(DLMUSE, automatic): trained as a coarse label (anterior + posterior merged in the loss). "
@@ -184,12 +184,36 @@ DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a 3
                "ROI) around one hippocampus at about 1 mm it segments that hippocampus (1 Anterior, 2 Posterior); "
                "on a whole head it locates both hippocampi by affine registration to the MNI ICBM152 template and "
                "segments each side (1-2 left, 3-4 right anterior/posterior).")
-SELECTION = ("The weights are the epoch with the best mean Dice on the 40 MSD validation cases, which are also the "
-             "held-out MSD cases reported here (no fold trained on them; the choice of epoch makes that figure "
-             "slightly optimistic). The training options (robust augmentation, central z-score, channels) were "
-             "chosen from short runs scored on the same 40 MSD cases and on crops of the held-out heads. The "
-             "whole-head figures come from Testing/benchmarks/bench_whole_head.py on the shared whole heads; "
-             "the heads trained on are reported apart from the held-out ones.")
+#: How the weights and options were chosen, for a run that validated on its held-out cases (``--validation 40``) and
+#: for one with cases held apart from its validation cases (``--held-out 40 --validation N``).
+SELECTION_ON_HELD_OUT = (
+    "The weights are the epoch with the best mean Dice on the {held} MSD validation cases, which are also the "
+    "held-out MSD cases reported here (no fold trained on them; the choice of epoch makes that figure slightly "
+    "optimistic). ")
+SELECTION_APART = (
+    "The weights are the epoch with the best mean Dice on {validation} MSD validation cases, which are neither "
+    "trained on nor held out; the {held} held-out MSD cases reported here played no part in choosing the epoch. ")
+SELECTION_OPTIONS = (
+    "The training options (robust augmentation, central z-score) were chosen from earlier short runs scored on the "
+    "same {held} held-out MSD cases and on crops of the held-out heads; the channels {channels} were chosen for the "
+    "model's size and speed limits before training. The whole-head figures come from "
+    "Testing/benchmarks/bench_whole_head.py on the shared whole heads; the heads trained on are reported apart "
+    "from the held-out ones.")
+
+
+def msd_case_roles(plan: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """``(held_out, validation)`` case names of a training run's ``plan.json``: the cases held apart
+    (``split.held_out_cases``) and those that chose the epoch, or, for a run without held-out cases, its validation
+    cases as both."""
+    held_out = list((plan.get("split") or {}).get("held_out_cases") or [])
+    return (held_out or list(plan["validation_cases"])), list(plan["validation_cases"])
+
+
+def selection_text(held_out: Sequence[str], validation: Sequence[str], channels: Sequence[int]) -> str:
+    """``metrics.selection``: which cases chose the weights and the options."""
+    first = SELECTION_ON_HELD_OUT if list(held_out) == list(validation) else SELECTION_APART
+    return (first.format(held=len(held_out), validation=len(validation))
+            + SELECTION_OPTIONS.format(held=len(held_out), channels="-".join(map(str, channels))))
 
 
 def whole_head_metrics(results: Path) -> Dict[str, Any]:
@@ -261,9 +285,9 @@ def main() -> int:
 
     trained = load_bundle(args.trained)
     plan = json.loads((args.work_dir / "plan.json").read_text(encoding="utf-8"))
-    validation_names = plan["validation_cases"]
+    held_out_names, validation_names = msd_case_roles(plan)
     cases = [EvaluationCase(name, args.dataset / "labelsTr" / f"{name}.nii.gz",
-                            args.dataset / "imagesTr" / f"{name}.nii.gz") for name in validation_names]
+                            args.dataset / "imagesTr" / f"{name}.nii.gz") for name in held_out_names]
     labels = {label.value: label.name for label in trained.labels}
     report = evaluate(cases, labels, predictor=Predictor(trained, device="cpu"))
     write_report(report, args.work_dir / "held_out_evaluation", force=True)
@@ -272,7 +296,7 @@ def main() -> int:
     metrics["held_out"] = {
         "method": "attention-unet evaluate: Predictor (sliding window, overlap 0.5, no TTA) on the original "
                   "images; metrics on the original label grids; mean over cases",
-        "cases": validation_names,
+        "cases": held_out_names,
         "dice": {name: round(values["dice"], 4) for name, values in report["mean"].items()},
         "hd95_mm": {name: round(values["hd95_mm"], 3) for name, values in report["mean"].items()
                     if values["hd95_mm"] is not None},
@@ -281,15 +305,18 @@ def main() -> int:
     }
     if args.whole_head is not None:
         metrics["whole_head"] = whole_head_metrics(args.whole_head)
-    metrics["selection"] = SELECTION
+    metrics["selection"] = selection_text(held_out_names, validation_names, trained.architecture["channels"])
     metrics["training"] = dict(metrics.get("training", {}), case_names=plan["training_cases"])
     msd_train = [name for name in plan["training_cases"] if name.startswith(MSD_PREFIX)]
     crops = [name for name in plan["training_cases"] if not name.startswith(MSD_PREFIX)]
     heads = sorted({name.rsplit("_", 1)[0] for name in crops})
     held_out_heads = metrics.get("whole_head", {}).get("held_out_heads") or ["not measured"]
-    training_data = TRAINING_DATA.format(msd=len(msd_train) + len(validation_names), msd_train=len(msd_train),
-                                         msd_val=len(validation_names), crops=len(crops), heads=", ".join(heads),
-                                         held_out_heads=", ".join(held_out_heads))
+    selection_only = [name for name in validation_names if name not in held_out_names]
+    training_data = TRAINING_DATA.format(
+        msd=len(msd_train) + len(selection_only) + len(held_out_names), msd_train=len(msd_train),
+        msd_selection=f"{len(selection_only)} chose the epoch, " if selection_only else "",
+        msd_held=len(held_out_names), crops=len(crops), heads=", ".join(heads),
+        held_out_heads=", ".join(held_out_heads))
     metadata = create_metadata(
         name="hippocampus", version=VERSION,
         # A crop's side is unknown: hippocampus without laterality (the localised labels carry it).
@@ -298,7 +325,7 @@ def main() -> int:
         description=DESCRIPTION.format(channels=tuple(trained.architecture["channels"])), license=LICENSE,
         citation=CITATION, training_data=training_data,
         metrics=metrics, mirror_axes=plan["plan"]["flip_axes"],
-        domain=training_domain(args.dataset, validation_names), localization=localization_section())
+        domain=training_domain(args.dataset, plan["training_cases"]), localization=localization_section())
     # Saved once, outside the shipped folder (whose digest the engine pins), pinned, then put in place.
     with tempfile.TemporaryDirectory() as scratch:
         staged = save_bundle(trained.build_model(), metadata, Path(scratch) / "bundle" / args.output.name,
