@@ -17,7 +17,7 @@ import torch
 from AttentionUNetSegmentLib.model.bundle import load_bundle
 from AttentionUNetSegmentLib.cli.commands import main
 from AttentionUNetSegmentLib.training.datasets import CaseCache, load_dataset
-from AttentionUNetSegmentLib.errors import DatasetError
+from AttentionUNetSegmentLib.errors import AttentionUNetError, DatasetError
 from AttentionUNetSegmentLib.preprocessing.preprocess import PreprocessingSpec
 from AttentionUNetSegmentLib.inference.predictor import Predictor
 from AttentionUNetSegmentLib.training.trainer import TrainingConfig, epoch_label, to_channel_labels, train
@@ -136,6 +136,27 @@ def test_resume_continues_identically(boxes, tmp_path):
     assert [row["epoch"] for row in resumed["history"]] == [0.33, 1, 2]
     assert [row["epoch"] for row in straight["history"]] == [1, 2]
 
+
+
+def test_checkpoint_final_exports_the_last_epoch_and_may_change_on_resume(boxes, tmp_path):
+    bundle = load_bundle(train(_config(boxes, tmp_path, epochs=3, checkpoint="final")))
+    checkpoints = tmp_path / "work" / "checkpoints"
+    last = torch.load(checkpoints / "last.pt", weights_only=True)
+    assert bundle.state_dict.keys() <= last["model"].keys()
+    assert all(torch.equal(value, last["model"][key]) for key, value in bundle.state_dict.items())
+    validation = bundle.metadata["metrics"]["validation"]
+    assert (validation["epoch"], validation["checkpoint"]) == (3, "final")
+    assert validation["mean_dice"] == last["history"][-1]["val_dice_mean"]
+    # The finished run resumed with --checkpoint best re-exports its best epoch (no further training).
+    best = torch.load(checkpoints / "best.pt", weights_only=True)
+    assert best["epoch"] < 3  # this seeded run peaks before its end, so the two exports differ
+    bundle = load_bundle(train(_config(boxes, tmp_path, epochs=3, checkpoint="best", resume=True)))
+    assert all(torch.equal(value, best["model"][key]) for key, value in bundle.state_dict.items())
+    validation = bundle.metadata["metrics"]["validation"]
+    assert (validation["epoch"], validation["checkpoint"]) == (best["epoch"], "best")
+    with pytest.raises(AttentionUNetError, match="--checkpoint must be one of best, final"):
+        train(_config(boxes, tmp_path / "other", checkpoint="last"))
+    assert not (tmp_path / "other").exists()
 
 def test_cache_is_reused_and_rebuilt_when_a_source_changes(boxes, tmp_path):
     dataset = load_dataset(boxes)

@@ -13,7 +13,7 @@ from ..constants import AMP_MODES, DEVICES
 from ..errors import AttentionUNetError
 from ..progress import PROGRESS_KINDS, default_progress_kind
 from ..training.planning import NORMALIZATION_PLANS
-from ..training.trainer import AUGMENTATION_SETS, TrainingConfig, train, train_folds
+from ..training.trainer import AUGMENTATION_SETS, CHECKPOINTS, TrainingConfig, train, train_folds
 from .arguments import label_name, label_names as parse_label_names
 
 
@@ -74,6 +74,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fold", type=_fold_choice, help="the fold this run validates on, 0..FOLDS-1 (the other folds "
                        "train), or 'all': every fold in turn (in WORK_DIR/fold<K>/), then their ensemble at --output. "
                        "Runs with the same dataset, --seed, --held-out and --folds agree on every fold's cases")
+    group.add_argument("--checkpoint", choices=CHECKPOINTS, default="best",
+                       help="the weights the bundle gets: the best validation epoch, or the final epoch (as nnU-Net "
+                            "ships; for a validation set too small to choose an epoch by). May change on --resume")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--amp", choices=AMP_MODES, default="none",
                        help="mixed precision: fp16 (CUDA, with gradient scaling) or bf16 (CPU or CUDA)")
@@ -132,7 +135,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         amp=args.amp, gradient_checkpointing=args.gradient_checkpointing,
         deep_supervision=not args.no_deep_supervision, attention_loss_weight=args.attention_loss_weight,
         foreground_fraction=args.foreground_fraction, elastic=args.elastic,
-        augmentation=args.augmentation, max_time=args.max_time,
+        augmentation=args.augmentation, checkpoint=args.checkpoint, max_time=args.max_time,
         resume=args.resume, force=args.force, device=args.device, threads=args.threads, progress=progress,
         channels=tuple(args.channels) if args.channels else None,
         patch_size=tuple(args.patch_size) if args.patch_size else None,

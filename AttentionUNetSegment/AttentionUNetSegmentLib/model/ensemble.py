@@ -73,18 +73,20 @@ def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 def cross_validation(folds: Sequence[ModelBundle]) -> Dict[str, Any]:
-    """``metrics.cross_validation`` of an ensemble: every fold's best-epoch validation Dice per label on its own
-    validation cases, and the mean over the folds."""
+    """``metrics.cross_validation`` of an ensemble: every fold's validation Dice per label on its own validation
+    cases at the epoch its weights come from (``train --checkpoint``: best or final), and the mean over the folds."""
     rows = []
     for index, bundle in enumerate(folds):
         validation = bundle.metadata["metrics"].get("validation") or {}
         rows.append({"fold": index, "cases": validation.get("cases"), "epoch": validation.get("epoch"),
+                     "checkpoint": validation.get("checkpoint", "best"),
                      "dice": dict(validation.get("dice") or {}), "mean_dice": validation.get("mean_dice")})
     names = [label.name for label in folds[0].labels]
     return {
         "folds": len(folds),
-        "method": "each fold's best-epoch validation Dice on its own validation cases (sliding-window inference on "
-                  "the preprocessed grid, mean of per-case Dice), as its training selected it",
+        "method": "each fold's validation Dice on its own validation cases at the epoch its weights come from (the "
+                  "best or the final one: the row's checkpoint), sliding-window inference on the preprocessed grid, "
+                  "mean of per-case Dice",
         "per_fold": rows,
         "mean": {"dice": {name: _mean([row["dice"].get(name) for row in rows]) for name in names},
                  "mean_dice": _mean([row["mean_dice"] for row in rows])},

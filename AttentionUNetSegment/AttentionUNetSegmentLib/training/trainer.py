@@ -63,6 +63,8 @@ LABEL_COLORS = [(0.9, 0.6, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.3, 0.
 #: every robustness augmentation (``AugmentationConfig.strong``).
 AUGMENTATION_SETS = {"default": AugmentationConfig, "robust": AugmentationConfig.robust,
                      "strong": AugmentationConfig.strong}
+#: ``--checkpoint``: which epoch's weights the bundle gets.
+CHECKPOINTS = ("best", "final")
 
 
 @dataclass
@@ -100,6 +102,9 @@ class TrainingConfig:
     foreground_fraction: float = 0.33
     elastic: bool = False
     augmentation: str = "default"
+    #: The weights the bundle gets: ``"best"`` validation epoch, or the ``"final"`` epoch (nnU-Net's default; for
+    #: validation sets too small to choose an epoch by).
+    checkpoint: str = "best"
     max_time: Optional[float] = None
     resume: bool = False
     force: bool = False
@@ -400,6 +405,8 @@ def check_config(config: TrainingConfig) -> None:
     if config.augmentation not in AUGMENTATION_SETS:
         raise AttentionUNetError(f"--augmentation must be one of {', '.join(AUGMENTATION_SETS)}, got "
                                  f"{config.augmentation!r}")
+    if config.checkpoint not in CHECKPOINTS:
+        raise AttentionUNetError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {config.checkpoint!r}")
     if not 0.0 <= config.foreground_fraction <= 1.0:
         raise AttentionUNetError(f"--foreground-fraction must be in [0, 1], got {config.foreground_fraction}")
 
@@ -600,8 +607,8 @@ class Trainer:
             total_time = state.trained_seconds + time.monotonic() - start_time
             result = None
             if self.distributed.is_main:
-                result = self._export(plan, label_names, self.work_dir / "checkpoints" / "best.pt", state.log,
-                                      total_time, stopped_early, len(train_names), len(val_names))
+                result = self._export(plan, label_names, state.log, total_time, stopped_early, len(train_names),
+                                      len(val_names))
         finally:
             if self.progress is not None:
                 self.progress.close()
@@ -834,17 +841,19 @@ class Trainer:
                                      "Fix it before training with --name, --model-version or --label-names (or "
                                      "the dataset's label names)") from None
 
-    def _export(self, plan: TrainingPlan, label_names: Dict[int, str], best_path: Path, log: TrainingLog,
-                total_time: float, stopped_early: bool, n_train: int, n_val: int) -> Path:
-        """Write the best weights (without the deep-supervision heads) as a bundle at ``--output``."""
+    def _export(self, plan: TrainingPlan, label_names: Dict[int, str], log: TrainingLog, total_time: float,
+                stopped_early: bool, n_train: int, n_val: int) -> Path:
+        """Write the ``--checkpoint`` weights (best or final epoch, without the deep-supervision heads) as a bundle
+        at ``--output``."""
         config = self.config
         labels = sorted(label_names)
         model = AttentionUNet(in_channels=1, out_channels=len(labels) + 1, channels=plan.channels)
-        best = _load_checkpoint(best_path, _checkpoint_limit(model))
+        path = self.work_dir / "checkpoints" / ("last.pt" if config.checkpoint == "final" else "best.pt")
+        chosen = _load_checkpoint(path, _checkpoint_limit(model))
         try:
-            model.load_state_dict({k: v for k, v in best["model"].items()
+            model.load_state_dict({k: v for k, v in chosen["model"].items()
                                    if not k.startswith("deep_supervision_heads.")}, strict=True)
-            row = best["dice"]
+            row = chosen["history"][-1] if config.checkpoint == "final" else chosen["dice"]
             # Merged classes of coarse validation cases ("Anterior+Posterior"), logged beside the model's own.
             region_dice = {key[len("val_dice_"):]: value for key, value in row.items()
                            if key.startswith("val_dice_") and "+" in key}
@@ -856,10 +865,11 @@ class Trainer:
                 "dice": {label_names[v]: row[f"val_dice_{label_names[v]}"] for v in labels},
                 "mean_dice": row["val_dice_mean"],
                 **({"region_dice": region_dice} if region_dice else {}),
-                "epoch": best["epoch"],
+                "epoch": row["epoch"],
+                "checkpoint": config.checkpoint,
             }
-        except (KeyError, TypeError, RuntimeError) as error:
-            raise AttentionUNetError(f"checkpoint {best_path} does not fit this run ({type(error).__name__}); "
+        except (KeyError, IndexError, TypeError, RuntimeError) as error:
+            raise AttentionUNetError(f"checkpoint {path} does not fit this run ({type(error).__name__}); "
                                      "it is damaged: start the run over with --force") from None
         metrics = {
             "validation": validation,
@@ -874,7 +884,7 @@ class Trainer:
         }
         bundle = save_bundle(model, self._bundle_metadata(plan, label_names, metrics), self.output,
                              force=config.force or self._resumes_own_output())
-        self._log(f"wrote bundle {bundle.path} (best epoch {best['epoch']}, validation mean Dice "
+        self._log(f"wrote bundle {bundle.path} ({config.checkpoint} epoch {row['epoch']}, validation mean Dice "
                   f"{row['val_dice_mean']})")
         return bundle.path
 
