@@ -315,7 +315,7 @@ def test_refresh_digest_rewrites_metadata_and_pin_but_never_the_weights(tmp_path
 
 
 
-def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_epoch():
+def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_weights():
     sys.path.insert(0, str(BUNDLED_MODELS_DIR))
     try:
         from finalize_hippocampus import msd_case_roles, selection_text
@@ -331,6 +331,8 @@ def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_epoch
     same = {"validation_cases": ["h1", "h2"]}  # plan.json before --held-out had no "split"
     assert msd_case_roles(same) == (["h1", "h2"], ["h1", "h2"])
     assert "which are also the held-out MSD cases" in selection_text(["h1", "h2"], ["h1", "h2"], (16, 32))
+    # --checkpoint final: no cases chose the weights.
+    assert "final epoch of the training schedule" in selection_text(["h1", "h2"], ["v1"], (16, 32), "final")
 
 # ------------------------------------------------------------------------- resource limits on the files
 def test_huge_sparse_weights_are_refused_without_being_read(bundle_copy, image, tmp_path):

@@ -184,8 +184,9 @@ DESCRIPTION = ("Anterior and posterior hippocampus on T1-weighted brain MRI: a 3
                "ROI) around one hippocampus at about 1 mm it segments that hippocampus (1 Anterior, 2 Posterior); "
                "on a whole head it locates both hippocampi by affine registration to the MNI ICBM152 template and "
                "segments each side (1-2 left, 3-4 right anterior/posterior).")
-#: How the weights and options were chosen, for a run that validated on its held-out cases (``--validation 40``) and
-#: for one with cases held apart from its validation cases (``--held-out 40 --validation N``).
+#: How the weights and options were chosen: for a run that validated on its held-out cases (``--validation 40``),
+#: for one with cases held apart from its validation cases (``--held-out 40 --validation N``), and for one that
+#: shipped its final epoch (``--checkpoint final``).
 SELECTION_ON_HELD_OUT = (
     "The weights are the epoch with the best mean Dice on the {held} MSD validation cases, which are also the "
     "held-out MSD cases reported here (no fold trained on them; the choice of epoch makes that figure slightly "
@@ -193,6 +194,10 @@ SELECTION_ON_HELD_OUT = (
 SELECTION_APART = (
     "The weights are the epoch with the best mean Dice on {validation} MSD validation cases, which are neither "
     "trained on nor held out; the {held} held-out MSD cases reported here played no part in choosing the epoch. ")
+SELECTION_FINAL = (
+    "The weights are the final epoch of the training schedule (--checkpoint final, fixed before training); the "
+    "{validation} MSD validation cases only monitored the run, and the {held} held-out MSD cases reported here "
+    "played no part in choosing the weights. ")
 SELECTION_OPTIONS = (
     "The training options (robust augmentation, central z-score) were chosen from earlier short runs scored on the "
     "same {held} held-out MSD cases and on crops of the held-out heads; the channels {channels} were chosen for the "
@@ -203,15 +208,20 @@ SELECTION_OPTIONS = (
 
 def msd_case_roles(plan: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     """``(held_out, validation)`` case names of a training run's ``plan.json``: the cases held apart
-    (``split.held_out_cases``) and those that chose the epoch, or, for a run without held-out cases, its validation
+    (``split.held_out_cases``) and those validated on, or, for a run without held-out cases, its validation
     cases as both."""
     held_out = list((plan.get("split") or {}).get("held_out_cases") or [])
     return (held_out or list(plan["validation_cases"])), list(plan["validation_cases"])
 
 
-def selection_text(held_out: Sequence[str], validation: Sequence[str], channels: Sequence[int]) -> str:
-    """``metrics.selection``: which cases chose the weights and the options."""
-    first = SELECTION_ON_HELD_OUT if list(held_out) == list(validation) else SELECTION_APART
+def selection_text(held_out: Sequence[str], validation: Sequence[str], channels: Sequence[int],
+                   checkpoint: str = "best") -> str:
+    """``metrics.selection``: which cases chose the weights (``checkpoint``: the trained bundle's
+    ``metrics.validation.checkpoint``) and the options."""
+    if checkpoint == "final":
+        first = SELECTION_FINAL
+    else:
+        first = SELECTION_ON_HELD_OUT if list(held_out) == list(validation) else SELECTION_APART
     return (first.format(held=len(held_out), validation=len(validation))
             + SELECTION_OPTIONS.format(held=len(held_out), channels="-".join(map(str, channels))))
 
@@ -305,7 +315,8 @@ def main() -> int:
     }
     if args.whole_head is not None:
         metrics["whole_head"] = whole_head_metrics(args.whole_head)
-    metrics["selection"] = selection_text(held_out_names, validation_names, trained.architecture["channels"])
+    metrics["selection"] = selection_text(held_out_names, validation_names, trained.architecture["channels"],
+                                          metrics.get("validation", {}).get("checkpoint", "best"))
     metrics["training"] = dict(metrics.get("training", {}), case_names=plan["training_cases"])
     msd_train = [name for name in plan["training_cases"] if name.startswith(MSD_PREFIX)]
     crops = [name for name in plan["training_cases"] if not name.startswith(MSD_PREFIX)]
@@ -314,7 +325,7 @@ def main() -> int:
     selection_only = [name for name in validation_names if name not in held_out_names]
     training_data = TRAINING_DATA.format(
         msd=len(msd_train) + len(selection_only) + len(held_out_names), msd_train=len(msd_train),
-        msd_selection=f"{len(selection_only)} chose the epoch, " if selection_only else "",
+        msd_selection=f"{len(selection_only)} validated on, " if selection_only else "",
         msd_held=len(held_out_names), crops=len(crops), heads=", ".join(heads),
         held_out_heads=", ".join(held_out_heads))
     metadata = create_metadata(
