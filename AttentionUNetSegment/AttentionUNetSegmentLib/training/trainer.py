@@ -5,7 +5,7 @@ time is spent) -> plan (target spacing, patch size, normalisation, flips; user o
 preprocessed-case cache -> seeded train/validation split -> train with foreground-oversampled, augmented patches
 (Dice + CE, deep supervision, optional attention supervision; AMP and gradient checkpointing as options) ->
 validate (Dice per label) after every epoch -> keep ``best.pt``/``last.pt`` checkpoints, a CSV/JSON log and a PNG
-plot in the work directory -> export the best weights as a bundle.
+plot in the work directory -> export the best (or, ``--checkpoint final``, the final) weights as a bundle.
 
 Runs under ``torchrun`` as DistributedDataParallel: each process trains on its own shard of the training cases
 (gloo on CPU, nccl on CUDA); validation is sharded too and its sums are all-reduced, so every process takes the
@@ -586,7 +586,8 @@ class Trainer:
                                     "--force to start over, or choose another --work-dir")
 
     def run(self) -> Optional[Path]:
-        """Prepare, build (or resume), train until the steps or the time budget run out, export the best epoch."""
+        """Prepare, build (or resume), train until the steps or the time budget run out, export the ``--checkpoint``
+        epoch."""
         config = self.config
         start_time = time.monotonic()
         if self.distributed.is_main:
