@@ -314,7 +314,6 @@ def test_refresh_digest_rewrites_metadata_and_pin_but_never_the_weights(tmp_path
     assert snapshot(copy)["model.safetensors"] == weights
 
 
-
 def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_weights():
     sys.path.insert(0, str(BUNDLED_MODELS_DIR))
     try:
@@ -333,6 +332,7 @@ def test_finalize_scores_the_held_out_cases_and_says_which_cases_chose_the_weigh
     assert "which are also the held-out MSD cases" in selection_text(["h1", "h2"], ["h1", "h2"], (16, 32))
     # --checkpoint final: no cases chose the weights.
     assert "final epoch of the training schedule" in selection_text(["h1", "h2"], ["v1"], (16, 32), "final")
+
 
 # ------------------------------------------------------------------------- resource limits on the files
 def test_huge_sparse_weights_are_refused_without_being_read(bundle_copy, image, tmp_path):

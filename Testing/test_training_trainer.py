@@ -137,7 +137,6 @@ def test_resume_continues_identically(boxes, tmp_path):
     assert [row["epoch"] for row in straight["history"]] == [1, 2]
 
 
-
 def test_checkpoint_final_exports_the_last_epoch_and_may_change_on_resume(boxes, tmp_path):
     bundle = load_bundle(train(_config(boxes, tmp_path, epochs=3, checkpoint="final")))
     checkpoints = tmp_path / "work" / "checkpoints"
@@ -157,6 +156,7 @@ def test_checkpoint_final_exports_the_last_epoch_and_may_change_on_resume(boxes,
     with pytest.raises(AttentionUNetError, match="--checkpoint must be one of best, final"):
         train(_config(boxes, tmp_path / "other", checkpoint="last"))
     assert not (tmp_path / "other").exists()
+
 
 def test_cache_is_reused_and_rebuilt_when_a_source_changes(boxes, tmp_path):
     dataset = load_dataset(boxes)
