@@ -54,6 +54,7 @@ from AttentionUNetSegmentLib.fileio.atomic import atomic_output
 from AttentionUNetSegmentLib.fileio.jsonfile import read_json
 from AttentionUNetSegmentLib.evaluation.evaluate import EvaluationCase, evaluate, write_report
 from AttentionUNetSegmentLib.inference.predictor import Predictor
+from AttentionUNetSegmentLib.training.trainer import read_plan
 
 TEMPLATE_FILE, TEMPLATE_LICENSE_FILE = "template.nii.gz", "LICENSE-MNI152.txt"
 VERSION = "2.0.0"
@@ -294,7 +295,7 @@ def main() -> int:
         parser.error("give the trained bundle, its work directory and the dataset (or --refresh / --refresh-digest)")
 
     trained = load_bundle(args.trained)
-    plan = json.loads((args.work_dir / "plan.json").read_text(encoding="utf-8"))
+    plan = read_plan(args.work_dir)
     held_out_names, validation_names = msd_case_roles(plan)
     cases = [EvaluationCase(name, args.dataset / "labelsTr" / f"{name}.nii.gz",
                             args.dataset / "imagesTr" / f"{name}.nii.gz") for name in held_out_names]
