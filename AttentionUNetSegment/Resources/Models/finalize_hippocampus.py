@@ -200,11 +200,10 @@ SELECTION_FINAL = (
     "{validation} MSD validation cases only monitored the run, and the {held} held-out MSD cases reported here "
     "played no part in choosing the weights. ")
 SELECTION_OPTIONS = (
-    "The training options (robust augmentation, central z-score) were chosen from earlier short runs scored on the "
-    "same {held} held-out MSD cases and on crops of the held-out heads; the channels {channels} were chosen for the "
-    "model's size and speed limits before training. The whole-head figures come from "
-    "Testing/benchmarks/bench_whole_head.py on the shared whole heads; the heads trained on are reported apart "
-    "from the held-out ones.")
+    "The training options (robust augmentation, central z-score) and the channels {channels} were chosen from "
+    "earlier runs scored on the same {held} held-out MSD cases and on crops of the held-out heads. The whole-head "
+    "figures come from Testing/benchmarks/bench_whole_head.py on the shared whole heads; the heads trained on are "
+    "reported apart from the held-out ones.")
 
 
 def msd_case_roles(plan: Dict[str, Any]) -> Tuple[List[str], List[str]]:
